@@ -1,0 +1,58 @@
+"""Exception types that the CLI maps to one-line messages and exit codes.
+
+Library code raises these for anything a user can fix (bad file, bad option, bad data);
+programming errors stay ordinary exceptions and show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class OdekitError(Exception):
+    """Base class: a user-facing problem with a message and an optional hint."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        if self.hint:
+            text += f". Hint: {self.hint}"
+        return text
+
+
+class UsageError(OdekitError):
+    """An option value or combination that can never work (exit code 2)."""
+
+    exit_code = 2
+
+
+class InputFileError(OdekitError):
+    """A path that does not exist or cannot be read."""
+
+
+class CheckpointError(OdekitError):
+    """A checkpoint that is corrupt, truncated, of unknown format or mismatched."""
+
+
+class DataError(OdekitError):
+    """A data set that is missing, empty, of the wrong shape or holds NaN/inf."""
+
+
+class LayerSelectionError(OdekitError):
+    """A layer index, range or name that does not resolve against the model."""
+
+
+class UnsupportedModelError(OdekitError):
+    """A model (or a part of it) that a method cannot handle."""
+
+
+class NumericalError(OdekitError):
+    """A method whose numerics cannot succeed (impossible rank, solver blew up...)."""
+
+
+class OutputExistsError(OdekitError):
+    """An output that exists already and --force was not given."""
