@@ -1,0 +1,29 @@
+# Two targets cover the README quick start: `make demo` (set up + compress the shipped LeNet)
+# and `make test` (the test suite CI runs).
+VENV := .venv
+ODEKIT := $(VENV)/bin/odekit
+
+.PHONY: setup demo test test-slow lint docs zoo bench
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	$(ODEKIT) info checkpoints/lenet300_digits.safetensors
+	$(ODEKIT) reduce checkpoints/lenet300_digits.safetensors --layers 1-2 --out odekit-runs/demo --force
+
+test:
+	$(VENV)/bin/python -m pytest
+
+test-slow:
+	$(VENV)/bin/python -m pytest -m slow
+
+lint:
+	$(VENV)/bin/ruff check odekit tests benchmarks scripts
+	$(VENV)/bin/mypy
+
+docs:
+	$(VENV)/bin/python -m odekit.cli.docs > docs/cli.md
+
+zoo:
+	$(VENV)/bin/python scripts/train_zoo.py

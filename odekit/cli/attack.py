@@ -1,0 +1,15 @@
+"""`odekit attack`: placeholder until its implementation lands."""
+
+from __future__ import annotations
+
+import typer
+
+from odekit.cli.errors import report_exception
+from odekit.errors import OdekitError
+
+EPILOG = ""
+
+
+def attack_command() -> None:
+    """Not available in this build yet."""
+    raise typer.Exit(report_exception(OdekitError("this command is not available in this build yet"), False))

@@ -1,0 +1,40 @@
+"""Loading steps shared by the commands: checkpoint and data, recorded in the report inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from odekit.cli.options import ModelOptions
+from odekit.cli.runner import CommandContext
+from odekit.errors import DataError
+from odekit.io.checkpoints import LoadedModel, load_model
+from odekit.io.datasets import Dataset, dataset_for_model
+
+
+def load_checkpoint(ctx: CommandContext, opts: ModelOptions, key: str = "checkpoint") -> LoadedModel:
+    """Load ``opts.checkpoint`` and record its path, hash and format in the report inputs."""
+    loaded = load_model(
+        opts.checkpoint, arch=opts.arch, num_classes=opts.num_classes, trust_checkpoint=opts.trust_checkpoint
+    )
+    loaded.model.to(ctx.device)
+    ctx.inputs[key] = {
+        "path": str(opts.checkpoint),
+        "sha256": loaded.sha256,
+        "format": loaded.format,
+        "arch": loaded.meta.arch,
+    }
+    return loaded
+
+
+def load_data(ctx: CommandContext, loaded: LoadedModel, data: str | None, data_dir: Path | None) -> Dataset:
+    """The data for ``loaded`` (its own data set unless --data says otherwise)."""
+    dataset = dataset_for_model(
+        loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset, data, data_dir
+    )
+    if loaded.meta.num_classes is not None and dataset.num_classes > loaded.meta.num_classes:
+        raise DataError(
+            f"data set '{dataset.name}' has {dataset.num_classes} classes, the model predicts {loaded.meta.num_classes}",
+            "choose the data set the model was trained on",
+        )
+    ctx.inputs["data"] = dataset.describe()
+    return dataset

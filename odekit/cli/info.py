@@ -1,0 +1,95 @@
+"""`odekit info`: the layer table that every --layers option resolves against."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import odekit.models.zoo  # noqa: F401  (registers the zoo for the --arch list)
+from odekit.cli.errors import report_exception
+from odekit.cli.options import ArchOpt, CheckpointArg, DebugOpt, JsonOpt, NumClassesOpt, TrustOpt
+from odekit.errors import UsageError
+from odekit.io.checkpoints import load_model
+from odekit.models.layers import layer_table
+from odekit.models.registry import ARCHITECTURES
+from odekit.writers.report import to_jsonable
+
+EPILOG = """Examples:
+
+  odekit info checkpoints/vgg11_digits.safetensors
+
+  odekit info checkpoints/lenet300_digits.safetensors --json | jq '.layers[].flops'
+
+  odekit info resnet20.pt --arch resnet20 --num-classes 10
+
+FLOPs are 2 x multiply-adds of conv/linear layers per sample (torch FlopCounterMode's convention).
+
+Architectures for --arch: {archs}
+"""
+
+EPILOG = EPILOG.format(archs=", ".join(ARCHITECTURES.names()))
+
+
+def info_command(
+    checkpoint: CheckpointArg,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    input_shape: Annotated[
+        str | None, typer.Option("--input-shape", help="Input shape C,H,W (or D) when the checkpoint does not record it.")
+    ] = None,
+    json_output: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List a model's compute layers (index, name, type, shapes, params, FLOPs)."""
+    try:
+        loaded = load_model(checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+        shape = _parse_shape(input_shape) if input_shape else loaded.input_shape
+        if shape is None:
+            raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
+        summary = layer_table(loaded.model, shape)
+    except Exception as exc:
+        raise typer.Exit(report_exception(exc, debug)) from None
+    payload = {
+        "checkpoint": str(checkpoint),
+        "arch": loaded.meta.arch,
+        "format": loaded.format,
+        "num_classes": loaded.meta.num_classes,
+        **summary.to_dict(),
+    }
+    if json_output:
+        print(json.dumps(to_jsonable(payload), indent=2))
+        return
+    console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
+    table = Table(title=f"{checkpoint} ({loaded.meta.arch}, input {list(shape)})", title_justify="left")
+    for header in ("#", "alias", "name", "type", "in_shape", "out_shape", "params", "FLOPs"):
+        table.add_column(header, justify="right" if header in ("#", "params", "FLOPs") else "left")
+    for layer in summary.layers:
+        calls = f" (x{layer.calls})" if layer.calls > 1 else ""
+        table.add_row(
+            str(layer.index), layer.alias, layer.name, layer.type, _shape(layer.in_shape), _shape(layer.out_shape),
+            f"{layer.params:,}", f"{layer.flops:,}{calls}",
+        )
+    console.print(table)
+    console.print(
+        f"total: {summary.params:,} parameters, {summary.flops:,} FLOPs per sample (2 x multiply-adds)", highlight=False
+    )
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"cannot read input shape '{text}'", "write it as C,H,W (e.g. 3,32,32) or D")
+    return shape

@@ -1,0 +1,197 @@
+"""The shared life cycle of a subcommand: set up, run the body, write the report, print.
+
+`run_command` resolves the device, seeds every generator, claims output files (refusing to
+overwrite without --force), runs the body, writes report.json + report.md, prints JSON or
+tables on stdout, deletes what it wrote if anything fails, and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from odekit import __version__
+from odekit.cli.errors import report_exception
+from odekit.cli.options import CommonOptions
+from odekit.cli.progress import RichProgress
+from odekit.device import resolve_device
+from odekit.errors import OutputExistsError
+from odekit.progress import Progress, SilentProgress
+from odekit.writers.atomic import check_writable
+from odekit.writers.report import Report, markdown_table
+
+DEFAULT_RUNS_DIR = Path("odekit-runs")
+
+
+@dataclass
+class ResultTable:
+    """A table printed on stdout for people and embedded in report.md."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Any]]
+
+    def to_rich(self) -> Table:
+        table = Table(title=self.title, title_justify="left")
+        for header in self.headers:
+            table.add_column(header, overflow="fold")
+        for row in self.rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        return table
+
+
+@dataclass
+class CommandOutput:
+    """What a command body returns: JSON results plus the human view of them."""
+
+    results: dict[str, Any]
+    tables: list[ResultTable] = field(default_factory=list)
+    headline: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CommandContext:
+    """Handed to a command body: device, outputs, progress and the report's inputs/params."""
+
+    command: str
+    device: torch.device
+    out_dir: Path
+    force: bool
+    seed: int
+    progress: Progress
+    log_console: Console
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    claimed: list[Path] = field(default_factory=list)
+    preexisting: set[Path] = field(default_factory=set)
+    created_dirs: list[Path] = field(default_factory=list)
+
+    def path(self, name: str) -> Path:
+        """Claim an output file in --out: fails now, before any work, if it exists."""
+        target = self.out_dir / name
+        check_writable(target, self.force)
+        if target.exists():
+            self.preexisting.add(target)
+        self.claimed.append(target)
+        return target
+
+    def log(self, message: str) -> None:
+        self.log_console.print(message, highlight=False)
+
+
+def default_out_dir(command: str, name: str | None) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{command}-{name}-{stamp}" if name else f"{command}-{stamp}"
+    candidate, n = DEFAULT_RUNS_DIR / base, 1
+    while candidate.exists():
+        n += 1
+        candidate = DEFAULT_RUNS_DIR / f"{base}-{n}"
+    return candidate
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    created = []
+    for parent in reversed([path, *path.parents]):
+        if not parent.exists():
+            created.append(parent)
+    path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _cleanup(ctx: CommandContext | None) -> None:
+    """Remove what this run created; files that existed before (--force) are left alone."""
+    if ctx is None:
+        return
+    for target in ctx.claimed:
+        if target not in ctx.preexisting and target.exists():
+            target.unlink()
+    for folder in reversed(ctx.created_dirs):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def run_command(
+    command: str,
+    common: CommonOptions,
+    *,
+    inputs: dict[str, Any],
+    params: dict[str, Any],
+    body: Callable[[CommandContext], CommandOutput],
+    run_name: str | None = None,
+) -> None:
+    """Run a subcommand body under the shared life cycle; exits through `typer.Exit`."""
+    start = time.perf_counter()
+    out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
+    err_console = Console(file=sys.stderr)
+    ctx: CommandContext | None = None
+    try:
+        device = resolve_device(common.device)
+        seed_everything(common.seed)
+        out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputExistsError(f"--out '{out_dir}' is a file, not a folder", "choose a folder for --out")
+        use_bars = not common.json and err_console.is_terminal
+        progress_impl = RichProgress(err_console) if use_bars else None
+        ctx = CommandContext(
+            command=command,
+            device=device,
+            out_dir=out_dir,
+            force=common.force,
+            seed=common.seed,
+            progress=progress_impl or SilentProgress(),
+            log_console=err_console,
+            inputs=dict(inputs),
+            params=dict(params),
+        )
+        ctx.path("report.json")
+        ctx.path("report.md")
+        ctx.created_dirs = _make_dirs(out_dir)
+        if progress_impl is not None:
+            with progress_impl:
+                output = body(ctx)
+        else:
+            output = body(ctx)
+        report = Report(
+            command=command,
+            odekit_version=__version__,
+            inputs=ctx.inputs,
+            params=ctx.params,
+            results=output.results,
+            device=str(device),
+            seconds=time.perf_counter() - start,
+            markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+        )
+        report.write(out_dir, common.force)
+    except (typer.Exit, typer.Abort):
+        raise
+    except BaseException as exc:
+        _cleanup(ctx)
+        code = report_exception(exc, common.debug)
+        raise typer.Exit(code) from None
+    if common.json:
+        print(report.to_json())
+        return
+    for line in output.headline:
+        out_console.print(line, highlight=False)
+    for table in output.tables:
+        out_console.print(table.to_rich())
+    out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)

@@ -1,0 +1,817 @@
+"""Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3, Algorithms 2-3).
+
+For a cut at compute layer l the teacher splits into pre-model (layers 1..l with the
+normalisation/activation/pooling that follows layer l) and post-model. c_l(x) = CE(post(x), label)
+is differentiated per sample with respect to the pre-model output x (model in eval mode,
+log-softmax loss); every gradient enters a frequent-directions sketch (exact shrink), whose
+right singular vectors V_1 span the active subspace. ASNet = pre-model + AS layer (V_1^T,
+scaled so that z is standardised) + PCE layer (orthonormal Hermite basis, least squares on the
+teacher's logits), optionally fine-tuned with distillation and L1 proximal steps (ASNet-s).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from odekit.errors import LayerSelectionError, NumericalError, UnsupportedModelError, UsageError
+from odekit.io.datasets import Dataset, Split
+from odekit.linalg import FrequentDirections, active_count, energy_rank
+from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
+from odekit.methods.pce import MAX_BASIS, PCEFit, PCELayer, basis_size, fit_pce
+from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
+from odekit.models.layers import COMPUTE_TYPES, layer_table, resolve_layers
+from odekit.models.registry import ARCHITECTURES, build_model, register_arch
+from odekit.progress import Progress, silent_if_none
+from odekit.streaming import per_sample_activation_grads
+
+THESIS_RANK = 50  # default r of thesis ch. 6.5.1
+DEFAULT_SKETCH = 100
+LOGREG_MAX_SAMPLES = 5000  # the LR-on-all-features baseline holds samples x n_l floats
+
+
+# ----------------------------------------------------------------------------- model slicing
+
+
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaves in registration order, opening the root and every nn.Sequential (other modules
+    with children, e.g. residual blocks, stay whole)."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module, is_root: bool) -> None:
+        children = list(module.named_children())
+        if children and (is_root or isinstance(module, nn.Sequential)):
+            for name, child in children:
+                walk(f"{prefix}.{name}" if prefix else name, child, False)
+        else:
+            out.append((prefix, module))
+
+    walk("", model, True)
+    return out
+
+
+def _has_compute(module: nn.Module) -> bool:
+    return any(isinstance(m, COMPUTE_TYPES) for m in module.modules())
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where the teacher is split: compute layer ``index`` (1-based) ends the pre-model at
+    chain position ``end`` (exclusive); ``features`` = n_l, the flattened pre-model output size."""
+
+    index: int
+    name: str
+    alias: str
+    end: int
+    features: int
+    out_shape: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "alias": self.alias, "n_l": self.features,
+                "out_shape": self.out_shape}  # fmt: skip
+
+
+class ChainModel:
+    """A teacher that is a plain chain of modules, verified against its own forward pass."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> None:
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                "ASNet needs the model's modules, not a TorchScript archive", "pass --arch NAME to rebuild it"
+            )
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.chain = _chain(model)
+        self.summary = layer_table(model, self.input_shape)
+        self._verify()
+        # chain position of every compute layer that is itself a chain element
+        names = {name: pos for pos, (name, _) in enumerate(self.chain)}
+        self.position = {layer.index: names[layer.name] for layer in self.summary.layers if layer.name in names}
+
+    def _verify(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        device = next(iter(self.model.parameters()), torch.zeros(())).device
+        x = torch.randn(2, *self.input_shape, generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            with torch.no_grad():
+                want = self.model(x)
+                got = x
+                for _, module in self.chain:
+                    got = module(got)
+            same = got.shape == want.shape and bool(
+                torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max())))
+            )
+        except (RuntimeError, TypeError, ValueError):
+            same = False
+        finally:
+            self.model.train(was_training)
+        if not same:
+            raise UnsupportedModelError(
+                f"the model ({type(self.model).__name__}) is not a plain chain of modules, so it cannot be "
+                "cut into pre-model and post-model (residual connections or a custom forward)",
+                "ASNet supports Sequential-style models such as lenet300, lenet5, mlp and vgg*",
+            )
+
+    def cut(self, spec: str | int) -> Cut:
+        """Resolve a cut layer (index, alias or module name) to a `Cut`."""
+        chosen = resolve_layers(str(spec), self.summary)
+        if len(chosen) != 1:
+            raise LayerSelectionError(f"--cut must name one layer, '{spec}' gives {len(chosen)}", "e.g. --cut 5")
+        layer = chosen[0]
+        if layer.index == len(self.summary.layers):
+            raise LayerSelectionError(
+                f"layer {layer.index} is the last compute layer: nothing would be left to replace",
+                f"cut at a layer before {layer.index}",
+            )
+        if layer.index not in self.position:
+            raise UnsupportedModelError(
+                f"layer {layer.index} ('{layer.name}') sits inside a composite module that ASNet cannot split",
+                "cut at a layer that is a direct element of the model's Sequential containers",
+            )
+        end = self.position[layer.index] + 1
+        # Keep the parameter-free / normalisation modules after the layer (BN, activation,
+        # pooling, flatten): the thesis counts VGG-19 layer 4 as 8192 = 128 x 8 x 8 neurons.
+        while end < len(self.chain) and not _has_compute(self.chain[end][1]):
+            end += 1
+        if end >= len(self.chain):
+            raise LayerSelectionError(f"nothing follows layer {layer.index}", "cut at an earlier layer")
+        shape = self.pre_output_shape(end)
+        return Cut(layer.index, layer.name, layer.alias, end, int(math.prod(shape)), shape)
+
+    def pre_output_shape(self, end: int) -> list[int]:
+        device = next(iter(self.model.parameters()), torch.zeros(())).device
+        x = torch.zeros(1, *self.input_shape, device=device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for _, module in self.chain[:end]:
+                    x = module(x)
+        finally:
+            self.model.train(was_training)
+        return list(x.shape[1:])
+
+    def pre_model(self, cut: Cut) -> nn.Sequential:
+        """Layers 1..l (shared with the teacher, not copied)."""
+        return nn.Sequential(*(module for _, module in self.chain[: cut.end]))
+
+    def post_model(self, cut: Cut) -> nn.Sequential:
+        return nn.Sequential(*(module for _, module in self.chain[cut.end :]))
+
+    def last_pre_module(self, cut: Cut) -> nn.Module:
+        return self.chain[cut.end - 1][1]
+
+    def analysable_layers(self) -> list[int]:
+        """Compute layers that can be cut at (direct chain elements, not the last layer)."""
+        last = len(self.summary.layers)
+        return [i for i in sorted(self.position) if i < last]
+
+
+class ASNet(nn.Sequential):
+    """pre-model -> flatten -> AS layer (Linear n_l -> r) -> PCE layer (r -> classes)."""
+
+    def __init__(self, pre: nn.Sequential, features: int, rank: int, degree: int, num_classes: int) -> None:
+        super().__init__(
+            OrderedDict(
+                pre=pre,
+                flatten=nn.Flatten(),
+                active=nn.Linear(features, rank),
+                pce=PCELayer(rank, degree, num_classes),
+            )
+        )
+
+
+@register_arch("asnet", "ASNet (thesis ch. 6.3): teacher pre-model + active-subspace layer + PCE layer", None, "asnet")
+def build_asnet(
+    teacher_arch: str,
+    teacher_args: dict[str, Any],
+    cut: int,
+    end: int,
+    features: int,
+    rank: int,
+    degree: int,
+    num_classes: int,
+) -> ASNet:
+    """Rebuild an ASNet from its JSON args (weights come from the checkpoint)."""
+    if teacher_arch.lower() == "asnet":
+        raise ValueError("an ASNet's teacher cannot itself be recorded as an ASNet")
+    teacher = build_model(teacher_arch, teacher_args)
+    chain = _chain(teacher)
+    if not 0 < end <= len(chain):
+        raise ValueError(f"cut end {end} is outside the teacher's {len(chain)} modules")
+    return ASNet(nn.Sequential(*(m for _, m in chain[:end])), features, rank, degree, num_classes)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SubspaceSettings:
+    """How the active subspace of one layer is estimated (Algorithm 3)."""
+
+    eps: float = 0.05
+    sketch_size: int = DEFAULT_SKETCH
+    samples: int | None = None  # training samples streamed (None: all)
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.eps < 1.0:
+            raise UsageError(f"--eps must lie in (0, 1), got {self.eps}", "the thesis uses 0.05")
+        if self.sketch_size < 2:
+            raise UsageError(f"--sketch-size must be >= 2, got {self.sketch_size}", "try 100")
+        if self.samples is not None and self.samples < 2:
+            raise UsageError(f"--samples must be >= 2, got {self.samples}", "omit it to use the whole training split")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ASNetSettings:
+    """Algorithm 2: cut, rank, PCE degree, fine-tuning and sparsity."""
+
+    cut: str
+    rank: int | str | None = None  # None: min(50, what the PCE sample rule allows); "auto": eq. 6.17
+    degree: int = 2
+    ridge: float = 0.0
+    finetune_epochs: int = 0
+    lr: float = 1e-3
+    beta: float = 0.1
+    sparse: bool = False
+    l1: float = 1e-4
+    baselines: bool = True
+    subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, str) and self.rank != "auto":
+            raise UsageError(f"--rank must be a positive integer or 'auto', got '{self.rank}'", "e.g. --rank 50")
+        if isinstance(self.rank, int) and self.rank < 1:
+            raise UsageError(f"--rank must be >= 1, got {self.rank}", "e.g. --rank 50")
+        if not 1 <= self.degree <= 6:
+            raise UsageError(f"--degree must lie in 1..6, got {self.degree}", "the thesis uses p = 2")
+        if self.ridge < 0:
+            raise UsageError(f"--ridge must be >= 0, got {self.ridge}")
+        if self.finetune_epochs < 0:
+            raise UsageError(f"--finetune must be >= 0 epochs, got {self.finetune_epochs}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UsageError(f"--beta must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
+        if self.l1 < 0:
+            raise UsageError(f"--l1 must be >= 0, got {self.l1}")
+        if self.sparse and self.finetune_epochs == 0:
+            raise UsageError("--sparse needs fine-tuning epochs for its proximal steps", "add --finetune EPOCHS")
+        if isinstance(self.rank, int) and self.rank > self.subspace.sketch_size:
+            raise UsageError(
+                f"--rank {self.rank} exceeds --sketch-size {self.subspace.sketch_size}",
+                f"use --sketch-size {2 * self.rank} or more",
+            )
+
+
+def parse_rank(text: str | None) -> int | str | None:
+    """CLI text -> rank setting: None, 'auto' or a positive int."""
+    if text is None:
+        return None
+    text = text.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--rank must be a positive integer or 'auto', got '{text}'", "e.g. --rank 50") from None
+
+
+def default_sketch_size(rank: int | str | None) -> int:
+    return max(DEFAULT_SKETCH, 2 * rank) if isinstance(rank, int) else DEFAULT_SKETCH
+
+
+# ----------------------------------------------------------------------------- active subspace
+
+
+@dataclass
+class ActiveSubspace:
+    """Sketch of G = [grad c_l(x^1), ..., grad c_l(x^m)]^T and what it says (eq. 6.15-6.17)."""
+
+    singular_values: Tensor  # all sketch singular values, descending
+    V: Tensor  # (n_l, k) leading right singular vectors of the sketch
+    total_energy: float  # ||G||_F^2 = trace(m C), exact
+    covariance_error: float  # certified ||G^T G - S^T S||_2 of the sketch
+    n_samples: int
+    mean_activation: Tensor  # (n_l,) mean pre-model output, for the PCA baseline
+    seconds: float
+
+    def active_neurons(self, eps: float) -> int:
+        """Eq. 6.17 on the sketch's singular values."""
+        return active_count(self.singular_values, eps, form="eq6.17")
+
+    def active_neurons_eq612(self, eps: float) -> int:
+        """Eq. 6.12 with the exact total energy in the denominator (saturates at the sketch size)."""
+        return energy_rank(self.singular_values, 1.0 - eps, total_energy=self.total_energy)
+
+    def eps_at_rank(self, rank: int) -> float:
+        """(lambda_{r+1} + ... + lambda_n) / (lambda_1 + ... + lambda_n), as in table 6.1. The sketch
+        under-estimates every leading eigenvalue, so this is an upper bound on the exact value."""
+        if self.total_energy <= 0:
+            return 0.0
+        kept = float(self.singular_values[:rank].double().pow(2).sum())
+        return max(0.0, 1.0 - kept / self.total_energy)
+
+
+def _train_batches(split: Split, settings: SubspaceSettings, device: torch.device) -> tuple[Split, int]:
+    sub = split.subset(settings.samples, seed=settings.seed)
+    return sub, sub.num_batches(settings.batch_size)
+
+
+def active_subspace(
+    chain: ChainModel,
+    cut: Cut,
+    split: Split,
+    settings: SubspaceSettings,
+    device: torch.device,
+    keep: int | None = None,
+    progress: Progress | None = None,
+    on_batch: Callable[[Tensor, Tensor], None] | None = None,
+) -> ActiveSubspace:
+    """Algorithm 3: stream per-sample gradients of c_l through a frequent-directions sketch.
+
+    ``keep`` right singular vectors are returned (default: as many as the sketch holds);
+    ``on_batch(activations, labels)`` sees every batch's pre-model output (for baselines).
+    """
+    start = time.perf_counter()
+    sub, total = _train_batches(split, settings, device)
+    fd = FrequentDirections(cut.features, settings.sketch_size, device=device)
+    act_sum = torch.zeros(cut.features, dtype=torch.float64, device=device)
+    labels = iter(sub.batches(settings.batch_size))
+    grads = per_sample_activation_grads(
+        chain.model, chain.last_pre_module(cut), sub.batches(settings.batch_size, device),
+        loss="cross_entropy", target="label", return_activations=True, progress=progress, total=total,
+    )  # fmt: skip
+    for g, a in grads:  # type: ignore[misc]
+        fd.update(g)
+        act_sum += a.double().sum(0)
+        if on_batch is not None:
+            on_batch(a, next(labels)[1])
+    if fd.n_rows == 0:
+        raise NumericalError("no samples reached the gradient sketch", "use a non-empty training split")
+    limit = min(fd.sketch_size, cut.features)
+    k = min(keep or limit, limit)
+    s_all = fd.singular_values()
+    _, v = fd.right_singular(k)
+    return ActiveSubspace(
+        singular_values=s_all.cpu(),
+        V=v,
+        total_energy=fd.frobenius_sq,
+        covariance_error=fd.covariance_error_bound(),
+        n_samples=fd.n_rows,
+        mean_activation=act_sum / fd.n_rows,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def stream_features(pre: nn.Module, split: Split, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(pre-model output, labels) per batch, model in eval mode."""
+    pre.eval()
+    for x, y in split.batches(batch_size, device):
+        yield pre(x), y
+
+
+def _logreg_accuracy(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int
+) -> float:
+    """Multinomial logistic regression on standardised features (thesis fig. 6.5b 'LR')."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(y_train)) < 2:
+        raise NumericalError("logistic regression needs at least two classes in the training samples", "use more --samples")
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(max_iter=500, C=1.0, random_state=seed)
+    import warnings as _warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with _warnings.catch_warnings():
+        # a not-quite-converged baseline is still a fair baseline; the report says max_iter
+        _warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(x_train), y_train)
+    return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
+
+
+# ----------------------------------------------------------------------------- layer analysis
+
+
+@dataclass
+class LayerAnalysis:
+    cut: Cut
+    subspace: ActiveSubspace
+    eps: float
+    logreg_accuracy: float | None
+    logreg_samples: int
+
+    def to_dict(self, max_values: int = 200) -> dict[str, Any]:
+        s = self.subspace
+        return {
+            **self.cut.to_dict(),
+            "active_neurons": s.active_neurons(self.eps),
+            "active_neurons_eq612": s.active_neurons_eq612(self.eps),
+            "eps": self.eps,
+            "samples": s.n_samples,
+            "sketch_size": int(s.singular_values.shape[0]),
+            "sketch_covariance_error_rel": s.covariance_error / max(float(s.singular_values[0]) ** 2, 1e-300),
+            "singular_values": [float(v) for v in s.singular_values[:max_values]],
+            "logreg_accuracy": self.logreg_accuracy,
+            "logreg_train_samples": self.logreg_samples,
+            "seconds": round(s.seconds, 3),
+        }
+
+
+def _collect(split: Split, pre: nn.Module, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for f, y in stream_features(pre, split.subset(LOGREG_MAX_SAMPLES), batch_size, device):
+        xs.append(f.flatten(1).float().cpu().numpy())
+        ys.append(y.cpu().numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def analyze_layers(
+    chain: ChainModel,
+    layers: str | None,
+    data: Dataset,
+    settings: SubspaceSettings,
+    device: torch.device,
+    logreg: bool = True,
+    progress: Progress | None = None,
+) -> list[LayerAnalysis]:
+    """Active-neuron count, spectrum and LR-on-features accuracy for each chosen layer."""
+    progress = silent_if_none(progress)
+    indices = chain.analysable_layers()
+    if layers:
+        indices = [layer.index for layer in resolve_layers(layers, chain.summary)]
+    out = []
+    for index in progress.track(indices, len(indices), "layers"):
+        cut = chain.cut(index)
+        train_feats: list[np.ndarray] = []
+        train_labels: list[np.ndarray] = []
+
+        def keep(a: Tensor, y: Tensor, feats: list[np.ndarray] = train_feats, labs: list[np.ndarray] = train_labels) -> None:
+            if sum(len(f) for f in feats) < LOGREG_MAX_SAMPLES:
+                feats.append(a.float().cpu().numpy())
+                labs.append(y.cpu().numpy())
+
+        sub = active_subspace(chain, cut, data.train, settings, device, keep=1, progress=progress,
+                              on_batch=keep if logreg else None)  # fmt: skip
+        acc = None
+        if logreg:
+            xt, yt = _collect(data.test, chain.pre_model(cut), settings.batch_size, device)
+            acc = _logreg_accuracy(np.concatenate(train_feats), np.concatenate(train_labels), xt, yt, settings.seed)
+        out.append(LayerAnalysis(cut, sub, settings.eps, acc, sub.n_samples))
+        progress.update(layer=index, active=sub.active_neurons(settings.eps))
+    return out
+
+
+# ----------------------------------------------------------------------------- ASNet build
+
+
+def max_rank_for_samples(samples: int, degree: int) -> int:
+    """Largest r with 2 C(r + p, p) <= samples (thesis ch. 6.3.5), at least 1."""
+    r = 1
+    while 2 * basis_size(r + 1, degree) <= samples and basis_size(r + 1, degree) <= MAX_BASIS:
+        r += 1
+    return r
+
+
+@torch.no_grad()
+def _standardise_into(linear: nn.Linear, V: Tensor, z_mean: Tensor, z_std: Tensor) -> None:
+    """AS layer = diag(1/sigma) V_1^T x - mu/sigma: z is standardised, which is the measure
+    the orthonormal Hermite basis is orthonormal under."""
+    linear.weight.copy_((V / z_std.unsqueeze(0)).T.to(linear.weight.dtype))
+    linear.bias.copy_((-z_mean / z_std).to(linear.bias.dtype))
+
+
+def _project_stats(pre: nn.Module, split: Split, W: Tensor, mean: Tensor | None, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Mean and std of z = (x - mean) W over ``split``; W (n_l, r)."""
+    total, total_sq, n = 0.0, 0.0, 0
+    for f, _ in stream_features(pre, split, batch_size, device):
+        f = f.flatten(1).double()
+        z = (f - mean if mean is not None else f) @ W
+        total = total + z.sum(0)
+        total_sq = total_sq + z.pow(2).sum(0)
+        n += z.shape[0]
+    mu = total / n
+    var = (total_sq / n - mu.pow(2)).clamp_min(0.0)  # type: ignore[operator]
+    return mu, var.sqrt().clamp_min(1e-8)  # type: ignore[union-attr]
+
+
+@dataclass
+class ReducedHead:
+    """A projection (x - center) W standardised, followed by a PCE fitted to teacher logits."""
+
+    W: Tensor
+    center: Tensor | None
+    mu: Tensor
+    sigma: Tensor
+    pce: PCELayer
+    fit: PCEFit
+
+    def z(self, f: Tensor) -> Tensor:
+        f = f.flatten(1).double()
+        return ((f - self.center if self.center is not None else f) @ self.W - self.mu) / self.sigma
+
+
+def _fit_head(
+    pre: nn.Module,
+    post: nn.Module,
+    split: Split,
+    W: Tensor,
+    center: Tensor | None,
+    degree: int,
+    num_classes: int,
+    ridge: float,
+    batch_size: int,
+    device: torch.device,
+) -> ReducedHead:
+    mu, sigma = _project_stats(pre, split, W, center, batch_size, device)
+    pce = PCELayer(W.shape[1], degree, num_classes).to(device)
+    head = ReducedHead(W, center, mu, sigma, pce, PCEFit(0, 0, 0.0, 0.0, 0.0, False))
+
+    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
+        post.eval()
+        for f, _ in stream_features(pre, split, batch_size, device):
+            yield head.z(f), post(f)
+
+    head.fit = fit_pce(pce, pairs(), ridge=ridge)
+    return head
+
+
+@torch.no_grad()
+def _head_accuracy(head: ReducedHead, pre: nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
+    head.pce.eval()
+    correct, n = 0, 0
+    for f, y in stream_features(pre, split, batch_size, device):
+        pred = head.pce(head.z(f).to(head.pce.linear.weight.dtype)).argmax(1)
+        correct += int((pred == y).sum())
+        n += len(y)
+    return correct / max(n, 1)
+
+
+def _l1_prox(l1: float) -> Callable[[nn.Module, float], None]:
+    """Soft-thresholding S_{lr * lambda} (eq. 6.29) on every conv/linear weight after each step."""
+
+    @torch.no_grad()
+    def step(model: nn.Module, lr: float) -> None:
+        t = lr * l1
+        for module in model.modules():
+            if isinstance(module, COMPUTE_TYPES):
+                w = module.weight
+                w.copy_(w.sign() * (w.abs() - t).clamp_min(0.0))
+
+    return step
+
+
+def sparse_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> dict[str, float | int]:
+    """Non-zero weights, their float32 storage (values only, as thesis ASNet-s) and FLOPs
+    scaled by each layer's weight density."""
+    summary = layer_table(model, input_shape)
+    modules = dict(model.named_modules())
+    flops = 0.0
+    for layer in summary.layers:
+        w = modules[layer.name].weight
+        flops += layer.flops * float((w != 0).float().mean())
+    nonzero = sum(int((t != 0).sum()) for t in model.state_dict().values() if t.is_floating_point())
+    total = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    return {"nonzero_params": nonzero, "density": nonzero / max(total, 1), "storage_mb_nonzero": nonzero * 4 / 2**20,
+            "flops_nonzero": round(flops)}  # fmt: skip
+
+
+@dataclass
+class ASNetResult:
+    model: ASNet
+    args: dict[str, Any]
+    results: dict[str, Any]
+    cut_analysis: LayerAnalysis
+    warnings: list[str]
+    history: TrainHistory | None
+
+
+def _cost(model: nn.Module, shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
+    return model_cost(model, shape).to_dict()
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def build_asnet_from_teacher(
+    teacher: nn.Module,
+    teacher_arch: str,
+    teacher_args: dict[str, Any],
+    input_shape: tuple[int, ...] | list[int],
+    data: Dataset,
+    settings: ASNetSettings,
+    device: torch.device,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ASNetResult:
+    """Algorithm 2 end to end, with the thesis fig. 6.5b baselines at the same r."""
+    progress = silent_if_none(progress)
+    say = log or (lambda _m: None)
+    if teacher_arch.lower() not in ARCHITECTURES or teacher_arch.lower() == "asnet":
+        raise UnsupportedModelError(
+            f"the teacher's architecture '{teacher_arch}' is not a registered odekit architecture, so the ASNet "
+            "could not be rebuilt by load_model",
+            "load the checkpoint with --arch NAME (see 'odekit info --help')",
+        )
+    num_classes = data.num_classes
+    teacher.to(device).eval()
+    chain = ChainModel(teacher, input_shape)
+    cut = chain.cut(settings.cut)
+    sub_settings = settings.subspace
+    n_train = len(data.train.subset(sub_settings.samples, seed=sub_settings.seed))
+    warnings: list[str] = []
+
+    requested = settings.rank
+    if isinstance(requested, int) and requested > cut.features:
+        raise UsageError(
+            f"--rank {requested} exceeds the {cut.features} neurons of layer {cut.index}",
+            f"use --rank <= {cut.features}",
+        )
+    say(f"cut at layer {cut.index} ({cut.name}): n_l = {cut.features}; streaming per-sample gradients")
+    subspace = active_subspace(chain, cut, data.train, sub_settings, device, progress=progress)
+    n_active = subspace.active_neurons(sub_settings.eps)
+    limit = min(sub_settings.sketch_size, cut.features, subspace.n_samples)
+    if requested is None:
+        rank = min(THESIS_RANK, max_rank_for_samples(n_train, settings.degree), limit)
+        rank_rule = f"min(50, largest r with 2 C(r+{settings.degree},{settings.degree}) <= {n_train} samples)"
+    elif requested == "auto":
+        rank = min(n_active, limit)
+        rank_rule = f"active neurons at eps = {sub_settings.eps} (eq. 6.17)"
+    else:
+        rank = int(requested)
+        rank_rule = "--rank"
+    if rank > limit:
+        raise NumericalError(
+            f"rank {rank} needs {rank} samples and sketch rows; {subspace.n_samples} samples were streamed",
+            "use more --samples or a lower --rank",
+        )
+    V = subspace.V[:, :rank].double()
+    analysis = LayerAnalysis(cut, subspace, sub_settings.eps, None, 0)
+
+    pre = chain.pre_model(cut)
+    post = chain.post_model(cut)
+    fit_split = data.train.subset(sub_settings.samples, seed=sub_settings.seed)
+    say(f"rank r = {rank} ({rank_rule}); fitting the degree-{settings.degree} PCE ({basis_size(rank, settings.degree)} basis functions)")
+    head = _fit_head(pre, post, fit_split, V, None, settings.degree, num_classes, settings.ridge, sub_settings.batch_size, device)
+    warnings += head.fit.warnings
+
+    asnet = ASNet(copy.deepcopy(pre), cut.features, rank, settings.degree, num_classes).to(device)
+    _standardise_into(asnet.active, V, head.mu, head.sigma)
+    with torch.no_grad():
+        asnet.pce.linear.weight.copy_(head.pce.linear.weight)
+    asnet.eval()
+    acc_before = accuracy(asnet, data.test, device=device)
+
+    teacher_acc = accuracy(teacher, data.test, device=device)
+    baselines: dict[str, Any] = {"as_pce": acc_before}
+    if settings.baselines:
+        say("baselines: AS+LR, PCA+PCE, PCA+LR and LR on all n_l features")
+        baselines.update(_baselines(pre, post, cut, head, subspace, fit_split, data, rank, settings, device))
+
+    history = None
+    if settings.finetune_epochs > 0:
+        say(f"fine-tuning {settings.finetune_epochs} epochs (beta = {settings.beta}{', L1 ' + str(settings.l1) if settings.sparse else ''})")
+        train = TrainSettings(
+            epochs=settings.finetune_epochs, lr=settings.lr, batch_size=sub_settings.batch_size, beta=settings.beta,
+            seed=sub_settings.seed,
+        )  # fmt: skip
+        history = train_classifier(
+            asnet, data, train, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
+            progress=progress,
+        )  # fmt: skip
+    asnet.eval()
+    acc_after = accuracy(asnet, data.test, device=device) if history is not None else acc_before
+
+    teacher_cost = _cost(teacher, input_shape)
+    asnet_cost = _cost(asnet, input_shape)
+    pre_cost = _cost(asnet.pre, input_shape)
+    head_module = nn.Sequential(asnet.active, asnet.pce)
+    head_cost = _cost(head_module, (cut.features,))
+    post_cost = _cost(post, tuple(cut.out_shape))
+    example = data.test.x[:1]
+    batch = data.test.x[: min(len(data.test), 128)]
+    latency = {
+        "teacher_ms_batch1": measure_latency_ms(teacher, example, device),
+        "asnet_ms_batch1": measure_latency_ms(asnet, example, device),
+        f"teacher_ms_batch{len(batch)}": measure_latency_ms(teacher, batch, device, repeats=10),
+        f"asnet_ms_batch{len(batch)}": measure_latency_ms(asnet, batch, device, repeats=10),
+    }
+    asnet_entry = {"accuracy": acc_after, "accuracy_before_finetune": acc_before, **asnet_cost}
+    if settings.sparse:
+        asnet_entry.update(sparse_cost(asnet, input_shape))
+    results: dict[str, Any] = {
+        "teacher": {"accuracy": teacher_acc, **teacher_cost},
+        "asnet": asnet_entry,
+        "storage_reduction": _ratio(teacher_cost["storage_mb"], asnet_cost["storage_mb"]),
+        "flop_reduction": _ratio(teacher_cost["flops"], asnet_cost["flops"]),
+        "accuracy_drop_points": 100 * (teacher_acc - acc_after),
+        "cut": {
+            **cut.to_dict(),
+            "rank": rank,
+            "rank_rule": rank_rule,
+            "degree": settings.degree,
+            "n_basis": basis_size(rank, settings.degree),
+            "eps": sub_settings.eps,
+            "active_neurons": n_active,
+            "active_neurons_eq612": subspace.active_neurons_eq612(sub_settings.eps),
+            "eps_at_rank": subspace.eps_at_rank(rank),
+            "sketch_size": sub_settings.sketch_size,
+            "gradient_samples": subspace.n_samples,
+            "sketch_covariance_error_rel": subspace.covariance_error / max(float(subspace.singular_values[0]) ** 2, 1e-300),
+        },
+        "split": {
+            "pre_model": pre_cost,
+            "as_pce": head_cost,
+            "teacher_post_model": post_cost,
+            "post_storage_reduction": _ratio(post_cost["storage_mb"], head_cost["storage_mb"]),
+            "post_flop_reduction": _ratio(post_cost["flops"], head_cost["flops"]),
+        },
+        "pce": head.fit.to_dict(),
+        "baselines": baselines,
+        "latency_ms": latency,
+        "finetune": {
+            "epochs": settings.finetune_epochs,
+            "beta": settings.beta,
+            "lr": settings.lr,
+            "sparse": settings.sparse,
+            "l1": settings.l1 if settings.sparse else None,
+            "history": history.epochs if history else [],
+        },
+        "flops_convention": "2 x multiply-adds per sample (torch FlopCounterMode); PCE basis products not counted",
+        "warnings": warnings,
+    }
+    args = {
+        "teacher_arch": teacher_arch.lower(),
+        "teacher_args": dict(teacher_args),
+        "cut": cut.index,
+        "end": cut.end,
+        "features": cut.features,
+        "rank": rank,
+        "degree": settings.degree,
+        "num_classes": num_classes,
+    }
+    return ASNetResult(asnet.cpu(), args, results, analysis, warnings, history)
+
+
+def _baselines(
+    pre: nn.Module,
+    post: nn.Module,
+    cut: Cut,
+    as_head: ReducedHead,
+    subspace: ActiveSubspace,
+    fit_split: Split,
+    data: Dataset,
+    rank: int,
+    settings: ASNetSettings,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Thesis fig. 6.5b at the same r, no fine-tuning: AS+LR, PCA+PCE, PCA+LR, LR(all features)."""
+    bs, seed = settings.subspace.batch_size, settings.subspace.seed
+    # PCA of the centred pre-model outputs, with the same frequent-directions sketch.
+    mean = subspace.mean_activation.to(device)
+    fd = FrequentDirections(cut.features, settings.subspace.sketch_size, device=device)
+    for f, _ in stream_features(pre, fit_split, bs, device):
+        fd.update(f.flatten(1).double() - mean)
+    _, W_pca = fd.right_singular(rank)
+    pca_head = _fit_head(pre, post, fit_split, W_pca.double(), mean, settings.degree, data.num_classes,
+                         settings.ridge, bs, device)  # fmt: skip
+
+    def feats(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        xs, za, zp, ys = [], [], [], []
+        for f, y in stream_features(pre, split, bs, device):
+            if sum(len(x) for x in xs) < LOGREG_MAX_SAMPLES:
+                xs.append(f.flatten(1).float().cpu().numpy())
+            za.append(as_head.z(f).float().cpu().numpy())
+            zp.append(pca_head.z(f).float().cpu().numpy())
+            ys.append(y.cpu().numpy())
+        return np.concatenate(xs), np.concatenate(za), np.concatenate(zp), np.concatenate(ys)
+
+    x_tr, za_tr, zp_tr, y_tr = feats(fit_split)
+    x_te, za_te, zp_te, y_te = feats(data.test)
+    return {
+        "pca_pce": _head_accuracy(pca_head, pre, data.test, bs, device),
+        "as_logreg": _logreg_accuracy(za_tr, y_tr, za_te, y_te, seed),
+        "pca_logreg": _logreg_accuracy(zp_tr, y_tr, zp_te, y_te, seed),
+        "logreg_features": _logreg_accuracy(x_tr, y_tr[: len(x_tr)], x_te, y_te[: len(x_te)], seed),
+        "rank": rank,
+        "pca_pce_fit": pca_head.fit.to_dict(),
+    }

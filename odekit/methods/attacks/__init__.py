@@ -1,0 +1,103 @@
+"""Universal perturbations (active subspace, UAP, random), per-sample attacks (FGSM, PGD,
+DeepFool, ADef), transfer and grey-box evaluation. Everything works in [0, 1] pixel space on a
+`PixelModel`; budgets are pixel-unit norms."""
+
+from odekit.methods.attacks.adef import ADefAttack, ADefSettings, deform, t_norm
+from odekit.methods.attacks.base import (
+    ATTACKS,
+    Attack,
+    PerSampleAttack,
+    PerSampleResult,
+    PerSampleSettings,
+    UniversalAttack,
+    UniversalResult,
+    UniversalSettings,
+    fooling_rate,
+    predict_on,
+)
+from odekit.methods.attacks.deepfool import deepfool
+from odekit.methods.attacks.evaluate import (
+    TransferMatrix,
+    evaluate_adversarial,
+    evaluate_universal,
+    transfer_matrix,
+)
+from odekit.methods.attacks.per_sample import (
+    BACKENDS,
+    DeepFoolAttack,
+    DeepFoolSettings,
+    FGSMAttack,
+    FGSMSettings,
+    PGDAttack,
+    PGDSettings,
+)
+from odekit.methods.attacks.solvers import SolverSpec, ode_blocks, parse_solver_spec, with_solver
+from odekit.methods.attacks.space import (
+    NORMS,
+    PixelModel,
+    apply_perturbation,
+    check_differentiable,
+    lp_norm,
+    lp_norms,
+    parse_norm,
+    pixel_model,
+    project,
+    to_model_units,
+    to_pixels,
+)
+from odekit.methods.attacks.universal import (
+    ActiveSubspaceAttack,
+    ActiveSubspaceSettings,
+    RandomAttack,
+    UAPAttack,
+    UAPSettings,
+)
+
+__all__ = [
+    "ATTACKS",
+    "BACKENDS",
+    "NORMS",
+    "ADefAttack",
+    "ADefSettings",
+    "ActiveSubspaceAttack",
+    "ActiveSubspaceSettings",
+    "Attack",
+    "DeepFoolAttack",
+    "DeepFoolSettings",
+    "FGSMAttack",
+    "FGSMSettings",
+    "PGDAttack",
+    "PGDSettings",
+    "PerSampleAttack",
+    "PerSampleResult",
+    "PerSampleSettings",
+    "PixelModel",
+    "RandomAttack",
+    "SolverSpec",
+    "TransferMatrix",
+    "UAPAttack",
+    "UAPSettings",
+    "UniversalAttack",
+    "UniversalResult",
+    "UniversalSettings",
+    "apply_perturbation",
+    "check_differentiable",
+    "deepfool",
+    "deform",
+    "evaluate_adversarial",
+    "evaluate_universal",
+    "fooling_rate",
+    "lp_norm",
+    "lp_norms",
+    "ode_blocks",
+    "parse_norm",
+    "parse_solver_spec",
+    "pixel_model",
+    "predict_on",
+    "project",
+    "t_norm",
+    "to_model_units",
+    "to_pixels",
+    "transfer_matrix",
+    "with_solver",
+]

@@ -1,0 +1,65 @@
+"""Scoring attacks on a target model: accuracy, robust accuracy, fooling rate, transfer matrices."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from odekit.methods.attacks.base import predict_on
+from odekit.methods.attacks.space import apply_perturbation
+
+
+def evaluate_adversarial(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, batch_size: int = 512) -> dict[str, float]:
+    """clean_accuracy, robust_accuracy (true labels) and fooling_rate (prediction changed)."""
+    clean = predict_on(model, x, batch_size)
+    adv = predict_on(model, x_adv, batch_size)
+    y = y.to(clean.device)
+    return {
+        "clean_accuracy": float((clean == y).float().mean()),
+        "robust_accuracy": float((adv == y).float().mean()),
+        "fooling_rate": float((adv != clean).float().mean()),
+    }
+
+
+def evaluate_universal(model: nn.Module, x: Tensor, y: Tensor, v: Tensor, batch_size: int = 512) -> dict[str, float]:
+    """`evaluate_adversarial` for x + v clipped to the box."""
+    return evaluate_adversarial(model, x, y, apply_perturbation(x, v.to(x.device)), batch_size)
+
+
+@dataclass
+class TransferMatrix:
+    """fooling_rate[i][j]: attack generated on sources[i], evaluated on targets[j]."""
+
+    sources: list[str]
+    targets: list[str]
+    fooling_rate: list[list[float]]
+    robust_accuracy: list[list[float]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sources": self.sources,
+            "targets": self.targets,
+            "fooling_rate": self.fooling_rate,
+            "robust_accuracy": self.robust_accuracy,
+        }
+
+
+def transfer_matrix(
+    models: list[tuple[str, nn.Module]],
+    generate: Callable[[nn.Module], Tensor],
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 512,
+) -> TransferMatrix:
+    """``generate(source)`` returns attacked inputs for ``x`` (a universal vector already applied,
+    or per-sample adversarial examples); every model scores every source's inputs."""
+    fool, robust = [], []
+    for _, source in models:
+        x_adv = generate(source)
+        rows = [evaluate_adversarial(target, x, y, x_adv.to(x.device), batch_size) for _, target in models]
+        fool.append([r["fooling_rate"] for r in rows])
+        robust.append([r["robust_accuracy"] for r in rows])
+    names = [n for n, _ in models]
+    return TransferMatrix(names, list(names), fool, robust)

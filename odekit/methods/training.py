@@ -1,0 +1,133 @@
+"""Supervised training and fine-tuning loops shared by the zoo script, reduce and asnet.
+
+Fine-tuning can distil from a teacher: loss = beta * KL(teacher || student) + (1 - beta) * CE(labels),
+as thesis ch. 6 uses for ASNet (beta = 0.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odekit.errors import NumericalError, UsageError
+from odekit.io.datasets import Dataset
+from odekit.methods.evaluation import accuracy
+from odekit.progress import Progress, silent_if_none
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    beta: float = 0.0  # distillation weight when a teacher is given
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise UsageError(f"epochs must be >= 0, got {self.epochs}", "use 0 to skip training")
+        if not self.lr > 0:
+            raise UsageError(f"learning rate must be positive, got {self.lr}", "try 1e-3")
+        if self.batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {self.batch_size}", "try 128")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UsageError(f"distillation weight beta must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
+        if self.optimizer not in ("adam", "sgd"):
+            raise UsageError(f"unknown optimizer '{self.optimizer}'", "choose adam or sgd")
+        if self.schedule not in ("cosine", "constant"):
+            raise UsageError(f"unknown lr schedule '{self.schedule}'", "choose cosine or constant")
+
+
+@dataclass
+class TrainHistory:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def distillation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, beta: float, temperature: float = 1.0
+) -> torch.Tensor:
+    """beta * KL(teacher || student) + (1 - beta) * cross-entropy; plain CE without a teacher."""
+    hard = F.cross_entropy(logits, labels)
+    if teacher_logits is None or beta == 0.0:
+        return hard
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), log_target=True, reduction="batchmean"
+    ) * (t * t)
+    return beta * soft + (1.0 - beta) * hard
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Dataset,
+    settings: TrainSettings,
+    device: torch.device,
+    *,
+    teacher: nn.Module | None = None,
+    after_step: Callable[[nn.Module, float], None] | None = None,
+    progress: Progress | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data.train``; test accuracy after every epoch.
+
+    ``after_step(model, lr)`` runs after each optimizer step (e.g. an L1 proximal step).
+    """
+    progress = silent_if_none(progress)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = _optimizer(model, settings)
+    steps = max(1, settings.epochs * data.train.num_batches(settings.batch_size))
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        if settings.schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    )
+    generator = torch.Generator().manual_seed(settings.seed)
+    history = TrainHistory()
+    for epoch in progress.track(range(settings.epochs), settings.epochs, "training"):
+        model.train()
+        total, seen = 0.0, 0
+        for x, y in data.train.batches(settings.batch_size, device, shuffle=True, generator=generator):
+            logits = model(x)
+            teacher_logits = None
+            if teacher is not None and settings.beta > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = distillation_loss(logits, y, teacher_logits, settings.beta, settings.temperature)
+            if not torch.isfinite(loss):
+                raise NumericalError(
+                    f"training diverged at epoch {epoch + 1} (loss is {loss.item()})", "lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model, scheduler.get_last_lr()[0])
+            scheduler.step()
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+        model.eval()
+        record = {"epoch": epoch + 1, "loss": total / max(seen, 1), "test_accuracy": accuracy(model, data.test, device=device)}
+        history.epochs.append(record)
+        progress.update(loss=record["loss"], acc=record["test_accuracy"])
+    model.eval()
+    return history

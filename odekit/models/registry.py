@@ -1,0 +1,102 @@
+"""Architecture registry: names -> builders whose JSON-serialisable kwargs rebuild a model.
+
+Every model odekit loads or writes is described by ``{"arch": name, "args": {...}}``; the
+builder called with those args gives a module whose ``state_dict`` keys and shapes match the
+stored weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from odekit.errors import CheckpointError, UsageError
+from odekit.registry import Registry
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered architecture: its builder and the input shape it expects by default."""
+
+    builder: Callable[..., nn.Module]
+    default_input_shape: tuple[int, ...] | None
+    family: str
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+
+
+def register_arch(
+    name: str,
+    description: str,
+    default_input_shape: tuple[int, ...] | None = None,
+    family: str = "zoo",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder under ``name``."""
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ARCHITECTURES.add(name, Architecture(builder, default_input_shape, family), description)
+        return builder
+
+    return decorator
+
+
+def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate a registered architecture; bad args become a `CheckpointError`."""
+    _ensure_plugins_loaded()
+    entry = ARCHITECTURES.get(arch)
+    try:
+        return entry.builder(**(args or {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot build architecture '{arch}' with arguments {args}: {exc}",
+            "check the checkpoint metadata or the --arch/--num-classes options",
+        ) from exc
+
+
+def architecture(arch: str) -> Architecture:
+    _ensure_plugins_loaded()
+    return ARCHITECTURES.get(arch)
+
+
+# Methods that write their own model types (students, ASNets, ODE nets) register them in
+# their own modules; importing them lazily keeps `odekit info` fast and the layering one-way
+# at import time.
+_PLUGIN_MODULES = (
+    "odekit.models.zoo",
+    "odekit.models.ode_models",
+    "odekit.methods.ron",
+    "odekit.methods.asnet",
+)
+_plugins_loaded = False
+
+
+def _ensure_plugins_loaded() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+
+    for module in _PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def arch_names() -> list[str]:
+    _ensure_plugins_loaded()
+    return ARCHITECTURES.names()
+
+
+def require_num_classes(num_classes: int | None, arch: str) -> int:
+    if num_classes is None or num_classes < 1:
+        raise UsageError(
+            f"architecture '{arch}' needs the number of classes", "pass --num-classes K"
+        )
+    return num_classes

@@ -1,0 +1,264 @@
+"""Gradient methods through an ODE solve: backprop, rdm (adjoint), anode, irdm.
+
+Each method maps a `Problem` and z0 to the stacked solution z(t_i), differentiable w.r.t. z0
+and the parameters. Non-backprop methods are `torch.autograd.Function`s whose backward adds
+its exact f-evaluation count to `problem.stats.nfe_backward`. Parameter gradients keep each
+parameter's own shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from odekit.ode.interp import BarycentricInterpolant, chebyshev_lobatto
+from odekit.ode.solver import SolveStats, StepControl, integrate
+from odekit.ode.tableau import StepCoefficients
+from odekit.registry import Registry
+
+
+@dataclass
+class Problem:
+    """Everything a gradient method needs besides z0 (built and validated by `odeint`)."""
+
+    f: Callable[[Tensor, Tensor], Tensor]
+    params: tuple[Tensor, ...]
+    times: list[float]  # output times, times[0] = start
+    co: StepCoefficients  # forward coefficients (may hold a tensor u)
+    co_back: StepCoefficients  # float coefficients for backward solves
+    steps: int | None  # fixed steps over [times[0], times[-1]], None = adaptive
+    control: StepControl | None
+    stats: SolveStats = field(default_factory=SolveStats)
+    cheb_nodes: int = 16
+    checkpoints: int = 1
+    seminorm: bool = False
+
+    def time_tensor(self, t: float | Tensor, like: Tensor) -> Tensor:
+        if isinstance(t, Tensor):
+            return t
+        return torch.full((), t, dtype=like.dtype, device=like.device)
+
+    def interval_steps(self, ta: float, tb: float) -> int | None:
+        """Fixed steps for a sub-interval, proportional to its length (backward solves)."""
+        if self.steps is None:
+            return None
+        total = abs(self.times[-1] - self.times[0])
+        return max(1, round(self.steps * abs(tb - ta) / total))
+
+
+def forward_solve(prob: Problem, z0: Tensor, extra_times: list[float] | None = None,
+                  record_steps: bool = False, on_accept=None):
+    """One forward solve; returns (z at times[1:], z at extra_times, SolveResult)."""
+    f = prob.f
+
+    def dyn(t, y):
+        return [f(prob.time_tensor(t, z0), y[0])]
+
+    t0, t_end = prob.times[0], prob.times[-1]
+    user = prob.times[1:]
+    extra = list(extra_times or [])
+    direction = 1.0 if t_end > t0 else -1.0
+    tagged = sorted([(direction * x, 0, i) for i, x in enumerate(user)]
+                    + [(direction * x, 1, i) for i, x in enumerate(extra)])
+    res = integrate(
+        dyn, [z0], t0, t_end, prob.co,
+        fixed_steps=prob.steps, control=None if prob.steps else prob.control,
+        out_times=[direction * s for s, _, _ in tagged],
+        record_steps=record_steps, on_accept=on_accept,
+    )
+    outs: list[Tensor | None] = [None] * len(user)
+    ext: list[Tensor | None] = [None] * len(extra)
+    for (_, tag, i), val in zip(tagged, res.outputs, strict=True):
+        (outs if tag == 0 else ext)[i] = val
+    prob.stats.nfe_forward += res.nfe
+    prob.stats.accepted_steps += res.accepted
+    prob.stats.rejected_steps += res.rejected
+    return outs, ext, res
+
+
+def _vjp(f, t: Tensor, z: Tensor, a: Tensor, params: tuple[Tensor, ...]):
+    """f(t, z) and a^T [df/dz, df/dtheta] (zeros for parameters f does not use)."""
+    with torch.enable_grad():
+        zr = z.detach().requires_grad_(True)
+        fz = f(t, zr)
+        grads = torch.autograd.grad(fz, (zr, *params), a, allow_unused=True)
+    out = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, (zr, *params), strict=True)]
+    return fz.detach(), out
+
+
+def _neg(xs: list[Tensor]) -> list[Tensor]:
+    return list(torch._foreach_neg(xs))
+
+
+# ---------------------------------------------------------------- backprop
+
+
+def run_backprop(prob: Problem, z0: Tensor) -> Tensor:
+    outs, _, _ = forward_solve(prob, z0)
+    return torch.stack([z0, *outs])
+
+
+# ---------------------------------------------------------------- rdm (adjoint)
+
+
+class _RDM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prob: Problem, z0: Tensor, *params: Tensor) -> Tensor:
+        outs, _, _ = forward_solve(prob, z0)
+        zs = torch.stack([z0, *outs])
+        ctx.prob = prob
+        ctx.save_for_backward(zs)
+        return zs
+
+    @staticmethod
+    def backward(ctx, gz: Tensor):
+        prob: Problem = ctx.prob
+        (zs,) = ctx.saved_tensors
+        params, times, f = prob.params, prob.times, prob.f
+        n_norm = 2 if prob.seminorm else 2 + len(params)
+
+        def dyn(t, y):
+            fz, vj = _vjp(f, prob.time_tensor(t, zs), y[0], y[1], params)
+            return [fz, *_neg(vj)]
+
+        a = gz[-1]
+        gp = [torch.zeros_like(p) for p in params]
+        for i in range(len(times) - 1, 0, -1):
+            # z is reset to the stored forward value at every output time.
+            res = integrate(
+                dyn, [zs[i], a, *gp], times[i], times[i - 1], prob.co_back, n_active=2,
+                fixed_steps=prob.interval_steps(times[i], times[i - 1]),
+                control=prob.control, n_norm=n_norm,
+            )
+            prob.stats.nfe_backward += res.nfe
+            a = res.y[1] + gz[i - 1]
+            gp = res.y[2:]
+        return (None, a, *gp)
+
+
+def run_rdm(prob: Problem, z0: Tensor) -> Tensor:
+    return _RDM.apply(prob, z0, *prob.params)
+
+
+# ---------------------------------------------------------------- anode (checkpointing)
+
+
+class _ANODE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prob: Problem, z0: Tensor, *params: Tensor) -> Tensor:
+        t0, t_end = prob.times[0], prob.times[-1]
+        k = prob.checkpoints
+        targets = [t0 + (t_end - t0) * j / k for j in range(1, k)]
+        direction = 1.0 if t_end > t0 else -1.0
+        ckpts: list[tuple[int, float, Tensor]] = [(0, t0, z0)]
+        n_steps = [0]
+
+        def on_accept(t_new: float, y_new: list[Tensor]) -> None:
+            n_steps[0] += 1
+            if targets and t_new != t_end and direction * (t_new - targets[0]) >= 0:
+                ckpts.append((n_steps[0], t_new, y_new[0]))
+                while targets and direction * (t_new - targets[0]) >= 0:
+                    targets.pop(0)
+
+        outs, _, res = forward_solve(prob, z0, record_steps=True, on_accept=on_accept)
+        ctx.prob, ctx.ckpts, ctx.plan = prob, ckpts, res.steps
+        return torch.stack([z0, *outs])
+
+    @staticmethod
+    def backward(ctx, gz: Tensor):
+        prob: Problem = ctx.prob
+        ckpts, plan, times, f = ctx.ckpts, ctx.plan, prob.times, prob.f
+        params = prob.params
+        direction = 1.0 if times[-1] > times[0] else -1.0
+
+        def dyn(t, y):
+            return [f(prob.time_tensor(t, gz), y[0])]
+
+        adj = torch.zeros_like(gz[0])
+        gp = [torch.zeros_like(p) for p in params]
+        bounds = [c[0] for c in ckpts] + [len(plan)]
+        for s in range(len(ckpts) - 1, -1, -1):
+            i0, i1 = bounds[s], bounds[s + 1]
+            t_a = ckpts[s][1]
+            t_b = plan[i1 - 1][1]
+            idx = [i for i in range(1, len(times))
+                   if direction * (times[i] - t_a) > 0 and direction * (times[i] - t_b) <= 0]
+            with torch.enable_grad():
+                yc = ckpts[s][2].detach().requires_grad_(True)
+                res = integrate(dyn, [yc], t_a, t_b, prob.co, plan=plan[i0:i1],
+                                out_times=[times[i] for i in idx])
+                grads = torch.autograd.grad(
+                    [res.y[0], *res.outputs], (yc, *params), [adj, *[gz[i] for i in idx]],
+                    allow_unused=True,
+                )
+            prob.stats.nfe_backward += res.nfe
+            adj = grads[0]
+            for j, g in enumerate(grads[1:]):
+                if g is not None:
+                    gp[j] = gp[j] + g
+        return (None, adj + gz[0], *gp)
+
+
+def run_anode(prob: Problem, z0: Tensor) -> Tensor:
+    return _ANODE.apply(prob, z0, *prob.params)
+
+
+# ---------------------------------------------------------------- irdm
+
+
+class _IRDM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, prob: Problem, z0: Tensor, *params: Tensor) -> Tensor:
+        t0, t_end = prob.times[0], prob.times[-1]
+        nodes, weights = chebyshev_lobatto(t0, t_end, prob.cheb_nodes)
+        # Node values come from the dense output of the accepted steps: no extra f calls.
+        outs, ext, _ = forward_solve(prob, z0, extra_times=nodes[1:].tolist())
+        ctx.prob = prob
+        ctx.interp = BarycentricInterpolant(nodes, weights, torch.stack([z0, *ext]))
+        return torch.stack([z0, *outs])
+
+    @staticmethod
+    def backward(ctx, gz: Tensor):
+        prob: Problem = ctx.prob
+        interp: BarycentricInterpolant = ctx.interp
+        params, times, f = prob.params, prob.times, prob.f
+        n_norm = 1 if prob.seminorm else 1 + len(params)
+
+        def dyn(t, y):
+            # t is a float here: backward coefficients never hold tensors.
+            _, vj = _vjp(f, prob.time_tensor(t, gz), interp(t), y[0], params)
+            return _neg(vj)
+
+        a = gz[-1]
+        gp = [torch.zeros_like(p) for p in params]
+        for i in range(len(times) - 1, 0, -1):
+            res = integrate(
+                dyn, [a, *gp], times[i], times[i - 1], prob.co_back, n_active=1,
+                fixed_steps=prob.interval_steps(times[i], times[i - 1]),
+                control=prob.control, n_norm=n_norm,
+            )
+            prob.stats.nfe_backward += res.nfe
+            a = res.y[0] + gz[i - 1]
+            gp = res.y[1:]
+        return (None, a, *gp)
+
+
+def run_irdm(prob: Problem, z0: Tensor) -> Tensor:
+    return _IRDM.apply(prob, z0, *prob.params)
+
+
+GRADIENT_METHODS: Registry[Callable[[Problem, Tensor], Tensor]] = Registry("gradient method")
+GRADIENT_METHODS.add("backprop", run_backprop, "autograd through the solver steps")
+GRADIENT_METHODS.add(
+    "rdm", run_rdm, "reverse dynamic ('adjoint') method: backward solve of [z, a, dL/dtheta]"
+)
+GRADIENT_METHODS.add(
+    "anode", run_anode, "checkpointing (K checkpoints), recompute each interval with a graph"
+)
+GRADIENT_METHODS.add(
+    "irdm", run_irdm,
+    "interpolated RDM: z(t) from barycentric Chebyshev interpolation, backward [a, dL/dtheta]",
+)

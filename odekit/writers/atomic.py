@@ -1,0 +1,67 @@
+"""Atomic file writes: temp file in the target folder, then rename.
+
+A reader never sees a half-written file, and an existing file is only replaced with
+``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from odekit.errors import OutputExistsError
+
+
+def check_writable(path: Path, force: bool) -> None:
+    """Refuse to touch an existing output unless ``force``."""
+    if path.exists() and not force:
+        raise OutputExistsError(
+            f"output '{path}' exists already", "pass --force to overwrite it or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it over ``path``."""
+    target = Path(path)
+    check_writable(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp creates 0600 files; give outputs the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, force: bool = False) -> Path:
+    with atomic_path(path, force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, force: bool = False) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), force)
+
+
+def atomic_write_with(
+    path: str | os.PathLike[str], write: Callable[[Path], None], force: bool = False
+) -> Path:
+    """Let ``write`` fill a temporary file (for libraries that want a filename)."""
+    with atomic_path(path, force) as tmp:
+        write(tmp)
+    return Path(path)

@@ -1,0 +1,72 @@
+"""The shared command life cycle: reports, --json, --force, cleanup after failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from odekit.cli.options import CommonOptions, ForceOpt, JsonOpt, OutOpt
+from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.errors import NumericalError
+from odekit.writers.atomic import atomic_write_text
+
+demo = typer.Typer()
+
+
+@demo.command()
+def run(out: OutOpt = None, force: ForceOpt = False, json_output: JsonOpt = False, fail: bool = False) -> None:
+    def body(ctx: CommandContext) -> CommandOutput:
+        artifact = ctx.path("artifact.txt")
+        atomic_write_text(artifact, "payload", ctx.force)
+        if fail:
+            raise NumericalError("rank 99 is impossible", "choose a rank below 10")
+        return CommandOutput(
+            results={"answer": 42, "ratio": float("nan")},
+            tables=[ResultTable("numbers", ["a", "b"], [[1, 2.5]])],
+            headline=["all good"],
+        )
+
+    run_command(
+        "demo", CommonOptions(out=out, force=force, json=json_output), inputs={"x": 1}, params={"p": 2}, body=body
+    )
+
+
+def test_json_output_is_the_report(tmp_path: Path) -> None:
+    result = CliRunner().invoke(demo, ["--out", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    stored = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert printed == stored
+    assert set(printed) == {"command", "odekit_version", "inputs", "params", "results", "device", "seconds"}
+    assert printed["results"] == {"answer": 42, "ratio": None}  # NaN becomes null: strict JSON
+    assert "| 1 | 2.5 |" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_human_output_and_existing_outputs_need_force(tmp_path: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(demo, ["--out", str(tmp_path)])
+    assert first.exit_code == 0 and "all good" in first.stdout
+    before = (tmp_path / "report.json").read_text()
+    second = runner.invoke(demo, ["--out", str(tmp_path)])
+    assert second.exit_code == 1 and second.stderr.startswith("Error: output")
+    assert "--force" in second.stderr
+    assert (tmp_path / "report.json").read_text() == before
+    assert runner.invoke(demo, ["--out", str(tmp_path), "--force"]).exit_code == 0
+
+
+def test_failure_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "run"
+    result = CliRunner().invoke(demo, ["--out", str(out), "--fail"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: rank 99 is impossible. Hint: choose a rank below 10"
+    assert not (tmp_path / "new").exists()
+
+
+def test_failure_keeps_older_outputs_with_force(tmp_path: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(demo, ["--out", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(demo, ["--out", str(tmp_path), "--force", "--fail"]).exit_code == 1
+    assert (tmp_path / "report.json").exists()
