@@ -21,7 +21,7 @@ from torch import nn
 from odekit import __version__
 from odekit.errors import CheckpointError, InputFileError, OdekitError, UsageError
 from odekit.models.registry import architecture, build_model, require_num_classes
-from odekit.writers.atomic import atomic_write_with
+from odekit.writers.atomic import atomic_write_bytes, atomic_write_with
 
 META_KEY = "odekit"
 TORCHSCRIPT_META_FILE = "odekit_meta.json"
@@ -348,4 +348,4 @@ def save_torchscript(
     extra = {TORCHSCRIPT_META_FILE: meta.to_json()} if meta is not None else {}
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer, _extra_files=extra)
-    return atomic_write_with(path, lambda tmp: tmp.write_bytes(buffer.getvalue()), force)
+    return atomic_write_bytes(path, buffer.getvalue(), force)

@@ -130,7 +130,8 @@ class FrequentDirections:
             return
         s, vh = _wide_svd(self._buf[: self._filled])
         sq = s.pow(2)
-        delta = float(sq[ell - 1]) if sq.shape[0] >= ell else 0.0
+        # with dim <= ell the sketch can hold the whole row space: no shrink, exact
+        delta = float(sq[ell - 1]) if sq.shape[0] >= ell and self.dim > ell else 0.0
         keep = min(ell - 1, sq.shape[0]) if delta > 0 else min(ell, sq.shape[0])
         shrunk = (sq[:keep] - delta).clamp_min(0.0).sqrt()
         self._buf.zero_()

@@ -91,7 +91,12 @@ class ChainModel:
         self.model = model
         self.input_shape = tuple(input_shape)
         self.chain = _chain(model)
-        self.summary = layer_table(model, self.input_shape)
+        was_training = model.training
+        model.eval()  # layer_table's FLOP count runs a forward pass: keep BatchNorm statistics frozen
+        try:
+            self.summary = layer_table(model, self.input_shape)
+        finally:
+            model.train(was_training)
         self._verify()
         # chain position of every compute layer that is itself a chain element
         names = {name: pos for pos, (name, _) in enumerate(self.chain)}
@@ -245,7 +250,7 @@ class ASNetSettings:
     degree: int = 2
     ridge: float = 0.0
     finetune_epochs: int = 0
-    lr: float = 1e-3
+    lr: float = 1e-4
     beta: float = 0.1
     sparse: bool = False
     l1: float = 1e-4
@@ -709,11 +714,11 @@ def build_asnet_from_teacher(
     post_cost = _cost(post, tuple(cut.out_shape))
     example = data.test.x[:1]
     batch = data.test.x[: min(len(data.test), 128)]
-    latency = {
-        "teacher_ms_batch1": measure_latency_ms(teacher, example, device),
-        "asnet_ms_batch1": measure_latency_ms(asnet, example, device),
-        f"teacher_ms_batch{len(batch)}": measure_latency_ms(teacher, batch, device, repeats=10),
-        f"asnet_ms_batch{len(batch)}": measure_latency_ms(asnet, batch, device, repeats=10),
+    latency = {  # median wall-clock ms per forward pass on this device
+        "teacher_ms_batch1": measure_latency_ms(teacher, example, device, warmup=3, repeats=20),
+        "asnet_ms_batch1": measure_latency_ms(asnet, example, device, warmup=3, repeats=20),
+        f"teacher_ms_batch{len(batch)}": measure_latency_ms(teacher, batch, device, warmup=2, repeats=5),
+        f"asnet_ms_batch{len(batch)}": measure_latency_ms(asnet, batch, device, warmup=2, repeats=5),
     }
     asnet_entry = {"accuracy": acc_after, "accuracy_before_finetune": acc_before, **asnet_cost}
     if settings.sparse:

@@ -40,7 +40,7 @@ DEFAULT_U_SET = (0.5, 1.0)
 MAX_REDRAWS = 1000
 
 
-def _check_u(u: float, what: str) -> None:
+def check_u(u: float, what: str) -> None:
     if not (math.isfinite(u) and 0.0 < u <= 1.0):
         raise UsageError(f"{what} must lie in (0, 1], got {u}", "RK2(u) needs 0 < u <= 1 (0.5 midpoint, 1 Heun)")
 
@@ -60,13 +60,13 @@ class RegimeSettings:
     def __post_init__(self) -> None:
         kind = REGIMES.entry(self.kind).name
         object.__setattr__(self, "kind", kind)
-        _check_u(self.u, "--u")
+        check_u(self.u, "--u")
         u_set = tuple(float(v) for v in self.u_set) or (DEFAULT_U_SET if kind in ("switching", "ensembling") else ())
         for value in u_set:
-            _check_u(value, "every value of --u-set")
+            check_u(value, "every value of --u-set")
         object.__setattr__(self, "u_set", u_set)
         mean = self.u if self.u_mean is None else float(self.u_mean)
-        _check_u(mean, "--u-mean")
+        check_u(mean, "--u-mean")
         object.__setattr__(self, "u_mean", mean)
         if not (math.isfinite(self.u_std) and self.u_std >= 0):
             raise UsageError(f"--u-std must be a finite number >= 0, got {self.u_std}", "the thesis uses 0.0125")
@@ -279,6 +279,19 @@ def evaluate_cnf(model: CNF, x: Tensor, device: torch.device, batch_size: int = 
     if not math.isfinite(nll):
         raise NumericalError("the test log-likelihood is not finite", "lower --lr or tighten --rtol/--atol")
     return {"test_nll": nll, "bits_per_dim": nll / (model.dim * math.log(2)), "nfe_per_forward": nfe / max(batches, 1)}
+
+
+@torch.no_grad()
+def density_grid(model: CNF, points: Tensor, device: torch.device, size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """log p(x) of ``model`` on a size x size grid covering ``points`` (for the density plot)."""
+    lo = float(points.min()) - 0.5
+    hi = float(points.max()) + 0.5
+    axis = torch.linspace(lo, hi, size)
+    gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    model.eval()
+    log_p = torch.cat([model.log_prob(grid[i : i + 1024].to(device)).cpu() for i in range(0, len(grid), 1024)])
+    return gx.numpy(), gy.numpy(), log_p.reshape(size, size).numpy()
 
 
 StopRule = Callable[[dict[str, float]], bool]

@@ -121,7 +121,7 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             if after_step is not None:
-                after_step(model, scheduler.get_last_lr()[0])
+                after_step(model, float(scheduler.get_last_lr()[0]))
             scheduler.step()
             total += float(loss.detach()) * len(y)
             seen += len(y)

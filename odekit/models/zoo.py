@@ -43,7 +43,7 @@ def mlp(
 
 
 @register_arch("lenet300", "LeNet-300-100 (LeCun et al. 1998), 28x28 inputs", (1, 28, 28))
-def lenet300(num_classes: int = 10, in_features: int = 784) -> nn.Sequential:
+def lenet300(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     return mlp(in_features, (300, 100), num_classes, "relu")
 
 

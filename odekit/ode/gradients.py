@@ -164,13 +164,18 @@ class _ANODE(torch.autograd.Function):
                     targets.pop(0)
 
         outs, _, res = forward_solve(prob, z0, record_steps=True, on_accept=on_accept)
-        ctx.prob, ctx.ckpts, ctx.plan = prob, ckpts, res.steps
+        ctx.prob, ctx.plan = prob, res.steps
+        ctx.ckpt_meta = [(i, t) for i, t, _ in ckpts]
+        # Saved through save_for_backward so saved-tensor hooks (offloading, memory
+        # accounting) see them.
+        ctx.save_for_backward(*[y for _, _, y in ckpts])
         return torch.stack([z0, *outs])
 
     @staticmethod
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
-        ckpts, plan, times, f = ctx.ckpts, ctx.plan, prob.times, prob.f
+        ckpts = [(i, t, y) for (i, t), y in zip(ctx.ckpt_meta, ctx.saved_tensors, strict=True)]
+        plan, times, f = ctx.plan, prob.times, prob.f
         params = prob.params
         direction = 1.0 if times[-1] > times[0] else -1.0
 
@@ -216,14 +221,14 @@ class _IRDM(torch.autograd.Function):
         nodes, weights = chebyshev_lobatto(t0, t_end, prob.cheb_nodes)
         # Node values come from the dense output of the accepted steps: no extra f calls.
         outs, ext, _ = forward_solve(prob, z0, extra_times=nodes[1:].tolist())
-        ctx.prob = prob
-        ctx.interp = BarycentricInterpolant(nodes, weights, torch.stack([z0, *ext]))
+        ctx.prob, ctx.nodes, ctx.weights = prob, nodes, weights
+        ctx.save_for_backward(torch.stack([z0, *ext]))
         return torch.stack([z0, *outs])
 
     @staticmethod
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
-        interp: BarycentricInterpolant = ctx.interp
+        interp = BarycentricInterpolant(ctx.nodes, ctx.weights, ctx.saved_tensors[0])
         params, times, f = prob.params, prob.times, prob.f
         n_norm = 1 if prob.seminorm else 1 + len(params)
 

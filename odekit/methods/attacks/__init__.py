@@ -53,6 +53,29 @@ from odekit.methods.attacks.universal import (
     UAPSettings,
 )
 
+# registration order is the order of --method choices and help texts
+ATTACKS.add(
+    "active-subspace",
+    ActiveSubspaceAttack,
+    "universal: recursive active-subspace direction (thesis Algorithm 4)",
+)
+ATTACKS.add(
+    "uap", UAPAttack, "universal: UAP (Moosavi-Dezfooli et al. 2017), DeepFool steps accumulated"
+)
+ATTACKS.add(
+    "random", RandomAttack, "universal baseline: Gaussian direction scaled to the budget norm"
+)
+ATTACKS.add("fgsm", FGSMAttack, "per-sample: fast gradient (sign) method, one step")
+ATTACKS.add("pgd", PGDAttack, "per-sample: projected gradient descent, random start, restarts")
+ATTACKS.add(
+    "deepfool", DeepFoolAttack, "per-sample: DeepFool minimal perturbation, restricted to eps"
+)
+ATTACKS.add(
+    "adef",
+    ADefAttack,
+    "per-sample: ADef adversarial deformation (smooth vector field), T-norm budget",
+)
+
 __all__ = [
     "ATTACKS",
     "BACKENDS",

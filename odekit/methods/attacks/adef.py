@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UnsupportedModelError, UsageError
-from odekit.methods.attacks.base import ATTACKS, PerSampleAttack, PerSampleSettings, check_positive
+from odekit.methods.attacks.base import PerSampleAttack, PerSampleSettings, check_positive
 
 
 def deform(x: Tensor, tau: Tensor) -> Tensor:
@@ -30,7 +30,9 @@ def deform(x: Tensor, tau: Tensor) -> Tensor:
     sx = 2.0 / max(w - 1, 1)
     sy = 2.0 / max(h - 1, 1)
     grid = torch.stack((gx + tau[:, 0] * sx, gy + tau[:, 1] * sy), dim=-1)
-    return F.grid_sample(x, grid.expand(b, h, w, 2), mode="bilinear", padding_mode="border", align_corners=True)
+    return F.grid_sample(
+        x, grid.expand(b, h, w, 2), mode="bilinear", padding_mode="border", align_corners=True
+    )
 
 
 def t_norm(tau: Tensor) -> Tensor:
@@ -80,7 +82,6 @@ class ADefSettings(PerSampleSettings):
             raise UsageError(f"candidates must be an integer >= 2, got {self.candidates}")
 
 
-@ATTACKS.register("adef", "per-sample: ADef adversarial deformation (smooth vector field), T-norm budget")
 class ADefAttack(PerSampleAttack):
     name = "adef"
     settings_type = ADefSettings
@@ -89,9 +90,13 @@ class ADefAttack(PerSampleAttack):
     def norm_label(self) -> str:
         return "T"
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         if x.dim() != 4:
-            raise UnsupportedModelError("adef deforms images (batch, channels, height, width)", "use an image model")
+            raise UnsupportedModelError(
+                "adef deforms images (batch, channels, height, width)", "use an image model"
+            )
         s = self.settings
         check_positive("eps", eps, "for adef eps is the largest displacement (T-norm) in pixels")
         b = len(x)
@@ -117,10 +122,14 @@ class ADefAttack(PerSampleAttack):
                 ref_logit = logits[rows, ref]
                 f = torch.stack([logits[rows, others[:, j]] - ref_logit for j in range(k - 1)], 1)
                 grads = [
-                    torch.autograd.grad(f[:, j].sum(), xd, retain_graph=j < k - 2)[0] for j in range(k - 1)
+                    torch.autograd.grad(f[:, j].sum(), xd, retain_graph=j < k - 2)[0]
+                    for j in range(k - 1)
                 ]
             gw, gh = torch.gradient(xd.detach(), dim=(3, 2))  # image gradient along width, height
-            best_step, best_size = torch.zeros_like(tau), torch.full((b,), float("inf"), device=x.device)
+            best_step, best_size = (
+                torch.zeros_like(tau),
+                torch.full((b,), float("inf"), device=x.device),
+            )
             for j, g in enumerate(grads):
                 field = torch.stack(((g * gw).sum(1), (g * gh).sum(1)), 1)  # (B, 2, H, W)
                 smooth = gaussian_smooth(field, s.sigma)
@@ -130,13 +139,17 @@ class ADefAttack(PerSampleAttack):
                 better = size < best_size
                 best_step = torch.where(better.view(-1, 1, 1, 1), step, best_step)
                 best_size = torch.where(better, size, best_size)
-            tau = tau + torch.where(active.view(-1, 1, 1, 1), best_step, torch.zeros_like(best_step))
+            tau = tau + torch.where(
+                active.view(-1, 1, 1, 1), best_step, torch.zeros_like(best_step)
+            )
             # stop growing a field once it is far beyond the budget: it cannot count anyway
             active &= t_norm((1.0 + s.overshoot) * tau) <= 4 * eps
         tau = (1.0 + s.overshoot) * tau
         return deform(x, tau).detach(), t_norm(tau)
 
-    def restrict(self, x: Tensor, x_adv: Tensor, eps: float, size: Tensor | None) -> tuple[Tensor, Tensor]:
+    def restrict(
+        self, x: Tensor, x_adv: Tensor, eps: float, size: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """A deformation beyond the T-norm budget does not count: keep the clean sample there."""
         assert size is not None
         ok = size <= eps * (1 + 1e-6)

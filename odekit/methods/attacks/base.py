@@ -37,7 +37,9 @@ def predict_on(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=dev)
 
 
-def fooling_rate(model: nn.Module, x: Tensor, v: Tensor, clean_pred: Tensor, batch_size: int = 512) -> float:
+def fooling_rate(
+    model: nn.Module, x: Tensor, v: Tensor, clean_pred: Tensor, batch_size: int = 512
+) -> float:
     """Eq. 6.37: fraction of samples whose prediction changes under x + v (clipped to the box)."""
     if len(x) == 0:
         return float("nan")
@@ -59,7 +61,9 @@ class UniversalSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", parse_norm(self.norm))
-        check_positive("delta", self.delta, "delta is the perturbation norm bound in [0, 1] pixel units")
+        check_positive(
+            "delta", self.delta, "delta is the perturbation norm bound in [0, 1] pixel units"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,9 @@ class UniversalAttack(Attack):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         synchronize(dev)
         start = time.perf_counter()
-        v, iterations, history, extra = self.run(model, x_fit, clean, generator, batch_size, progress)
+        v, iterations, history, extra = self.run(
+            model, x_fit, clean, generator, batch_size, progress
+        )
         v = self.finalize(v.to(dev))
         synchronize(dev)
         seconds = time.perf_counter() - start
@@ -196,7 +202,11 @@ class PerSampleAttack(Attack):
         synchronize(dev)
         start = time.perf_counter()
         starts = range(0, len(x), batch_size)
-        iterator = progress.track(starts, len(starts), f"{self.name} eps={eps:.4g}") if progress else starts
+        iterator = (
+            progress.track(starts, len(starts), f"{self.name} eps={eps:.4g}")
+            if progress
+            else starts
+        )
         for i in iterator:
             xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
             x_adv, size = self.run(model, xb, yb, eps, generator)
@@ -207,7 +217,9 @@ class PerSampleAttack(Attack):
         seconds = time.perf_counter() - start
         return PerSampleResult(torch.cat(advs), torch.cat(sizes), seconds, extra)
 
-    def restrict(self, x: Tensor, x_adv: Tensor, eps: float, size: Tensor | None) -> tuple[Tensor, Tensor]:
+    def restrict(
+        self, x: Tensor, x_adv: Tensor, eps: float, size: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """Clip to the box and project onto the eps ball (minimal-norm attacks may overshoot)."""
         delta = project(x_adv.clamp(0.0, 1.0) - x, self.settings.norm, eps)
         x_adv = apply_perturbation(x, delta)

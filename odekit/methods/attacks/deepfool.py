@@ -6,7 +6,9 @@ import torch
 from torch import Tensor, nn
 
 
-def _candidate_grads(model: nn.Module, x: Tensor, ref: Tensor, classes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _candidate_grads(
+    model: nn.Module, x: Tensor, ref: Tensor, classes: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """logits (B, K), f_k = logit_k - logit_ref (B, C-1) and their input gradients (B, C-1, ...)."""
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -56,10 +58,8 @@ def deepfool(
         if bool(done.all()):
             break
         flat = g.reshape(g.shape[0], g.shape[1], -1)
-        if norm == "2":
-            gnorm = flat.norm(dim=2) + 1e-8
-        else:
-            gnorm = flat.abs().sum(dim=2) + 1e-8
+        # l2 distance uses ||w||_2, linf uses the dual norm ||w||_1
+        gnorm = (flat.norm(dim=2) if norm == "2" else flat.abs().sum(dim=2)) + 1e-8
         dist = f.abs() / gnorm
         best = dist.argmin(1)
         rows = torch.arange(len(x), device=x.device)

@@ -11,7 +11,9 @@ from odekit.methods.attacks.base import predict_on
 from odekit.methods.attacks.space import apply_perturbation
 
 
-def evaluate_adversarial(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, batch_size: int = 512) -> dict[str, float]:
+def evaluate_adversarial(
+    model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, batch_size: int = 512
+) -> dict[str, float]:
     """clean_accuracy, robust_accuracy (true labels) and fooling_rate (prediction changed)."""
     clean = predict_on(model, x, batch_size)
     adv = predict_on(model, x_adv, batch_size)
@@ -23,7 +25,9 @@ def evaluate_adversarial(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, 
     }
 
 
-def evaluate_universal(model: nn.Module, x: Tensor, y: Tensor, v: Tensor, batch_size: int = 512) -> dict[str, float]:
+def evaluate_universal(
+    model: nn.Module, x: Tensor, y: Tensor, v: Tensor, batch_size: int = 512
+) -> dict[str, float]:
     """`evaluate_adversarial` for x + v clipped to the box."""
     return evaluate_adversarial(model, x, y, apply_perturbation(x, v.to(x.device)), batch_size)
 
@@ -47,19 +51,20 @@ class TransferMatrix:
 
 
 def transfer_matrix(
-    models: list[tuple[str, nn.Module]],
+    sources: list[tuple[str, nn.Module]],
+    targets: list[tuple[str, nn.Module]],
     generate: Callable[[nn.Module], Tensor],
     x: Tensor,
     y: Tensor,
     batch_size: int = 512,
 ) -> TransferMatrix:
     """``generate(source)`` returns attacked inputs for ``x`` (a universal vector already applied,
-    or per-sample adversarial examples); every model scores every source's inputs."""
+    or per-sample adversarial examples); every target scores every source's inputs. With the
+    same models as sources and targets the diagonal is the white-box result."""
     fool, robust = [], []
-    for _, source in models:
-        x_adv = generate(source)
-        rows = [evaluate_adversarial(target, x, y, x_adv.to(x.device), batch_size) for _, target in models]
+    for _, source in sources:
+        x_adv = generate(source).to(x.device)
+        rows = [evaluate_adversarial(target, x, y, x_adv, batch_size) for _, target in targets]
         fool.append([r["fooling_rate"] for r in rows])
         robust.append([r["robust_accuracy"] for r in rows])
-    names = [n for n, _ in models]
-    return TransferMatrix(names, list(names), fool, robust)
+    return TransferMatrix([n for n, _ in sources], [n for n, _ in targets], fool, robust)

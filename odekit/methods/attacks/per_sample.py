@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UsageError
-from odekit.methods.attacks.base import ATTACKS, PerSampleAttack, PerSampleSettings, check_positive
+from odekit.methods.attacks.base import PerSampleAttack, PerSampleSettings, check_positive
 from odekit.methods.attacks.deepfool import deepfool
 from odekit.methods.attacks.space import lp_norms, project
 
@@ -63,12 +63,13 @@ class FGSMSettings(PerSampleSettings):
         object.__setattr__(self, "backend", _check_backend(self.backend))
 
 
-@ATTACKS.register("fgsm", "per-sample: fast gradient (sign) method, one step")
 class FGSMAttack(PerSampleAttack):
     name = "fgsm"
     settings_type = FGSMSettings
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> tuple[Tensor, None]:
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator
+    ) -> tuple[Tensor, None]:
         s = self.settings
         if s.backend == "foolbox":
             import foolbox as fb
@@ -106,7 +107,11 @@ class PGDSettings(PerSampleSettings):
 
     @property
     def rel_step(self) -> float:
-        return self.rel_stepsize if self.rel_stepsize is not None else (0.01 / 0.3 if self.norm == "inf" else 0.025)
+        return (
+            self.rel_stepsize
+            if self.rel_stepsize is not None
+            else (0.01 / 0.3 if self.norm == "inf" else 0.025)
+        )
 
 
 def _random_in_ball(x: Tensor, norm: str, eps: float, generator: torch.Generator) -> Tensor:
@@ -121,12 +126,13 @@ def _random_in_ball(x: Tensor, norm: str, eps: float, generator: torch.Generator
     return (direction * radius).reshape(x.shape).to(x.device)
 
 
-@ATTACKS.register("pgd", "per-sample: projected gradient descent, random start, restarts")
 class PGDAttack(PerSampleAttack):
     name = "pgd"
     settings_type = PGDSettings
 
-    def _once(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> Tensor:
+    def _once(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator
+    ) -> Tensor:
         s = self.settings
         if s.backend == "foolbox":
             import foolbox as fb
@@ -134,7 +140,9 @@ class PGDAttack(PerSampleAttack):
             cls = fb.attacks.LinfPGD if s.norm == "inf" else fb.attacks.L2PGD
             attack = cls(rel_stepsize=s.rel_step, steps=s.n_steps, random_start=s.random_start)
             return _foolbox_run(model, attack, x, y, eps)
-        delta = _random_in_ball(x, s.norm, eps, generator) if s.random_start else torch.zeros_like(x)
+        delta = (
+            _random_in_ball(x, s.norm, eps, generator) if s.random_start else torch.zeros_like(x)
+        )
         x_adv = (x + delta).clamp(0.0, 1.0)
         step = s.rel_step * eps
         for _ in range(s.n_steps):
@@ -142,7 +150,9 @@ class PGDAttack(PerSampleAttack):
             x_adv = (x + project(x_adv - x, s.norm, eps)).clamp(0.0, 1.0)
         return x_adv
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> tuple[Tensor, None]:
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator
+    ) -> tuple[Tensor, None]:
         best = self._once(model, x, y, eps, generator)
         for _ in range(self.settings.restarts - 1):
             with torch.no_grad():
@@ -174,12 +184,13 @@ class DeepFoolSettings(PerSampleSettings):
             raise UsageError(f"overshoot must be >= 0, got {self.overshoot}")
 
 
-@ATTACKS.register("deepfool", "per-sample: DeepFool minimal perturbation, restricted to eps")
 class DeepFoolAttack(PerSampleAttack):
     name = "deepfool"
     settings_type = DeepFoolSettings
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator) -> tuple[Tensor, None]:
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator
+    ) -> tuple[Tensor, None]:
         s = self.settings
         if s.backend == "foolbox":
             import foolbox as fb
@@ -189,5 +200,14 @@ class DeepFoolAttack(PerSampleAttack):
             return _foolbox_run(model, attack, x, y, eps), None
         with torch.no_grad():
             pred = model(x).argmax(1)
-        r = deepfool(model, x, pred, norm=s.norm, steps=s.steps, overshoot=s.overshoot, candidates=s.candidates, labels=y)
+        r = deepfool(
+            model,
+            x,
+            pred,
+            norm=s.norm,
+            steps=s.steps,
+            overshoot=s.overshoot,
+            candidates=s.candidates,
+            labels=y,
+        )
         return x + r, None

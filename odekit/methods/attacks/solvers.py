@@ -40,7 +40,9 @@ def parse_solver_spec(text: str) -> SolverSpec:
     except ValueError as exc:
         raise UsageError(f"cannot read solver spec '{text}'", hint) from exc
     if not spec.adaptive and steps is None:
-        raise UsageError(f"fixed-step solver '{spec.name}' needs a number of steps in '{text}'", hint)
+        raise UsageError(
+            f"fixed-step solver '{spec.name}' needs a number of steps in '{text}'", hint
+        )
     return SolverSpec(spec.name, steps, u)
 
 
@@ -48,7 +50,9 @@ def ode_blocks(model: nn.Module) -> list[ODEBlock]:
     return [m for m in model.modules() if isinstance(m, ODEBlock)]
 
 
-def with_solver(model: nn.Module, spec: SolverSpec | None, role: str = "--attack-solver") -> nn.Module:
+def with_solver(
+    model: nn.Module, spec: SolverSpec | None, role: str = "--attack-solver"
+) -> nn.Module:
     """A copy of ``model`` whose ODE blocks integrate with ``spec`` (``model`` itself for None)."""
     if spec is None:
         return model

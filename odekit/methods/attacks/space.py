@@ -14,7 +14,14 @@ from odekit.errors import DataError, UnsupportedModelError, UsageError
 from odekit.io.datasets import Dataset
 
 NORMS = ("2", "inf")
-_NORM_ALIASES = {"2": "2", "l2": "2", "inf": "inf", "linf": "inf", "l_inf": "inf", "infinity": "inf"}
+_NORM_ALIASES = {
+    "2": "2",
+    "l2": "2",
+    "inf": "inf",
+    "linf": "inf",
+    "l_inf": "inf",
+    "infinity": "inf",
+}
 BOUNDS_TOL = 1e-4  # round-off of normalise/denormalise; anything larger is a real violation
 
 
@@ -116,14 +123,21 @@ def check_differentiable(model: nn.Module, x: Tensor) -> None:
         with torch.enable_grad():
             out = model(probe)
     except RuntimeError as exc:
-        raise UnsupportedModelError(f"the model failed on the data ({str(exc).splitlines()[0][:160]})", hint) from exc
+        raise UnsupportedModelError(
+            f"the model failed on the data ({str(exc).splitlines()[0][:160]})", hint
+        ) from exc
     if not isinstance(out, Tensor) or out.dim() != 2 or not out.is_floating_point():
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise UnsupportedModelError(f"the model must return float logits of shape (batch, classes), got {shape}", hint)
+        raise UnsupportedModelError(
+            f"the model must return float logits of shape (batch, classes), got {shape}", hint
+        )
     if not out.requires_grad:
-        raise UnsupportedModelError("the model's output is not differentiable with respect to its input", hint)
+        raise UnsupportedModelError(
+            "the model's output is not differentiable with respect to its input", hint
+        )
     (grad,) = torch.autograd.grad(out.sum(), probe, allow_unused=True)
     if grad is None or not bool(torch.isfinite(grad).all()) or float(grad.abs().max()) == 0.0:
         raise UnsupportedModelError(
-            "the model's output has no usable gradient with respect to its input (zero, NaN or detached)", hint
+            "the model's output has no usable gradient with respect to its input (zero, NaN or detached)",
+            hint,
         )

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from odekit.errors import NumericalError, UsageError
 from odekit.linalg import dominant_direction
 from odekit.methods.attacks.base import (
-    ATTACKS,
     UniversalAttack,
     UniversalSettings,
     check_positive,
@@ -47,7 +46,9 @@ class ActiveSubspaceSettings(UniversalSettings):
         if self.s0 is not None:
             check_positive("s0", self.s0, "s0 is the first step length tried, in pixel units")
         if not 0.0 < self.gamma < 1.0:
-            raise UsageError(f"gamma must lie in (0, 1), got {self.gamma}", "the thesis uses gamma = 0.5")
+            raise UsageError(
+                f"gamma must lie in (0, 1), got {self.gamma}", "the thesis uses gamma = 0.5"
+            )
         _check_int("backtrack", self.backtrack, 1)
         _check_int("alpha", self.alpha, 0)
         _check_int("max-iter", self.max_iter, 1)
@@ -57,7 +58,6 @@ class ActiveSubspaceSettings(UniversalSettings):
         return self.s0 if self.s0 is not None else 2.0 * self.delta
 
 
-@ATTACKS.register("active-subspace", "universal: recursive active-subspace direction (thesis Algorithm 4)")
 class ActiveSubspaceAttack(UniversalAttack):
     name = "active-subspace"
     settings_type = ActiveSubspaceSettings
@@ -65,9 +65,9 @@ class ActiveSubspaceAttack(UniversalAttack):
     def _direction(self, model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
         """Dominant eigenvector of E[grad c grad c^T] with c = cross-entropy against ``target``."""
         grads = [
-            per_sample_input_grads(model, x[i : i + batch_size], target[i : i + batch_size]).reshape(
-                min(batch_size, len(x) - i), -1
-            )
+            per_sample_input_grads(
+                model, x[i : i + batch_size], target[i : i + batch_size]
+            ).reshape(min(batch_size, len(x) - i), -1)
             for i in range(0, len(x), batch_size)
         ]
         d = dominant_direction(torch.cat(grads)).reshape(x.shape[1:])
@@ -130,7 +130,8 @@ class ActiveSubspaceAttack(UniversalAttack):
 @dataclass(frozen=True)
 class UAPSettings(UniversalSettings):
     """Moosavi-Dezfooli et al. 2017: passes over the data, DeepFool on still-unfooled samples,
-    accumulate and project; stop at ``target_fooling`` or after ``max_passes`` (thesis: 10)."""
+    accumulate and project; stop at ``target_fooling`` or after ``max_passes`` (thesis: 10).
+    DeepFool runs in chunks of ``chunk`` samples at the current v (v is updated between chunks)."""
 
     max_passes: int = 10
     target_fooling: float = 0.8
@@ -151,7 +152,6 @@ class UAPSettings(UniversalSettings):
             raise UsageError(f"overshoot must be >= 0, got {self.overshoot}")
 
 
-@ATTACKS.register("uap", "universal: UAP (Moosavi-Dezfooli et al. 2017), DeepFool steps accumulated")
 class UAPAttack(UniversalAttack):
     name = "uap"
     settings_type = UAPSettings
@@ -167,6 +167,7 @@ class UAPAttack(UniversalAttack):
     ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
         s = self.settings
         v = torch.zeros_like(x[0])
+        best_v, best_rate = v.clone(), 0.0
         history: list[float] = []
         passes = 0
         bar = silent_if_none(progress)
@@ -183,22 +184,32 @@ class UAPAttack(UniversalAttack):
                 if not bool(todo.any()):
                     continue
                 r = deepfool(
-                    model, xv[todo], clean[idx][todo], norm=s.norm, steps=s.df_steps,
-                    overshoot=s.overshoot, candidates=s.candidates,
+                    model,
+                    xv[todo],
+                    clean[idx][todo],
+                    norm=s.norm,
+                    steps=s.df_steps,
+                    overshoot=s.overshoot,
+                    candidates=s.candidates,
                 )
                 with torch.no_grad():
-                    fooled = predict_on(model, apply_perturbation(xv[todo], r), batch_size) != clean[idx][todo]
+                    fooled = (
+                        predict_on(model, apply_perturbation(xv[todo], r), batch_size)
+                        != clean[idx][todo]
+                    )
                 for dr in r[fooled]:
                     v = self.project(v + dr)
             rate = fooling_rate(model, x, v, clean, batch_size)
             history.append(rate)
+            if rate > best_rate:
+                best_v, best_rate = v.clone(), rate
             bar.update(fooling=round(rate, 4))
             if rate >= s.target_fooling:
                 break
-        return v, passes, history, {}
+        # projected accumulation can oscillate between passes; return the best pass's vector
+        return best_v, passes, history, {}
 
 
-@ATTACKS.register("random", "universal baseline: Gaussian direction scaled to the budget norm")
 class RandomAttack(UniversalAttack):
     name = "random"
     settings_type = UniversalSettings
