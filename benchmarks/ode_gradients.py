@@ -239,7 +239,7 @@ def pretrain(model: nn.Module, batch, iters: int, lr: float) -> float:
         loss = model.loss(batch, lambda f, z0: odeint(f, z0, t, rtol=1e-4, atol=1e-4).z[-1])
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def run_case(name: str, model: nn.Module, batch, rtol: float, atol: float, reps: int,

@@ -18,7 +18,12 @@ import torch
 from odekit.io.checkpoints import save_model
 from odekit.io.datasets import load_dataset
 from odekit.methods.evaluation import model_cost
-from odekit.methods.ode_train import ODETrainSettings, RegimeSettings, ode_checkpoint_meta, train_ode_classifier
+from odekit.methods.ode_train import (
+    ODETrainSettings,
+    RegimeSettings,
+    ode_checkpoint_meta,
+    train_ode_classifier,
+)
 from odekit.models import build_model
 from odekit.ode import SolverConfig
 

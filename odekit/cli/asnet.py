@@ -47,7 +47,7 @@ EPILOG = """Examples:
 
   odekit asnet checkpoints/vgg11_digits.safetensors --cut 4 --rank 10 --finetune 5 -o runs/asnet4
 
-  odekit asnet checkpoints/lenet5_digits.safetensors --cut 2 --rank auto --finetune 5 --sparse --l1 1e-4
+  odekit asnet checkpoints/lenet5_digits.safetensors --cut 2 --rank auto --finetune 5 --sparse --l1 2
 
   odekit attack runs/asnet4/asnet.safetensors ...   (the ASNet is an ordinary odekit checkpoint)
 
@@ -127,7 +127,10 @@ def asnet_command(
     sparse: Annotated[
         bool, typer.Option("--sparse", help="ASNet-s: L1 proximal step after every update (eq. 6.29).", rich_help_panel=ASNET)
     ] = False,
-    l1: Annotated[float, typer.Option("--l1", help="L1 weight lambda of --sparse.", rich_help_panel=ASNET)] = 1e-4,
+    l1: Annotated[
+        float,
+        typer.Option("--l1", help="L1 weight lambda of --sparse (each step shrinks weights by lr x lambda).", rich_help_panel=ASNET),
+    ] = 1.0,
     baselines: Annotated[
         bool,
         typer.Option(
@@ -135,6 +138,10 @@ def asnet_command(
             help="Logistic-regression and PCA baselines (thesis fig. 6.5b).",
             rich_help_panel=ANALYSIS,
         ),
+    ] = True,
+    latency: Annotated[
+        bool,
+        typer.Option("--latency/--no-latency", help="Measure teacher and ASNet latency (median ms).", rich_help_panel=ASNET),
     ] = True,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
@@ -156,7 +163,7 @@ def asnet_command(
     params: dict[str, Any] = {
         "analyze": analyze, "layers": layers, "cut": cut, "rank": rank, "eps": eps, "degree": degree,
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
-        "lr": lr, "sparse": sparse, "l1": l1, "baselines": baselines, "batch_size": batch_size, "data": data,
+        "lr": lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
 
     def body(ctx: CommandContext) -> CommandOutput:
@@ -176,7 +183,7 @@ def asnet_command(
         if cut is not None:
             settings = ASNetSettings(
                 cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, beta=beta,
-                sparse=sparse, l1=l1, baselines=baselines, subspace=sub,
+                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None
         spectrum_path = ctx.path("spectrum.png")

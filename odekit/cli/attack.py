@@ -35,6 +35,7 @@ from odekit.methods.attacks import (
     ATTACKS,
     ActiveSubspaceSettings,
     ADefSettings,
+    Attack,
     DeepFoolSettings,
     FGSMSettings,
     PerSampleAttack,
@@ -127,7 +128,7 @@ class AttackPlan:
     method: str
     norm: str
     budgets: list[float]
-    attack: UniversalAttack | PerSampleAttack
+    attack: Attack
 
     @property
     def universal(self) -> bool:
@@ -536,6 +537,7 @@ def _matrix(
             res = attack(source, x_fit, seed=ctx.seed, batch_size=batch_size, progress=ctx.progress)
             seconds.append(res.seconds)
             return apply_perturbation(x, res.v)
+        assert isinstance(attack, PerSampleAttack)
         res_ps = attack(
             source,
             x,

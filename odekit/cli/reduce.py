@@ -1,15 +1,343 @@
-"""`odekit reduce`: placeholder until its implementation lands."""
+"""`odekit reduce`: reduced-order network (RON) compression of a range of layers (thesis ch. 5)."""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
+import torch
 import typer
 
-from odekit.cli.errors import report_exception
-from odekit.errors import OdekitError
+from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointArg,
+    CommonOptions,
+    DataDirOpt,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOptions,
+    NumClassesOpt,
+    OutOpt,
+    SeedOpt,
+    TrustOpt,
+)
+from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.errors import UnsupportedModelError
+from odekit.io.checkpoints import load_model, save_model
+from odekit.linalg.rank import RANK_RULES
+from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
+from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
+from odekit.methods.training import TrainSettings, train_classifier
+from odekit.models.registry import ARCHITECTURES
+from odekit.writers.plots import new_figure, save_figure
 
-EPILOG = ""
+EPILOG = """Examples:
+
+  odekit reduce checkpoints/lenet300_digits.safetensors --layers 1-3 --rank 40 --finetune 10
+
+  odekit reduce checkpoints/vgg11_digits.safetensors --layers 3-8 --rank vbmf -o runs/ron38
+
+  odekit reduce checkpoints/vgg11_digits.safetensors --layers conv5-conv8 --rank energy:0.99 --oversample 2
+
+  odekit info runs/ron38/student.safetensors   (the student is an ordinary odekit checkpoint)
+
+The layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
+V_k c_k with V_k from a streaming frequent-directions SVD over the training samples; rectangular
+maxvol picks P_k = ceil(oversample x R_k) rows and the student propagates only those (Algorithm 1,
+eq. 5.14; residual sums eq. 5.16). Rank rules: {rules}; or an integer R.
+Writes student.safetensors, singular_values.png (thesis fig. 5.1), report.json, report.md.
+FLOPs are 2 x multiply-adds per sample; latency is the median of timed forward passes of one
+batch of --latency-batch test inputs after warm-up, on --device.
+"""
+
+EPILOG = EPILOG.format(rules="; ".join(f"{e.name}: {e.description}" for e in RANK_RULES))
+
+RON = "RON options"
 
 
-def reduce_command() -> None:
-    """Not available in this build yet."""
-    raise typer.Exit(report_exception(OdekitError("this command is not available in this build yet"), False))
+def reduce_command(
+    checkpoint: CheckpointArg,
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            help="Contiguous compute layers to reduce: 7-16, conv7-conv16 (see 'odekit info').",
+            show_default=False,
+            rich_help_panel=RON,
+        ),
+    ],
+    rank: Annotated[
+        str,
+        typer.Option(
+            "--rank",
+            help="Embedding size R_k per layer: vbmf | energy:F | factor:F | an integer.",
+            rich_help_panel=RON,
+        ),
+    ] = "vbmf",
+    oversample: Annotated[
+        float,
+        typer.Option(
+            "--oversample",
+            help="Rows sampled per layer: P_k = ceil(oversample x R_k), >= 1.",
+            rich_help_panel=RON,
+        ),
+    ] = 1.5,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples",
+            help="Training samples streamed for the SVDs [default: all].",
+            show_default=False,
+            rich_help_panel=RON,
+        ),
+    ] = None,
+    sketch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--sketch-size",
+            help="Rows of each frequent-directions sketch [default: max(128, 2R), at most D and N].",
+            show_default=False,
+            rich_help_panel=RON,
+        ),
+    ] = None,
+    finetune: Annotated[
+        int,
+        typer.Option(
+            "--finetune",
+            min=0,
+            help="Fine-tuning epochs of the student (Adam, cosine).",
+            rich_help_panel=RON,
+        ),
+    ] = 0,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Fine-tuning learning rate.", rich_help_panel=RON)
+    ] = 1e-3,
+    beta: Annotated[
+        float,
+        typer.Option(
+            "--beta",
+            help="Distillation weight: beta KL(teacher||student) + (1-beta) CE.",
+            rich_help_panel=RON,
+        ),
+    ] = 0.5,
+    latency_batch: Annotated[
+        int,
+        typer.Option(
+            "--latency-batch",
+            min=1,
+            help="Batch size of the latency measurement.",
+            rich_help_panel=RON,
+        ),
+    ] = 256,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchSizeOpt = 256,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
+    common = CommonOptions(
+        device=device, seed=seed, out=out, force=force, json=json_output, debug=debug
+    )
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    params: dict[str, Any] = {
+        "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
+        "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
+        "data": data,
+    }  # fmt: skip
+
+    def body(ctx: CommandContext) -> CommandOutput:
+        settings = RonSettings(
+            layers=layers, rank=rank, oversample=oversample, samples=samples, sketch_size=sketch_size,
+            batch_size=batch_size,
+        )  # fmt: skip
+        train_settings = TrainSettings(
+            epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed
+        )
+        student_path = ctx.path("student.safetensors")
+        plot_path = ctx.path("singular_values.png")
+
+        loaded = load_checkpoint(ctx, model_opts)
+        if loaded.meta.arch not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"the checkpoint's architecture '{loaded.meta.arch}' is not registered, so the student could not be rebuilt",
+                "load it with --arch NAME so odekit knows its architecture",
+            )
+        dataset = load_data(ctx, loaded, data, data_dir)
+        shape = tuple(loaded.input_shape or dataset.input_shape)
+        teacher = loaded.model.to(ctx.device).eval()
+        train = dataset.train.subset(samples, seed=seed)
+        example = dataset.test.x[:latency_batch]
+        if example.shape[0] == 0:
+            example = dataset.train.x[:latency_batch]
+
+        teacher_stats = _stats(teacher, dataset, shape, example, ctx)
+        result = build_student(
+            teacher,
+            loaded.meta.arch,
+            loaded.meta.args,
+            shape,
+            train.x,
+            settings,
+            ctx.device,
+            progress=ctx.progress,
+        )
+        student = result.student.to(ctx.device).eval()
+        acc_before = accuracy(student, dataset.test, device=ctx.device)
+        history: list[dict[str, float]] = []
+        if finetune > 0:
+            hist = train_classifier(
+                student,
+                dataset,
+                train_settings,
+                ctx.device,
+                teacher=teacher if beta > 0 else None,
+                progress=ctx.progress,
+            )
+            history = hist.epochs
+        student.eval()
+        student_stats = _stats(student, dataset, shape, example, ctx)
+        student_stats["accuracy_before_finetune"] = acc_before
+
+        step = {
+            "command": "reduce",
+            "layers": f"{result.first_layer}-{result.last_layer}",
+            "rank": rank,
+            "ranks": result.ranks,
+            "oversample": oversample,
+            "finetune_epochs": finetune,
+            "test_accuracy": student_stats["accuracy"],
+        }
+        meta = loaded.meta.derived(RON_ARCH, result.args, step, source=loaded.sha256)
+        meta.extra = {
+            "test_accuracy": student_stats["accuracy"],
+            "teacher_accuracy": teacher_stats["accuracy"],
+        }
+        save_model(student_path, student, meta, force=ctx.force)
+        reloaded = load_model(student_path).model.to(ctx.device).eval()
+        with torch.no_grad():
+            probe = example[:16].to(ctx.device)
+            reload_diff = float((reloaded(probe) - student(probe)).abs().max())
+        save_figure(
+            _singular_value_figure(result.layers, result.first_layer, result.last_layer),
+            plot_path,
+            force=ctx.force,
+        )
+
+        flop_reduction = teacher_stats["flops"] / max(student_stats["flops"], 1)
+        speedup = teacher_stats["latency_ms"] / max(student_stats["latency_ms"], 1e-9)
+        drop = teacher_stats["accuracy"] - student_stats["accuracy"]
+        results: dict[str, Any] = {
+            "teacher": teacher_stats,
+            "student": student_stats,
+            "flop_reduction": flop_reduction,
+            "param_reduction": teacher_stats["params"] / max(student_stats["params"], 1),
+            "latency_speedup": speedup,
+            "accuracy_drop": drop,
+            "accuracy_drop_points": 100.0 * drop,
+            "ranks": result.ranks,
+            "rows": [layer.rows for layer in result.layers],
+            "layers": [_layer_json(layer) for layer in result.layers],
+            "modified_layers": f"{result.first_layer}-{result.last_layer}",
+            "samples": result.n_samples,
+            "finetune_history": history,
+            "reload_max_abs_diff": reload_diff,
+            "student_checkpoint": str(student_path),
+            "singular_value_plot": str(plot_path),
+            "units": {
+                "accuracy": "fraction in [0, 1]",
+                "flops": "2 x multiply-adds per sample",
+                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}",
+            },
+        }
+        table = ResultTable(
+            "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
+            ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "||V(SV)^+||", "residual energy"],
+            [
+                [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
+                 r.error_factor, r.amplification, r.residual_energy]
+                for r in result.layers
+            ],
+        )  # fmt: skip
+        summary = ResultTable(
+            "Teacher vs student (FLOPs = 2 x MACs per sample)",
+            ["model", "accuracy", "FLOPs", "params", "latency ms"],
+            [
+                [
+                    "teacher",
+                    teacher_stats["accuracy"],
+                    teacher_stats["flops"],
+                    teacher_stats["params"],
+                    teacher_stats["latency_ms"],
+                ],
+                [
+                    "student",
+                    student_stats["accuracy"],
+                    student_stats["flops"],
+                    student_stats["params"],
+                    student_stats["latency_ms"],
+                ],
+            ],
+        )
+        headline = [
+            f"RON layers {result.first_layer}-{result.last_layer}, ranks {result.ranks}: accuracy "
+            f"{100 * student_stats['accuracy']:.2f}% (teacher {100 * teacher_stats['accuracy']:.2f}%, before fine-tuning "
+            f"{100 * acc_before:.2f}%), {flop_reduction:.2f}x fewer FLOPs, latency {speedup:.2f}x faster"
+        ]
+        return CommandOutput(results=results, tables=[table, summary], headline=headline)
+
+    run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+
+
+def _stats(
+    model: torch.nn.Module,
+    dataset: Any,
+    shape: tuple[int, ...],
+    example: torch.Tensor,
+    ctx: CommandContext,
+) -> dict[str, Any]:
+    cost = model_cost(model, shape)
+    return {
+        "accuracy": accuracy(model, dataset.test, device=ctx.device),
+        "flops": cost.flops,
+        "params": cost.params,
+        "storage_mb": cost.storage_mb,
+        "latency_ms": measure_latency_ms(model, example, ctx.device, warmup=5, repeats=30),
+    }
+
+
+def _layer_json(layer: RonLayerReport) -> dict[str, Any]:
+    d = layer.to_dict()
+    d["singular_values_normalized"] = d.pop("singular_values")
+    return d
+
+
+def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) -> Any:
+    fig, axes = new_figure(1, 1, (6.5, 4.2))
+    ax = axes[0][0]
+    for layer in layers:
+        s = [v for v in layer.singular_values if v > 0]
+        if not s:
+            continue
+        label = f"{','.join(layer.layers) or layer.state} (D={layer.dim}, R={layer.rank})"
+        ax.semilogy(range(1, len(s) + 1), s, label=label)
+        if layer.rank <= len(s):
+            ax.plot([layer.rank], [s[layer.rank - 1]], "o", color=ax.lines[-1].get_color())
+    ax.set_xlabel("index i")
+    ax.set_ylabel("sigma_i / sigma_1 (layer outputs, sketch)")
+    ax.set_title(f"Singular values of layer outputs, layers {first}-{last} (dots: chosen rank)")
+    ax.grid(True, which="both", alpha=0.3)
+    if layers:
+        ax.legend(fontsize=8)
+    return fig

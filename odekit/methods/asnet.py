@@ -253,8 +253,9 @@ class ASNetSettings:
     lr: float = 1e-4
     beta: float = 0.1
     sparse: bool = False
-    l1: float = 1e-4
+    l1: float = 1.0
     baselines: bool = True
+    latency: bool = True
     subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
 
     def __post_init__(self) -> None:
@@ -504,70 +505,86 @@ def _standardise_into(linear: nn.Linear, V: Tensor, z_mean: Tensor, z_std: Tenso
     linear.bias.copy_((-z_mean / z_std).to(linear.bias.dtype))
 
 
-def _project_stats(pre: nn.Module, split: Split, W: Tensor, mean: Tensor | None, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Mean and std of z = (x - mean) W over ``split``; W (n_l, r)."""
-    total, total_sq, n = 0.0, 0.0, 0
-    for f, _ in stream_features(pre, split, batch_size, device):
-        f = f.flatten(1).double()
-        z = (f - mean if mean is not None else f) @ W
-        total = total + z.sum(0)
-        total_sq = total_sq + z.pow(2).sum(0)
-        n += z.shape[0]
-    mu = total / n
-    var = (total_sq / n - mu.pow(2)).clamp_min(0.0)  # type: ignore[operator]
-    return mu, var.sqrt().clamp_min(1e-8)  # type: ignore[union-attr]
+@dataclass
+class Projection:
+    """Small per-sample matrices from one streamed pass: z = (x - center) W for each
+    projection, teacher logits, labels, and (capped) raw features for the LR baseline."""
+
+    z: dict[str, Tensor]
+    logits: Tensor | None
+    labels: Tensor
+    features: np.ndarray | None
+
+
+@torch.no_grad()
+def project(
+    pre: nn.Module,
+    split: Split,
+    maps: dict[str, tuple[Tensor, Tensor | None]],
+    batch_size: int,
+    device: torch.device,
+    post: nn.Module | None = None,
+    sketch: FrequentDirections | None = None,
+    center: Tensor | None = None,
+    keep_features: int = 0,
+) -> Projection:
+    """One pass of the pre-model over ``split``. ``maps`` name -> (W (n_l, r), center or None);
+    ``post`` adds the teacher's logits; ``sketch`` receives the rows x - ``center`` (PCA)."""
+    zs: dict[str, list[Tensor]] = {name: [] for name in maps}
+    logits, labels, feats, kept = [], [], [], 0
+    if post is not None:
+        post.eval()
+    for f, y in stream_features(pre, split, batch_size, device):
+        flat = f.flatten(1).double()
+        for name, (W, c) in maps.items():
+            zs[name].append(((flat - c if c is not None else flat) @ W).cpu())
+        if post is not None:
+            logits.append(post(f).double().cpu())
+        if sketch is not None:
+            sketch.update(flat - center if center is not None else flat)
+        if kept < keep_features:
+            feats.append(flat[: keep_features - kept].float().cpu().numpy())
+            kept += len(feats[-1])
+        labels.append(y.cpu())
+    return Projection(
+        {name: torch.cat(v) for name, v in zs.items()},
+        torch.cat(logits) if logits else None,
+        torch.cat(labels),
+        np.concatenate(feats) if feats else None,
+    )
+
+
+def _chunks(*tensors: Tensor, size: int = 4096) -> Iterator[tuple[Tensor, ...]]:
+    n = tensors[0].shape[0]
+    for i in range(0, n, size):
+        yield tuple(t[i : i + size] for t in tensors)
 
 
 @dataclass
-class ReducedHead:
-    """A projection (x - center) W standardised, followed by a PCE fitted to teacher logits."""
+class Head:
+    """Standardisation (mu, sigma) of z and a PCE fitted on the standardised z."""
 
-    W: Tensor
-    center: Tensor | None
     mu: Tensor
     sigma: Tensor
     pce: PCELayer
     fit: PCEFit
 
-    def z(self, f: Tensor) -> Tensor:
-        f = f.flatten(1).double()
-        return ((f - self.center if self.center is not None else f) @ self.W - self.mu) / self.sigma
+    def standardise(self, z: Tensor) -> Tensor:
+        return (z - self.mu) / self.sigma
+
+    @torch.no_grad()
+    def accuracy(self, z: Tensor, labels: Tensor) -> float:
+        pred = self.pce(self.standardise(z).to(self.pce.linear.weight.dtype)).argmax(1)
+        return float((pred == labels).float().mean())
 
 
-def _fit_head(
-    pre: nn.Module,
-    post: nn.Module,
-    split: Split,
-    W: Tensor,
-    center: Tensor | None,
-    degree: int,
-    num_classes: int,
-    ridge: float,
-    batch_size: int,
-    device: torch.device,
-) -> ReducedHead:
-    mu, sigma = _project_stats(pre, split, W, center, batch_size, device)
-    pce = PCELayer(W.shape[1], degree, num_classes).to(device)
-    head = ReducedHead(W, center, mu, sigma, pce, PCEFit(0, 0, 0.0, 0.0, 0.0, False))
-
-    def pairs() -> Iterator[tuple[Tensor, Tensor]]:
-        post.eval()
-        for f, _ in stream_features(pre, split, batch_size, device):
-            yield head.z(f), post(f)
-
-    head.fit = fit_pce(pce, pairs(), ridge=ridge)
-    return head
-
-
-@torch.no_grad()
-def _head_accuracy(head: ReducedHead, pre: nn.Module, split: Split, batch_size: int, device: torch.device) -> float:
-    head.pce.eval()
-    correct, n = 0, 0
-    for f, y in stream_features(pre, split, batch_size, device):
-        pred = head.pce(head.z(f).to(head.pce.linear.weight.dtype)).argmax(1)
-        correct += int((pred == y).sum())
-        n += len(y)
-    return correct / max(n, 1)
+def fit_head(z: Tensor, logits: Tensor, degree: int, ridge: float) -> Head:
+    """Standardise z with its own statistics and fit a degree-p PCE to the logits (eq. 6.20)."""
+    mu = z.mean(0)
+    sigma = z.std(0, unbiased=False).clamp_min(1e-8)
+    pce = PCELayer(z.shape[1], degree, logits.shape[1]).double()
+    fit = fit_pce(pce, _chunks((z - mu) / sigma, logits), ridge=ridge)
+    return Head(mu, sigma, pce, fit)
 
 
 def _l1_prox(l1: float) -> Callable[[nn.Module, float], None]:
@@ -675,12 +692,18 @@ def build_asnet_from_teacher(
     pre = chain.pre_model(cut)
     post = chain.post_model(cut)
     fit_split = data.train.subset(sub_settings.samples, seed=sub_settings.seed)
+    bs = sub_settings.batch_size
     say(f"rank r = {rank} ({rank_rule}); fitting the degree-{settings.degree} PCE ({basis_size(rank, settings.degree)} basis functions)")
-    head = _fit_head(pre, post, fit_split, V, None, settings.degree, num_classes, settings.ridge, sub_settings.batch_size, device)
+    pca_fd = FrequentDirections(cut.features, sub_settings.sketch_size, device=device) if settings.baselines else None
+    mean = subspace.mean_activation.to(device)
+    keep = LOGREG_MAX_SAMPLES if settings.baselines else 0
+    train = project(pre, fit_split, {"as": (V, None)}, bs, device, post=post, sketch=pca_fd, center=mean, keep_features=keep)
+    assert train.logits is not None
+    head = fit_head(train.z["as"], train.logits, settings.degree, settings.ridge)
     warnings += head.fit.warnings
 
     asnet = ASNet(copy.deepcopy(pre), cut.features, rank, settings.degree, num_classes).to(device)
-    _standardise_into(asnet.active, V, head.mu, head.sigma)
+    _standardise_into(asnet.active, V, head.mu.to(device), head.sigma.to(device))
     with torch.no_grad():
         asnet.pce.linear.weight.copy_(head.pce.linear.weight)
     asnet.eval()
@@ -688,9 +711,9 @@ def build_asnet_from_teacher(
 
     teacher_acc = accuracy(teacher, data.test, device=device)
     baselines: dict[str, Any] = {"as_pce": acc_before}
-    if settings.baselines:
-        say("baselines: AS+LR, PCA+PCE, PCA+LR and LR on all n_l features")
-        baselines.update(_baselines(pre, post, cut, head, subspace, fit_split, data, rank, settings, device))
+    if pca_fd is not None:
+        say("baselines: PCA+PCE, AS+LR, PCA+LR and LR on all n_l features")
+        baselines.update(_baselines(pre, fit_split, data, train, pca_fd, V, mean, rank, settings, device))
 
     history = None
     if settings.finetune_epochs > 0:
@@ -712,14 +735,11 @@ def build_asnet_from_teacher(
     head_module = nn.Sequential(asnet.active, asnet.pce)
     head_cost = _cost(head_module, (cut.features,))
     post_cost = _cost(post, tuple(cut.out_shape))
-    example = data.test.x[:1]
-    batch = data.test.x[: min(len(data.test), 128)]
-    latency = {  # median wall-clock ms per forward pass on this device
-        "teacher_ms_batch1": measure_latency_ms(teacher, example, device, warmup=3, repeats=20),
-        "asnet_ms_batch1": measure_latency_ms(asnet, example, device, warmup=3, repeats=20),
-        f"teacher_ms_batch{len(batch)}": measure_latency_ms(teacher, batch, device, warmup=2, repeats=5),
-        f"asnet_ms_batch{len(batch)}": measure_latency_ms(asnet, batch, device, warmup=2, repeats=5),
-    }
+    latency: dict[str, float] = {}
+    if settings.latency:  # median wall-clock ms per forward pass on this device
+        for label, x, repeats in (("batch1", data.test.x[:1], 20), (f"batch{min(len(data.test), bs)}", data.test.x[:bs], 5)):
+            latency[f"teacher_ms_{label}"] = measure_latency_ms(teacher, x, device, warmup=2, repeats=repeats)
+            latency[f"asnet_ms_{label}"] = measure_latency_ms(asnet, x, device, warmup=2, repeats=repeats)
     asnet_entry = {"accuracy": acc_after, "accuracy_before_finetune": acc_before, **asnet_cost}
     if settings.sparse:
         asnet_entry.update(sparse_cost(asnet, input_shape))
@@ -779,44 +799,37 @@ def build_asnet_from_teacher(
 
 def _baselines(
     pre: nn.Module,
-    post: nn.Module,
-    cut: Cut,
-    as_head: ReducedHead,
-    subspace: ActiveSubspace,
     fit_split: Split,
     data: Dataset,
+    train: Projection,
+    pca_fd: FrequentDirections,
+    V: Tensor,
+    mean: Tensor,
     rank: int,
     settings: ASNetSettings,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Thesis fig. 6.5b at the same r, no fine-tuning: AS+LR, PCA+PCE, PCA+LR, LR(all features)."""
+    """Thesis fig. 6.5b at the same r, no fine-tuning: PCA+PCE, AS+LR, PCA+LR, LR(all features).
+    PCA = top-r right singular vectors of the centred pre-model outputs (same sketch)."""
     bs, seed = settings.subspace.batch_size, settings.subspace.seed
-    # PCA of the centred pre-model outputs, with the same frequent-directions sketch.
-    mean = subspace.mean_activation.to(device)
-    fd = FrequentDirections(cut.features, settings.subspace.sketch_size, device=device)
-    for f, _ in stream_features(pre, fit_split, bs, device):
-        fd.update(f.flatten(1).double() - mean)
-    _, W_pca = fd.right_singular(rank)
-    pca_head = _fit_head(pre, post, fit_split, W_pca.double(), mean, settings.degree, data.num_classes,
-                         settings.ridge, bs, device)  # fmt: skip
+    _, W_pca = pca_fd.right_singular(rank)
+    W_pca = W_pca.double()
+    z_pca = project(pre, fit_split, {"pca": (W_pca, mean)}, bs, device).z["pca"]
+    pca_head = fit_head(z_pca, train.logits if train.logits is not None else torch.empty(0), settings.degree, settings.ridge)
+    test = project(pre, data.test, {"as": (V, None), "pca": (W_pca, mean)}, bs, device, keep_features=LOGREG_MAX_SAMPLES)
+    assert train.features is not None and test.features is not None
+    y_tr, y_te = train.labels.numpy(), test.labels.numpy()
 
-    def feats(split: Split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        xs, za, zp, ys = [], [], [], []
-        for f, y in stream_features(pre, split, bs, device):
-            if sum(len(x) for x in xs) < LOGREG_MAX_SAMPLES:
-                xs.append(f.flatten(1).float().cpu().numpy())
-            za.append(as_head.z(f).float().cpu().numpy())
-            zp.append(pca_head.z(f).float().cpu().numpy())
-            ys.append(y.cpu().numpy())
-        return np.concatenate(xs), np.concatenate(za), np.concatenate(zp), np.concatenate(ys)
+    def lr(z_tr: Tensor, z_te: Tensor) -> float:
+        return _logreg_accuracy(z_tr.float().numpy(), y_tr, z_te.float().numpy(), y_te, seed)
 
-    x_tr, za_tr, zp_tr, y_tr = feats(fit_split)
-    x_te, za_te, zp_te, y_te = feats(data.test)
     return {
-        "pca_pce": _head_accuracy(pca_head, pre, data.test, bs, device),
-        "as_logreg": _logreg_accuracy(za_tr, y_tr, za_te, y_te, seed),
-        "pca_logreg": _logreg_accuracy(zp_tr, y_tr, zp_te, y_te, seed),
-        "logreg_features": _logreg_accuracy(x_tr, y_tr[: len(x_tr)], x_te, y_te[: len(x_te)], seed),
+        "pca_pce": pca_head.accuracy(test.z["pca"], test.labels),
+        "as_logreg": lr(train.z["as"], test.z["as"]),
+        "pca_logreg": lr(z_pca, test.z["pca"]),
+        "logreg_features": _logreg_accuracy(
+            train.features, y_tr[: len(train.features)], test.features, y_te[: len(test.features)], seed
+        ),
         "rank": rank,
         "pca_pce_fit": pca_head.fit.to_dict(),
     }

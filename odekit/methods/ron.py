@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from odekit.errors import LayerSelectionError, NumericalError, UnsupportedModelError, UsageError
 from odekit.linalg.maxvol import rect_maxvol, rect_maxvol_error_factor
-from odekit.linalg.rank import RankContext, parse_rank_spec, select_rank
+from odekit.linalg.rank import RankContext, RankSpec, parse_rank_spec, select_rank
 from odekit.linalg.sketch import FrequentDirections
 from odekit.models.layers import layer_table, resolve_layers
 from odekit.models.registry import build_model, register_arch
@@ -346,7 +346,12 @@ def analyse_region(
 ) -> _Region:
     """Trace the teacher and describe the region of compute layers ``layers`` (e.g. "7-16")."""
     device = device or torch.device("cpu")
-    summary = layer_table(teacher, input_shape)
+    param = next(iter(teacher.parameters()), None)
+    # layer_table probes with float32 inputs; give it a float32 copy of other-precision models
+    probe = (
+        teacher if param is None or param.dtype == torch.float32 else copy.deepcopy(teacher).float()
+    )
+    summary = layer_table(probe, input_shape)
     chosen = resolve_layers(layers, summary)
     indices = [layer.index for layer in chosen]
     if indices != list(range(indices[0], indices[-1] + 1)):
@@ -401,6 +406,26 @@ def analyse_region(
     nodes = sorted(region_set, key=order.__getitem__)
     label_range = f"{chosen[0].index}-{chosen[-1].index}"
 
+    # every op must be affine, a monotone activation or a max-pool after an activation
+    for n in nodes:
+        if n.op == "call_module" and isinstance(mods[str(n.target)], _COMPUTE):
+            continue
+        if _is_affine(n, mods) or _activation_kind(n, mods) is not None or _is_maxpool(n, mods):
+            continue
+        prev = [
+            alias_of.get(str(m.target))
+            for m in nodes[: nodes.index(n)]
+            if m.op == "call_module" and str(m.target) in alias_of
+        ]
+        where = (
+            f"after layer {prev[-1]}" if prev and prev[-1] else f"before layer {chosen[0].alias}"
+        )
+        raise UnsupportedModelError(
+            f"layer range {label_range} crosses an unsupported op: {_op_label(n, mods)} ({where})",
+            "RON handles conv/linear, BatchNorm, element-wise monotone activations, max-pool and residual sums; "
+            "choose a range that avoids this op",
+        )
+
     # closure: the region reads only x_in (and constants); the rest reads only y_out
     for n in nodes:
         for inp in n.all_input_nodes:
@@ -424,26 +449,6 @@ def analyse_region(
                 raise LayerSelectionError(
                     f"layer range {label_range} does not reach the model output path"
                 )
-
-    # every op must be affine, a monotone activation or a max-pool after an activation
-    for n in nodes:
-        if n.op == "call_module" and isinstance(mods[str(n.target)], _COMPUTE):
-            continue
-        if _is_affine(n, mods) or _activation_kind(n, mods) is not None or _is_maxpool(n, mods):
-            continue
-        prev = [
-            alias_of.get(str(m.target))
-            for m in nodes[: nodes.index(n)]
-            if m.op == "call_module" and str(m.target) in alias_of
-        ]
-        where = (
-            f"after layer {prev[-1]}" if prev and prev[-1] else f"before layer {chosen[0].alias}"
-        )
-        raise UnsupportedModelError(
-            f"layer range {label_range} crosses an unsupported op: {_op_label(n, mods)} ({where})",
-            "RON handles conv/linear, BatchNorm, element-wise monotone activations, max-pool and residual sums; "
-            "choose a range that avoids this op",
-        )
 
     # states
     states: list[_State] = []
@@ -791,7 +796,15 @@ class RonSettings:
     def __post_init__(self) -> None:
         if not self.layers or not str(self.layers).strip():
             raise UsageError("give the layers to reduce", "e.g. --layers 7-16")
-        parse_rank_spec(self.rank)
+        specs = str(self.rank).split(",")
+        if any(not part.strip() for part in specs):
+            raise UsageError(
+                f"cannot read --rank '{self.rank}'",
+                "use e.g. vbmf, energy:0.99, factor:4, 32 or 60,40,10",
+            )
+        for part in specs:
+            parse_rank_spec(part)
+
         if not self.oversample >= 1.0:
             raise UsageError(
                 f"--oversample must be >= 1 (P_k >= R_k rows), got {self.oversample}",
@@ -805,6 +818,11 @@ class RonSettings:
             raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
         if self.sketch_dtype not in ("float32", "float64"):
             raise UsageError("sketch dtype must be float32 or float64")
+
+    @property
+    def rank_specs(self) -> list[RankSpec]:
+        """One spec for every reduced layer, or one spec per reduced layer (comma list)."""
+        return [parse_rank_spec(part) for part in str(self.rank).split(",")]
 
 
 @dataclass
@@ -888,15 +906,25 @@ def build_student(
     else:
         batches = samples
         n_total = int(n_samples) if n_samples is not None else -1
-    spec = parse_rank_spec(settings.rank)
+    specs = settings.rank_specs
+    if len(specs) not in (1, len(region.states)):
+        names = ", ".join(f"{st.out.name} ({'+'.join(st.layers) or '-'})" for st in region.states)
+        raise UsageError(
+            f"--rank lists {len(specs)} ranks but layers {region.first_layer}-{region.last_layer} have "
+            f"{len(region.states)} reduced activations: {names}",
+            "give one rank for all, or exactly one per reduced activation",
+        )
+    spec_of = {
+        st.index: specs[0] if len(specs) == 1 else specs[i] for i, st in enumerate(region.states)
+    }
     state_dims = {st.index: math.prod(region.shapes[st.out]) for st in region.states}
     sketch_dtype = torch.float64 if settings.sketch_dtype == "float64" else torch.float32
-    known_rank = int(spec.value) if spec.name == "fixed" and spec.value else None
     n_hint = n_total if n_total > 0 else 10**9
     sketches: dict[int, FrequentDirections] = {}
     for st in region.states:
         d = state_dims[st.index]
-        r_hint = known_rank
+        spec = spec_of[st.index]
+        r_hint = int(spec.value) if spec.name == "fixed" and spec.value else None
         if spec.name == "factor" and spec.value:
             r_hint = math.ceil(d / spec.value)
         ell = _default_sketch(d, n_hint, r_hint, settings.sketch_size)
@@ -940,11 +968,18 @@ def build_student(
         sv = fd.singular_values()
         ctx = RankContext(sv, n_samples=seen, dim=d, total_energy=fd.frobenius_sq)
         try:
-            r = select_rank(spec, ctx, max_rank=min(fd.sketch_size, d))
+            r = select_rank(spec_of[st.index], ctx, max_rank=min(fd.sketch_size, d))
         except NumericalError as exc:
+            hint = exc.hint or ""
+            if len(specs) == 1 and len(region.states) > 1:
+                hint += (
+                    "; or give one rank per reduced layer output ("
+                    + ", ".join(f"{s.out.name}: D={state_dims[s.index]}" for s in region.states)
+                    + "), e.g. --rank 40,40,10"
+                )
             raise NumericalError(
-                f"state '{_state_name(st)}' (layers {', '.join(st.layers) or '-'}, D={d}): {exc.message}",
-                exc.hint,
+                f"layer output '{_state_name(st)}' (layers {', '.join(st.layers) or '-'}, D={d}): {exc.message}",
+                hint,
             ) from None
         s_top, v = fd.right_singular(r)
         v = v.to(torch.float64)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from odekit.ode.interp import BarycentricInterpolant, chebyshev_lobatto
 from odekit.ode.solver import SolveStats, StepControl, integrate
@@ -114,6 +115,7 @@ class _RDM(torch.autograd.Function):
         return zs
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
         (zs,) = ctx.saved_tensors
@@ -172,6 +174,7 @@ class _ANODE(torch.autograd.Function):
         return torch.stack([z0, *outs])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
         ckpts = [(i, t, y) for (i, t), y in zip(ctx.ckpt_meta, ctx.saved_tensors, strict=True)]
@@ -226,6 +229,7 @@ class _IRDM(torch.autograd.Function):
         return torch.stack([z0, *outs])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
         interp = BarycentricInterpolant(ctx.nodes, ctx.weights, ctx.saved_tensors[0])

@@ -100,8 +100,8 @@ def _rms_ratio(err: list[Tensor], y: list[Tensor], y_new: list[Tensor], rtol: fl
     return scaled[0] if len(scaled) == 1 else torch.stack(scaled).max()
 
 
-def _norm(xs: list[Tensor], scale: list[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(torch._foreach_div(xs, scale))
+def _norm(xs: Sequence[Tensor], scale: Sequence[Tensor]) -> Tensor:
+    norms = torch._foreach_norm(torch._foreach_div(list(xs), list(scale)))
     scaled = [n / math.sqrt(max(x.numel(), 1)) for n, x in zip(norms, xs, strict=True)]
     return scaled[0] if len(scaled) == 1 else torch.stack(scaled).max()
 

@@ -243,15 +243,14 @@ class StepCoefficients:
         if isinstance(self.dense, torch.Tensor):
             d = self.dense.to(like)
             powers = torch.tensor(
-                [[th ** (p + 1) for p in range(d.shape[1])] for th in thetas],
-                dtype=like.dtype, device=like.device,
-            )
+                [[th ** (p + 1) for p in range(d.shape[1])] for th in thetas], dtype=like.dtype
+            ).to(like.device, non_blocking=True)
             return powers @ d.T
         rows = [
             [sum(coef * th ** (p + 1) for p, coef in enumerate(row)) for row in self.dense]
             for th in thetas
         ]
-        return torch.tensor(rows, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+        return torch.tensor(rows, dtype=like.dtype).to(like.device, non_blocking=True)
 
 
 def step_coefficients(solver: str, u: float | torch.Tensor = 0.5) -> StepCoefficients:

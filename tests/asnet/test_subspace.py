@@ -76,7 +76,7 @@ def test_sketch_spectrum_within_frequent_directions_bound_of_exact_svd() -> None
 
 def test_active_counts_and_eps_on_a_known_spectrum() -> None:
     # lambda = s^2 = 50, 30, 15, 4, 1 (total 100)
-    s = torch.tensor([50.0, 30.0, 15.0, 4.0, 1.0]).sqrt()
+    s = torch.tensor([50.0, 30.0, 15.0, 4.0, 1.0], dtype=torch.float64).sqrt()
     sub = ActiveSubspace(s, torch.eye(5), 100.0, 0.0, 10, torch.zeros(5), 0.0)
     assert sub.active_neurons_eq612(0.05) == 3  # 0.5, 0.8, 0.95 >= 0.95
     assert sub.active_neurons_eq612(0.11) == 3  # 0.8 < 0.89

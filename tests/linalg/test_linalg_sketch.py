@@ -49,10 +49,11 @@ def _cov_err(a: torch.Tensor, b: torch.Tensor) -> float:
     batch=st.integers(1, 50),
     low_rank=st.one_of(st.none(), st.integers(1, 6)),
     seed=st.integers(0, 10_000),
+    shrink=st.sampled_from(["svd", "gram"]),
 )
-def test_fd_covariance_error_within_bounds(n, d, ell, batch, low_rank, seed):
+def test_fd_covariance_error_within_bounds(n, d, ell, batch, low_rank, seed, shrink):
     a = _matrix(n, d, low_rank, seed, noise=1e-3)
-    fd = FrequentDirections(d, ell)
+    fd = FrequentDirections(d, ell, shrink=shrink)
     _feed(fd, a, batch)
     b = fd.sketch
     assert b.shape == (ell, d)
@@ -136,10 +137,11 @@ def test_fd_validation():
     rank=st.integers(1, 5),
     seed=st.integers(0, 1000),
     noise=st.sampled_from([0.0, 1e-3, 1e-2]),
+    shrink=st.sampled_from(["svd", "gram"]),
 )
-def test_streaming_svd_subspace_error_within_certified_bound(n, d, rank, seed, noise):
+def test_streaming_svd_subspace_error_within_certified_bound(n, d, rank, seed, noise, shrink):
     a = _matrix(n, d, rank, seed, noise=noise)
-    svd = StreamingSVD(d, rank=rank, sketch_size=2 * rank + 6)
+    svd = StreamingSVD(d, rank=rank, sketch_size=2 * rank + 6, shrink=shrink)
     _feed(svd, a, 16)
     res = svd.result()
     _, s_exact, vh = torch.linalg.svd(a, full_matrices=False)

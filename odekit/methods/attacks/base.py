@@ -82,6 +82,7 @@ class Attack(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]  # "universal" or "per-sample"
     settings_type: ClassVar[type]
+    settings: Any
 
     def __init__(self, settings: Any) -> None:
         if not isinstance(settings, self.settings_type):

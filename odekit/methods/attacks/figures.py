@@ -50,7 +50,7 @@ def examples_figure(
     with ``vector``, a first column shows the universal perturbation."""
     n = len(x)
     cols = n + (1 if vector is not None else 0)
-    fig = Figure(figsize=(1.8 * cols, 4.0))
+    fig = Figure(figsize=(1.8 * cols, 4.5))
     axes = fig.subplots(2, cols, squeeze=False)
     offset = 0
     if vector is not None:

@@ -83,7 +83,8 @@ class FGSMAttack(PerSampleAttack):
 class PGDSettings(PerSampleSettings):
     """Madry et al.: ``steps`` projected steps of rel_stepsize*eps from a random start in the
     ball; ``restarts`` independent runs, a sample counts as broken if any run breaks it.
-    Defaults follow foolbox (linf 40 steps of 0.01/0.3 eps; l2 50 steps of 0.025 eps)."""
+    Defaults: 40 steps (linf) or 50 (l2), as in foolbox, of 2.5*eps/steps each (Madry et al.),
+    so the iterate can cross the ball whatever the number of steps."""
 
     backend: str = "torch"
     steps: int | None = None
@@ -107,11 +108,7 @@ class PGDSettings(PerSampleSettings):
 
     @property
     def rel_step(self) -> float:
-        return (
-            self.rel_stepsize
-            if self.rel_stepsize is not None
-            else (0.01 / 0.3 if self.norm == "inf" else 0.025)
-        )
+        return self.rel_stepsize if self.rel_stepsize is not None else 2.5 / self.n_steps
 
 
 def _random_in_ball(x: Tensor, norm: str, eps: float, generator: torch.Generator) -> Tensor:

@@ -68,6 +68,9 @@ def apply_perturbation(x: Tensor, v: Tensor) -> Tensor:
 class PixelModel(nn.Module):
     """``model`` fed with [0, 1] pixels: normalises inside, so attacks see a plain box."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, model: nn.Module, mean: Tensor, std: Tensor) -> None:
         super().__init__()
         self.model = model

@@ -131,7 +131,8 @@ class ActiveSubspaceAttack(UniversalAttack):
 class UAPSettings(UniversalSettings):
     """Moosavi-Dezfooli et al. 2017: passes over the data, DeepFool on still-unfooled samples,
     accumulate and project; stop at ``target_fooling`` or after ``max_passes`` (thesis: 10).
-    DeepFool runs in chunks of ``chunk`` samples at the current v (v is updated between chunks)."""
+    DeepFool runs in chunks of ``chunk`` samples at the current v (v is updated between chunks);
+    a pass that lowers the fit fooling rate is rejected, so the rate never falls between passes."""
 
     max_passes: int = 10
     target_fooling: float = 0.8
@@ -169,6 +170,7 @@ class UAPAttack(UniversalAttack):
         v = torch.zeros_like(x[0])
         best_v, best_rate = v.clone(), 0.0
         history: list[float] = []
+        raw: list[float] = []
         passes = 0
         bar = silent_if_none(progress)
         for _ in bar.track(range(s.max_passes), s.max_passes, "uap passes"):
@@ -200,14 +202,18 @@ class UAPAttack(UniversalAttack):
                 for dr in r[fooled]:
                     v = self.project(v + dr)
             rate = fooling_rate(model, x, v, clean, batch_size)
-            history.append(rate)
-            if rate > best_rate:
+            raw.append(rate)
+            # projected accumulation can undo earlier passes; a pass that lowers the fit fooling
+            # rate is rejected (the next pass restarts from the best vector with a new order)
+            if rate >= best_rate:
                 best_v, best_rate = v.clone(), rate
-            bar.update(fooling=round(rate, 4))
-            if rate >= s.target_fooling:
+            else:
+                v = best_v.clone()
+            history.append(best_rate)
+            bar.update(fooling=round(best_rate, 4))
+            if best_rate >= s.target_fooling:
                 break
-        # projected accumulation can oscillate between passes; return the best pass's vector
-        return best_v, passes, history, {}
+        return best_v, passes, history, {"pass_fooling_rates_raw": raw}
 
 
 class RandomAttack(UniversalAttack):

@@ -10,7 +10,14 @@ import torch
 
 from odekit.io.checkpoints import ModelMeta, load_model, save_model
 from odekit.models import build_model
-from odekit.models.ode_models import NORMS, CNFDynamics, MetaODEBlock, nfe_counts, ode_blocks, set_solver
+from odekit.models.ode_models import (
+    NORMS,
+    CNFDynamics,
+    MetaODEBlock,
+    nfe_counts,
+    ode_blocks,
+    set_solver,
+)
 from odekit.ode import SolverConfig
 
 

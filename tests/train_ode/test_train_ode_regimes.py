@@ -9,7 +9,12 @@ import torch
 import odekit.ode.block as block_module
 from odekit.errors import UsageError
 from odekit.io.datasets import load_dataset
-from odekit.methods.ode_train import ODETrainSettings, RegimeSettings, USampler, train_ode_classifier
+from odekit.methods.ode_train import (
+    ODETrainSettings,
+    RegimeSettings,
+    USampler,
+    train_ode_classifier,
+)
 from odekit.models import build_model
 from odekit.ode import SolverConfig
 

@@ -1,0 +1,113 @@
+"""`odekit asnet` end to end on the shipped digits checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from odekit.cli.app import app
+from odekit.io.checkpoints import load_model
+from odekit.io.datasets import load_dataset
+from odekit.methods.evaluation import accuracy
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(app, ["asnet", *args])
+
+
+def test_vgg_asnet_end_to_end(checkpoints_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    ckpt = checkpoints_dir / "vgg11_digits.safetensors"
+    result = _run([str(ckpt), "--cut", "4", "--rank", "8", "--samples", "400", "--no-latency", "--device", "cpu",
+                   "-o", str(out), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    r = report["results"]
+    for key in ("teacher", "asnet"):
+        assert {"accuracy", "storage_mb", "flops", "params"} <= set(r[key])
+    assert "accuracy_before_finetune" in r["asnet"]
+    assert r["cut"]["n_l"] == 1024 and r["cut"]["rank"] == 8 and r["cut"]["n_basis"] == 45
+    assert r["storage_reduction"] == pytest.approx(r["teacher"]["storage_mb"] / r["asnet"]["storage_mb"])
+    assert r["storage_reduction"] > 5 and r["flop_reduction"] > 1.5
+    split = r["split"]
+    assert split["pre_model"]["params"] + split["as_pce"]["params"] == r["asnet"]["params"]
+    assert split["pre_model"]["flops"] + split["as_pce"]["flops"] == r["asnet"]["flops"]
+    assert split["post_storage_reduction"] > 10
+    assert set(r["baselines"]) >= {"as_pce", "pca_pce", "as_logreg", "pca_logreg", "logreg_features"}
+    assert r["active_neurons"]["4"] == r["cut"]["active_neurons"] >= 1
+    assert r["warnings"] == []  # 400 samples >= 2 x 45
+    assert r["asnet"]["accuracy"] > r["teacher"]["accuracy"] - 0.05
+    for name in ("asnet.safetensors", "spectrum.png", "baselines.png", "report.json", "report.md"):
+        assert (out / name).stat().st_size > 0
+    # the ASNet is an ordinary odekit checkpoint with the accuracy the report claims
+    loaded = load_model(out / "asnet.safetensors")
+    assert loaded.meta.arch == "asnet" and loaded.meta.args["teacher_arch"] == "vgg11_bn"
+    assert loaded.meta.history[-1]["command"] == "asnet"
+    data = load_dataset("digits", input_shape=loaded.meta.input_shape, normalization=loaded.meta.normalization)
+    assert accuracy(loaded.model, data.test) == pytest.approx(r["asnet"]["accuracy"], abs=1e-6)
+    info = CliRunner().invoke(app, ["info", str(out / "asnet.safetensors"), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["params"] == r["asnet"]["params"]
+
+
+def test_lenet5_finetune_sparse_and_pce_warning(checkpoints_dir, tmp_path) -> None:
+    ckpt = checkpoints_dir / "lenet5_digits.safetensors"
+    result = _run([str(ckpt), "--cut", "2", "--rank", "12", "--samples", "150", "--finetune", "1", "--lr", "1e-3",
+                   "--sparse", "--l1", "20", "--no-baselines", "--no-latency", "--device", "cpu", "-o", str(tmp_path / "s"), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)["results"]
+    # 150 samples < 2 x C(14, 2) = 182: the report and the log say so
+    assert len(r["warnings"]) == 1 and "182" in r["warnings"][0]
+    assert "Warning" in result.stderr and "182" in result.stderr
+    assert r["finetune"]["epochs"] == 1 and len(r["finetune"]["history"]) == 1
+    assert r["asnet"]["nonzero_params"] < r["asnet"]["params"]
+    assert 0 < r["asnet"]["density"] < 1
+    assert r["asnet"]["flops_nonzero"] < r["asnet"]["flops"]
+    assert "baselines.png" not in {p.name for p in (tmp_path / "s").iterdir()}
+
+
+def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
+    ckpt = checkpoints_dir / "lenet300_digits.safetensors"
+    result = _run([str(ckpt), "--analyze", "--samples", "200", "--device", "cpu", "-o", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)["results"]
+    assert [layer["index"] for layer in r["layers"]] == [1, 2]  # layer 3 is the output layer
+    assert [layer["n_l"] for layer in r["layers"]] == [300, 100]
+    # before the last linear layer the gradients span at most K - 1 = 9 directions
+    assert 1 <= r["active_neurons"]["2"] <= 9
+    for layer in r["layers"]:
+        assert 0.5 < layer["logreg_accuracy"] <= 1.0
+        assert layer["singular_values"] == sorted(layer["singular_values"], reverse=True)
+    assert (tmp_path / "a" / "spectrum.png").exists() and not (tmp_path / "a" / "asnet.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        ([], 2, "nothing to do"),
+        (["--analyze", "--finetune", "2"], 2, "--cut"),
+        (["--cut", "2", "--rank", "zero"], 2, "--rank"),
+        (["--cut", "2", "--sparse"], 2, "--finetune"),
+        (["--cut", "2", "--eps", "1.5"], 2, "--eps"),
+        (["--cut", "3"], 1, "last compute layer"),
+        (["--cut", "2", "--rank", "500"], 2, "exceeds"),
+    ],
+)
+def test_user_errors_give_one_line_and_no_output(checkpoints_dir, tmp_path, args, code, text) -> None:
+    out = tmp_path / "err"
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), *args, "--samples", "50", "-o", str(out)])
+    assert result.exit_code == code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and text in lines[-1] and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_existing_outputs_are_not_overwritten(checkpoints_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "asnet.safetensors").write_bytes(b"keep me")
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), "--cut", "1", "-o", str(out)])
+    assert result.exit_code == 1 and "exists" in result.stderr
+    assert (out / "asnet.safetensors").read_bytes() == b"keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["asnet.safetensors"]

@@ -1,0 +1,285 @@
+"""`odekit attack` end to end: JSON keys, files, transfer matrix, grey-box, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from odekit.cli.app import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["attack", *map(str, args)])
+
+
+def results(res) -> dict:
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)["results"]
+
+
+def test_active_subspace_report_vector_and_figure(tmp_path, lenet300_path):
+    out = tmp_path / "as"
+    r = results(
+        invoke(
+            lenet300_path,
+            "--method",
+            "active-subspace",
+            "--delta",
+            "3",
+            "--fit-samples",
+            "60",
+            "--eval-samples",
+            "120",
+            "--max-iter",
+            "10",
+            "-o",
+            out,
+            "--json",
+        )
+    )
+    for key in (
+        "method",
+        "norm",
+        "delta",
+        "clean_accuracy",
+        "robust_accuracy",
+        "fooling_rate_fit",
+        "fooling_rate_test",
+        "seconds",
+        "perturbation_path",
+        "norm_pixel",
+        "norm_model",
+    ):
+        assert key in r
+    assert r["method"] == "active-subspace" and r["norm"] == "2" and r["delta"] == 3.0
+    assert r["norm_pixel"] <= 3.0 * (1 + 1e-5)
+    std = 0.32470476627349854  # the checkpoint's recorded normalisation
+    assert r["norm_model"] == pytest.approx(r["norm_pixel"] / std, rel=1e-4)
+    assert r["fooling_rate_test"] > 0.1
+    assert r["robust_accuracy"] < r["clean_accuracy"]
+    assert (out / "attack.png").stat().st_size > 1000
+    with safe_open(r["perturbation_path"], "pt") as f:
+        meta = json.loads(f.metadata()["odekit_attack"])
+        v_model, v_pixel = f.get_tensor("perturbation"), f.get_tensor("perturbation_pixel")
+    assert meta["method"] == "active-subspace" and len(meta["model_sha256"]) == 64
+    assert v_pixel.shape == (1, 28, 28)
+    assert float(v_pixel.norm()) == pytest.approx(r["norm_pixel"], rel=1e-5)
+    assert torch.allclose(v_model * std, v_pixel, atol=1e-6)
+
+
+def test_per_sample_eps_list_gives_a_curve(tmp_path, lenet300_path):
+    r = results(
+        invoke(
+            lenet300_path,
+            "--method",
+            "pgd",
+            "--norm",
+            "inf",
+            "--eps",
+            "0.02,8/255,0.1",
+            "--backend",
+            "torch",
+            "--steps",
+            "5",
+            "--eval-samples",
+            "60",
+            "-o",
+            tmp_path / "pgd",
+            "--json",
+        )
+    )
+    assert r["eps"] == pytest.approx([0.02, 8 / 255, 0.1])
+    assert len(r["robust_accuracy"]) == 3 and len(r["fooling_rate_test"]) == 3
+    assert r["fooling_rate_fit"] is None
+    assert r["robust_accuracy"][2] < r["robust_accuracy"][0] <= r["clean_accuracy"]
+    assert all(p["max_size"] <= p["eps"] * (1 + 1e-5) for p in r["curve"])
+    assert (tmp_path / "pgd" / "robust_accuracy.png").exists()
+
+
+def test_default_budgets_follow_robustbench(tmp_path, lenet300_path):
+    r = results(
+        invoke(
+            lenet300_path,
+            "--method",
+            "fgsm",
+            "--norm",
+            "inf",
+            "--backend",
+            "torch",
+            "--eval-samples",
+            "20",
+            "-o",
+            tmp_path / "a",
+            "--json",
+        )
+    )
+    assert r["eps"] == pytest.approx([8 / 255])
+    r = results(
+        invoke(
+            lenet300_path,
+            "--method",
+            "fgsm",
+            "--norm",
+            "2",
+            "--backend",
+            "torch",
+            "--eval-samples",
+            "20",
+            "-o",
+            tmp_path / "b",
+            "--json",
+        )
+    )
+    assert r["eps"] == pytest.approx([0.5])
+
+
+def test_matrix_diagonal_equals_white_box(tmp_path, lenet300_path, lenet5_path):
+    common = [
+        "--method",
+        "fgsm",
+        "--norm",
+        "inf",
+        "--eps",
+        "0.1",
+        "--backend",
+        "torch",
+        "--eval-samples",
+        "80",
+        "--json",
+    ]
+    m = results(invoke("--matrix", lenet300_path, lenet5_path, *common, "-o", tmp_path / "m"))[
+        "matrix"
+    ]
+    assert m["sources"] == m["targets"] == ["lenet300_digits", "lenet5_digits"]
+    for i, path in enumerate((lenet300_path, lenet5_path)):
+        white = results(invoke(path, *common, "-o", tmp_path / f"w{i}"))
+        assert m["fooling_rate"][i][i] == pytest.approx(white["fooling_rate_test"][0], abs=1e-9)
+        assert m["robust_accuracy"][i][i] == pytest.approx(white["robust_accuracy"][0], abs=1e-9)
+    # black-box transfer through --source equals the off-diagonal entry
+    t = results(invoke(lenet5_path, "--source", lenet300_path, *common, "-o", tmp_path / "t"))
+    assert t["mode"] == "black-box transfer"
+    assert m["fooling_rate"][0][1] == pytest.approx(t["fooling_rate_test"][0], abs=1e-9)
+
+
+def test_grey_box_solver_transfer(tmp_path, odenet_path):
+    r = results(
+        invoke(
+            odenet_path,
+            "--method",
+            "fgsm",
+            "--norm",
+            "inf",
+            "--eps",
+            "0.1",
+            "--backend",
+            "torch",
+            "--attack-solver",
+            "euler:2",
+            "--eval-solver",
+            "rk4:4",
+            "--eval-samples",
+            "40",
+            "-o",
+            tmp_path / "g",
+            "--json",
+        )
+    )
+    assert r["mode"] == "grey-box (solver transfer)"
+    assert "source_robust_accuracy" in r["curve"][0]
+    same = results(
+        invoke(
+            odenet_path,
+            "--method",
+            "fgsm",
+            "--norm",
+            "inf",
+            "--eps",
+            "0.1",
+            "--backend",
+            "torch",
+            "--attack-solver",
+            "euler:2",
+            "--eval-solver",
+            "euler:2",
+            "--eval-samples",
+            "40",
+            "-o",
+            tmp_path / "s",
+            "--json",
+        )
+    )
+    # generated with the training solver, evaluated with it: the white-box numbers
+    assert same["curve"][0]["source_robust_accuracy"] == pytest.approx(same["robust_accuracy"][0])
+
+
+def _assert_one_line_error(res, code: int, text: str, out) -> None:
+    assert res.exit_code == code, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0]
+    assert "Traceback" not in res.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["--method", "fgsm", "--eps", "0"], 2, "positive"),
+        (["--method", "pgd", "--eps", "-0.1"], 2, "positive"),
+        (["--method", "active-subspace", "--delta", "0"], 2, "delta"),
+        (["--norm", "l3"], 2, "unknown norm"),
+        (["--method", "cw"], 2, "unknown attack method"),
+        (["--method", "fgsm", "--delta", "1"], 2, "--delta is for universal"),
+        (["--method", "fgsm", "--attack-solver", "rk2:4"], 1, "no ODE blocks"),
+        (["--method", "fgsm", "--attack-solver", "rk9:4"], 2, "unknown solver"),
+    ],
+)
+def test_bad_options(tmp_path, lenet300_path, args, code, text):
+    out = tmp_path / "bad"
+    _assert_one_line_error(
+        invoke(lenet300_path, *args, "--eval-samples", "10", "-o", out), code, text, out
+    )
+
+
+def test_data_outside_bounds_is_one_line_exit_1(tmp_path, lenet300_path):
+    data = tmp_path / "bright.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        data,
+        x=rng.uniform(0, 3, size=(30, 8, 8)).astype(np.float32),
+        y=rng.integers(0, 10, size=30),
+    )
+    out = tmp_path / "bad"
+    res = invoke(
+        lenet300_path, "--method", "fgsm", "--data", data, "--eval-samples", "5", "-o", out
+    )
+    _assert_one_line_error(res, 1, "bounds", out)
+
+
+def test_non_differentiable_model_is_one_line_exit_1(tmp_path):
+    class Hard(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.one_hot(self.fc(x.flatten(1)).argmax(1), 10).float()
+
+    path = tmp_path / "hard.pt"
+    torch.jit.save(torch.jit.script(Hard()), str(path))
+    out = tmp_path / "bad"
+    res = invoke(path, "--method", "fgsm", "--eval-samples", "5", "-o", out)
+    _assert_one_line_error(res, 1, "differentiable", out)
+
+
+def test_help_lists_methods():
+    res = runner.invoke(app, ["attack", "--help"])
+    assert res.exit_code == 0
+    for name in ("active-subspace", "uap", "random", "fgsm", "pgd", "deepfool", "adef"):
+        assert name in res.stdout

@@ -1,0 +1,104 @@
+"""`odekit reduce` end to end on the shipped digits checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from odekit.cli.app import app
+from odekit.io.checkpoints import load_model
+from odekit.io.datasets import load_dataset
+from odekit.methods.evaluation import accuracy
+from odekit.models.layers import total_flops
+
+COST_KEYS = {"accuracy", "flops", "params", "latency_ms"}
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(app, ["reduce", *args])
+
+
+def _check_report(report: dict, out) -> dict:
+    r = report["results"]
+    for key in ("teacher", "student"):
+        assert COST_KEYS <= set(r[key])
+        assert r[key]["latency_ms"] > 0
+    assert r["flop_reduction"] == pytest.approx(r["teacher"]["flops"] / r["student"]["flops"])
+    assert r["accuracy_drop"] == pytest.approx(r["teacher"]["accuracy"] - r["student"]["accuracy"])
+    assert r["ranks"] == [layer["rank"] for layer in r["layers"]]
+    for layer in r["layers"]:
+        assert layer["rank"] <= layer["rows"] <= layer["dim"]
+        assert layer["error_factor"] >= 1.0 and layer["amplification"] >= 1.0 - 1e-6
+        sv = layer["singular_values_normalized"]
+        assert sv[0] == pytest.approx(1.0) and all(
+            a >= b - 1e-9 for a, b in zip(sv, sv[1:], strict=False)
+        )
+    assert r["reload_max_abs_diff"] == 0.0
+    assert (out / "singular_values.png").stat().st_size > 1000
+    assert (out / "report.md").exists()
+    return r
+
+
+def test_lenet300_reduce_end_to_end(checkpoints_dir, tmp_path):
+    out = tmp_path / "run"
+    ckpt = checkpoints_dir / "lenet300_digits.safetensors"
+    result = _run([str(ckpt), "--layers", "1-3", "--rank", "40,40,10", "--samples", "600", "--finetune", "1",
+                   "--latency-batch", "64", "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = _check_report(json.loads(result.stdout), out)
+    assert r["ranks"] == [40, 40, 10] and r["rows"] == [60, 60, 10]
+    # fc1 sampled to 60 rows dominates: 2 (784 x 60 + 60 x 60 + 60 x 10) FLOPs, logits map folded
+    assert r["student"]["flops"] == 2 * (784 * 60 + 60 * 60 + 60 * 10)
+    assert r["flop_reduction"] > 5.0
+    assert r["accuracy_drop"] < 0.03
+    student = load_model(out / "student.safetensors")
+    assert student.meta.arch == "ron_student" and student.meta.history[-1]["command"] == "reduce"
+    data = load_dataset("digits", input_shape=(1, 28, 28), normalization=student.meta.normalization)
+    assert accuracy(student.model, data.test) == pytest.approx(r["student"]["accuracy"])
+    assert total_flops(student.model, (1, 28, 28)) == r["student"]["flops"]
+
+
+def test_vgg_reduce_end_to_end_with_pooling(checkpoints_dir, tmp_path):
+    out = tmp_path / "run"
+    ckpt = checkpoints_dir / "vgg11_digits.safetensors"
+    result = _run([str(ckpt), "--layers", "5-8", "--rank", "24", "--samples", "300", "--latency-batch", "32",
+                   "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = _check_report(json.loads(result.stdout), out)
+    assert [layer["layers"] for layer in r["layers"]] == [
+        ["conv5"],
+        ["conv6"],
+        ["conv7"],
+        ["conv8"],
+    ]
+    assert [layer["pooled"] for layer in r["layers"]] == [False, True, False, True]
+    assert [layer["dim"] for layer in r["layers"]] == [2048, 512, 512, 128]
+    assert r["ranks"] == [24, 24, 24, 24] and r["rows"] == [36, 36, 36, 36]
+    assert r["flop_reduction"] > 1.2
+    assert r["accuracy_drop"] < 0.05
+    student = load_model(out / "student.safetensors").model
+    teacher = load_model(ckpt).model
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert student(x).shape == teacher(x).shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["--layers", "1-3", "--rank", "bogus"], 2, "unknown rank rule"),
+        (["--layers", "1-3", "--rank", "500"], 1, "exceeds the layer dimension"),
+        (["--layers", "1-2", "--rank", "50", "--samples", "20"], 1, "needs at least 50 samples"),
+        (["--layers", "3-1"], 1, "backwards"),
+        (["--layers", "1-3", "--oversample", "0.5"], 2, "oversample"),
+    ],
+)
+def test_reduce_bad_inputs(checkpoints_dir, tmp_path, args, code, needle):
+    ckpt = checkpoints_dir / "lenet300_digits.safetensors"
+    result = _run([str(ckpt), *args, "--device", "cpu", "-o", str(tmp_path / "run")])
+    assert result.exit_code == code, result.stdout + result.stderr
+    assert needle in result.stderr and "Error:" in result.stderr
+    assert not (tmp_path / "run" / "student.safetensors").exists()
