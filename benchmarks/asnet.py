@@ -196,28 +196,79 @@ def sketch_case(name: str, cut: int, rank: int, samples: int | None) -> dict[str
     }
 
 
+def markdown(path: Path = RESULTS) -> str:
+    """Markdown tables of the latest record per case in ``path`` (for docs/asnet.md)."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        key = (r["case"], r["model"], r["cut"], r["rank"], r.get("sparse"), r.get("finetune_epochs"))
+        latest[key] = r
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    out = [
+        "| model | cut | n_l | r | active (eps 0.05) | teacher % | before FT % | after FT % | storage x | FLOPs x "
+        "| AS+PCE % | PCA+PCE % | AS+LR % | PCA+LR % | LR(all) % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in latest.values() if r["case"] == "compress"):
+        name = r["model"].replace("_digits", "") + (" (ASNet-s)" if r["sparse"] else "")
+        storage = f"{r['storage_reduction']:.2f}"
+        flops = f"{r['flop_reduction']:.2f}"
+        if r["sparse"]:
+            storage += f" ({r['storage_reduction_nonzero']:.2f} nnz)"
+            flops += f" ({r['flop_reduction_nonzero']:.2f} nnz)"
+        out.append(
+            f"| {name} | {r['cut']} | {r['n_l']} | {r['rank']} | {r['active_neurons_eps0.05']} | {pct(r['teacher_accuracy'])} "
+            f"| {pct(r['accuracy_before_finetune'])} | {pct(r['accuracy_after_finetune'])} ({r['finetune_epochs']} ep) "
+            f"| {storage} | {flops} | {pct(r['as_pce'])} | {pct(r['pca_pce'])} | {pct(r['as_logreg'])} "
+            f"| {pct(r['pca_logreg'])} | {pct(r['logreg_features'])} |"
+        )
+    out += [
+        "",
+        "| model | cut | n_l | samples | r | sketch rows | gradients s | FD s | exact SVD s | FD peak RSS MB "
+        "| exact peak RSS MB | bytes held exact/FD | sin theta top-r | sin theta top-5 | energy captured "
+        "| cov. err exact / certified / a-priori (rel. to sigma_1^2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in latest.values() if r["case"] == "sketch"):
+        s1 = r["sigma1_sq"]
+        out.append(
+            f"| {r['model'].replace('_digits', '')} | {r['cut']} | {r['n_l']} | {r['samples']} | {r['rank']} "
+            f"| {r['sketch_rows']} | {r['gradient_stream_seconds']:.1f} | {r['fd_seconds']:.1f} | {r['exact_seconds']:.1f} "
+            f"| {r['fd_peak_rss_mb']:.0f} | {r['exact_peak_rss_mb']:.0f} | {r['memory_ratio_held']:.1f} "
+            f"| {r['subspace_sin_theta']:.3f} | {r['subspace_sin_theta_top5']:.2e} | {r['captured_energy_ratio']:.4f} "
+            f"| {r['covariance_error_exact'] / s1:.2e} / {r['covariance_error_certified'] / s1:.2e} "
+            f"/ {r['covariance_error_apriori_bound'] / s1:.2e} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer cuts, ranks and epochs")
     parser.add_argument("--only", choices=("compress", "sketch"), help="run one family of cases")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", action="store_true", help="print tables of the recorded results and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown())
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         compress = [("vgg11_digits", 4, r, 2, False) for r in (4, 8)] + [("lenet5_digits", 2, r, 2, False) for r in (4, 8)]
         compress += [("lenet5_digits", 2, 8, 2, True)]
         sketches = [("vgg11_digits", 1, 20, None), ("vgg11_digits", 3, 20, None)]
-    else:
-        compress = [("vgg11_digits", cut, r, 5, False) for cut in (3, 4, 5) for r in (4, 8, 16, 36)]
-        compress += [("lenet5_digits", cut, r, 5, False) for cut in (1, 2) for r in (4, 8, 16)]
-        compress += [("vgg11_digits", 4, 8, 5, True), ("lenet5_digits", 2, 8, 5, True)]
-        sketches = [("vgg11_digits", cut, r, None) for cut in (1, 3, 5) for r in (10, 50)]
-    if args.only in (None, "compress"):
-        for name, cut, rank, epochs, sparse in compress:
-            emit(compress_case(name, cut, rank, epochs, sparse, l1=1.0))
+    else:  # the informative cases first, so an interrupted run still records them
+        compress = [("vgg11_digits", cut, 8, 3, False) for cut in (3, 5)]
+        compress += [("vgg11_digits", 4, r, 3, False) for r in (16, 36)] + [("vgg11_digits", 4, 8, 3, True)]
+        compress += [("lenet5_digits", 1, r, 3, False) for r in (4, 8)] + [("lenet5_digits", 2, 16, 3, False)]
+        compress += [("vgg11_digits", cut, r, 3, False) for cut in (3, 5) for r in (4, 16, 36)]
+        sketches = [("vgg11_digits", cut, 50, None) for cut in (1, 3, 5)] + [("vgg11_digits", 5, 10, None)]
     if args.only in (None, "sketch"):
         for name, cut, rank, samples in sketches:
             emit(sketch_case(name, cut, rank, samples))
+    if args.only in (None, "compress"):
+        for name, cut, rank, epochs, sparse in compress:
+            emit(compress_case(name, cut, rank, epochs, sparse, l1=1.0))
 
 
 if __name__ == "__main__":

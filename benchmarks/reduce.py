@@ -7,7 +7,8 @@
 Cases, each one JSON line (stdout and benchmarks/results/reduce.jsonl):
 - "tradeoff": RON on the shipped digits checkpoints (LeNet-300-100, VGG-11/4) for several layer
   ranges and ranks: FLOPs (2 x MACs per sample), FLOP reduction, accuracy before/after
-  fine-tuning, measured CPU latency (median of 30 timed batches of 256 after warm-up) and the
+  fine-tuning, measured CPU latency (batches of 256 test inputs; teacher and student timed in 5
+  alternating rounds of warm-up + 10 batches, medians) and the
   ratio latency speedup / FLOP reduction. Goal: LeNet-300-100 >= 4x FLOPs with <= 1 point drop
   after fine-tuning, and latency speedup >= 0.7 x FLOP reduction.
 - "scale": layer outputs of a CIFAR-shaped VGG-19 (3 x 32 x 32 inputs; width 1/4 so that the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -78,6 +80,19 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
+def paired_latency_ms(
+    teacher: torch.nn.Module, student: torch.nn.Module, example: torch.Tensor, rounds: int = 5
+) -> tuple[float, float]:
+    """Median latencies measured in alternating rounds (each: warm-up + 10 timed batches), so
+    that load changes on shared cores hit teacher and student alike."""
+    device = torch.device("cpu")
+    t_runs, s_runs = [], []
+    for _ in range(rounds):
+        t_runs.append(measure_latency_ms(teacher, example, device, warmup=3, repeats=10))
+        s_runs.append(measure_latency_ms(student, example, device, warmup=3, repeats=10))
+    return statistics.median(t_runs), statistics.median(s_runs)
+
+
 def emit(record: dict[str, Any]) -> None:
     line = json.dumps(record, default=lambda v: float(v) if isinstance(v, torch.Tensor) else str(v))
     print(line, flush=True)
@@ -123,9 +138,8 @@ def tradeoff(quick: bool, finetune_epochs: int) -> None:
                 example,
                 accuracy(teacher, data.test),
                 model_cost(teacher, shape),
-                measure_latency_ms(teacher, example, device, warmup=10, repeats=30),
             )
-        loaded, data, shape, example, t_acc, t_cost, t_lat = cache[name]
+        loaded, data, shape, example, t_acc, t_cost = cache[name]
         start = time.perf_counter()
         res = build_student(
             loaded.model,
@@ -138,14 +152,14 @@ def tradeoff(quick: bool, finetune_epochs: int) -> None:
         build_s = time.perf_counter() - start
         student = res.student.eval()
         acc0 = accuracy(student, data.test)
-        lat0 = measure_latency_ms(student, example, device, warmup=10, repeats=30)
+        _, lat0 = paired_latency_ms(loaded.model, student, example, rounds=3)
         cost = model_cost(student, shape)
         epochs = finetune_epochs if "lenet" in name else max(1, finetune_epochs // 2)
         settings = TrainSettings(epochs=epochs, lr=1e-3, batch_size=64, beta=0.5, seed=0)
         train_classifier(student, data, settings, device, teacher=loaded.model)
         student.eval()
         acc1 = accuracy(student, data.test)
-        lat1 = measure_latency_ms(student, example, device, warmup=10, repeats=30)
+        t_lat, lat1 = paired_latency_ms(loaded.model, student, example)
         red = t_cost.flops / cost.flops
         speed = t_lat / lat1
         emit(
@@ -254,6 +268,7 @@ def scale(quick: bool, n: int, rank: int, sketch: int, exact_rows: int, batch: i
                 "rank": rank,
                 "sketch_size": sketch,
                 "dtype": "float32",
+                "threads": torch.get_num_threads(),
                 "sketch_seconds": seconds[key],
                 "forward_seconds": forward_s,
                 "rows_per_second_sketch": n / seconds[key],
@@ -363,7 +378,17 @@ def main() -> None:
     parser.add_argument("--exact-rows", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--finetune", type=int, default=6)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/BLAS threads (1 avoids spin contention on shared cores)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
     n = args.rows or (5000 if args.quick else 50_000)
     if args.only in (None, "tradeoff"):
         tradeoff(args.quick, args.finetune)

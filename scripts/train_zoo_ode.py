@@ -46,10 +46,10 @@ JOBS: dict[str, ODEJob] = {
         "ODENet4 (BN-LN, width 32) on 8x8 digits, Euler n=2, backprop",
     ),
     "odenet4_digits_rk2smooth": ODEJob(
-        SolverConfig(solver="rk2", steps=4, u=0.5),
+        SolverConfig(solver="rk2", steps=2, u=0.5),
         RegimeSettings(kind="smoothing", u=0.5, u_mean=0.5, u_std=0.0125, seed=0),
-        ODETrainSettings(epochs=15, batch_size=64, lr=1e-2, schedule="cosine", seed=0),
-        "ODENet4 (BN-LN, width 32) on 8x8 digits, RK2 n=4 with solver smoothing u ~ N(0.5, 0.0125)",
+        ODETrainSettings(epochs=12, batch_size=64, lr=1e-2, schedule="cosine", seed=0),
+        "ODENet4 (BN-LN, width 32) on 8x8 digits, RK2 n=2 with solver smoothing u ~ N(0.5, 0.0125)",
     ),
 }
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
@@ -820,6 +820,11 @@ def attack_command(
 
     def body(ctx: CommandContext) -> CommandOutput:
         plan = build_plan(method, norm, delta, eps, params)
+        ctx.params["resolved"] = {
+            "method": plan.method,
+            "budgets": plan.budgets,
+            **asdict(plan.attack.settings),
+        }
         specs = (
             parse_solver_spec(attack_solver) if attack_solver else None,
             parse_solver_spec(eval_solver) if eval_solver else None,

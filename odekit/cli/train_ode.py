@@ -39,6 +39,7 @@ from odekit.methods.ode_train import (
 from odekit.models import build_model
 from odekit.models.ode_models import (
     ACTIVATIONS,
+    CNF,
     NORM_HELP,
     NORMS,
     TRACE_MODES,
@@ -171,7 +172,7 @@ def _plot_curves(path: Path, history: list[dict[str, float]], task: str, force: 
     save_figure(fig, path, force)
 
 
-def _plot_density(path: Path, model: torch.nn.Module, data: ToyData, device: torch.device, force: bool) -> None:
+def _plot_density(path: Path, model: CNF, data: ToyData, device: torch.device, force: bool) -> None:
     xs, ys, log_p = density_grid(model, data.test, device)
     fig, axes = new_figure(2, 1, (4.2, 4.0))
     pts = data.test[:2000].numpy()
@@ -251,7 +252,7 @@ def train_ode_command(
         density_path = ctx.path("density.png") if key == "density" else None
         for name in ("norm_first", "norm_ode"):
             value = arch_opts[name]
-            if value is not None and value.lower() not in NORMS:
+            if isinstance(value, str) and value.lower() not in NORMS:
                 raise UsageError(f"unknown normalization '{value}' for --{name.replace('_', '-')}", f"choose one of {', '.join(NORMS)}")
         if activation is not None and activation not in ACTIVATIONS:
             raise UsageError(f"unknown activation '{activation}'", f"choose one of {', '.join(ACTIVATIONS)}")
@@ -333,10 +334,11 @@ def train_ode_command(
         if name.strip().lower() not in TOY_DATASETS:
             raise UsageError(f"'{name}' is not a 2-D toy data set", f"choose one of {', '.join(TOY_DATASETS.names())}")
         toy = load_toy(name, train_samples, test_samples, seed)
+        assert isinstance(net, CNF)  # arch 'cnf' builds one
         set_solver(net, config)
         args["solver"] = config.to_dict()
         ctx.inputs["data"] = toy.describe()
-        result = train_cnf(net, toy, settings, regime, ctx.device, progress=ctx.progress)  # type: ignore[arg-type]
+        result = train_cnf(net, toy, settings, regime, ctx.device, progress=ctx.progress)
         meta = ode_checkpoint_meta(
             arch, args, num_classes=None, input_shape=[2], normalization=None, dataset=toy.describe(),
             config=config, regime=regime, result=result, task="density",

@@ -48,10 +48,23 @@ def _wide_svd(m: Tensor) -> tuple[Tensor, Tensor]:
     return s, vh
 
 
-def _gram_shrink_factors(m: Tensor) -> tuple[Tensor, Tensor]:
+def _gram_shrink_factors(m: Tensor, orth_sq: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of the small Gram matrix m m^T: squared singular values (descending)
-    and the left singular vectors U (m x k), so that rows of Vh are U^T m / s."""
-    gram = m @ m.T
+    and the left singular vectors U (m x k), so that rows of Vh are U^T m / s.
+
+    ``orth_sq``: the first k rows of m are known to be mutually orthogonal with these squared
+    norms (the previous shrink's output), which halves the cost of forming the Gram matrix."""
+    if orth_sq is not None and orth_sq.numel() > 0:
+        k = orth_sq.numel()
+        old, new = m[:k], m[k:]
+        cross = new @ old.T
+        gram = torch.empty(m.shape[0], m.shape[0], dtype=m.dtype, device=m.device)
+        gram[:k, :k] = torch.diag(orth_sq)
+        gram[k:, :k] = cross
+        gram[:k, k:] = cross.T
+        gram[k:, k:] = new @ new.T
+    else:
+        gram = m @ m.T
     evals, evecs = torch.linalg.eigh(gram)
     return evals.flip(0).clamp_min(0.0), evecs.flip(1)
 
@@ -103,6 +116,7 @@ class FrequentDirections:
         # Buffer of 2 ell rows: rows [0, filled) hold the current (unshrunk) sketch.
         self._buf = torch.zeros(2 * self.sketch_size, self.dim, device=self.device, dtype=dtype)
         self._filled = 0
+        self._orth_sq: Tensor | None = None
         self.delta = 0.0  # total shrinkage: certified bound on ||A^T A - B^T B||_2
         self.frobenius_sq = 0.0  # ||A||_F^2 of everything that entered
         self.n_rows = 0
@@ -148,7 +162,7 @@ class FrequentDirections:
         if self.shrink == "gram":
             # B_new = diag(sqrt(1 - delta / lambda_i)) U^T B: a contraction of B, so
             # B^T B - B_new^T B_new stays PSD with norm delta whatever the rounding in U
-            sq, u = _gram_shrink_factors(buf)
+            sq, u = _gram_shrink_factors(buf, self._orth_sq)
         else:
             s, vh = _wide_svd(buf)
             sq = s.pow(2)
@@ -166,6 +180,8 @@ class FrequentDirections:
         self._buf.zero_()
         self._buf[:keep] = new_rows
         self._filled = keep
+        # the kept rows are mutually orthogonal with squared norms s_i^2 - delta
+        self._orth_sq = (sq[:keep] - delta).clamp_min(0.0) if self.shrink == "gram" else None
         self.delta += delta
         self.n_shrinks += 1
 

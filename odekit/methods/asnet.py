@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ class ChainModel:
 class ASNet(nn.Sequential):
     """pre-model -> flatten -> AS layer (Linear n_l -> r) -> PCE layer (r -> classes)."""
 
+    pre: nn.Sequential
+    active: nn.Linear
+    pce: PCELayer
+
     def __init__(self, pre: nn.Sequential, features: int, rank: int, degree: int, num_classes: int) -> None:
         super().__init__(
             OrderedDict(
@@ -333,7 +338,7 @@ class ActiveSubspace:
         return max(0.0, 1.0 - kept / self.total_energy)
 
 
-def _train_batches(split: Split, settings: SubspaceSettings, device: torch.device) -> tuple[Split, int]:
+def _train_batches(split: Split, settings: SubspaceSettings) -> tuple[Split, int]:
     sub = split.subset(settings.samples, seed=settings.seed)
     return sub, sub.num_batches(settings.batch_size)
 
@@ -354,7 +359,7 @@ def active_subspace(
     ``on_batch(activations, labels)`` sees every batch's pre-model output (for baselines).
     """
     start = time.perf_counter()
-    sub, total = _train_batches(split, settings, device)
+    sub, total = _train_batches(split, settings)
     fd = FrequentDirections(cut.features, settings.sketch_size, device=device)
     act_sum = torch.zeros(cut.features, dtype=torch.float64, device=device)
     labels = iter(sub.batches(settings.batch_size))
@@ -386,16 +391,21 @@ def active_subspace(
 
 @torch.no_grad()
 def stream_features(pre: nn.Module, split: Split, batch_size: int, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """(pre-model output, labels) per batch, model in eval mode."""
+    """(pre-model output, labels) per batch, model in eval mode (restored afterwards)."""
+    was_training = pre.training
     pre.eval()
-    for x, y in split.batches(batch_size, device):
-        yield pre(x), y
+    try:
+        for x, y in split.batches(batch_size, device):
+            yield pre(x), y
+    finally:
+        pre.train(was_training)
 
 
 def _logreg_accuracy(
     x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int
 ) -> float:
     """Multinomial logistic regression on standardised features (thesis fig. 6.5b 'LR')."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -403,13 +413,9 @@ def _logreg_accuracy(
         raise NumericalError("logistic regression needs at least two classes in the training samples", "use more --samples")
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=500, C=1.0, random_state=seed)
-    import warnings as _warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-
-    with _warnings.catch_warnings():
+    with warnings.catch_warnings():
         # a not-quite-converged baseline is still a fair baseline; the report says max_iter
-        _warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(scaler.transform(x_train), y_train)
     return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
 
@@ -554,10 +560,9 @@ def project(
     )
 
 
-def _chunks(*tensors: Tensor, size: int = 4096) -> Iterator[tuple[Tensor, ...]]:
-    n = tensors[0].shape[0]
-    for i in range(0, n, size):
-        yield tuple(t[i : i + size] for t in tensors)
+def _chunks(a: Tensor, b: Tensor, size: int = 4096) -> Iterator[tuple[Tensor, Tensor]]:
+    for i in range(0, a.shape[0], size):
+        yield a[i : i + size], b[i : i + size]
 
 
 @dataclass
@@ -596,6 +601,7 @@ def _l1_prox(l1: float) -> Callable[[nn.Module, float], None]:
         for module in model.modules():
             if isinstance(module, COMPUTE_TYPES):
                 w = module.weight
+                assert isinstance(w, Tensor)
                 w.copy_(w.sign() * (w.abs() - t).clamp_min(0.0))
 
     return step
@@ -654,13 +660,12 @@ def build_asnet_from_teacher(
             "could not be rebuilt by load_model",
             "load the checkpoint with --arch NAME (see 'odekit info --help')",
         )
-    num_classes = data.num_classes
     teacher.to(device).eval()
     chain = ChainModel(teacher, input_shape)
     cut = chain.cut(settings.cut)
     sub_settings = settings.subspace
     n_train = len(data.train.subset(sub_settings.samples, seed=sub_settings.seed))
-    warnings: list[str] = []
+    notes: list[str] = []
 
     requested = settings.rank
     if isinstance(requested, int) and requested > cut.features:
@@ -699,8 +704,9 @@ def build_asnet_from_teacher(
     keep = LOGREG_MAX_SAMPLES if settings.baselines else 0
     train = project(pre, fit_split, {"as": (V, None)}, bs, device, post=post, sketch=pca_fd, center=mean, keep_features=keep)
     assert train.logits is not None
+    num_classes = int(train.logits.shape[1])  # the teacher's outputs, which may exceed the data's classes
     head = fit_head(train.z["as"], train.logits, settings.degree, settings.ridge)
-    warnings += head.fit.warnings
+    notes += head.fit.warnings
 
     asnet = ASNet(copy.deepcopy(pre), cut.features, rank, settings.degree, num_classes).to(device)
     _standardise_into(asnet.active, V, head.mu.to(device), head.sigma.to(device))
@@ -718,12 +724,12 @@ def build_asnet_from_teacher(
     history = None
     if settings.finetune_epochs > 0:
         say(f"fine-tuning {settings.finetune_epochs} epochs (beta = {settings.beta}{', L1 ' + str(settings.l1) if settings.sparse else ''})")
-        train = TrainSettings(
+        train_settings = TrainSettings(
             epochs=settings.finetune_epochs, lr=settings.lr, batch_size=sub_settings.batch_size, beta=settings.beta,
             seed=sub_settings.seed,
         )  # fmt: skip
         history = train_classifier(
-            asnet, data, train, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
+            asnet, data, train_settings, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
             progress=progress,
         )  # fmt: skip
     asnet.eval()
@@ -782,7 +788,7 @@ def build_asnet_from_teacher(
             "history": history.epochs if history else [],
         },
         "flops_convention": "2 x multiply-adds per sample (torch FlopCounterMode); PCE basis products not counted",
-        "warnings": warnings,
+        "warnings": notes,
     }
     args = {
         "teacher_arch": teacher_arch.lower(),
@@ -794,7 +800,7 @@ def build_asnet_from_teacher(
         "degree": settings.degree,
         "num_classes": num_classes,
     }
-    return ASNetResult(asnet.cpu(), args, results, analysis, warnings, history)
+    return ASNetResult(asnet.cpu(), args, results, analysis, notes, history)
 
 
 def _baselines(

@@ -392,7 +392,11 @@ def train_ode_classifier(
         if settings.augment and x.ndim == 4:
             x = augment_images(x, generator)
         x, y = x.to(device), data.train.y[idx].to(device)
-        loop.step(lambda x=x, y=y: F.cross_entropy(model(x), y), step)
+
+        def loss_fn(x: Tensor = x, y: Tensor = y) -> Tensor:
+            return F.cross_entropy(model(x), y)
+
+        loop.step(loss_fn, step)
         steps_done = step
         if last or step == total:
             rec = loop.record(step, step / per_epoch, evaluate_classifier(model, test, device))
@@ -432,7 +436,11 @@ def train_cnf(
     for step in loop.progress.track(range(1, total + 1), total, "train-ode"):
         _, idx, _ = next(batches)
         x = data.train[idx].to(device)
-        loop.step(lambda x=x: -model.log_prob(x).mean(), step)
+
+        def nll(x: Tensor = x) -> Tensor:
+            return -model.log_prob(x).mean()
+
+        loop.step(nll, step)
         steps_done = step
         if step % every == 0 or step == total:
             rec = loop.record(step, step / per_epoch, evaluate_cnf(model, test, device))

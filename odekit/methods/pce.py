@@ -79,6 +79,9 @@ class PCELayer(nn.Module):
     constant term) holds the coefficients c_alpha; they train like any other weight.
     """
 
+    gather_index: Tensor
+    linear: nn.Linear
+
     def __init__(self, dim: int, degree: int, out_features: int) -> None:
         super().__init__()
         if dim < 1:

@@ -252,10 +252,6 @@ def _is_affine(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
     return node.op == "get_attr"
 
 
-def _input_nodes(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def _run_node(
     node: fx.Node, env: dict[fx.Node, Any], gm: fx.GraphModule, mods: dict[str, nn.Module]
 ) -> Any:
@@ -673,23 +669,24 @@ class _Stage(nn.Module):
         return a
 
 
-def _subgraph(gm: fx.GraphModule, start: str | None, end: str) -> fx.GraphModule:
-    """GraphModule computing node ``end`` from the model input (start None) or from node
-    ``start`` fed as the only placeholder."""
+def _subgraph(gm: fx.GraphModule, start: str | None, end: str | None) -> fx.GraphModule:
+    """The teacher's graph from the model input to node ``end`` (``start=None``: the pre-model),
+    or from node ``start``, fed as the only input, to the model output (``end=None``: the rest).
+    Only the submodules the piece calls are kept, under their teacher names."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     nodes = list(gm.graph.nodes)
     names = {n.name: n for n in nodes}
-    if end not in names:
-        raise UnsupportedModelError(f"node '{end}' is not in the traced teacher")
     if start is None:
+        if end not in names:
+            raise UnsupportedModelError(f"node '{end}' is not in the traced teacher")
         for n in nodes:
             if n.op == "output":
                 break
             env[n] = graph.node_copy(n, lambda m: env[m])
             if n.name == end:
                 break
-        graph.output(env[names[end]])
+        graph.output(env[names[str(end)]])
     else:
         if start not in names:
             raise UnsupportedModelError(f"node '{start}' is not in the traced teacher")
@@ -734,7 +731,7 @@ class RONStudent(nn.Module):
         teacher = build_model(teacher_arch, teacher_args).eval()
         gm = trace_model(teacher)
         self.pre = _subgraph(gm, None, input_node)
-        self.rest = _rest(gm, output_node)
+        self.rest = _subgraph(gm, output_node, None)
         dims: list[int] = []
         self.sources: list[list[int]] = []
         modules = []
@@ -762,10 +759,6 @@ class RONStudent(nn.Module):
         z = self.out_map(outs[-1])
         z = z.reshape(z.shape[0], *self.out_shape)
         return self.rest(z)
-
-
-def _rest(gm: fx.GraphModule, output_node: str) -> fx.GraphModule:
-    return _subgraph(gm, output_node, output_node)
 
 
 @register_arch(
@@ -918,6 +911,26 @@ def build_student(
         st.index: specs[0] if len(specs) == 1 else specs[i] for i, st in enumerate(region.states)
     }
     state_dims = {st.index: math.prod(region.shapes[st.out]) for st in region.states}
+    # integer ranks can be checked before any data is streamed
+    for st in region.states:
+        spec = spec_of[st.index]
+        if spec.name != "fixed":
+            continue
+        r, d = int(spec.value or 0), state_dims[st.index]
+        where = f"layer output '{_state_name(st)}' (layers {', '.join(st.layers) or '-'}, D={d})"
+        if r > d:
+            hint = f"choose a rank <= {d}"
+            if len(specs) == 1 and len(region.states) > 1:
+                dims = ", ".join(f"{s.out.name}: D={state_dims[s.index]}" for s in region.states)
+                hint += (
+                    f"; or give one rank per reduced layer output ({dims}), e.g. --rank 40,40,10"
+                )
+            raise NumericalError(f"{where}: rank {r} exceeds the layer dimension {d}", hint)
+        if n_total > 0 and r > n_total:
+            raise NumericalError(
+                f"{where}: rank {r} needs at least {r} samples, only {n_total} are used",
+                "pass more --samples or choose a smaller rank",
+            )
     sketch_dtype = torch.float64 if settings.sketch_dtype == "float64" else torch.float32
     n_hint = n_total if n_total > 0 else 10**9
     sketches: dict[int, FrequentDirections] = {}

@@ -32,6 +32,11 @@ class SolverConfig:
     t1: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("u", "rtol", "atol", "t1", "cheb_nodes", "checkpoints", "steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, int | float)):
+                raise UsageError(f"solver config '{name}' must be a number, got {value!r}")
         spec = SOLVERS.get(self.solver)  # UsageError listing names
         GRADIENT_METHODS.get(self.grad)
         object.__setattr__(self, "solver", spec.name)
@@ -52,6 +57,14 @@ class SolverConfig:
             raise UsageError(f"checkpoints must be an integer >= 1, got {self.checkpoints}")
         if not (math.isfinite(self.t1) and self.t1 > 0):
             raise UsageError(f"t1 must be a positive finite number, got {self.t1}")
+        # Canonical types, so configs read back from JSON compare equal.
+        for name in ("u", "rtol", "atol", "t1"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        for name in ("cheb_nodes", "checkpoints"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.steps is not None:
+            object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "seminorm", bool(self.seminorm))
 
     @property
     def adaptive(self) -> bool:

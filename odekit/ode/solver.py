@@ -89,38 +89,46 @@ def _comb(y: Sequence[Tensor], h: float, coefs: Sequence, ks: Sequence[Sequence[
     return list(y[lo:hi]) if out is None else out
 
 
+def _norm(xs: Sequence[Tensor], scale: Sequence[Tensor], n_solo: int | None = None) -> Tensor:
+    """Eq. 1.4: RMS of xs / scale. The first `n_solo` tensors are normed one by one, the rest
+    as one concatenated vector; the result is the max over these blocks."""
+    xs = list(xs)
+    n_solo = len(xs) if n_solo is None else n_solo
+    norms = torch._foreach_norm(torch._foreach_div(xs, list(scale)))
+    parts = [n / math.sqrt(max(x.numel(), 1)) for n, x in zip(norms[:n_solo], xs[:n_solo],
+                                                              strict=True)]
+    if len(xs) > n_solo:
+        count = sum(x.numel() for x in xs[n_solo:])
+        parts.append(torch.stack(list(norms[n_solo:])).square().sum().sqrt()
+                     / math.sqrt(max(count, 1)))
+    return parts[0] if len(parts) == 1 else torch.stack(parts).max()
+
+
 def _rms_ratio(err: list[Tensor], y: list[Tensor], y_new: list[Tensor], rtol: float,
-               atol: float) -> Tensor:
-    """Eq. 1.4 per component (RMS of err / (atol + rtol max(|y|, |y_new|))), max over components."""
+               atol: float, n_solo: int | None = None) -> Tensor:
+    """Error ratio with scale atol + rtol max(|y|, |y_new|) (eq. 1.4)."""
     sc = torch._foreach_maximum(torch._foreach_abs(y), torch._foreach_abs(y_new))
     torch._foreach_mul_(sc, rtol)
     torch._foreach_add_(sc, atol)
-    norms = torch._foreach_norm(torch._foreach_div(err, sc))
-    scaled = [n / math.sqrt(max(e.numel(), 1)) for n, e in zip(norms, err, strict=True)]
-    return scaled[0] if len(scaled) == 1 else torch.stack(scaled).max()
-
-
-def _norm(xs: Sequence[Tensor], scale: Sequence[Tensor]) -> Tensor:
-    norms = torch._foreach_norm(torch._foreach_div(list(xs), list(scale)))
-    scaled = [n / math.sqrt(max(x.numel(), 1)) for n, x in zip(norms, xs, strict=True)]
-    return scaled[0] if len(scaled) == 1 else torch.stack(scaled).max()
+    return _norm(err, sc, n_solo)
 
 
 def initial_step(dyn: Dyn, t0: float, y0: list[Tensor], f0: list[Tensor], n_active: int,
-                 n_norm: int, direction: float, q: int, ctl: StepControl) -> float:
+                 n_norm: int, direction: float, q: int, ctl: StepControl,
+                 n_solo: int | None = None) -> float:
     """Hairer & Wanner's starting step (II.4): one extra f evaluation."""
     with torch.no_grad():
         scale = torch._foreach_add(torch._foreach_mul(torch._foreach_abs(y0[:n_norm]), ctl.rtol),
                                    ctl.atol)
-        d0 = float(_norm(list(y0[:n_norm]), scale))
-        d1 = float(_norm(list(f0[:n_norm]), scale))
+        d0 = float(_norm(list(y0[:n_norm]), scale, n_solo))
+        d1 = float(_norm(list(f0[:n_norm]), scale, n_solo))
         h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
         h0 = min(h0, ctl.max_step)
         y1 = torch._foreach_add(list(y0[:n_active]), list(f0[:n_active]), alpha=direction * h0)
     f1 = dyn(t0 + direction * h0, list(y1))
     with torch.no_grad():
         diff = torch._foreach_sub(list(f1[:n_norm]), list(f0[:n_norm]))
-        d2 = float(_norm(diff, scale)) / h0
+        d2 = float(_norm(diff, scale, n_solo)) / h0
     h1 = max(1e-06, h0 * 0.001) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1.0 / (q + 1))
     return min(100 * h0, h1, ctl.max_step)
 
@@ -137,6 +145,7 @@ def integrate(
     plan: Sequence[tuple[float, float]] | None = None,
     control: StepControl | None = None,
     n_norm: int | None = None,
+    n_solo: int | None = None,
     out_times: Sequence[float] = (),
     record_steps: bool = False,
     on_accept: Callable[[float, list[Tensor]], None] | None = None,
@@ -145,7 +154,9 @@ def integrate(
     steps, a replay `plan` of (t, t_new) steps, or adaptive `control` (needs error weights).
 
     `out_times` (sorted from t0 towards t1, each in (t0, t1]) are read for component 0 from
-    the dense output of the step that contains them, with no extra f evaluation.
+    the dense output of the step that contains them, with no extra f evaluation. The error
+    norm covers the first `n_norm` components; the first `n_solo` of them are normed one by
+    one and the rest as one vector (default: every component on its own).
     """
     n_total = len(y0)
     n_active = n_total if n_active is None else n_active
@@ -234,7 +245,8 @@ def integrate(
     if ctl.first_step is not None:
         h = direction * min(abs(ctl.first_step), ctl.max_step)
     else:
-        h = direction * initial_step(dyn, t0, y, k1, n_active, n_norm, direction, co.q, ctl)
+        h = direction * initial_step(dyn, t0, y, k1, n_active, n_norm, direction, co.q, ctl,
+                                     n_solo)
         res.nfe += 1
     expo = 1.0 / (co.q + 1)
     last_rejected = False
@@ -254,7 +266,8 @@ def integrate(
         res.nfe += co.stages - 1
         with torch.no_grad():
             err = _comb([torch.zeros_like(x) for x in y[:n_norm]], h, co.e, ks, 0, n_norm, True)
-            ratio = float(_rms_ratio(err, y[:n_norm], y_new[:n_norm], ctl.rtol, ctl.atol))
+            ratio = float(_rms_ratio(err, y[:n_norm], y_new[:n_norm], ctl.rtol, ctl.atol,
+                                      n_solo))
         if ratio <= 1.0:  # accept (NaN compares False and is rejected)
             t_new = t1 if hit_end else t + h
             finish_step(t, t_new, h, y, y_new, ks)

@@ -111,3 +111,25 @@ def test_existing_outputs_are_not_overwritten(checkpoints_dir, tmp_path) -> None
     assert result.exit_code == 1 and "exists" in result.stderr
     assert (out / "asnet.safetensors").read_bytes() == b"keep me"
     assert sorted(p.name for p in out.iterdir()) == ["asnet.safetensors"]
+
+
+def test_rank_auto_uses_the_eps_count(checkpoints_dir, tmp_path) -> None:
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), "--cut", "fc2", "--rank", "auto", "--samples",
+                   "300", "--no-baselines", "--no-latency", "--device", "cpu", "-o", str(tmp_path / "auto"), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)["results"]
+    assert r["cut"]["rank"] == r["cut"]["active_neurons"] == r["active_neurons"]["2"] <= 9
+    assert r["cut"]["eps_at_rank"] <= 0.05 * 2  # eq. 6.17 keeps (1 - eps)^2 of the energy
+
+
+@pytest.mark.slow
+def test_vgg_goal_five_times_smaller_within_two_points(checkpoints_dir, tmp_path) -> None:
+    """The issue's goal, with every default on (baselines, latency) and distillation fine-tuning."""
+    result = _run([str(checkpoints_dir / "vgg11_digits.safetensors"), "--cut", "4", "--rank", "8", "--finetune", "3",
+                   "-o", str(tmp_path / "goal"), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)["results"]
+    assert r["storage_reduction"] >= 5
+    assert r["accuracy_drop_points"] <= 2
+    assert r["baselines"]["as_pce"] >= r["baselines"]["pca_pce"] - 0.01
+    assert r["latency_ms"]["asnet_ms_batch1"] > 0

@@ -20,7 +20,7 @@ def _tall(n: int, r: int, seed: int, dtype=torch.float64) -> torch.Tensor:
     return a.to(dtype)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 80), r=st.integers(1, 12), seed=st.integers(0, 10_000))
 def test_maxvol_dominance(n, r, seed):
     r = min(r, n)
@@ -64,7 +64,7 @@ def test_maxvol_rank_deficient_and_bad_shapes():
         maxvol(torch.randn(5, 3), tol=0.5)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     n=st.integers(2, 120),
     r=st.integers(1, 10),

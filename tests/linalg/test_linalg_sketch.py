@@ -41,7 +41,7 @@ def _cov_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(a.T @ a - b.T @ b, ord=2))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     n=st.integers(1, 120),
     d=st.integers(1, 40),
@@ -82,7 +82,7 @@ def test_fd_first_batch_enters_and_exact_when_rank_fits():
     assert _cov_err(a, fd.sketch) < 1e-8 * float(a.pow(2).sum())
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     shards=st.integers(2, 4),
     n=st.integers(10, 60),

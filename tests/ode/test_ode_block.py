@@ -101,3 +101,11 @@ def test_block_u_override_float_and_tensor():
     block.u_override = torch.tensor(0.0)
     with pytest.raises(UsageError):
         block(x)
+
+
+def test_config_canonical_types_and_non_numbers():
+    c = SolverConfig.from_dict({"solver": "rk4", "steps": 10.0, "u": 1, "t1": 2})
+    assert c == SolverConfig(solver="rk4", steps=10, u=1.0, t1=2.0)
+    assert isinstance(c.steps, int) and isinstance(c.u, float)
+    with pytest.raises(UsageError, match="must be a number"):
+        SolverConfig(rtol="1e-3")  # type: ignore[arg-type]

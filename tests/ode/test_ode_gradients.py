@@ -305,3 +305,19 @@ def test_cuda_all_methods():
         assert rel_err(gs, ref) < 1e-3
     sol = odeint(f, z0, t, solver="rk2", steps=4, u=torch.tensor(0.7, device="cuda"))
     assert sol.z.device.type == "cuda"
+
+
+@pytest.mark.parametrize("grad", ["rdm", "irdm"])
+def test_adjoint_accuracy_does_not_depend_on_loss_scale(grad):
+    """The backward solves are run for the normalised cotangent, so scaling the loss (e.g. a
+    mean over a large batch) scales the gradient exactly and costs the same steps."""
+    torch.manual_seed(0)
+    f = MLP().to(F64)
+    z0 = torch.randn(8, 3, dtype=F64, requires_grad=True)
+    out = []
+    for scale in (1.0, 1e-7):
+        sol = odeint(f, z0, torch.tensor([0.0, 1.0]), grad=grad, rtol=1e-5, atol=1e-5)
+        gs = torch.autograd.grad(scale * sol.z[-1].square().sum(), [z0, *f.parameters()])
+        out.append(([g / scale for g in gs], sol.stats.nfe_backward))
+    assert rel_err(out[1][0], out[0][0]) < 1e-12
+    assert out[0][1] == out[1][1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -24,7 +25,7 @@ def _run(args: list[str]):
 def _check_report(report: dict, out) -> dict:
     r = report["results"]
     for key in ("teacher", "student"):
-        assert COST_KEYS <= set(r[key])
+        assert set(r[key]) >= COST_KEYS
         assert r[key]["latency_ms"] > 0
     assert r["flop_reduction"] == pytest.approx(r["teacher"]["flops"] / r["student"]["flops"])
     assert r["accuracy_drop"] == pytest.approx(r["teacher"]["accuracy"] - r["student"]["accuracy"])
@@ -34,7 +35,7 @@ def _check_report(report: dict, out) -> dict:
         assert layer["error_factor"] >= 1.0 and layer["amplification"] >= 1.0 - 1e-6
         sv = layer["singular_values_normalized"]
         assert sv[0] == pytest.approx(1.0) and all(
-            a >= b - 1e-9 for a, b in zip(sv, sv[1:], strict=False)
+            a >= b - 1e-9 for a, b in itertools.pairwise(sv)
         )
     assert r["reload_max_abs_diff"] == 0.0
     assert (out / "singular_values.png").stat().st_size > 1000
@@ -64,20 +65,18 @@ def test_lenet300_reduce_end_to_end(checkpoints_dir, tmp_path):
 def test_vgg_reduce_end_to_end_with_pooling(checkpoints_dir, tmp_path):
     out = tmp_path / "run"
     ckpt = checkpoints_dir / "vgg11_digits.safetensors"
-    result = _run([str(ckpt), "--layers", "5-8", "--rank", "24", "--samples", "300", "--latency-batch", "32",
+    result = _run([str(ckpt), "--layers", "7-8", "--rank", "16", "--samples", "300", "--latency-batch", "32",
                    "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     r = _check_report(json.loads(result.stdout), out)
-    assert [layer["layers"] for layer in r["layers"]] == [
-        ["conv5"],
-        ["conv6"],
-        ["conv7"],
-        ["conv8"],
-    ]
-    assert [layer["pooled"] for layer in r["layers"]] == [False, True, False, True]
-    assert [layer["dim"] for layer in r["layers"]] == [2048, 512, 512, 128]
-    assert r["ranks"] == [24, 24, 24, 24] and r["rows"] == [36, 36, 36, 36]
-    assert r["flop_reduction"] > 1.2
+    assert [layer["layers"] for layer in r["layers"]] == [["conv7"], ["conv8"]]
+    assert [layer["pooled"] for layer in r["layers"]] == [
+        False,
+        True,
+    ]  # conv8 -> BN -> ReLU -> max-pool
+    assert [layer["dim"] for layer in r["layers"]] == [512, 128]
+    assert r["ranks"] == [16, 16] and r["rows"] == [24, 24]
+    assert r["flop_reduction"] > 1.1
     assert r["accuracy_drop"] < 0.05
     student = load_model(out / "student.safetensors").model
     teacher = load_model(ckpt).model
