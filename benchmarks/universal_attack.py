@@ -126,6 +126,7 @@ def summarise(cases: list[dict[str, object]], name: str, delta: float) -> dict[s
         "summary": True,
         "model": name,
         "delta_pixel_l2": delta,
+        "fit_samples": cases[0]["fit_samples"] if cases else None,
     }
     means = {}
     for method in METHODS:

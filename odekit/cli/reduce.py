@@ -37,7 +37,7 @@ from odekit.writers.plots import new_figure, save_figure
 
 EPILOG = """Examples:
 
-  odekit reduce checkpoints/lenet300_digits.safetensors --layers 1-3 --rank 40 --finetune 10
+  odekit reduce checkpoints/lenet300_digits.safetensors --layers 1-3 --rank 40,40,10 --finetune 6
 
   odekit reduce checkpoints/vgg11_digits.safetensors --layers 3-8 --rank vbmf -o runs/ron38
 
@@ -74,7 +74,8 @@ def reduce_command(
         str,
         typer.Option(
             "--rank",
-            help="Embedding size R_k per layer: vbmf | energy:F | factor:F | an integer.",
+            help="Embedding size R_k: vbmf | energy:F | factor:F | an integer, for every reduced layer output, "
+            "or a comma list with one per output (e.g. 40,40,10).",
             rich_help_panel=RON,
         ),
     ] = "vbmf",
@@ -115,7 +116,7 @@ def reduce_command(
     ] = 0,
     lr: Annotated[
         float, typer.Option("--lr", help="Fine-tuning learning rate.", rich_help_panel=RON)
-    ] = 1e-3,
+    ] = 5e-4,
     beta: Annotated[
         float,
         typer.Option(
@@ -263,7 +264,7 @@ def reduce_command(
         }
         table = ResultTable(
             "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
-            ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "||V(SV)^+||", "residual energy"],
+            ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "1/s_min(S V) (eq. 5.18)", "residual energy"],
             [
                 [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
                  r.error_factor, r.amplification, r.residual_energy]
@@ -327,7 +328,7 @@ def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) 
     fig, axes = new_figure(1, 1, (6.5, 4.2))
     ax = axes[0][0]
     for layer in layers:
-        s = [v for v in layer.singular_values if v > 0]
+        s = [v for v in layer.singular_values if v > 1e-12]  # drop numerical zeros (dead units)
         if not s:
             continue
         label = f"{','.join(layer.layers) or layer.state} (D={layer.dim}, R={layer.rank})"

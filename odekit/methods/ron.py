@@ -750,6 +750,16 @@ class RONStudent(nn.Module):
             else nn.Linear(out_rows, math.prod(self.out_shape), bias=False)
         )
 
+    def train(self, mode: bool = True) -> RONStudent:
+        """Fine-tuning keeps the teacher parts' BatchNorm statistics frozen: the reduced layers
+        were fitted to the eval-mode activations of the pre-model."""
+        super().train(mode)
+        if mode:
+            for m in [*self.pre.modules(), *self.rest.modules()]:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.pre(x)
         h = h.reshape(h.shape[0], -1)

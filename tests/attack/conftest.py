@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread inside these tests (fastest on a shared CPU); restored afterwards so
+    other test folders keep their own setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"

@@ -225,3 +225,15 @@ def test_bad_ranges_and_ranks_are_clear_errors():
         RonSettings(layers="1-3", oversample=0.5)
     with pytest.raises(UsageError):
         RonSettings(layers="1-3", rank="energy:2")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_student_on_cuda_matches_cpu():
+    model, args, sample = _cone_mlp()
+    x = sample(120, 1)
+    settings = RonSettings(layers="1-3", rank="3,3,4")
+    cpu = build_student(model, "mlp", args, (20,), x, settings)
+    gpu = build_student(model, "mlp", args, (20,), x, settings, device="cuda")
+    xt = sample(10, 3)
+    with torch.no_grad():
+        assert torch.allclose(gpu.student(xt.cuda()).cpu(), cpu.student(xt), atol=1e-8)
