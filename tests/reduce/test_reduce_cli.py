@@ -13,6 +13,7 @@ from odekit.cli.app import app
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import load_dataset
 from odekit.methods.evaluation import accuracy
+from odekit.methods.ron import RonSettings, build_student
 from odekit.models.layers import total_flops
 
 COST_KEYS = {"accuracy", "flops", "params", "latency_ms"}
@@ -34,9 +35,7 @@ def _check_report(report: dict, out) -> dict:
         assert layer["rank"] <= layer["rows"] <= layer["dim"]
         assert layer["error_factor"] >= 1.0 and layer["amplification"] >= 1.0 - 1e-6
         sv = layer["singular_values_normalized"]
-        assert sv[0] == pytest.approx(1.0) and all(
-            a >= b - 1e-9 for a, b in itertools.pairwise(sv)
-        )
+        assert sv[0] == pytest.approx(1.0) and all(a >= b - 1e-9 for a, b in itertools.pairwise(sv))
     assert r["reload_max_abs_diff"] == 0.0
     assert (out / "singular_values.png").stat().st_size > 1000
     assert (out / "report.md").exists()
@@ -46,8 +45,8 @@ def _check_report(report: dict, out) -> dict:
 def test_lenet300_reduce_end_to_end(checkpoints_dir, tmp_path):
     out = tmp_path / "run"
     ckpt = checkpoints_dir / "lenet300_digits.safetensors"
-    result = _run([str(ckpt), "--layers", "1-3", "--rank", "40,40,10", "--samples", "600", "--finetune", "1",
-                   "--latency-batch", "64", "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
+    result = _run([str(ckpt), "--layers", "1-3", "--rank", "40,40,10", "--samples", "400", "--finetune", "1",
+                   "--latency-batch", "16", "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     r = _check_report(json.loads(result.stdout), out)
     assert r["ranks"] == [40, 40, 10] and r["rows"] == [60, 60, 10]
@@ -62,10 +61,11 @@ def test_lenet300_reduce_end_to_end(checkpoints_dir, tmp_path):
     assert total_flops(student.model, (1, 28, 28)) == r["student"]["flops"]
 
 
+@pytest.mark.slow
 def test_vgg_reduce_end_to_end_with_pooling(checkpoints_dir, tmp_path):
     out = tmp_path / "run"
     ckpt = checkpoints_dir / "vgg11_digits.safetensors"
-    result = _run([str(ckpt), "--layers", "7-8", "--rank", "16", "--samples", "300", "--latency-batch", "32",
+    result = _run([str(ckpt), "--layers", "7-8", "--rank", "16", "--samples", "200", "--latency-batch", "4",
                    "--device", "cpu", "-o", str(out), "--json"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     r = _check_report(json.loads(result.stdout), out)
@@ -83,6 +83,26 @@ def test_vgg_reduce_end_to_end_with_pooling(checkpoints_dir, tmp_path):
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         assert student(x).shape == teacher(x).shape == (3, 10)
+
+
+def test_vgg_student_from_shipped_checkpoint(checkpoints_dir):
+    """Library-level twin of the (slow) VGG end-to-end test: pooled states, FLOPs, agreement."""
+    loaded = load_model(checkpoints_dir / "vgg11_digits.safetensors")
+    data = load_dataset("digits", input_shape=(1, 32, 32), normalization=loaded.meta.normalization)
+    res = build_student(
+        loaded.model, loaded.meta.arch, loaded.meta.args, (1, 32, 32), data.train.x[:150],
+        RonSettings(layers="conv7-conv8", rank="16"),
+    )  # fmt: skip
+    assert [r.layers for r in res.layers] == [["conv7"], ["conv8"]]
+    assert [r.pooled for r in res.layers] == [False, True] and [r.rows for r in res.layers] == [
+        24,
+        24,
+    ]
+    assert total_flops(res.student, (1, 32, 32)) < total_flops(loaded.model, (1, 32, 32))
+    x = data.test.x[:120]
+    with torch.no_grad():
+        agree = (res.student(x).argmax(1) == loaded.model(x).argmax(1)).float().mean()
+    assert float(agree) >= 0.95
 
 
 @pytest.mark.parametrize(
