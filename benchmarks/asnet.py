@@ -204,10 +204,14 @@ def markdown(path: Path = RESULTS) -> str:
         key = (r["case"], r["model"], r["cut"], r["rank"], r.get("sparse"), r.get("finetune_epochs"))
         latest[key] = r
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+
+    def speed(lat: dict[str, float]) -> str:
+        b = [k.split("_ms_")[1] for k in lat if k.startswith("teacher_ms_")]
+        return " / ".join(f"{lat[f'teacher_ms_{x}'] / lat[f'asnet_ms_{x}']:.2f}" for x in b) or "-"
     out = [
         "| model | cut | n_l | r | active (eps 0.05) | teacher % | before FT % | after FT % | storage x | FLOPs x "
-        "| AS+PCE % | PCA+PCE % | AS+LR % | PCA+LR % | LR(all) % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| latency x (b1 / b128) | AS+PCE % | PCA+PCE % | AS+LR % | PCA+LR % | LR(all) % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in latest.values() if r["case"] == "compress"):
         name = r["model"].replace("_digits", "") + (" (ASNet-s)" if r["sparse"] else "")
@@ -219,7 +223,7 @@ def markdown(path: Path = RESULTS) -> str:
         out.append(
             f"| {name} | {r['cut']} | {r['n_l']} | {r['rank']} | {r['active_neurons_eps0.05']} | {pct(r['teacher_accuracy'])} "
             f"| {pct(r['accuracy_before_finetune'])} | {pct(r['accuracy_after_finetune'])} ({r['finetune_epochs']} ep) "
-            f"| {storage} | {flops} | {pct(r['as_pce'])} | {pct(r['pca_pce'])} | {pct(r['as_logreg'])} "
+            f"| {storage} | {flops} | {speed(r['latency_ms'])} | {pct(r['as_pce'])} | {pct(r['pca_pce'])} | {pct(r['as_logreg'])} "
             f"| {pct(r['pca_logreg'])} | {pct(r['logreg_features'])} |"
         )
     out += [

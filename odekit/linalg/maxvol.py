@@ -27,7 +27,7 @@ __all__ = ["maxvol", "maxvol_coefficients", "rect_maxvol", "rect_maxvol_error_fa
 def _lu_pivot_rows(a: Tensor) -> Tensor:
     """First r rows chosen by partial-pivoting LU of a (b, n, r) -> (b, r) indices."""
     b, n, r = a.shape
-    _, piv = torch.linalg.lu_factor(a)  # LAPACK-style 1-based sequential row swaps, (b, r)
+    _, piv, _ = torch.linalg.lu_factor_ex(a)  # LAPACK-style 1-based row swaps, (b, r)
     piv = piv.long() - 1
     perm = torch.arange(n, device=a.device).expand(b, n).clone()
     ar = torch.arange(b, device=a.device)
@@ -82,13 +82,16 @@ def maxvol(
     b = a64.shape[0]
     sv = torch.linalg.svdvals(a64)
     rank_tol = sv[:, :1] * max(n, r) * torch.finfo(torch.float64).eps * 10
+    deficient = NumericalError(
+        "maxvol: the matrix is rank deficient (no invertible r x r submatrix)",
+        "lower the rank so that the columns are linearly independent",
+    )
+    if bool((sv[:, -1:] <= rank_tol).any()):
+        raise deficient
     idx = _lu_pivot_rows(a64)
     c = _solve_coefficients(a64, idx)
-    if bool((sv[:, -1:] <= rank_tol).any()) or not bool(torch.isfinite(c).all()):
-        raise NumericalError(
-            "maxvol: the matrix is rank deficient (no invertible r x r submatrix)",
-            "lower the rank so that the columns are linearly independent",
-        )
+    if not bool(torch.isfinite(c).all()):
+        raise deficient
     ar = torch.arange(b, device=a.device)
     eye_r = torch.eye(r, dtype=torch.float64, device=a.device)
     for _ in range(max_iters):

@@ -54,10 +54,14 @@ def test_maxvol_volume_not_worse_than_lu_start_and_float32():
 
 
 def test_maxvol_rank_deficient_and_bad_shapes():
-    a = torch.randn(20, 3, dtype=torch.float64)
-    a[:, 2] = a[:, 0]
-    with pytest.raises(NumericalError):
-        maxvol(a)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # exactly singular pivots must give a NumericalError, not a crash
+        a = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        a[:, 2] = a[:, 0]
+        with pytest.raises(NumericalError):
+            maxvol(a)
+        with pytest.raises(NumericalError):
+            rect_maxvol(a)
     with pytest.raises(UsageError):
         maxvol(torch.randn(2, 3))
     with pytest.raises(UsageError):
