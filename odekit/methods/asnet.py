@@ -483,11 +483,13 @@ def analyze_layers(
 
         sub = active_subspace(chain, cut, data.train, settings, device, keep=1, progress=progress,
                               on_batch=keep if logreg else None)  # fmt: skip
-        acc = None
+        acc, n_lr = None, 0
         if logreg:
             xt, yt = _collect(data.test, chain.pre_model(cut), settings.batch_size, device)
-            acc = _logreg_accuracy(np.concatenate(train_feats), np.concatenate(train_labels), xt, yt, settings.seed)
-        out.append(LayerAnalysis(cut, sub, settings.eps, acc, sub.n_samples))
+            x_tr = np.concatenate(train_feats)
+            n_lr = len(x_tr)
+            acc = _logreg_accuracy(x_tr, np.concatenate(train_labels), xt, yt, settings.seed)
+        out.append(LayerAnalysis(cut, sub, settings.eps, acc, n_lr))
         progress.update(layer=index, active=sub.active_neurons(settings.eps))
     return out
 

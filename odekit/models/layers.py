@@ -65,13 +65,19 @@ def layer_flops(module: nn.Module, output: torch.Tensor) -> int:
     return 2 * per_sample_out * (conv.in_channels // conv.groups) * kernel
 
 
+def _probe(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """One zero sample on the model's device, in its floating dtype."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return torch.zeros(1, *input_shape)
+    return torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+
+
 def total_flops(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> int:
     """All matmul/conv FLOPs of one forward pass on one sample, by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(1, *input_shape, device=device)
+    x = _probe(model, input_shape)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)
@@ -103,13 +109,11 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPUTE_TYPES)]
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
+            model(_probe(model, input_shape))
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"the model does not accept inputs of shape {tuple(input_shape)} ({str(exc).splitlines()[0][:200]})",

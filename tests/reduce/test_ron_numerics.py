@@ -92,6 +92,7 @@ def _random_bn_stats(model: nn.Module, seed: int) -> None:
 
 def test_conv_bn_maxpool_student_exact_on_rank_r_data():
     args = {"num_classes": 10, "width": 0.125, "in_channels": 1, "image_size": 32}
+    torch.manual_seed(0)
     model = build_model("vgg11_bn", args)
     _random_bn_stats(model, 0)
     model = model.double().eval()
@@ -109,6 +110,7 @@ def test_conv_bn_maxpool_student_exact_on_rank_r_data():
 
 def test_residual_sums_eq_5_16_exact_on_rank_r_data():
     args = {"num_classes": 10, "width": 0.25, "in_channels": 1}
+    torch.manual_seed(1)
     model = build_model("resnet20", args)
     _random_bn_stats(model, 1)
     model = model.double().eval()
