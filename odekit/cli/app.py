@@ -38,7 +38,7 @@ COMMANDS = [
     ("attack", attack_command, ATTACK_EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
-    app.command(_name, epilog=_epilog)(_function)
+    app.command(_name, epilog=_epilog)(_function)  # type: ignore[type-var]
 
 
 def _version(value: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer.main
+from typer.core import TyperGroup
 
 from odekit.cli.app import app
 
@@ -24,6 +25,7 @@ def _default(param: Any) -> str:
 
 def render() -> str:
     root = typer.main.get_command(app)
+    assert isinstance(root, TyperGroup)
     ctx = root.make_context("odekit", [], resilient_parsing=True)
     out = [HEADER]
     for name in root.list_commands(ctx):

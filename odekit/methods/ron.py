@@ -31,7 +31,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -245,7 +245,7 @@ def _is_affine(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
         if node.target is F.pad:
             mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
             value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-            return mode == "constant" and value in (None, 0, 0.0)
+            return bool(mode == "constant" and value in (None, 0, 0.0))
         return node.target in _AFFINE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _AFFINE_METHODS
@@ -1007,7 +1007,7 @@ def build_student(
         s_top, v = fd.right_singular(r)
         v = v.to(torch.float64)
         p = min(d, max(r, math.ceil(settings.oversample * r)))
-        idx = rect_maxvol(v, min_rows=p, max_rows=p)
+        idx = cast(Tensor, rect_maxvol(v, min_rows=p, max_rows=p))
         bases[st.index] = v
         rows[st.index] = idx
         sv_np = (sv / sv[0]).tolist() if float(sv[0]) > 0 else sv.tolist()
@@ -1137,17 +1137,19 @@ def build_student(
         "out_rows": int(rows[last_state.index].numel()),
         "fold_output": bool(fold),
     }
-    student = RONStudent(**args)
+    student = RONStudent(**args)  # type: ignore[arg-type]
     dtype = next(teacher.parameters()).dtype
     with torch.no_grad():
         student.pre.load_state_dict(_sub_state(gm, student.pre), strict=True)
         student.rest.load_state_dict(_sub_state(gm, student.rest), strict=True)
-        for stage, mats, bias in zip(student.stages, stage_weights, stage_bias, strict=True):
+        stages: list[Any] = list(cast(nn.ModuleList, student.stages))
+        for stage, mats, bias in zip(stages, stage_weights, stage_bias, strict=True):
             for lin, m in zip(stage.maps, mats, strict=True):
                 lin.weight.copy_(m.to(lin.weight.dtype))
             stage.maps[0].bias.copy_(bias.to(stage.maps[0].bias.dtype))
         if not fold:
-            student.out_map.weight.copy_(out_map.to(student.out_map.weight.dtype))
+            out_linear = cast(nn.Linear, student.out_map)
+            out_linear.weight.copy_(out_map.to(out_linear.weight.dtype))
     student = student.to(device=device, dtype=dtype).eval()
     return RonResult(student, args, reports, seen, region.first_layer, region.last_layer)
 
