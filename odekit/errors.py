@@ -1,7 +1,7 @@
 """Exception types that the CLI maps to one-line messages and exit codes.
 
-Library code raises these for anything a user can fix (bad file, bad option, bad data);
-programming errors stay ordinary exceptions and show a traceback.
+Library code raises these for anything a user can fix (bad file, bad option, bad data): exit
+code 1. Typer's own parse errors exit with 2. Programming errors stay ordinary exceptions.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ class OdekitError(Exception):
 
 
 class UsageError(OdekitError):
-    """An option value or combination that can never work (exit code 2)."""
+    """An option value or combination that can never work (unknown name, out-of-range value).
 
-    exit_code = 2
+    It exits with 1 like every other rejected input; exit code 2 is left to the command-line
+    parser (unknown options, missing arguments, values of the wrong type).
+    """
 
 
 class InputFileError(OdekitError):

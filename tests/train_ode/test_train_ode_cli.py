@@ -72,7 +72,7 @@ def test_resume_continues_from_the_checkpoint(cli: Cli, tmp_path: Path) -> None:
     assert len(meta.history) == 2 and meta.source_sha256 is not None
     clash = cli.invoke(["train-ode", "--resume", str(tmp_path / "a" / "model.safetensors"), "--width", "64",
                     "--iters", "1", "-o", str(tmp_path / "c")])  # fmt: skip
-    assert clash.exit_code == 2 and "contradicts" in clash.stderr
+    assert clash.exit_code == 1 and "contradicts" in clash.stderr
 
 
 def test_regime_reported_in_the_json(cli: Cli, tmp_path: Path) -> None:
@@ -112,4 +112,4 @@ def test_resume_of_a_non_ode_checkpoint_is_refused(cli: Cli, tmp_path: Path) -> 
     root = Path(__file__).resolve().parents[2]
     result = cli.invoke(["train-ode", "--resume", str(root / "checkpoints" / "lenet5_digits.safetensors"),
                      "--iters", "1", "-o", str(tmp_path / "x")])  # fmt: skip
-    assert result.exit_code == 2 and "lenet5" in result.stderr
+    assert result.exit_code == 1 and "lenet5" in result.stderr
