@@ -86,16 +86,16 @@ def test_regime_reported_in_the_json(cli: Cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [
-        (["--solver", "heun3"], 2, "unknown solver 'heun3'"),
-        (["--u", "1.5"], 2, "(0, 1]"),
-        (["--u", "0"], 2, "(0, 1]"),
-        (["--solver-regime", "smoothing", "--solver", "euler", "--steps", "2"], 2, "rk2"),
-        (["--grad", "magic"], 2, "unknown gradient method"),
-        (["--solver", "dopri5", "--steps", "4"], 2, "adaptive"),
-        (["--task", "density", "--data", "digits"], 2, "not a 2-D toy"),
-        (["--data", "moons"], 2, "toy"),
-        (["--norm-ode", "group"], 2, "normalization"),
-        (["--data", "mnist"], 2, "--data-dir"),
+        (["--solver", "heun3"], 1, "unknown solver 'heun3'"),
+        (["--u", "1.5"], 1, "(0, 1]"),
+        (["--u", "0"], 1, "(0, 1]"),
+        (["--solver-regime", "smoothing", "--solver", "euler", "--steps", "2"], 1, "rk2"),
+        (["--grad", "magic"], 1, "unknown gradient method"),
+        (["--solver", "dopri5", "--steps", "4"], 1, "adaptive"),
+        (["--task", "density", "--data", "digits"], 1, "not a 2-D toy"),
+        (["--data", "moons"], 1, "toy"),
+        (["--norm-ode", "group"], 1, "normalization"),
+        (["--data", "mnist"], 1, "--data-dir"),
     ],
 )
 def test_bad_inputs_fail_with_one_line(cli: Cli, tmp_path: Path, args: list[str], code: int, needle: str) -> None:
