@@ -79,8 +79,13 @@ def total_flops(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> i
 
     x = _probe(model, input_shape)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
+    was_training = model.training
+    model.eval()  # a training-mode pass would move BatchNorm statistics towards the zero probe
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
     return int(counter.get_total_flops())
 
 
