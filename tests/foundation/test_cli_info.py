@@ -35,7 +35,7 @@ def test_info_table_lists_every_layer(runner: CliRunner, checkpoints_dir: Path) 
     assert "2 x multiply-adds" in result.stdout
 
 
-def _assert_one_line_error(result, code: int = 1) -> str:  # noqa: ANN001
+def _assert_one_line_error(result, code: int = 1) -> str:
     assert result.exit_code == code, (result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
