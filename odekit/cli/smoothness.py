@@ -81,7 +81,7 @@ def _plot(path: Path, result: SmoothnessResult, title: str, force: bool) -> None
     ax.set_xscale("log", base=2)
     ax.set_xlabel("f evaluations per forward pass (NFE)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title}: {'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion")
+    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path, force)
