@@ -218,12 +218,8 @@ def _load_player(
     data_dir: Path | None,
 ) -> Player:
     loaded = load_checkpoint(ctx, ModelOptions(checkpoint=path, **model_opts), key=key)
-    saved = ctx.inputs.pop("data", None)
-    dataset = load_data(ctx, loaded, data, data_dir)
-    if key != "checkpoint":
-        ctx.inputs[f"{key}_data"] = ctx.inputs.pop("data")
-        if saved is not None:
-            ctx.inputs["data"] = saved
+    data_key = "data" if key == "checkpoint" else f"{key}_data"
+    dataset = load_data(ctx, loaded, data, data_dir, key=data_key)
     return Player(path.stem, path, loaded.sha256, pixel_model(loaded.model, dataset), dataset)
 
 

@@ -26,8 +26,10 @@ def load_checkpoint(ctx: CommandContext, opts: ModelOptions, key: str = "checkpo
     return loaded
 
 
-def load_data(ctx: CommandContext, loaded: LoadedModel, data: str | None, data_dir: Path | None) -> Dataset:
-    """The data for ``loaded`` (its own data set unless --data says otherwise)."""
+def load_data(
+    ctx: CommandContext, loaded: LoadedModel, data: str | None, data_dir: Path | None, key: str = "data"
+) -> Dataset:
+    """The data for ``loaded`` (its own data set unless --data says otherwise), recorded under ``key``."""
     dataset = dataset_for_model(
         loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset, data, data_dir
     )
@@ -36,5 +38,5 @@ def load_data(ctx: CommandContext, loaded: LoadedModel, data: str | None, data_d
             f"data set '{dataset.name}' has {dataset.num_classes} classes, the model predicts {loaded.meta.num_classes}",
             "choose the data set the model was trained on",
         )
-    ctx.inputs["data"] = dataset.describe()
+    ctx.inputs[key] = dataset.describe()
     return dataset
