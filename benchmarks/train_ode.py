@@ -15,6 +15,7 @@ torchdiffeq's adjoint; all lines are printed and appended to benchmarks/results/
 
     python benchmarks/train_ode.py --quick
     python benchmarks/train_ode.py --cases pinwheel --threads 2
+    python benchmarks/train_ode.py --quick --methods irdm,irdm@1e-2,torchdiffeq_adjoint
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ METHODS = ("irdm", "rdm", "torchdiffeq_adjoint")
 # "+seminorm" variants (e.g. irdm+seminorm, torchdiffeq_adjoint+seminorm) leave dL/dtheta out of
 # the backward step-size control (Kidger et al. 2021) for ours and torchdiffeq's alike.
 SEMINORM = "+seminorm"
+# "@TOL" (e.g. irdm@1e-2, torchdiffeq_adjoint@1e-2) sets rtol = atol of the backward solves.
+ADJOINT_TOL = "@"
+
+
+def _parse_method(method: str) -> tuple[str, bool, float | None]:
+    """'irdm+seminorm@1e-2' -> ('irdm', True, 0.01)."""
+    name, _, tol = method.partition(ADJOINT_TOL)
+    try:
+        adjoint_tol = float(tol) if tol else None
+    except ValueError:
+        raise SystemExit(f"cannot read the adjoint tolerance in '{method}'") from None
+    return name.removesuffix(SEMINORM), name.endswith(SEMINORM), adjoint_tol
 
 
 class Counted(nn.Module):
@@ -63,18 +76,20 @@ class Counted(nn.Module):
 class TorchdiffeqBlock(nn.Module):
     """z0 -> z(t1) with torchdiffeq.odeint_adjoint (dopri5, same tolerances)."""
 
-    def __init__(self, func: nn.Module, config: SolverConfig, seminorm: bool = False) -> None:
+    def __init__(self, func: nn.Module, config: SolverConfig, seminorm: bool = False,
+                 adjoint_tol: float | None = None) -> None:  # fmt: skip
         super().__init__()
         self.func = func
         self.config = config
         self.options = {"norm": "seminorm"} if seminorm else None
+        self.adjoint = {"adjoint_rtol": adjoint_tol, "adjoint_atol": adjoint_tol} if adjoint_tol else {}
 
     def forward(self, z0: torch.Tensor) -> torch.Tensor:
         t = torch.tensor([0.0, self.config.t1], dtype=z0.dtype, device=z0.device)
         params = tuple(p for p in self.func.parameters() if p.requires_grad)
         out = torchdiffeq.odeint_adjoint(
             self.func, z0, t, rtol=self.config.rtol, atol=self.config.atol, method="dopri5",
-            adjoint_params=params, adjoint_options=self.options,
+            adjoint_params=params, adjoint_options=self.options, **self.adjoint,
         )  # fmt: skip
         return out[-1]
 
@@ -97,16 +112,19 @@ def _swap_solver(model: nn.Module, method: str) -> Counted:
     """Wrap the dynamics in a counter; torchdiffeq replaces the ODE block itself."""
     block = ode_blocks(model)[0]
     counted = Counted(block.func)
-    base, seminorm = method.removesuffix(SEMINORM), method.endswith(SEMINORM)
+    base, seminorm, adjoint_tol = _parse_method(method)
     if base == "torchdiffeq_adjoint":
         parent = next(m for m in model.modules() if any(c is block for c in m.children()))
         name = next(n for n, c in parent.named_children() if c is block)
-        setattr(parent, name, TorchdiffeqBlock(counted, block.config, seminorm))
+        setattr(parent, name, TorchdiffeqBlock(counted, block.config, seminorm, adjoint_tol))
     elif base in ("irdm", "rdm", "anode", "backprop"):
         block.func = counted
-        block.config = block.config.replace(grad=base, seminorm=seminorm)
+        block.config = block.config.replace(grad=base, seminorm=seminorm, adjoint_rtol=adjoint_tol,
+                                            adjoint_atol=adjoint_tol)  # fmt: skip
     else:
-        raise SystemExit(f"unknown method '{method}'; choose from {', '.join(METHODS)} (optionally {SEMINORM})")
+        raise SystemExit(
+            f"unknown method '{method}'; choose from {', '.join(METHODS)} (optionally {SEMINORM}, {ADJOINT_TOL}TOL)"
+        )
     return counted
 
 
@@ -264,8 +282,14 @@ def main() -> None:
                                    "timestamp": stamp, "goal": "irdm time-to-target <= 0.7 x torchdiffeq adjoint"}  # fmt: skip
         for method in [m for m in rows if not m.startswith("torchdiffeq")]:
             row = rows[method]
-            peer_name = "torchdiffeq_adjoint" + (SEMINORM if method.endswith(SEMINORM) else "")
-            peer = rows.get(peer_name) or rows.get("torchdiffeq_adjoint")
+            _, seminorm, adjoint_tol = _parse_method(method)
+            # The peer with the same variant if it ran (same seminorm and adjoint tolerance),
+            # else the closest one.
+            suffix_tol = f"{ADJOINT_TOL}{method.partition(ADJOINT_TOL)[2]}" if adjoint_tol else ""
+            suffix_semi = SEMINORM if seminorm else ""
+            candidates = [f"torchdiffeq_adjoint{suffix_semi}{suffix_tol}", f"torchdiffeq_adjoint{suffix_tol}",
+                          f"torchdiffeq_adjoint{suffix_semi}", "torchdiffeq_adjoint"]  # fmt: skip
+            peer = next((rows[c] for c in candidates if c in rows), None)
             if peer is None:
                 continue
             label = f"{method}_vs_{peer['method'].replace('torchdiffeq_', '')}"

@@ -97,13 +97,20 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _solver_config(
     solver: str, steps: int | None, u: float, rtol: float | None, atol: float | None, grad: str,
-    cheb_nodes: int, checkpoints: int, t1: float, task: str,
+    cheb_nodes: int, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None, seminorm: bool = False,
 ) -> SolverConfig:  # fmt: skip
     spec = SOLVERS.get(solver)
     if spec.adaptive and steps is not None:
         raise UsageError(f"--steps does not apply to the adaptive solver '{spec.name}'", "set --rtol/--atol instead")
     if not spec.adaptive and (rtol is not None or atol is not None):
         raise UsageError(f"--rtol/--atol do not apply to the fixed-step solver '{spec.name}'", "set --steps instead")
+    if adjoint_rtol is not None or adjoint_atol is not None or seminorm:
+        flags = "--adjoint-rtol/--adjoint-atol/--seminorm"
+        if not spec.adaptive:
+            raise UsageError(f"{flags} apply to the adaptive solver dopri5, not '{spec.name}'", "drop them or use --solver dopri5")
+        if grad.strip().lower() not in ("rdm", "irdm"):
+            raise UsageError(f"{flags} apply to the backward solves of --grad rdm/irdm, not '{grad}'", "use --grad irdm or drop them")
     default_tol = 1e-5 if task == "density" else 1e-3
     return SolverConfig(
         solver=spec.name,
@@ -115,6 +122,9 @@ def _solver_config(
         cheb_nodes=cheb_nodes,
         checkpoints=checkpoints,
         t1=t1,
+        adjoint_rtol=adjoint_rtol,
+        adjoint_atol=adjoint_atol,
+        seminorm=seminorm,
     )
 
 
@@ -211,6 +221,9 @@ def train_ode_command(
     u: Annotated[float, typer.Option("--u", help="RK2(u) parameter in (0, 1]: 0.5 midpoint, 1 Heun.", rich_help_panel=SOLVER)] = 0.5,
     rtol: Annotated[float | None, typer.Option("--rtol", help="dopri5 relative tolerance [classify 1e-3, density 1e-5].", show_default=False, rich_help_panel=SOLVER)] = None,
     atol: Annotated[float | None, typer.Option("--atol", help="dopri5 absolute tolerance [classify 1e-3, density 1e-5].", show_default=False, rich_help_panel=SOLVER)] = None,
+    adjoint_rtol: Annotated[float | None, typer.Option("--adjoint-rtol", help="rdm/irdm: relative tolerance of the backward solves [--rtol].", show_default=False, rich_help_panel=SOLVER)] = None,
+    adjoint_atol: Annotated[float | None, typer.Option("--adjoint-atol", help="rdm/irdm: absolute tolerance of the backward solves, relative to the gradient's RMS [--atol].", show_default=False, rich_help_panel=SOLVER)] = None,
+    seminorm: Annotated[bool, typer.Option("--seminorm", help="rdm/irdm: leave dL/dtheta out of the backward step control (fewer steps).", rich_help_panel=SOLVER)] = False,
     grad: Annotated[str, typer.Option("--grad", help=f"Gradient method: {' | '.join(GRADIENT_METHODS.names())}.", rich_help_panel=SOLVER)] = "backprop",
     cheb_nodes: Annotated[int, typer.Option("--cheb-nodes", help="irdm: Chebyshev grid size N (N+1 points).", rich_help_panel=SOLVER)] = 16,
     checkpoints: Annotated[int, typer.Option("--checkpoints", help="anode: number of checkpoints.", rich_help_panel=SOLVER)] = 1,
@@ -260,7 +273,7 @@ def train_ode_command(
             raise UsageError(f"unknown trace mode '{trace}'", f"choose one of {', '.join(TRACE_MODES)}")
         check_u(u, "--u")
         default_solver = "dopri5" if key == "density" else "rk2"
-        config = _solver_config(solver or default_solver, steps, u, rtol, atol, grad, cheb_nodes, checkpoints, t1, key)
+        config = _solver_config(solver or default_solver, steps, u, rtol, atol, grad, cheb_nodes, checkpoints, t1, key, adjoint_rtol, adjoint_atol, seminorm)
         regime = RegimeSettings(
             kind=solver_regime, u=u, u_set=_floats(u_set, "--u-set"), u_mean=u_mean, u_std=u_std,
             weights=_floats(ensemble_weights, "--ensemble-weights"), seed=seed,

@@ -30,9 +30,12 @@ class SolverConfig:
     checkpoints: int = 1
     seminorm: bool = False
     t1: float = 1.0
+    adjoint_rtol: float | None = None  # rdm/irdm backward solves; None: rtol
+    adjoint_atol: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("u", "rtol", "atol", "t1", "cheb_nodes", "checkpoints", "steps"):
+        for name in ("u", "rtol", "atol", "t1", "cheb_nodes", "checkpoints", "steps",
+                     "adjoint_rtol", "adjoint_atol"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool)
                                       or not isinstance(value, int | float)):
@@ -51,6 +54,12 @@ class SolverConfig:
             raise UsageError(f"rk2 parameter u must lie in (0, 1], got {self.u}")
         if not (self.rtol > 0 and self.atol > 0):
             raise UsageError(f"rtol and atol must be positive, got {self.rtol}, {self.atol}")
+        for name in ("adjoint_rtol", "adjoint_atol"):
+            value = getattr(self, name)
+            if value is not None:
+                if not value > 0:
+                    raise UsageError(f"{name} must be positive, got {value}")
+                object.__setattr__(self, name, float(value))
         if int(self.cheb_nodes) != self.cheb_nodes or self.cheb_nodes < 2:
             raise UsageError(f"cheb_nodes must be an integer >= 2, got {self.cheb_nodes}")
         if int(self.checkpoints) != self.checkpoints or self.checkpoints < 1:
@@ -113,6 +122,7 @@ class ODEBlock(nn.Module):
             self.func, z0, t, solver=cfg.solver, grad=cfg.grad, steps=cfg.steps, u=u,
             rtol=cfg.rtol, atol=cfg.atol, cheb_nodes=cfg.cheb_nodes,
             checkpoints=cfg.checkpoints, seminorm=cfg.seminorm,
+            adjoint_rtol=cfg.adjoint_rtol, adjoint_atol=cfg.adjoint_atol,
         )
         self.last_stats = sol.stats
         return sol.z[-1]
@@ -120,4 +130,6 @@ class ODEBlock(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         detail = f"steps={c.steps}" if not c.adaptive else f"rtol={c.rtol:g}, atol={c.atol:g}"
+        if c.adaptive and (c.adjoint_rtol is not None or c.adjoint_atol is not None):
+            detail += f", adjoint_rtol={c.adjoint_rtol or c.rtol:g}, adjoint_atol={c.adjoint_atol or c.atol:g}"
         return f"solver={c.solver}, {detail}, grad={c.grad}, t1={c.t1:g}"

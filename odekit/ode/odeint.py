@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ def odeint(
     u: float | Tensor = 0.5,
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
     cheb_nodes: int = 16,
     checkpoints: int = 1,
     seminorm: bool = False,
@@ -71,7 +74,8 @@ def odeint(
     over [t[0], t[-1]]; `u` is RK2's parameter, a float or 0-d tensor). `grad`: a name in
     `GRADIENT_METHODS`; gradients reach z0 and `params` (default: the trainable parameters of
     f when it is an nn.Module). `rtol`/`atol`/`safety`/`min_step`/`max_step`/`first_step`/
-    `max_steps` control dopri5; `cheb_nodes` (N, N+1 points) is for irdm, `checkpoints` for
+    `max_steps` control dopri5; `adjoint_rtol`/`adjoint_atol` (default: rtol/atol) control
+    the backward solves of rdm and irdm; `cheb_nodes` (N, N+1 points) is for irdm, `checkpoints` for
     anode, `seminorm` drops dL/dtheta from the backward step control of rdm and irdm.
     """
     spec = SOLVERS.get(solver)
@@ -85,6 +89,9 @@ def odeint(
                              "set rtol/atol instead, or pick euler/rk2/rk4")
         if not (rtol > 0 and atol > 0):
             raise UsageError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
+        for name, value in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+            if value is not None and not value > 0:
+                raise UsageError(f"{name} must be positive, got {value}")
     else:
         if steps is None:
             raise UsageError(f"fixed-step solver '{spec.name}' needs 'steps'",
@@ -107,13 +114,22 @@ def odeint(
         params = [p for p in f.parameters() if p.requires_grad] if isinstance(f, nn.Module) else []
     params = tuple(params)
     stats = SolveStats()
+    control = StepControl(rtol=float(rtol), atol=float(atol), safety=float(safety),
+                          min_step=float(min_step), max_step=float(max_step),
+                          max_steps=int(max_steps), first_step=first_step)
+    control_back = None
+    if adjoint_rtol is not None or adjoint_atol is not None:
+        # The forward first step says nothing about the adjoint's scale: pick it afresh.
+        control_back = dataclasses.replace(
+            control, first_step=None,
+            rtol=float(rtol if adjoint_rtol is None else adjoint_rtol),
+            atol=float(atol if adjoint_atol is None else adjoint_atol),
+        )
     prob = Problem(
         f=f, params=params, times=times, co=co, co_back=co_back,
         steps=None if spec.adaptive else steps,
-        control=StepControl(rtol=float(rtol), atol=float(atol), safety=float(safety),
-                            min_step=float(min_step), max_step=float(max_step),
-                            max_steps=int(max_steps), first_step=first_step)
-        if spec.adaptive else None,
+        control=control if spec.adaptive else None,
+        control_back=control_back if spec.adaptive else None,
         stats=stats, cheb_nodes=int(cheb_nodes), checkpoints=int(checkpoints),
         seminorm=bool(seminorm),
     )

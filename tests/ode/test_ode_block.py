@@ -49,11 +49,31 @@ def test_config_defaults_roundtrip_and_nfe():
         ({"cheb_nodes": 1}, "cheb_nodes"),
         ({"checkpoints": 0}, "checkpoints"),
         ({"t1": -1.0}, "t1"),
+        ({"adjoint_rtol": 0.0}, "adjoint_rtol must be positive"),
+        ({"adjoint_atol": "1e-3"}, "must be a number"),
     ],
 )
 def test_config_rejects_impossible_values(kw, match):
     with pytest.raises(UsageError, match=match):
         SolverConfig(**kw)
+
+
+def test_config_adjoint_tolerances_roundtrip_and_reach_the_solve():
+    cfg = SolverConfig(grad="irdm", rtol=1e-6, atol=1e-6, adjoint_rtol=1e-3, adjoint_atol=1e-3,
+                       seminorm=True)
+    assert SolverConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # Metadata written before these fields existed still reads back.
+    old = {k: v for k, v in SolverConfig(grad="irdm").to_dict().items()
+           if not k.startswith("adjoint_")}
+    assert SolverConfig.from_dict(old).adjoint_rtol is None
+    torch.manual_seed(0)
+    nfe_b = []
+    for c in (cfg.replace(adjoint_rtol=None, adjoint_atol=None), cfg):
+        block = ODEBlock(ConvFunc(), c)
+        block(torch.randn(2, 3, 4, 4)).square().sum().backward()
+        nfe_b.append(block.last_stats.nfe_backward)
+    assert nfe_b[1] < nfe_b[0]
+    assert "adjoint_rtol=0.001" in repr(ODEBlock(ConvFunc(), cfg))
 
 
 def test_config_from_dict_rejects_unknown_keys():

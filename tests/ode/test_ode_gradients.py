@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from odekit.ode import GRADIENT_METHODS, odeint
+from odekit.ode.examples import DissipativeConvField
 from odekit.ode.interp import (
     BarycentricInterpolant,
     barycentric_coefficients,
@@ -163,6 +163,41 @@ def test_seminorm_saves_backward_work():
         assert rel_err(semi, ref) < 1e-3 and rel_err(full, ref) < 1e-3
 
 
+@pytest.mark.parametrize("grad", ["rdm", "irdm"])
+def test_adjoint_tolerance_trades_backward_work_for_accuracy(grad):
+    """adjoint_rtol/atol drive only the backward solves: the forward solve is untouched, a
+    looser adjoint tolerance takes fewer backward evaluations, and the gradient error
+    follows the adjoint tolerance down to the forward solve's own error."""
+    torch.manual_seed(0)
+    f = MLP(hidden=32).to(F64)
+    z0 = torch.randn(16, 3, dtype=F64)
+    t = torch.tensor([0.0, 2.0])
+    ref, _ = grads_of(f, z0, t, "backprop", rtol=1e-10, atol=1e-10)
+    runs = {}
+    for bt in (1e-2, 1e-4, 1e-6, 1e-8):
+        gs, st = grads_of(f, z0, t, grad, rtol=1e-8, atol=1e-8, adjoint_rtol=bt, adjoint_atol=bt)
+        runs[bt] = (rel_err(gs, ref), st)
+    assert len({st.nfe_forward for _, st in runs.values()}) == 1
+    nfe_b = [st.nfe_backward for _, st in runs.values()]
+    errs = [e for e, _ in runs.values()]
+    assert nfe_b == sorted(nfe_b) and nfe_b[0] < nfe_b[-1]
+    assert errs[0] > errs[1] > errs[2] and errs[-1] < 1e-6
+    assert errs[1] < 1e-2  # a 1e-4 tolerance on the normalised adjoint is a relative one
+    same, st_same = grads_of(f, z0, t, grad, rtol=1e-6, atol=1e-6)
+    expl, st_expl = grads_of(f, z0, t, grad, rtol=1e-6, atol=1e-6, adjoint_rtol=1e-6,
+                             adjoint_atol=1e-6)
+    assert st_same.nfe_backward == st_expl.nfe_backward
+    assert rel_err(same, expl) == 0.0
+
+
+@pytest.mark.parametrize("kw", [{"adjoint_rtol": 0.0}, {"adjoint_atol": -1e-3}])
+def test_adjoint_tolerances_must_be_positive(kw):
+    from odekit.errors import UsageError
+
+    with pytest.raises(UsageError, match="must be positive"):
+        odeint(MLP(), torch.randn(2, 3), torch.tensor([0.0, 1.0]), grad="irdm", **kw)
+
+
 def test_functional_rhs_with_explicit_params_and_z0_only():
     torch.manual_seed(0)
     w = torch.randn(3, 3, dtype=F64, requires_grad=True)
@@ -260,24 +295,9 @@ def test_irdm_gradient_error_decreases_with_nodes():
 # ------------------------------------------------------------------ thesis fig. 2.1
 
 
-class ResBlock(nn.Module):
-    """conv -> tanh -> conv^T (tied, negated) with random weights: a ResNet-style block whose
-    forward dynamics are dissipative, so integrating backward in time is unstable."""
-
-    def __init__(self, channels: int = 4, gain: float = 3.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) * gain
-                                   / (3 * channels**0.5))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, t, z):
-        h = torch.tanh(F.conv2d(z, self.weight, self.bias, padding=1))
-        return -F.conv_transpose2d(h, self.weight, padding=1)
-
-
 def test_rdm_instability_fig_2_1_and_irdm_stays_accurate():
     torch.manual_seed(0)
-    f = ResBlock().to(F64)
+    f = DissipativeConvField().to(F64)
     z0 = torch.randn(2, 4, 8, 8, dtype=F64)
     tol = 1e-6
     with torch.no_grad():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ode_gradients import METHODS, MLP, ResBlock, grads_of, rel_err
+from test_ode_gradients import METHODS, MLP, grads_of, rel_err
 
 from odekit.ode import odeint
+from odekit.ode.examples import DissipativeConvField
 
 F64 = torch.float64
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def test_full_gradcheck(grad, solver):
 @pytest.mark.parametrize("gain", [3.0, 5.0])
 def test_rdm_instability_grows_with_dissipation(gain):
     torch.manual_seed(0)
-    f = ResBlock(channels=8, gain=gain).to(F64)
+    f = DissipativeConvField(channels=8, gain=gain).to(F64)
     z0 = torch.randn(4, 8, 8, 8, dtype=F64)
     t = torch.tensor([0.0, 1.0])
     ref, _ = grads_of(f, z0, t, "backprop", rtol=1e-7, atol=1e-7)

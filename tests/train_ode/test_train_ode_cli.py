@@ -43,6 +43,15 @@ def test_adjoint_methods_count_backward_evaluations(cli: Cli, tmp_path: Path) ->
     assert res["nfe_forward"] == 4.0 and res["nfe_backward"] == 4.0  # RK2, 2 steps, one block, each way
 
 
+def test_adjoint_tolerances_are_recorded_in_the_checkpoint(cli: Cli, tmp_path: Path) -> None:
+    report = cli.train_tiny(tmp_path / "adj", "--solver", "dopri5", "--rtol", "1e-4", "--atol", "1e-4", "--grad", "irdm",
+                        "--adjoint-rtol", "1e-2", "--adjoint-atol", "1e-2", "--seminorm", "--iters", "2",
+                        "--eval-samples", "32")  # fmt: skip
+    assert report["results"]["nfe_backward"] > 0
+    config = ode_blocks(load_model(tmp_path / "adj" / "model.safetensors").model)[0].config
+    assert (config.adjoint_rtol, config.adjoint_atol, config.seminorm) == (1e-2, 1e-2, True)
+
+
 def test_density_nll_decreases(cli: Cli, tmp_path: Path) -> None:
     report = cli.json([
         "train-ode", "--task", "density", "--data", "pinwheel", "--solver", "rk4", "--steps", "2",
@@ -96,6 +105,9 @@ def test_regime_reported_in_the_json(cli: Cli, tmp_path: Path) -> None:
         (["--data", "moons"], 1, "toy"),
         (["--norm-ode", "group"], 1, "normalization"),
         (["--data", "mnist"], 1, "--data-dir"),
+        (["--grad", "irdm", "--solver", "rk2", "--steps", "2", "--adjoint-rtol", "1e-3"], 1, "adaptive solver dopri5"),
+        (["--grad", "anode", "--solver", "dopri5", "--seminorm"], 1, "--grad rdm/irdm"),
+        (["--grad", "irdm", "--solver", "dopri5", "--adjoint-atol", "0"], 1, "adjoint_atol must be positive"),
     ],
 )
 def test_bad_inputs_fail_with_one_line(cli: Cli, tmp_path: Path, args: list[str], code: int, needle: str) -> None:
