@@ -43,22 +43,18 @@ from odekit.methods.attacks import (
     UAPSettings,
     UniversalAttack,
     UniversalSettings,
-    apply_perturbation,
-    check_differentiable,
-    evaluate_adversarial,
-    evaluate_universal,
-    fooling_rate,
-    lp_norm,
     parse_norm,
     parse_solver_spec,
     pixel_model,
-    predict_on,
-    to_model_units,
-    to_pixels,
-    transfer_matrix,
     with_solver,
 )
-from odekit.methods.attacks.figures import curve_figure, examples_figure, matrix_figure
+from odekit.methods.attacks.experiments import (
+    AttackRun,
+    Scoring,
+    matrix_experiment,
+    per_sample_experiment,
+    universal_experiment,
+)
 from odekit.writers.atomic import atomic_write_with
 from odekit.writers.plots import save_figure
 
@@ -70,7 +66,6 @@ TRANSFER = "Transfer options"
 DEFAULT_DELTA = {"2": 3.0, "inf": 0.15}
 DEFAULT_EPS = {"2": [0.5], "inf": [8 / 255]}  # RobustBench budgets, pixel units
 DEFAULT_ADEF_EPS = [1.0]  # pixels of displacement
-N_EXAMPLES = 6
 
 EPILOG = f"""Examples:
 
@@ -253,6 +248,29 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _mode(source: Player | None, specs: tuple[Any, Any]) -> str:
+    if source is not None:
+        return "black-box transfer"
+    if specs != (None, None) and str(specs[0]) != str(specs[1]):
+        return "grey-box (solver transfer)"
+    return "white-box"
+
+
+def _scoring(ctx: CommandContext, batch_size: int, source: Player | None = None,
+             specs: tuple[Any, Any] = (None, None)) -> Scoring:  # fmt: skip
+    return Scoring(
+        seed=ctx.seed, batch_size=batch_size, device=ctx.device, progress=ctx.progress,
+        transfer=source is not None or specs != (None, None), mode=_mode(source, specs),
+    )  # fmt: skip
+
+
+def _save(ctx: CommandContext, paths: dict[str, Path], run: AttackRun, tensors_name: str | None) -> None:
+    if tensors_name is not None:
+        _write_tensors(paths[tensors_name], run.tensors, run.metadata, ctx.force)
+    for name, figure in run.figures.items():
+        save_figure(figure, paths[name], ctx.force)
+
+
 def _universal(
     ctx: CommandContext,
     paths: dict[str, Path],
@@ -266,89 +284,26 @@ def _universal(
 ) -> CommandOutput:
     vec_path, fig_path = paths["perturbation.safetensors"], paths["attack.png"]
     gen_player = source or target
-    attack_model = with_solver(gen_player.model, specs[0], "--attack-solver")
-    eval_model = with_solver(target.model, specs[1], "--eval-solver")
-    x_fit = to_pixels(
-        gen_player.data.train.subset(fit_samples, seed=ctx.seed).x,
-        gen_player.data,
-        "the fitting data",
-    )
-    test = target.data.test.subset(eval_samples, seed=ctx.seed)
-    x_test, y_test = (
-        to_pixels(test.x, target.data, "the test data").to(ctx.device),
-        test.y.to(ctx.device),
-    )
-    check_differentiable(attack_model, x_fit[:2].to(ctx.device))
     attack = plan.attack
     assert isinstance(attack, UniversalAttack)
-    result = attack(
-        attack_model, x_fit, seed=ctx.seed, batch_size=batch_size, progress=ctx.progress
+    run = universal_experiment(
+        attack,
+        with_solver(gen_player.model, specs[0], "--attack-solver"),
+        with_solver(target.model, specs[1], "--eval-solver"),
+        gen_player.data,
+        target.data,
+        _scoring(ctx, batch_size, source, specs),
+        fit_samples=fit_samples,
+        eval_samples=eval_samples,
+        provenance={
+            "model_sha256": gen_player.sha256,
+            "model_path": str(gen_player.path),
+            "target_sha256": target.sha256,
+        },
     )
-    v = result.v
-    x_fit_dev = x_fit.to(ctx.device)
-    fit_rate = fooling_rate(
-        eval_model, x_fit_dev, v, predict_on(eval_model, x_fit_dev, batch_size), batch_size
-    )
-    test_eval = evaluate_universal(eval_model, x_test, y_test, v, batch_size)
-    v_model = to_model_units(v, target.data)
-    effective = (apply_perturbation(x_test, v) - x_test).flatten(1)
-    eff_norm = effective.norm(dim=1) if plan.norm == "2" else effective.abs().amax(dim=1)
-    results: dict[str, Any] = {
-        "method": plan.method,
-        "norm": plan.norm,
-        "delta": plan.budgets[0],
-        "clean_accuracy": test_eval["clean_accuracy"],
-        "robust_accuracy": test_eval["robust_accuracy"],
-        "fooling_rate_fit": fit_rate,
-        "fooling_rate_test": test_eval["fooling_rate"],
-        "seconds": result.seconds,
-        "perturbation_path": str(vec_path),
-        "figure_path": str(fig_path),
-        "norm_pixel": lp_norm(v, plan.norm),
-        "norm_model": lp_norm(v_model, plan.norm),
-        "mean_effective_norm_pixel": float(eff_norm.mean()),
-        "fit_samples": len(x_fit),
-        "test_samples": len(x_test),
-        "iterations": result.iterations,
-        "history_fit": result.history,
-        "mode": _mode(source, specs),
-        **result.extra,
-    }
-    if source is not None or specs != (None, None):
-        results["source_fooling_rate_fit"] = result.fooling_rate_fit
-        results["source_fooling_rate_test"] = evaluate_universal(
-            attack_model, x_test, y_test, v, batch_size
-        )["fooling_rate"]
-    metadata = {
-        "method": plan.method,
-        "norm": plan.norm,
-        "delta": plan.budgets[0],
-        "units": "perturbation: model-input units; perturbation_pixel: [0,1] pixels",
-        "norm_pixel": results["norm_pixel"],
-        "norm_model": results["norm_model"],
-        "model_sha256": gen_player.sha256,
-        "model_path": str(gen_player.path),
-        "target_sha256": target.sha256,
-        "data": target.data.describe(),
-        "fooling_rate_test": results["fooling_rate_test"],
-        "seed": ctx.seed,
-    }
-    _write_tensors(
-        vec_path, {"perturbation": v_model, "perturbation_pixel": v}, metadata, ctx.force
-    )
-    k = min(N_EXAMPLES, len(x_test))
-    x_ex = x_test[:k]
-    x_adv = apply_perturbation(x_ex, v)
-    before, after = predict_on(eval_model, x_ex).tolist(), predict_on(eval_model, x_adv).tolist()
-    title = (
-        f"{plan.method} (l{plan.norm}, delta={plan.budgets[0]:g} px): test fooling rate "
-        f"{100 * results['fooling_rate_test']:.1f}%"
-    )
-    save_figure(
-        examples_figure(x_ex, x_adv, before, after, title, vector=v, vector_title="v (pixels)"),
-        fig_path,
-        ctx.force,
-    )
+    results = run.results
+    results["perturbation_path"], results["figure_path"] = str(vec_path), str(fig_path)
+    _save(ctx, paths, run, "perturbation.safetensors")
     rows = [
         [
             "fooling rate (fit / test)",
@@ -362,24 +317,16 @@ def _universal(
             f"||v||_{plan.norm} (pixel / model units)",
             f"{_fmt(results['norm_pixel'])} / {_fmt(results['norm_model'])}",
         ],
-        ["seconds", _fmt(result.seconds)],
+        ["seconds", _fmt(results["seconds"])],
         ["perturbation", str(vec_path)],
     ]
     headline = [
         f"{plan.method}: test fooling rate {100 * results['fooling_rate_test']:.1f}% at ||v||_{plan.norm} = "
-        f"{results['norm_pixel']:.4g} (pixels), {result.seconds:.2f} s"
+        f"{results['norm_pixel']:.4g} (pixels), {results['seconds']:.2f} s"
     ]
     return CommandOutput(
         results, [ResultTable("Universal attack", ["quantity", "value"], rows)], headline
     )
-
-
-def _mode(source: Player | None, specs: tuple[Any, Any]) -> str:
-    if source is not None:
-        return "black-box transfer"
-    if specs != (None, None) and str(specs[0]) != str(specs[1]):
-        return "grey-box (solver transfer)"
-    return "white-box"
 
 
 def _per_sample(
@@ -392,97 +339,25 @@ def _per_sample(
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
-    pert_path, fig_path, curve_path = (
-        paths["perturbations.safetensors"],
-        paths["attack.png"],
-        paths["robust_accuracy.png"],
-    )
     gen_player = source or target
-    attack_model = with_solver(gen_player.model, specs[0], "--attack-solver")
-    eval_model = with_solver(target.model, specs[1], "--eval-solver")
-    test = target.data.test.subset(eval_samples, seed=ctx.seed)
-    x, y = to_pixels(test.x, target.data, "the test data").to(ctx.device), test.y.to(ctx.device)
-    check_differentiable(attack_model, x[:2])
     attack = plan.attack
     assert isinstance(attack, PerSampleAttack)
-    curve, tensors = [], {}
-    seconds = 0.0
-    clean_acc = evaluate_adversarial(eval_model, x, y, x, batch_size)["clean_accuracy"]
-    last_adv = x
-    for i, eps in enumerate(plan.budgets):
-        res = attack(
-            attack_model, x, y, eps, seed=ctx.seed + i, batch_size=batch_size, progress=ctx.progress
-        )
-        seconds += res.seconds
-        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, batch_size)
-        point = {
-            "eps": eps,
-            "robust_accuracy": scores["robust_accuracy"],
-            "fooling_rate": scores["fooling_rate"],
-            "seconds": res.seconds,
-            "max_size": float(res.sizes.max()),
-            "mean_size": float(res.sizes.mean()),
-        }
-        if source is not None or specs != (None, None):
-            point["source_robust_accuracy"] = evaluate_adversarial(
-                attack_model, x, y, res.x_adv, batch_size
-            )["robust_accuracy"]
-        curve.append(point)
-        tensors[f"eps_{i}"] = res.x_adv - x
-        last_adv = res.x_adv
-    unit = "pixels of displacement (T-norm)" if plan.method == "adef" else "[0,1] pixel units"
-    results: dict[str, Any] = {
-        "method": plan.method,
-        "norm": plan.norm_label,
-        "eps": plan.budgets,
-        "eps_units": unit,
-        "backend": getattr(attack.settings, "backend", "torch"),
-        "clean_accuracy": clean_acc,
-        "robust_accuracy": [p["robust_accuracy"] for p in curve],
-        "fooling_rate_fit": None,
-        "fooling_rate_test": [p["fooling_rate"] for p in curve],
-        "seconds": seconds,
-        "perturbation_path": str(pert_path),
-        "figure_path": str(fig_path),
-        "curve_path": str(curve_path),
-        "test_samples": len(x),
-        "curve": curve,
-        "mode": _mode(source, specs),
-    }
-    metadata = {
-        "method": plan.method,
-        "norm": plan.norm_label,
-        "eps": plan.budgets,
-        "units": f"pixel-space x_adv - x; eps in {unit}",
-        "model_sha256": gen_player.sha256,
-        "target_sha256": target.sha256,
-        "data": target.data.describe(),
-        "test_indices_seed": ctx.seed,
-    }
-    _write_tensors(pert_path, tensors, metadata, ctx.force)
-    k = min(N_EXAMPLES, len(x))
-    before, after = (
-        predict_on(eval_model, x[:k]).tolist(),
-        predict_on(eval_model, last_adv[:k]).tolist(),
+    run = per_sample_experiment(
+        attack,
+        plan.budgets,
+        with_solver(gen_player.model, specs[0], "--attack-solver"),
+        with_solver(target.model, specs[1], "--eval-solver"),
+        target.data,
+        _scoring(ctx, batch_size, source, specs),
+        eval_samples=eval_samples,
+        provenance={"model_sha256": gen_player.sha256, "target_sha256": target.sha256},
     )
-    title = f"{plan.method} ({plan.norm_label}, eps={plan.budgets[-1]:.4g}): robust accuracy {100 * curve[-1]['robust_accuracy']:.1f}%"
-    save_figure(examples_figure(x[:k], last_adv[:k], before, after, title), fig_path, ctx.force)
-    xlabel = (
-        "eps (T-norm, pixels)"
-        if plan.method == "adef"
-        else f"eps (l{plan.norm}, [0,1] pixel units)"
-    )
-    save_figure(
-        curve_figure(
-            plan.budgets,
-            results["robust_accuracy"],
-            clean_acc,
-            f"{plan.method}: robust accuracy",
-            xlabel,
-        ),
-        curve_path,
-        ctx.force,
-    )
+    results = run.results
+    results["perturbation_path"] = str(paths["perturbations.safetensors"])
+    results["figure_path"] = str(paths["attack.png"])
+    results["curve_path"] = str(paths["robust_accuracy.png"])
+    _save(ctx, paths, run, "perturbations.safetensors")
+    curve = results["curve"]
     rows = [
         [
             _fmt(p["eps"]),
@@ -495,7 +370,7 @@ def _per_sample(
     ]
     headers = ["eps", "robust accuracy", "fooling rate", "mean size", "seconds"]
     headline = [
-        f"{plan.method}: clean accuracy {100 * clean_acc:.1f}%, robust accuracy "
+        f"{plan.method}: clean accuracy {100 * results['clean_accuracy']:.1f}%, robust accuracy "
         + ", ".join(f"{100 * p['robust_accuracy']:.1f}% @ {p['eps']:.4g}" for p in curve)
     ]
     return CommandOutput(results, [ResultTable("Robust accuracy", headers, rows)], headline)
@@ -511,73 +386,32 @@ def _matrix(
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
-    fig_path = paths["matrix.png"]
     if len(plan.budgets) != 1:
         raise UsageError("--matrix takes one budget", "give a single --eps value")
     _same_inputs(players)
-    base = players[0]
-    test = base.data.test.subset(eval_samples, seed=ctx.seed)
-    x, y = to_pixels(test.x, base.data, "the test data").to(ctx.device), test.y.to(ctx.device)
-    x_fit = to_pixels(
-        base.data.train.subset(fit_samples, seed=ctx.seed).x, base.data, "the fitting data"
-    )
-    sources = [(p.label, with_solver(p.model, specs[0], "--attack-solver")) for p in players]
-    targets = {p.label: with_solver(p.model, specs[1], "--eval-solver") for p in players}
-    for _, model in sources:
-        check_differentiable(model, x[:2])
     attack = plan.attack
-    seconds: list[float] = []
-
-    def generate(source: nn.Module) -> Tensor:
-        if isinstance(attack, UniversalAttack):
-            res = attack(source, x_fit, seed=ctx.seed, batch_size=batch_size, progress=ctx.progress)
-            seconds.append(res.seconds)
-            return apply_perturbation(x, res.v)
-        assert isinstance(attack, PerSampleAttack)
-        res_ps = attack(
-            source,
-            x,
-            y,
-            plan.budgets[0],
-            seed=ctx.seed,
-            batch_size=batch_size,
-            progress=ctx.progress,
-        )
-        seconds.append(res_ps.seconds)
-        return res_ps.x_adv
-
-    table = transfer_matrix(
-        sources, [(p.label, targets[p.label]) for p in players], generate, x, y, batch_size
+    assert isinstance(attack, UniversalAttack | PerSampleAttack)
+    run = matrix_experiment(
+        attack,
+        plan.budgets[0],
+        [(p.label, with_solver(p.model, specs[0], "--attack-solver")) for p in players],
+        [(p.label, with_solver(p.model, specs[1], "--eval-solver")) for p in players],
+        players[0].data,
+        _scoring(ctx, batch_size),
+        fit_samples=fit_samples,
+        eval_samples=eval_samples,
     )
-    fool, robust = table.fooling_rate, table.robust_accuracy
-    names = [p.label for p in players]
-    clean = [evaluate_adversarial(targets[n], x, y, x, batch_size)["clean_accuracy"] for n in names]
-    budget_key = "delta" if plan.universal else "eps"
-    results: dict[str, Any] = {
-        "method": plan.method,
-        "norm": plan.norm_label,
-        budget_key: plan.budgets[0],
-        "matrix": {
-            "sources": names,
-            "targets": names,
-            "fooling_rate": fool,
-            "robust_accuracy": robust,
-            "orientation": "rows are sources (generated on), columns are targets (evaluated on)",
-        },
-        "clean_accuracy": dict(zip(names, clean, strict=True)),
-        "seconds": sum(seconds),
-        "seconds_per_source": seconds,
-        "test_samples": len(x),
-        "figure_path": str(fig_path),
-    }
-    title = f"{plan.method} ({plan.norm_label}, {budget_key}={plan.budgets[0]:.4g}): fooling rate, source x target"
-    save_figure(matrix_figure(names, fool, title), fig_path, ctx.force)
+    results = run.results
+    results["figure_path"] = str(paths["matrix.png"])
+    _save(ctx, paths, run, None)
+    names = results["matrix"]["targets"]
     rows = [
         [f"{n} (source)", *[f"{100 * v:.1f}%" for v in row]]
-        for n, row in zip(names, fool, strict=True)
+        for n, row in zip(results["matrix"]["sources"], results["matrix"]["fooling_rate"], strict=True)
     ]
     headline = [
-        f"{plan.method}: transfer fooling-rate matrix over {len(x)} test samples (rows: source, columns: target)"
+        f"{plan.method}: transfer fooling-rate matrix over {results['test_samples']} test samples "
+        "(rows: source, columns: target)"
     ]
     return CommandOutput(
         results, [ResultTable("Fooling rate (source x target)", ["", *names], rows)], headline
