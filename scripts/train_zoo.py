@@ -51,6 +51,11 @@ CLASSIFIER_JOBS: dict[str, ZooJob] = {
         TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0),
         "CIFAR-style VGG-11 with BatchNorm, width 1/4, on digits resized to 32x32",
     ),
+    "resnet20_digits": ZooJob(
+        "resnet20", {"num_classes": 10, "in_channels": 1}, (1, 32, 32),
+        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0),
+        "CIFAR-style ResNet-20 (option A shortcuts) on digits resized to 32x32",
+    ),
 }  # fmt: skip
 
 

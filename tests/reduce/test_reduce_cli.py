@@ -105,6 +105,25 @@ def test_vgg_student_from_shipped_checkpoint(checkpoints_dir):
     assert float(agree) >= 0.95
 
 
+def test_resnet_student_from_shipped_checkpoint(checkpoints_dir):
+    """Residual sums (eq. 5.16) on a trained ResNet-20: each block's second state is rebuilt
+    from its input state and its first state, and predictions stay those of the teacher."""
+    loaded = load_model(checkpoints_dir / "resnet20_digits.safetensors")
+    data = load_dataset("digits", input_shape=(1, 32, 32), normalization=loaded.meta.normalization)
+    res = build_student(
+        loaded.model, loaded.meta.arch, loaded.meta.args, (1, 32, 32), data.train.x[:300],
+        RonSettings(layers="conv16-conv19", rank="24"),
+    )  # fmt: skip
+    assert [r.layers for r in res.layers] == [["conv16"], ["conv17"], ["conv18"], ["conv19"]]
+    assert [len(r.sources) for r in res.layers] == [1, 2, 1, 2]  # skip connection + block
+    assert res.layers[1].sources[1] == res.layers[0].state
+    assert total_flops(res.student, (1, 32, 32)) < 0.8 * total_flops(loaded.model, (1, 32, 32))
+    x = data.test.x
+    with torch.no_grad():
+        agree = (res.student(x).argmax(1) == loaded.model(x).argmax(1)).float().mean()
+    assert float(agree) >= 0.95
+
+
 @pytest.mark.parametrize(
     "args,code,needle",
     [
