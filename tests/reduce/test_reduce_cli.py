@@ -85,43 +85,41 @@ def test_vgg_reduce_end_to_end_with_pooling(checkpoints_dir, tmp_path):
         assert student(x).shape == teacher(x).shape == (3, 10)
 
 
-def test_vgg_student_from_shipped_checkpoint(checkpoints_dir):
-    """Library-level twin of the (slow) VGG end-to-end test: pooled states, FLOPs, agreement."""
-    loaded = load_model(checkpoints_dir / "vgg11_digits.safetensors")
+def _shipped_student(path, layers: str, rank: str, n_fit: int, n_test: int | None = None):
+    """Student of a shipped 32x32 checkpoint; returns it, the teacher's FLOPs ratio and the
+    fraction of test digits on which student and teacher agree."""
+    loaded = load_model(path)
     data = load_dataset("digits", input_shape=(1, 32, 32), normalization=loaded.meta.normalization)
     res = build_student(
-        loaded.model, loaded.meta.arch, loaded.meta.args, (1, 32, 32), data.train.x[:150],
-        RonSettings(layers="conv7-conv8", rank="16"),
+        loaded.model, loaded.meta.arch, loaded.meta.args, (1, 32, 32), data.train.x[:n_fit],
+        RonSettings(layers=layers, rank=rank),
     )  # fmt: skip
-    assert [r.layers for r in res.layers] == [["conv7"], ["conv8"]]
-    assert [r.pooled for r in res.layers] == [False, True] and [r.rows for r in res.layers] == [
-        24,
-        24,
-    ]
-    assert total_flops(res.student, (1, 32, 32)) < total_flops(loaded.model, (1, 32, 32))
-    x = data.test.x[:120]
+    flops = total_flops(res.student, (1, 32, 32)) / total_flops(loaded.model, (1, 32, 32))
+    x = data.test.x[:n_test]
     with torch.no_grad():
-        agree = (res.student(x).argmax(1) == loaded.model(x).argmax(1)).float().mean()
-    assert float(agree) >= 0.95
+        agree = float((res.student(x).argmax(1) == loaded.model(x).argmax(1)).float().mean())
+    return res, flops, agree
+
+
+def test_vgg_student_from_shipped_checkpoint(checkpoints_dir):
+    """Library-level twin of the (slow) VGG end-to-end test: pooled states, FLOPs, agreement."""
+    res, flops, agree = _shipped_student(checkpoints_dir / "vgg11_digits.safetensors",
+                                         "conv7-conv8", "16", 150, 120)
+    assert [r.layers for r in res.layers] == [["conv7"], ["conv8"]]
+    assert [r.pooled for r in res.layers] == [False, True]
+    assert [r.rows for r in res.layers] == [24, 24]
+    assert flops < 1.0 and agree >= 0.95
 
 
 def test_resnet_student_from_shipped_checkpoint(checkpoints_dir):
     """Residual sums (eq. 5.16) on a trained ResNet-20: each block's second state is rebuilt
     from its input state and its first state, and predictions stay those of the teacher."""
-    loaded = load_model(checkpoints_dir / "resnet20_digits.safetensors")
-    data = load_dataset("digits", input_shape=(1, 32, 32), normalization=loaded.meta.normalization)
-    res = build_student(
-        loaded.model, loaded.meta.arch, loaded.meta.args, (1, 32, 32), data.train.x[:300],
-        RonSettings(layers="conv16-conv19", rank="24"),
-    )  # fmt: skip
+    res, flops, agree = _shipped_student(checkpoints_dir / "resnet20_digits.safetensors",
+                                         "conv16-conv19", "24", 300)
     assert [r.layers for r in res.layers] == [["conv16"], ["conv17"], ["conv18"], ["conv19"]]
     assert [len(r.sources) for r in res.layers] == [1, 2, 1, 2]  # skip connection + block
     assert res.layers[1].sources[1] == res.layers[0].state
-    assert total_flops(res.student, (1, 32, 32)) < 0.8 * total_flops(loaded.model, (1, 32, 32))
-    x = data.test.x
-    with torch.no_grad():
-        agree = (res.student(x).argmax(1) == loaded.model(x).argmax(1)).float().mean()
-    assert float(agree) >= 0.95
+    assert flops < 0.8 and agree >= 0.95
 
 
 @pytest.mark.parametrize(
