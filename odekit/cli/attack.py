@@ -55,6 +55,7 @@ from odekit.methods.attacks.experiments import (
     per_sample_experiment,
     universal_experiment,
 )
+from odekit.methods.attacks.space import BUDGET_UNITS, budget_scale
 from odekit.writers.atomic import atomic_write_with
 from odekit.writers.plots import save_figure
 
@@ -135,11 +136,15 @@ class AttackPlan:
 
 
 def build_plan(
-    method: str, norm: str, delta: float | None, eps: str | None, opts: dict[str, Any]
-) -> AttackPlan:
+    method: str, norm: str, delta: float | None, eps: str | None, opts: dict[str, Any],
+    scale: float = 1.0,
+) -> AttackPlan:  # fmt: skip
+    """`scale` converts given budgets to pixel units (model-unit budgets times the std)."""
     cls = ATTACKS.get(method)
     name = ATTACKS.entry(method).name
     norm = parse_norm(norm)
+    if delta is not None:
+        delta = delta * scale
     if issubclass(cls, UniversalAttack):
         if eps is not None:
             raise UsageError(
@@ -173,10 +178,13 @@ def build_plan(
             "give its budget(s) with --eps",
         )
     if name == "adef":
+        if scale != 1.0:
+            raise UsageError("adef budgets are displacements in pixels; --units model does not apply to them",
+                             "drop --units model")  # fmt: skip
         budgets = DEFAULT_ADEF_EPS if eps is None else parse_budgets(eps)
         settings = ADefSettings(steps=opts["steps"] or 50, sigma=opts["sigma"])
         return AttackPlan(name, "T", budgets, cls(settings))
-    budgets = DEFAULT_EPS[norm] if eps is None else parse_budgets(eps)
+    budgets = DEFAULT_EPS[norm] if eps is None else [b * scale for b in parse_budgets(eps)]
     backend = opts["backend"]
     if name == "fgsm":
         settings = FGSMSettings(norm=norm, backend=backend)
@@ -561,6 +569,15 @@ def attack_command(
             rich_help_panel=PER_SAMPLE,
         ),
     ] = 1.0,
+    units: Annotated[
+        str,
+        typer.Option(
+            "--units",
+            help="Units of --delta/--eps: pixel ([0, 1] pixels) or model (model-input units, "
+            "i.e. pixels divided by the normalisation std, as in the thesis).",
+            rich_help_panel=ATTACK,
+        ),
+    ] = "pixel",
     eval_samples: Annotated[
         int | None,
         typer.Option(
@@ -643,18 +660,32 @@ def attack_command(
         "attack_solver": attack_solver,
         "eval_solver": eval_solver,
         "matrix": matrix,
+        "units": units,
         "batch_size": batch_size,
         "seed": seed,
     }
     model_opts = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint}
 
     def body(ctx: CommandContext) -> CommandOutput:
-        plan = build_plan(method, norm, delta, eps, params)
-        ctx.params["resolved"] = {
-            "method": plan.method,
-            "budgets": plan.budgets,
-            **asdict(plan.attack.settings),
-        }
+        unit = units.strip().lower()
+        if unit not in BUDGET_UNITS:
+            raise UsageError(f"unknown budget units '{units}'", f"choose one of: {', '.join(BUDGET_UNITS)}")
+        if unit == "model" and delta is None and eps is None:
+            raise UsageError("--units model needs an explicit budget", "give --delta (universal) or --eps (per-sample)")
+        plan = build_plan(method, norm, delta, eps, params)  # validates options before loading
+
+        def resolve(players: list[Player]) -> AttackPlan:
+            final = plan
+            if unit == "model":
+                final = build_plan(method, norm, delta, eps, params, budget_scale([p.data for p in players]))
+            ctx.params["resolved"] = {
+                "method": final.method,
+                "budgets": final.budgets,
+                "budget_units": unit,
+                **asdict(final.attack.settings),
+            }
+            return final
+
         specs = (
             parse_solver_spec(attack_solver) if attack_solver else None,
             parse_solver_spec(eval_solver) if eval_solver else None,
@@ -687,7 +718,9 @@ def attack_command(
                 )
                 for i, p in enumerate(checkpoints)
             ]
-            return _matrix(ctx, paths, plan, players, specs, fit_samples, eval_samples, batch_size)
+            return _with_units(
+                _matrix(ctx, paths, resolve(players), players, specs, fit_samples, eval_samples, batch_size)
+            )
         if len(checkpoints) != 1:
             raise UsageError(
                 f"got {len(checkpoints)} checkpoints",
@@ -701,10 +734,18 @@ def attack_command(
         )
         if src is not None:
             _same_inputs([target, src])
+        plan = resolve([target] if src is None else [target, src])
         if plan.universal:
-            return _universal(
-                ctx, paths, plan, target, src, specs, fit_samples, eval_samples, batch_size
+            return _with_units(
+                _universal(ctx, paths, plan, target, src, specs, fit_samples, eval_samples, batch_size)
             )
-        return _per_sample(ctx, paths, plan, target, src, specs, eval_samples, batch_size)
+        return _with_units(_per_sample(ctx, paths, plan, target, src, specs, eval_samples, batch_size))
+
+    def _with_units(output: CommandOutput) -> CommandOutput:
+        # delta/eps in results are always pixel units; record what the user typed and how.
+        output.results["budget_units"] = units.strip().lower()
+        if output.results["budget_units"] == "model":
+            output.results["budget_given"] = delta if delta is not None else parse_budgets(eps or "")
+        return output
 
     run_command("attack", common, inputs={}, params=params, body=body, run_name=method)

@@ -238,6 +238,9 @@ def _assert_one_line_error(res, code: int, text: str, out) -> None:
         (["--method", "fgsm", "--delta", "1"], 1, "--delta is for universal"),
         (["--method", "fgsm", "--attack-solver", "rk2:4"], 1, "no ODE blocks"),
         (["--method", "fgsm", "--attack-solver", "rk9:4"], 1, "unknown solver"),
+        (["--method", "fgsm", "--units", "model"], 1, "needs an explicit budget"),
+        (["--method", "adef", "--eps", "1", "--units", "model"], 1, "displacements in pixels"),
+        (["--method", "fgsm", "--eps", "0.1", "--units", "furlong"], 1, "unknown budget units"),
     ],
 )
 def test_bad_options(tmp_path, lenet300_path, args, code, text):
@@ -245,6 +248,24 @@ def test_bad_options(tmp_path, lenet300_path, args, code, text):
     _assert_one_line_error(
         invoke(lenet300_path, *args, "--eval-samples", "10", "-o", out), code, text, out
     )
+
+
+def test_model_units_scale_budgets_by_the_std(tmp_path, lenet300_path):
+    """--units model reads budgets as model-input norms (the thesis' delta) and attacks with
+    the equivalent pixel budget: model norm x std for the one-channel digits models."""
+    from odekit.io.checkpoints import load_model
+
+    std = load_model(lenet300_path).meta.normalization["std"][0]
+    uni = results(invoke(lenet300_path, "--method", "random", "--delta", "9", "--units", "model",
+                         "--fit-samples", "20", "--eval-samples", "40", "-o", tmp_path / "u", "--json"))
+    assert uni["delta"] == pytest.approx(9 * std) and uni["budget_given"] == 9
+    assert uni["norm_model"] == pytest.approx(9, rel=1e-4)
+    assert uni["budget_units"] == "model"
+    per = results(invoke(lenet300_path, "--method", "fgsm", "--norm", "inf", "--eps", "0.1,0.2",
+                         "--units", "model", "--backend", "torch", "--eval-samples", "40",
+                         "-o", tmp_path / "p", "--json"))
+    assert per["eps"] == pytest.approx([0.1 * std, 0.2 * std]) and per["budget_given"] == [0.1, 0.2]
+    assert max(p["max_size"] for p in per["curve"]) <= 0.2 * std + 1e-6
 
 
 def test_data_outside_bounds_is_one_line_exit_1(tmp_path, lenet300_path):

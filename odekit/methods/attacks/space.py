@@ -103,6 +103,23 @@ def to_pixels(x: Tensor, data: Dataset, what: str = "the input") -> Tensor:
     return x_pix.clamp(0.0, 1.0)
 
 
+BUDGET_UNITS = ("pixel", "model")
+
+
+def budget_scale(data_sets: list[Dataset]) -> float:
+    """Pixel units per model-input unit of a budget norm: the channel std, which must be one
+    number for every channel (and every model), since otherwise a model-unit l2/linf ball is no
+    ball in pixels."""
+    stds = {round(float(s), 12) for d in data_sets for s in d.pixel_scale.flatten()}
+    if len(stds) != 1:
+        raise UsageError(
+            f"budgets in model units need one normalisation std for all channels and models, "
+            f"got {sorted(stds)}",
+            "give the budgets in [0, 1] pixel units (--units pixel)",
+        )
+    return stds.pop()
+
+
 def to_model_units(v: Tensor, data: Dataset) -> Tensor:
     """A pixel-space perturbation expressed in model-input units (divided by the channel std)."""
     return v / data.pixel_scale.to(v.device)
