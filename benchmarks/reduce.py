@@ -250,7 +250,7 @@ def scale(
                 "threads": torch.get_num_threads(),
                 "seconds": rsvd_s,
                 "rows_per_second": n / rsvd_s,
-                "peak_rss_increase_mb_during_svd": rss_r.increase_mb,
+                "peak_rss_increase_mb_during_svd": rss_r.mb,
                 "held_mb": z_full.numel() * 4 / 2**20,
             }
         )
@@ -273,7 +273,7 @@ def scale(
                 "sketch_seconds": seconds[key],
                 "forward_seconds": forward_s,
                 "rows_per_second_sketch": n / seconds[key],
-                "peak_rss_increase_mb_stream_all_sketches": rss.increase_mb,
+                "peak_rss_increase_mb_stream_all_sketches": rss.mb,
                 "held_mb": sk.fd.state_nbytes() / 2**20,
                 "full_matrix_mb": n * d * 4 / 2**20,
                 "certified_covariance_error_rel": res.covariance_error
