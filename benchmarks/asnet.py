@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import PeakRSS  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    PeakRSS,
+    results_path,
+)
 
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import dataset_for_model
@@ -35,7 +38,7 @@ from odekit.methods.asnet import (
 from odekit.streaming import per_sample_activation_grads
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "asnet.jsonl"
+RESULTS = results_path("asnet")
 
 
 def emit(record: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 
 class PeakRSS:
@@ -39,3 +40,11 @@ class PeakRSS:
     @property
     def mb(self) -> float:
         return (self.peak - self.start) / 2**20
+
+
+def results_path(name: str) -> Path:
+    """benchmarks/results/NAME.jsonl, or NAME.jsonl in $ODEKIT_BENCH_RESULTS when it is set
+    (smoke tests and scratch runs keep the recorded results clean)."""
+    folder = os.environ.get("ODEKIT_BENCH_RESULTS")
+    base = Path(folder) if folder else Path(__file__).resolve().parent / "results"
+    return base / f"{name}.jsonl"

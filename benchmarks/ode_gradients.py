@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 import torchdiffeq
+from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
 from torch import nn
 
 from odekit.ode import odeint
 from odekit.ode.examples import DissipativeConvField
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ode_gradients.jsonl"
+RESULTS = results_path("ode_gradients")
 FORWARD_TOLS = (1e-4, 1e-5, 1e-6, 1e-7)
 ADJOINT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6, 1e-7)
 

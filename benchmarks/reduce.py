@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import PeakRSS  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    PeakRSS,
+    results_path,
+)
 
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import dataset_for_model
@@ -41,7 +44,7 @@ from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.registry import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "reduce.jsonl"
+RESULTS = results_path("reduce")
 CKPT = ROOT / "checkpoints"
 
 

@@ -26,12 +26,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchdiffeq
+from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
 from torch import nn
 
 from odekit.io.datasets import load_dataset
@@ -41,7 +41,7 @@ from odekit.models import build_model
 from odekit.models.ode_models import ode_blocks
 from odekit.ode import SolverConfig
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_ode.jsonl"
+RESULTS = results_path("train_ode")
 METHODS = ("irdm", "rdm", "torchdiffeq_adjoint")
 # "+seminorm" variants (e.g. irdm+seminorm, torchdiffeq_adjoint+seminorm) leave dL/dtheta out of
 # the backward step-size control (Kidger et al. 2021) for ours and torchdiffeq's alike.

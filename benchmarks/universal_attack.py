@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
 
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import dataset_for_model
@@ -41,7 +42,7 @@ from odekit.methods.attacks import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "universal_attack.jsonl"
+RESULTS = results_path("universal_attack")
 METHODS = ("active-subspace", "uap", "art-uap", "random")
 
 
