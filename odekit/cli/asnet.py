@@ -124,6 +124,7 @@ def asnet_command(
         float, typer.Option("--beta", help="Distillation weight beta of the fine-tuning loss.", rich_help_panel=ASNET)
     ] = 0.1,
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (Adam; thesis: 1e-4 for VGG).", rich_help_panel=ASNET)] = 1e-4,
+    head_lr: Annotated[float | None, typer.Option("--head-lr", help="Fine-tuning learning rate of the AS and PCE layers (thesis: 1e-5) [--lr].", show_default=False, rich_help_panel=ASNET)] = None,
     sparse: Annotated[
         bool, typer.Option("--sparse", help="ASNet-s: L1 proximal step after every update (eq. 6.29).", rich_help_panel=ASNET)
     ] = False,
@@ -163,7 +164,7 @@ def asnet_command(
     params: dict[str, Any] = {
         "analyze": analyze, "layers": layers, "cut": cut, "rank": rank, "eps": eps, "degree": degree,
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
-        "lr": lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
+        "lr": lr, "head_lr": head_lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
 
     def body(ctx: CommandContext) -> CommandOutput:
@@ -182,7 +183,7 @@ def asnet_command(
         settings = None
         if cut is not None:
             settings = ASNetSettings(
-                cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, beta=beta,
+                cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, head_lr=head_lr, beta=beta,
                 sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None

@@ -256,6 +256,7 @@ class ASNetSettings:
     ridge: float = 0.0
     finetune_epochs: int = 0
     lr: float = 1e-4
+    head_lr: float | None = None  # AS + PCE layers (thesis: 1e-5); None: lr
     beta: float = 0.1
     sparse: bool = False
     l1: float = 1.0
@@ -276,6 +277,8 @@ class ASNetSettings:
             raise UsageError(f"--finetune must be >= 0 epochs, got {self.finetune_epochs}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise UsageError(f"--head-lr must be positive, got {self.head_lr}", "the thesis uses 1e-5")
         if not 0.0 <= self.beta <= 1.0:
             raise UsageError(f"--beta must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
         if self.l1 < 0:
@@ -594,16 +597,17 @@ def fit_head(z: Tensor, logits: Tensor, degree: int, ridge: float) -> Head:
     return Head(mu, sigma, pce, fit)
 
 
-def _l1_prox(l1: float) -> Callable[[nn.Module, float], None]:
-    """Soft-thresholding S_{lr * lambda} (eq. 6.29) on every conv/linear weight after each step."""
+def _l1_prox(l1: float) -> Callable[[nn.Module, Callable[[Tensor], float]], None]:
+    """Soft-thresholding S_{lr * lambda} (eq. 6.29) on every conv/linear weight after each
+    step, with each weight's own current learning rate."""
 
     @torch.no_grad()
-    def step(model: nn.Module, lr: float) -> None:
-        t = lr * l1
+    def step(model: nn.Module, lr_of: Callable[[Tensor], float]) -> None:
         for module in model.modules():
             if isinstance(module, COMPUTE_TYPES):
                 w = module.weight
                 assert isinstance(w, Tensor)
+                t = lr_of(w) * l1
                 w.copy_(w.sign() * (w.abs() - t).clamp_min(0.0))
 
     return step
@@ -733,6 +737,7 @@ def build_asnet_from_teacher(
         history = train_classifier(
             asnet, data, train_settings, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
             progress=progress,
+            lr_overrides={asnet.active: settings.head_lr, asnet.pce: settings.head_lr} if settings.head_lr else None,
         )  # fmt: skip
     asnet.eval()
     acc_after = accuracy(asnet, data.test, device=device) if history is not None else acc_before
@@ -785,6 +790,7 @@ def build_asnet_from_teacher(
             "epochs": settings.finetune_epochs,
             "beta": settings.beta,
             "lr": settings.lr,
+            "head_lr": settings.head_lr if settings.head_lr is not None else settings.lr,
             "sparse": settings.sparse,
             "l1": settings.l1 if settings.sparse else None,
             "history": history.epochs if history else [],

@@ -6,8 +6,9 @@ as thesis ch. 6 uses for ASNet (beta = 0.1).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,23 @@ class TrainHistory:
         return self.epochs[-1] if self.epochs else {}
 
 
-def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+def _optimizer(
+    model: nn.Module, settings: TrainSettings, lr_overrides: Mapping[nn.Module, float] | None = None
+) -> torch.optim.Optimizer:
+    """One parameter group at settings.lr, plus one per module of `lr_overrides`."""
+    special: dict[int, float] = {}
+    for module, lr in (lr_overrides or {}).items():
+        if not lr > 0:
+            raise UsageError(f"learning rate must be positive, got {lr}", "try 1e-5")
+        special.update({id(p): lr for p in module.parameters()})
     params = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in special], "lr": settings.lr}]
+    for lr in dict.fromkeys(special.values()):
+        groups.append({"params": [p for p in params if special.get(id(p)) == lr], "lr": lr})
+    groups = [g for g in groups if g["params"]]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay, nesterov=True)
-    return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay, nesterov=True)
+    return torch.optim.Adam(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def distillation_loss(
@@ -83,18 +96,26 @@ def train_classifier(
     device: torch.device,
     *,
     teacher: nn.Module | None = None,
-    after_step: Callable[[nn.Module, float], None] | None = None,
+    after_step: Callable[[nn.Module, Callable[[torch.Tensor], float]], None] | None = None,
     progress: Progress | None = None,
+    lr_overrides: Mapping[nn.Module, float] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data.train``; test accuracy after every epoch.
 
-    ``after_step(model, lr)`` runs after each optimizer step (e.g. an L1 proximal step).
+    ``lr_overrides`` gives the parameters of some modules their own learning rate (the
+    schedule scales every group alike). ``after_step(model, lr_of)`` runs after each optimizer
+    step (e.g. an L1 proximal step); ``lr_of(parameter)`` is that parameter's current rate.
     """
     progress = silent_if_none(progress)
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
-    optimizer = _optimizer(model, settings)
+    optimizer = _optimizer(model, settings, lr_overrides)
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+    def lr_of(param: torch.Tensor) -> float:
+        return float(optimizer.param_groups[group_of.get(id(param), 0)]["lr"])
+
     steps = max(1, settings.epochs * data.train.num_batches(settings.batch_size))
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -121,7 +142,7 @@ def train_classifier(
             loss.backward()
             optimizer.step()
             if after_step is not None:
-                after_step(model, float(scheduler.get_last_lr()[0]))
+                after_step(model, lr_of)
             scheduler.step()
             total += float(loss.detach()) * len(y)
             seen += len(y)

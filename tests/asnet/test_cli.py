@@ -60,7 +60,7 @@ def test_vgg_asnet_end_to_end(checkpoints_dir, tmp_path) -> None:
 def test_finetune_sparse_and_pce_warning(checkpoints_dir, tmp_path) -> None:
     ckpt = checkpoints_dir / "lenet300_digits.safetensors"
     result = _run([str(ckpt), "--cut", "1", "--rank", "12", "--samples", "150", "--finetune", "1", "--lr", "1e-3",
-                   "--sparse", "--l1", "20", "--no-baselines", "--no-latency", "--device", "cpu", "-o", str(tmp_path / "s"),
+                   "--head-lr", "1e-5", "--sparse", "--l1", "20", "--no-baselines", "--no-latency", "--device", "cpu", "-o", str(tmp_path / "s"),
                    "--json"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     r = json.loads(result.stdout)["results"]
@@ -68,6 +68,7 @@ def test_finetune_sparse_and_pce_warning(checkpoints_dir, tmp_path) -> None:
     assert len(r["warnings"]) == 1 and "182" in r["warnings"][0]
     assert "Warning" in result.stderr and "182" in result.stderr
     assert r["finetune"]["epochs"] == 1 and len(r["finetune"]["history"]) == 1
+    assert (r["finetune"]["lr"], r["finetune"]["head_lr"]) == (1e-3, 1e-5)
     assert r["asnet"]["nonzero_params"] < r["asnet"]["params"]
     assert 0 < r["asnet"]["density"] < 1
     assert r["asnet"]["flops_nonzero"] < r["asnet"]["flops"]
@@ -96,6 +97,7 @@ def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
         (["--analyze", "--finetune", "2"], 1, "--cut"),
         (["--cut", "2", "--rank", "zero"], 1, "--rank"),
         (["--cut", "2", "--sparse"], 1, "--finetune"),
+        (["--cut", "2", "--finetune", "1", "--head-lr", "0"], 1, "--head-lr"),
         (["--cut", "2", "--eps", "1.5"], 1, "--eps"),
         (["--cut", "3"], 1, "last compute layer"),
         (["--cut", "2", "--rank", "500"], 1, "exceeds"),

@@ -73,7 +73,7 @@ def test_l1_proximal_step_is_soft_thresholding() -> None:
     layer = nn.Linear(3, 2)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.5, -0.05, 0.2], [-0.3, 0.1, 0.0]]))
-    _l1_prox(l1=1.0)(nn.Sequential(layer), 0.1)
+    _l1_prox(l1=1.0)(nn.Sequential(layer), lambda _: 0.1)
     want = torch.tensor([[0.4, 0.0, 0.1], [-0.2, 0.0, 0.0]])
     assert torch.allclose(layer.weight, want, atol=1e-7)
     cost = sparse_cost(nn.Sequential(layer), (3,))
