@@ -27,3 +27,12 @@ docs:
 
 zoo:
 	$(VENV)/bin/python scripts/train_zoo.py
+
+# Every benchmark in its --quick form (tens of minutes on 2 cores). Lines go to
+# $(BENCH_OUT) so the recorded benchmarks/results/ stay as they are.
+BENCH_OUT ?= odekit-runs/bench
+bench:
+	mkdir -p $(BENCH_OUT)
+	for b in ode_gradients train_ode reduce asnet universal_attack; do \
+		ODEKIT_BENCH_RESULTS=$(BENCH_OUT) $(VENV)/bin/python benchmarks/$$b.py --quick || exit 1; \
+	done
