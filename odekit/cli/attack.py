@@ -672,10 +672,11 @@ def attack_command(
             raise UsageError(f"unknown budget units '{units}'", f"choose one of: {', '.join(BUDGET_UNITS)}")
         if unit == "model" and delta is None and eps is None:
             raise UsageError("--units model needs an explicit budget", "give --delta (universal) or --eps (per-sample)")
-        plan = build_plan(method, norm, delta, eps, params)  # validates options before loading
+        base_plan = build_plan(method, norm, delta, eps, params)  # validates options before loading
 
         def resolve(players: list[Player]) -> AttackPlan:
-            final = plan
+            """The plan with budgets in pixels, once the models' normalisation is known."""
+            final = base_plan
             if unit == "model":
                 final = build_plan(method, norm, delta, eps, params, budget_scale([p.data for p in players]))
             ctx.params["resolved"] = {
@@ -692,7 +693,7 @@ def attack_command(
         )
         if matrix:
             names = ["matrix.png"]
-        elif plan.universal:
+        elif base_plan.universal:
             names = ["perturbation.safetensors", "attack.png"]
         else:
             names = ["perturbations.safetensors", "attack.png", "robust_accuracy.png"]
