@@ -719,34 +719,27 @@ def attack_command(
                 )
                 for i, p in enumerate(checkpoints)
             ]
-            return _with_units(
-                _matrix(ctx, paths, resolve(players), players, specs, fit_samples, eval_samples, batch_size)
-            )
-        if len(checkpoints) != 1:
-            raise UsageError(
-                f"got {len(checkpoints)} checkpoints",
-                "attack one model, or pass --matrix for a transfer matrix",
-            )
-        target = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir)
-        src = (
-            _load_player(ctx, source, "source", model_opts, data, data_dir)
-            if source is not None
-            else None
-        )
-        if src is not None:
-            _same_inputs([target, src])
-        plan = resolve([target] if src is None else [target, src])
-        if plan.universal:
-            return _with_units(
-                _universal(ctx, paths, plan, target, src, specs, fit_samples, eval_samples, batch_size)
-            )
-        return _with_units(_per_sample(ctx, paths, plan, target, src, specs, eval_samples, batch_size))
-
-    def _with_units(output: CommandOutput) -> CommandOutput:
+            output = _matrix(ctx, paths, resolve(players), players, specs, fit_samples, eval_samples, batch_size)
+        else:
+            if len(checkpoints) != 1:
+                raise UsageError(
+                    f"got {len(checkpoints)} checkpoints",
+                    "attack one model, or pass --matrix for a transfer matrix",
+                )
+            target = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir)
+            src = _load_player(ctx, source, "source", model_opts, data, data_dir) if source is not None else None
+            if src is not None:
+                _same_inputs([target, src])
+            plan = resolve([target] if src is None else [target, src])
+            if plan.universal:
+                output = _universal(ctx, paths, plan, target, src, specs, fit_samples, eval_samples, batch_size)
+            else:
+                output = _per_sample(ctx, paths, plan, target, src, specs, eval_samples, batch_size)
         # delta/eps in results are always pixel units; record what the user typed and how.
-        output.results["budget_units"] = units.strip().lower()
-        if output.results["budget_units"] == "model":
-            output.results["budget_given"] = delta if delta is not None else parse_budgets(eps or "")
+        output.results["budget_units"] = unit
+        if unit == "model":  # needs explicit budgets, so the unscaled plan holds them as typed
+            given = base_plan.budgets
+            output.results["budget_given"] = given[0] if base_plan.universal else given
         return output
 
     run_command("attack", common, inputs={}, params=params, body=body, run_name=method)

@@ -32,8 +32,8 @@ class Problem:
     co_back: StepCoefficients  # float coefficients for backward solves
     steps: int | None  # fixed steps over [times[0], times[-1]], None = adaptive
     control: StepControl | None
+    control_back: StepControl | None  # backward (adjoint) solves of rdm and irdm
     stats: SolveStats = field(default_factory=SolveStats)
-    control_back: StepControl | None = None  # adjoint solves of rdm/irdm (None: `control`)
     cheb_nodes: int = 16
     checkpoints: int = 1
     seminorm: bool = False
@@ -42,10 +42,6 @@ class Problem:
         if isinstance(t, Tensor):
             return t
         return torch.full((), t, dtype=like.dtype, device=like.device)
-
-    @property
-    def back_control(self) -> StepControl | None:
-        return self.control if self.control_back is None else self.control_back
 
     def interval_steps(self, ta: float, tb: float) -> int | None:
         """Fixed steps for a sub-interval, proportional to its length (backward solves)."""
@@ -152,7 +148,7 @@ class _RDM(torch.autograd.Function):
             res = integrate(
                 dyn, [zs[i], a, *gp], times[i], times[i - 1], prob.co_back, n_active=2,
                 fixed_steps=prob.interval_steps(times[i], times[i - 1]),
-                control=prob.back_control, n_norm=n_norm, n_solo=2,
+                control=prob.control_back, n_norm=n_norm, n_solo=2,
             )
             prob.stats.nfe_backward += res.nfe
             a = res.y[1] + gz[i - 1]
@@ -268,7 +264,7 @@ class _IRDM(torch.autograd.Function):
             res = integrate(
                 dyn, [a, *gp], times[i], times[i - 1], prob.co_back, n_active=1,
                 fixed_steps=prob.interval_steps(times[i], times[i - 1]),
-                control=prob.back_control, n_norm=n_norm, n_solo=1,
+                control=prob.control_back, n_norm=n_norm, n_solo=1,
             )
             prob.stats.nfe_backward += res.nfe
             a = res.y[0] + gz[i - 1]

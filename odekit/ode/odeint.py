@@ -117,7 +117,7 @@ def odeint(
     control = StepControl(rtol=float(rtol), atol=float(atol), safety=float(safety),
                           min_step=float(min_step), max_step=float(max_step),
                           max_steps=int(max_steps), first_step=first_step)
-    control_back = None
+    control_back = control
     if adjoint_rtol is not None or adjoint_atol is not None:
         # The forward first step says nothing about the adjoint's scale: pick it afresh.
         control_back = dataclasses.replace(

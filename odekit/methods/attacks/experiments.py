@@ -63,7 +63,7 @@ class Scoring:
     mode: str = "white-box"
 
 
-def test_inputs(data: Dataset, samples: int | None, seed: int,
+def eval_inputs(data: Dataset, samples: int | None, seed: int,
                 device: torch.device) -> tuple[Tensor, Tensor]:
     """Pixel-space test inputs and labels (a seeded subset when `samples` is given)."""
     test = data.test.subset(samples, seed=seed)
@@ -90,7 +90,7 @@ def universal_experiment(
     """Fit a universal vector on `fit_data` with `attack_model`, score it on `eval_model`."""
     s = attack.settings
     x_fit = fit_inputs(fit_data, fit_samples, score.seed)
-    x_test, y_test = test_inputs(target_data, eval_samples, score.seed, score.device)
+    x_test, y_test = eval_inputs(target_data, eval_samples, score.seed, score.device)
     check_differentiable(attack_model, x_fit[:2].to(score.device))
     result = attack(attack_model, x_fit, seed=score.seed, batch_size=score.batch_size,
                     progress=score.progress)
@@ -163,7 +163,7 @@ def per_sample_experiment(
     provenance: dict[str, Any],
 ) -> AttackRun:
     """Attack held-out samples at every budget; the robust-accuracy curve and examples."""
-    x, y = test_inputs(target_data, eval_samples, score.seed, score.device)
+    x, y = eval_inputs(target_data, eval_samples, score.seed, score.device)
     check_differentiable(attack_model, x[:2])
     bs = score.batch_size
     curve, tensors = [], {}
@@ -242,7 +242,7 @@ def matrix_experiment(
     eval_samples: int | None,
 ) -> AttackRun:
     """Generate on every source, score on every target (rows: sources, columns: targets)."""
-    x, y = test_inputs(data, eval_samples, score.seed, score.device)
+    x, y = eval_inputs(data, eval_samples, score.seed, score.device)
     x_fit = fit_inputs(data, fit_samples, score.seed)
     for _, model in sources:
         check_differentiable(model, x[:2])
