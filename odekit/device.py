@@ -30,3 +30,56 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so that wall-clock timings are honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _physical_cores() -> int:
+    """Physical cores usable by this process (hyper-threads share a core's FPUs)."""
+    import os
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            physical = core = ""
+            for line in handle:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    core = value
+                elif not key and core:
+                    cores.add((physical, core))
+                    physical = core = ""
+            if core:
+                cores.add((physical, core))
+    except OSError:
+        pass
+    return max(1, min(usable, len(cores) or usable))
+
+
+def default_threads() -> int:
+    """Physical cores, capped by ``OMP_NUM_THREADS`` when that is set to a positive integer."""
+    import os
+
+    threads = _physical_cores()
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        threads = min(threads, int(env))
+    return threads
+
+
+MAX_THREADS = 1024
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (``None``: `default_threads`); returns the value used."""
+    if threads is None:
+        threads = default_threads()
+    if not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads must be between 1 and {MAX_THREADS}, got {threads}", "pass e.g. --threads 2")
+    torch.set_num_threads(threads)
+    return threads

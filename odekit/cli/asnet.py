@@ -22,6 +22,7 @@ from odekit.cli.options import (
     NumClassesOpt,
     OutOpt,
     SeedOpt,
+    ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
@@ -156,9 +157,10 @@ def asnet_command(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
-    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug)
+    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
     analyze = analyze or layers is not None
     params: dict[str, Any] = {

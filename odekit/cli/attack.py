@@ -26,6 +26,7 @@ from odekit.cli.options import (
     NumClassesOpt,
     OutOpt,
     SeedOpt,
+    ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
@@ -632,11 +633,12 @@ def attack_command(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Attack a model: universal perturbations (active subspace, UAP, random), per-sample attacks
     (FGSM, PGD, DeepFool, ADef), black-box/grey-box transfer and transfer matrices."""
     common = CommonOptions(
-        device=device, seed=seed, out=out, force=force, json=json_output, debug=debug
+        device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
     params: dict[str, Any] = {
         "method": method,

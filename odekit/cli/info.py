@@ -12,7 +12,16 @@ from rich.table import Table
 
 import odekit.models.zoo  # noqa: F401  (registers the zoo for the --arch list)
 from odekit.cli.errors import report_exception
-from odekit.cli.options import ArchOpt, CheckpointArg, DebugOpt, JsonOpt, NumClassesOpt, TrustOpt
+from odekit.cli.options import (
+    ArchOpt,
+    CheckpointArg,
+    DebugOpt,
+    JsonOpt,
+    NumClassesOpt,
+    ThreadsOpt,
+    TrustOpt,
+)
+from odekit.device import set_threads
 from odekit.errors import UsageError
 from odekit.io.checkpoints import load_model
 from odekit.models.layers import layer_table
@@ -45,9 +54,11 @@ def info_command(
     ] = None,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """List a model's compute layers (index, name, type, shapes, params, FLOPs)."""
     try:
+        set_threads(threads)
         loaded = load_model(checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
         shape = _parse_shape(input_shape) if input_shape else loaded.input_shape
         if shape is None:

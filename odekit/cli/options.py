@@ -33,6 +33,16 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the report as JSON on stdout, nothing else.", rich_help_panel=COMMON)
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.", rich_help_panel=COMMON)]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch's intra-op parallelism [default: physical cores, capped by OMP_NUM_THREADS].",
+        show_default=False,
+        rich_help_panel=COMMON,
+    ),
+]
 ArchOpt = Annotated[
     str | None,
     typer.Option("--arch", help="Architecture of a checkpoint without odekit metadata (see 'odekit info --help').", rich_help_panel=MODEL),
@@ -73,6 +83,7 @@ class CommonOptions:
     force: bool = False
     json: bool = False
     debug: bool = False
+    threads: int | None = None
 
 
 @dataclass(frozen=True)

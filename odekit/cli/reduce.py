@@ -23,6 +23,7 @@ from odekit.cli.options import (
     NumClassesOpt,
     OutOpt,
     SeedOpt,
+    ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
@@ -146,10 +147,11 @@ def reduce_command(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
     common = CommonOptions(
-        device=device, seed=seed, out=out, force=force, json=json_output, debug=debug
+        device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
     params: dict[str, Any] = {

@@ -27,7 +27,7 @@ from odekit import __version__
 from odekit.cli.errors import report_exception
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress
-from odekit.device import resolve_device
+from odekit.device import resolve_device, set_threads
 from odekit.errors import OutputExistsError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.atomic import check_writable
@@ -145,6 +145,7 @@ def run_command(
     ctx: CommandContext | None = None
     try:
         device = resolve_device(common.device)
+        threads = set_threads(common.threads)
         seed_everything(common.seed)
         out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
         if out_dir.exists() and not out_dir.is_dir():
@@ -177,6 +178,7 @@ def run_command(
             params=ctx.params,
             results=output.results,
             device=str(device),
+            threads=threads,
             seconds=time.perf_counter() - start,
             markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
         )

@@ -24,6 +24,7 @@ from odekit.cli.options import (
     NumClassesOpt,
     OutOpt,
     SeedOpt,
+    ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
@@ -106,9 +107,10 @@ def smoothness_command(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:  # fmt: skip
     """Does accuracy hold when the test solver is stronger than the training one? (thesis 3.3.2)"""
-    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug)
+    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
     params = {"solvers": solvers, "steps": steps, "u": u, "tolerance": tolerance, "samples": samples,
               "data": data, "batch_size": batch_size, "seed": seed}  # fmt: skip

@@ -19,6 +19,7 @@ from odekit.cli.options import (
     JsonOpt,
     OutOpt,
     SeedOpt,
+    ThreadsOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
@@ -254,9 +255,10 @@ def train_ode_command(
     force: ForceOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:  # fmt: skip
     """Train a neural ODE: ODENet4/ODENet10 image classifier or a 2-D CNF density model."""
-    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug)
+    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     params = {k: v for k, v in locals().items() if k not in ("common", "out", "force", "json_output", "debug")}
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     arch_opts = {"width": width, "norm_first": norm_first, "norm_ode": norm_ode, "activation": activation}

@@ -48,6 +48,7 @@ class Report:
     results: dict[str, Any]
     device: str
     seconds: float
+    threads: int | None = None
     markdown_sections: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +60,7 @@ class Report:
                 "params": self.params,
                 "results": self.results,
                 "device": self.device,
+                "threads": self.threads,
                 "seconds": round(self.seconds, 4),
             }
         )
@@ -73,6 +75,7 @@ class Report:
             "",
             f"- odekit version: {self.odekit_version}",
             f"- device: {self.device}",
+            f"- threads: {self.threads}",
             f"- seconds: {data['seconds']}",
             "",
             "## Inputs",
