@@ -1,0 +1,5 @@
+"""``python -m odekit``: the same CLI as the ``odekit`` script."""
+
+from odekit.cli.app import main
+
+main()
