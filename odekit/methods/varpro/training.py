@@ -99,7 +99,7 @@ class _Run:
     def record(self, model: nn.Module, level: int, iteration: int, **extra: float) -> dict[str, float]:
         with self.meter.pause():
             metrics = self.task.metrics(model)
-        rec = {"level": level, "iteration": iteration, "work_units": round(self.meter.units, 4),
+        rec = {"level": level, "iteration": iteration, "work_units": round(self.meter.units, 6),
                "seconds": round(self.meter.seconds(), 4), **metrics, **extra}  # fmt: skip
         if not math.isfinite(metrics["train_loss"]):
             raise NumericalError(f"{self.s.optimizer} diverged (train loss {metrics['train_loss']})", "lower --lr or the trust-region radius")
@@ -236,10 +236,10 @@ def train_separable(
             assert isinstance(model, ODENetAntisym)
             model, change = _prolongate(model, task)
             result.levels.append({"level": level + 1, "depth": model.depth, "steps": _steps(model), "output_change": change})
-    result.work_units = meter.units
+    result.work_units = round(meter.units, 6)  # batch fractions add up with float round-off
     result.train_seconds = meter.seconds()
     last = result.history[-1]
-    result.final_metrics = {k: v for k, v in last.items() if k.startswith(("test_", "train_"))} | {"work_units": meter.units}
+    result.final_metrics = {k: v for k, v in last.items() if k.startswith(("test_", "train_"))} | {"work_units": result.work_units}
     return model.to(dtype=out_dtype).eval(), result
 
 
