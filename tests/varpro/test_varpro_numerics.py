@@ -114,6 +114,10 @@ def test_implicit_jacobian_of_w_matches_finite_differences(loss: str) -> None:
     lhs = float((point.jvp(v) * U).sum())
     rhs = float(v @ point.vjp(U))
     assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs))
+    V = torch.randn(dW.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    lhs_w = float((dW * V).sum())
+    rhs_w = float(v @ point.vjp(torch.zeros_like(U), V))
+    assert abs(lhs_w - rhs_w) < 1e-10 * max(1.0, abs(lhs_w))
 
 
 def test_steihaug_step_decreases_model_and_respects_radius() -> None:

@@ -2,7 +2,8 @@
 
 Phi_red(theta) = Phi(W(theta), theta) with W(theta) from the inner solve. Since
 grad_W Phi = 0 at W(theta), grad Phi_red = grad_theta Phi(W(theta), theta). The Gauss-Newton
-matrix is J^T (H_L / n) J + alpha_theta I with the Jacobian of the outputs
+matrix is J^T (H_L / n) J + alpha_W J_W^T J_W + alpha_theta I (the regularisers' Gauss-Newton
+terms included) with the Jacobian of the outputs
 X(theta) = Fa(theta) W(theta)^T,
 
     J v = dFa W^T + Fa dW^T,   dW = J_theta W v = -H_WW^-1 (d/dtheta grad_W Phi) v,
@@ -89,21 +90,27 @@ class ReducedPoint:
 
     def jvp(self, v: Tensor) -> Tensor:
         """J v for the outputs X(theta) = Fa(theta) W(theta)^T (n, t)."""
-        dW, dFa = self.dW(v)
-        return dFa @ self.W.T + self.problem.fa @ dW.T
+        return self._jvp_and_dW(v)[0]
 
-    def vjp(self, U: Tensor) -> Tensor:
-        """J^T U (the adjoint of `jvp`) as a flat theta vector."""
+    def _jvp_and_dW(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        dW, dFa = self.dW(v)
+        return dFa @ self.W.T + self.problem.fa @ dW.T, dW
+
+    def vjp(self, U: Tensor, V: Tensor | None = None) -> Tensor:
+        """J^T U + J_theta W^T V (the adjoints of `jvp` and of `dW`) as a flat theta vector."""
         P = self.problem
         cot = U @ self.W
-        gbar = -P.solve_hess(self.W, U.T @ P.fa)
+        cot_w = U.T @ P.fa if V is None else U.T @ P.fa + V
+        gbar = -P.solve_hess(self.W, cot_w)
         cot = cot + (P.loss_hess(self.X, P.fa @ gbar.T) @ self.W + self.G @ gbar) / self.n
         return self.lin.vjp(cot[:, : self.m]).double()
 
     def gn_product(self, v: Tensor) -> Tensor:
-        """(J^T H_L J / n + alpha_theta I) v: one jvp and one vjp (2 work units)."""
-        Jv = self.jvp(v)
-        return self.vjp(self.problem.loss_hess(self.X, Jv) / self.n) + self.alpha_theta * v
+        """Gauss-Newton product of Phi_red, the alpha_W/2 ||W(theta)||^2 term included:
+        (J^T H_L J / n + alpha_W J_W^T J_W + alpha_theta I) v -- one jvp and one vjp (2 work units)."""
+        Jv, dW = self._jvp_and_dW(v)
+        alpha_w = self.problem.alpha
+        return self.vjp(self.problem.loss_hess(self.X, Jv) / self.n, alpha_w * dW if alpha_w > 0 else None) + self.alpha_theta * v
 
 
 @dataclass(frozen=True)
