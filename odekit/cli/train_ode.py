@@ -326,7 +326,7 @@ def train_ode_command(
             regularization=regularization, levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units,
             iters=iters, epochs=epochs, batch_size=batch_size, lr=lr, samples=samples, seed=seed,
         )  # fmt: skip
-        return run_separable(ctx, options, _resume(ctx, key), params)
+        return run_separable(ctx, options, _resume(ctx, key))
 
     def _resume(ctx: CommandContext, key: str) -> LoadedModel | None:
         if resume is None:

@@ -93,7 +93,7 @@ def _optimizers(main: str, compare: str | None) -> list[str]:
     return names
 
 
-def _task(o: SeparableOptions, ctx: CommandContext, loaded: LoadedModel | None) -> tuple[SeparableTask, Any, RegressionData | None]:
+def _task(o: SeparableOptions, loaded: LoadedModel | None) -> tuple[SeparableTask, Any, RegressionData | None]:
     norm = loaded.meta.normalization if loaded else None
     if o.task == "regress":
         cache = Path(o.data_dir) if o.data_dir else DEFAULT_RUNS_DIR / "cache"
@@ -135,13 +135,14 @@ def _plot(path: Path, results: dict[str, VarProResult], metric: str, force: bool
     save_figure(fig, path, force)
 
 
-def run_separable(ctx: CommandContext, o: SeparableOptions, loaded: LoadedModel | None, params: dict[str, Any]) -> CommandOutput:
+def run_separable(ctx: CommandContext, o: SeparableOptions, loaded: LoadedModel | None) -> CommandOutput:
+    """Train with every optimizer asked for; save the first one's model; plot all curves."""
     if o.task not in ("regress", "classify"):
         raise UsageError(f"--task {o.task} has no VarPro training", "use --task regress or --task classify")
     model_path, plot_path = ctx.path("model.safetensors"), ctx.path("convergence.png")
     alpha_theta, alpha_w = _alphas(o.regularization)
     names = _optimizers(o.optimizer, o.compare)
-    task, data, reg = _task(o, ctx, loaded)
+    task, data, reg = _task(o, loaded)
     if loaded is not None:
         arch, args, net = loaded.meta.arch, dict(loaded.meta.args), loaded.model
         if reg is not None:  # the checkpoint outputs original units; train on standardised targets
