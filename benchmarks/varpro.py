@@ -11,6 +11,8 @@ slimtrain runs sampled-Tikhonov W + Adam on theta (CDR only). All stop at the sa
 budget (forward or backward pass over the training set = 1 unit). Goals, per case and seed:
   G1  GNvpro reaches Adam's final test error within <= 1/3 of Adam's work units
   G2  (cdr) GNvpro's test error at its final work units is >= 10x lower than Adam's at the same units
+Also reported: the same error ratio at equal wall time, and slimtrain's at equal work units.
+``--plot-from FILE[,FILE] --plot PNG`` recomputes the summaries from recorded lines and plots.
 One JSON line per (case, seed, optimizer) plus a summary per case, printed and appended to
 benchmarks/results/varpro.jsonl.
 
@@ -55,54 +57,74 @@ def _error(rec: dict[str, float]) -> float:
     return rec["test_rel_error"] if "test_rel_error" in rec else 1.0 - rec["test_accuracy"]
 
 
-def _error_at(history: list[dict[str, float]], units: float) -> float:
-    """The test error of the last record at or before ``units`` work units."""
-    before = [h for h in history if h["work_units"] <= units + 1e-9]
-    return _error(before[-1]) if before else math.nan
-
-
-def _first_reaching(history: list[dict[str, float]], target: float) -> dict[str, float] | None:
-    return next((h for h in history if _error(h) <= target), None)
+def _curve_error_at(curve: list[list[float]], x: float, col: int) -> float:
+    """The test error of the last curve point at or before ``x`` (col 0: work units, 2: seconds)."""
+    before = [c for c in curve if c[col] <= x + 1e-9]
+    return before[-1][1] if before else math.nan
 
 
 def run_case(case: str, seed: int, args: argparse.Namespace, task: SeparableTask) -> list[dict[str, Any]]:
+    """Every optimizer from the same initial network; one row (with its curve) per optimizer."""
     torch.manual_seed(seed)
     net = ODENetAntisym(int(task.x_train.shape[1]), task.num_outputs, width=args.width, depth=args.depth)
     loss = task.loss
     epochs = max(1, round(args.units / 2))
     common = {"loss": loss, "max_work_units": args.units, "seed": seed, "float64": True}
-    runs: dict[str, Any] = {}
-    for lr in LRS:
-        _, res = train_separable(copy.deepcopy(net), task, VarProSettings(optimizer="adam", epochs=epochs, lr=lr, **common), torch.device("cpu"))
-        runs[f"adam@{lr:g}"] = res
-    _, runs["gnvpro"] = train_separable(copy.deepcopy(net), task, VarProSettings(optimizer="gnvpro", iters=1000, krylov_rank=args.rank, **common), torch.device("cpu"))
+    settings = {f"adam@{lr:g}": VarProSettings(optimizer="adam", epochs=epochs, lr=lr, **common) for lr in LRS}
+    settings["gnvpro"] = VarProSettings(optimizer="gnvpro", iters=1000, krylov_rank=args.rank, **common)
     if loss == "ls":
-        _, runs["slimtrain"] = train_separable(copy.deepcopy(net), task, VarProSettings(optimizer="slimtrain", epochs=epochs, lr=3e-3, **common), torch.device("cpu"))
+        settings["slimtrain"] = VarProSettings(optimizer="slimtrain", epochs=epochs, lr=3e-3, **common)
+    runs = {name: train_separable(copy.deepcopy(net), task, s, torch.device("cpu"))[1] for name, s in settings.items()}
     best_adam = min((k for k in runs if k.startswith("adam")), key=lambda k: _error(runs[k].history[-1]))
-    adam, gn = runs[best_adam].history, runs["gnvpro"].history
-    adam_err, adam_units, adam_secs = _error(adam[-1]), adam[-1]["work_units"], adam[-1]["seconds"]
-    hit = _first_reaching(gn, adam_err)
-    gn_units = gn[-1]["work_units"]
     rows = []
     for name, res in runs.items():
         last = res.history[-1]
         rows.append({"case": case, "seed": seed, "optimizer": name, "best_adam": name == best_adam,
                      "final_test_error": _error(last), "work_units": last["work_units"], "seconds": last["seconds"],
                      "curve": [[h["work_units"], round(_error(h), 6), h["seconds"]] for h in res.history]})  # fmt: skip
-    summary = {
-        "case": case, "seed": seed, "summary": True, "best_adam": best_adam, "adam_final_error": adam_err,
-        "adam_work_units": adam_units, "adam_seconds": adam_secs, "gnvpro_final_error": _error(gn[-1]),
-        "gnvpro_units_to_adam_error": hit["work_units"] if hit else None,
-        "gnvpro_seconds_to_adam_error": hit["seconds"] if hit else None,
-        "units_ratio": hit["work_units"] / adam_units if hit else None,
-        "error_ratio_at_equal_units": _error_at(adam, gn_units) / max(_error(gn[-1]), 1e-300),
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Goals for one (case, seed) from its rows' curves (best Adam vs GNvpro, and slimtrain)."""
+    by = {r["optimizer"]: r for r in rows}
+    case, seed = rows[0]["case"], rows[0]["seed"]
+    best = next(r for r in rows if r["best_adam"])
+    adam, gn = best["curve"], by["gnvpro"]["curve"]
+    adam_err, adam_units, adam_secs = adam[-1][1], adam[-1][0], adam[-1][2]
+    hit = next((c for c in gn if c[1] <= adam_err), None)
+    gn_err, gn_units, gn_secs = gn[-1][1], gn[-1][0], gn[-1][2]
+    out: dict[str, Any] = {
+        "case": case, "seed": seed, "summary": True, "best_adam": best["optimizer"], "adam_final_error": adam_err,
+        "adam_work_units": adam_units, "adam_seconds": adam_secs, "gnvpro_final_error": gn_err,
+        "gnvpro_work_units": gn_units, "gnvpro_seconds": gn_secs,
+        "gnvpro_units_to_adam_error": hit[0] if hit else None, "gnvpro_seconds_to_adam_error": hit[2] if hit else None,
+        "units_ratio": hit[0] / adam_units if hit else None,
+        "error_ratio_at_equal_units": _curve_error_at(adam, gn_units, 0) / max(gn_err, 1e-300),
+        "error_ratio_at_equal_seconds": _curve_error_at(adam, gn_secs, 2) / max(gn_err, 1e-300),
     }  # fmt: skip
-    if "slimtrain" in runs:
-        summary["slimtrain_final_error"] = _error(runs["slimtrain"].history[-1])
-    summary["G1_met"] = summary["units_ratio"] is not None and summary["units_ratio"] <= 1 / 3
+    if "slimtrain" in by:
+        slim = by["slimtrain"]["curve"]
+        out["slimtrain_final_error"] = slim[-1][1]
+        out["slimtrain_error_ratio_at_equal_units"] = _curve_error_at(adam, slim[-1][0], 0) / max(slim[-1][1], 1e-300)
+    out["G1_met"] = out["units_ratio"] is not None and out["units_ratio"] <= 1 / 3
     if case == "cdr":
-        summary["G2_met"] = summary["error_ratio_at_equal_units"] >= 10.0
-    return [*rows, summary]
+        out["G2_met"] = out["error_ratio_at_equal_units"] >= 10.0
+    return out
+
+
+def overall(case: str, summaries: list[dict[str, Any]], units: float) -> dict[str, Any]:
+    ratios = [s["units_ratio"] for s in summaries if s["units_ratio"] is not None]
+    out = {"case": case, "overall": True, "seeds": len(summaries), "units_budget": units,
+           "G1_met_seeds": sum(s["G1_met"] for s in summaries),
+           "gnvpro_reached_adam_error_seeds": len(ratios),
+           "median_units_ratio": statistics.median(ratios) if ratios else None,
+           "median_error_ratio_at_equal_units": statistics.median(s["error_ratio_at_equal_units"] for s in summaries),
+           "median_error_ratio_at_equal_seconds": statistics.median(s["error_ratio_at_equal_seconds"] for s in summaries),
+           "loadavg_end": [round(v, 2) for v in os.getloadavg()]}  # fmt: skip
+    if case == "cdr":
+        out["G2_met_seeds"] = sum(s["G2_met"] for s in summaries)
+    return out
 
 
 def plot(lines: list[dict[str, Any]], path: str) -> None:
@@ -147,6 +169,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_from:
         rows = [json.loads(line) for f in args.plot_from.split(",") for line in Path(f).read_text().splitlines()]
+        rows = [r for r in rows if "curve" in r]
+        for case in sorted({r["case"] for r in rows}):
+            seeds = sorted({r["seed"] for r in rows if r["case"] == case})
+            summaries = [summarize([r for r in rows if r["case"] == case and r["seed"] == s]) for s in seeds]
+            for line in [*summaries, overall(case, summaries, max(r["work_units"] for r in rows if r["case"] == case))]:
+                print(json.dumps(line))
         plot(rows, args.plot or "varpro.png")
         return
     if args.quick:
@@ -158,22 +186,15 @@ def main() -> None:
         task = _task(case, args.samples)
         summaries = []
         for seed in range(args.seeds):
-            for row in run_case(case, seed, args, task):
+            rows = run_case(case, seed, args, task)
+            summary = summarize(rows)
+            summaries.append(summary)
+            for row in [*rows, summary]:
                 row["loadavg"] = [round(v, 2) for v in load]
                 print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
                 lines.append(row)
-                if row.get("summary"):
-                    summaries.append(row)
-        ratios = [s["units_ratio"] for s in summaries if s["units_ratio"] is not None]
-        overall = {"case": case, "overall": True, "seeds": args.seeds, "units_budget": args.units,
-                   "G1_met_seeds": sum(s["G1_met"] for s in summaries),
-                   "median_units_ratio": statistics.median(ratios) if ratios else None,
-                   "median_error_ratio_at_equal_units": statistics.median(s["error_ratio_at_equal_units"] for s in summaries),
-                   "loadavg_end": [round(v, 2) for v in os.getloadavg()]}  # fmt: skip
-        if case == "cdr":
-            overall["G2_met_seeds"] = sum(s["G2_met"] for s in summaries)
-        print(json.dumps(overall), flush=True)
-        lines.append(overall)
+        lines.append(overall(case, summaries, args.units))
+        print(json.dumps(lines[-1]), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as handle:
         for line in lines:
