@@ -173,7 +173,7 @@ def main() -> None:
         for case in sorted({r["case"] for r in rows}):
             seeds = sorted({r["seed"] for r in rows if r["case"] == case})
             summaries = [summarize([r for r in rows if r["case"] == case and r["seed"] == s]) for s in seeds]
-            for line in [*summaries, overall(case, summaries, max(r["work_units"] for r in rows if r["case"] == case))]:
+            for line in [*summaries, overall(case, summaries, max(r["work_units"] for r in rows if r["case"] == case and r["best_adam"]))]:
                 print(json.dumps(line))
         plot(rows, args.plot or "varpro.png")
         return
