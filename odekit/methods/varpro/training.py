@@ -262,6 +262,9 @@ def _prolongate(model: ODENetAntisym, task: SeparableTask) -> tuple[ODENetAntisy
 def fold_target_scaling(model: nn.Module, mean: list[float], std: list[float]) -> None:
     """Make a model trained on standardised targets output original units (the head is linear)."""
     head = Separable(model).head
+    if head.bias is None and any(m != 0 for m in mean):
+        raise UnsupportedModelError("the model's last linear layer has no bias to carry the target mean",
+                                    "regression with VarPro needs nn.Linear(..., bias=True) as the last layer")  # fmt: skip
     with torch.no_grad():
         s = torch.tensor(std, dtype=head.weight.dtype, device=head.weight.device)
         m = torch.tensor(mean, dtype=head.weight.dtype, device=head.weight.device)
