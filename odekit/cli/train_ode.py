@@ -22,6 +22,7 @@ from odekit.cli.options import (
     ThreadsOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
 from odekit.errors import UsageError
 from odekit.io.checkpoints import LoadedModel, load_model, save_model
 from odekit.io.datasets import load_dataset
@@ -50,12 +51,13 @@ from odekit.models.ode_models import (
 from odekit.ode import GRADIENT_METHODS, SOLVERS, SolverConfig
 from odekit.writers.plots import new_figure, save_figure
 
-TASKS = ("classify", "density")
+TASKS = ("classify", "density", "regress")
 CLASSIFIER_ARCHS = ("odenet4", "odenet10")
 SOLVER = "Solver options"
 TRAIN = "Training options"
 ARCH = "Model options"
 REGIME = "Meta-solver options"
+VARPRO = "VarPro options"
 
 EPILOG = """Examples:
 
@@ -73,8 +75,17 @@ EPILOG = """Examples:
 
   odekit train-ode --resume runs/euler2/model.safetensors --epochs 5 -o runs/euler2-more
 
+  odekit train-ode --task regress --data cdr --optimizer gnvpro --iters 30 -o runs/cdr-gnvpro
+
+  odekit train-ode --task regress --data cdr --optimizer gnvpro --compare adam,slimtrain --work-units 600
+
+  odekit train-ode --model odenet_antisym --data digits --optimizer gnvpro --levels 2 --depth 4
+
 Writes model.safetensors (its metadata records the training solver, so smoothness-check and
 attack know it), curves.png (and density.png for 2-D toys), report.json and report.md.
+VarPro (--task regress, --optimizer gnvpro|slimtrain, --model odenet_antisym, --compare,
+--levels) writes convergence.png instead of curves.png: loss vs work units (a forward or a
+backward pass over the training set = 1 unit; GNvpro adds 2r per outer iteration).
 NFE = f evaluations per training iteration, summed over ODE blocks (forward / backward).
 rdm/irdm backward tolerances default to the forward ones; a looser adjoint tolerance with
 --seminorm reached the same target 1.4-4.3x faster in docs/train-ode.md (run C).
@@ -203,7 +214,7 @@ def _plot_density(path: Path, model: CNF, data: ToyData, device: torch.device, f
 
 
 def train_ode_command(
-    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy).")] = "classify",
+    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy) | regress (least squares; --data cdr or .npz).")] = "classify",
     data: Annotated[
         str | None,
         typer.Option("--data", help=f"classify: digits | mnist | cifar10 | ... [digits]; density: {' | '.join(TOY_DATASETS.names())} [pinwheel].",
@@ -212,7 +223,7 @@ def train_ode_command(
     data_dir: DataDirOpt = None,
     train_samples: Annotated[int, typer.Option("--train-samples", min=1, help="density: toy training points.", rich_help_panel=DATA)] = 10_000,
     test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="density: toy test points.", rich_help_panel=DATA)] = 2_000,
-    model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 (classify); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
+    model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 | odenet_antisym (classify; regress: odenet_antisym); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
     width: Annotated[int | None, typer.Option("--width", min=1, help="ODENet channels [odenet4: 32, odenet10: 16].", show_default=False, rich_help_panel=ARCH)] = None,
     norm_first: Annotated[str | None, typer.Option("--norm-first", help=f"Norm after the first conv (and in ResNet blocks): {NORM_HELP} [bn].", show_default=False, rich_help_panel=ARCH)] = None,
     norm_ode: Annotated[str | None, typer.Option("--norm-ode", help=f"Norm inside the ODE function: {' | '.join(NORMS)} [ln].", show_default=False, rich_help_panel=ARCH)] = None,
@@ -242,13 +253,22 @@ def train_ode_command(
     iters: Annotated[int | None, typer.Option("--iters", help="Training iterations (overrides --epochs) [density: 1000].", show_default=False, rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training batch size.", rich_help_panel=TRAIN)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.", rich_help_panel=TRAIN)] = 1e-2,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9).", rich_help_panel=TRAIN)] = "adam",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9) | gnvpro | slimtrain (VarPro).", rich_help_panel=TRAIN)] = "adam",
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="constant | cosine | step (x0.1 at 50% and 75%).", rich_help_panel=TRAIN)] = "cosine",
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.", rich_help_panel=TRAIN)] = 0.0,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (+ flips for RGB) on image data.", rich_help_panel=TRAIN)] = False,
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="density: iterations between test evaluations [iters/10].", show_default=False, rich_help_panel=TRAIN)] = None,
     eval_samples: Annotated[int | None, typer.Option("--eval-samples", help="Evaluate on this many test samples [all].", show_default=False, rich_help_panel=TRAIN)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue training an odekit ODE checkpoint (weights; optimizer restarts).", show_default=False, rich_help_panel=TRAIN)] = None,
+    # issue 14: VarPro training of separable networks
+    depth: Annotated[int, typer.Option("--depth", min=1, help="odenet_antisym: cells d of the weight grid in t (RK4 steps default to d).", rich_help_panel=ARCH)] = 8,
+    regularization: Annotated[str, typer.Option("--regularization", help="VarPro: alpha_theta,alpha_W (Tikhonov on the features' weights and on W).", rich_help_panel=VARPRO)] = "1e-3,1e-3",
+    levels: Annotated[int, typer.Option("--levels", min=1, help="VarPro multilevel: train odenet_antisym at depth d, 2d, ..., 2^(L-1) d.", rich_help_panel=VARPRO)] = 1,
+    compare: Annotated[str | None, typer.Option("--compare", help="VarPro: also train these optimizers from the same init, e.g. adam,slimtrain (curves on one plot).", show_default=False, rich_help_panel=VARPRO)] = None,
+    krylov_rank: Annotated[int, typer.Option("--krylov-rank", min=1, help="gnvpro: r, the most Gauss-Newton products per outer iteration.", rich_help_panel=VARPRO)] = 10,
+    radius: Annotated[float, typer.Option("--radius", help="gnvpro: initial trust-region radius.", rich_help_panel=VARPRO)] = 0.1,
+    work_units: Annotated[float | None, typer.Option("--work-units", help="VarPro: stop each optimizer after this many work units.", show_default=False, rich_help_panel=VARPRO)] = None,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="--data cdr: samples generated (80% train, 20% test).", rich_help_panel=DATA)] = 2000,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -267,6 +287,8 @@ def train_ode_command(
         key = task.strip().lower()
         if key not in TASKS:
             raise UsageError(f"unknown task '{task}'", f"choose one of {', '.join(TASKS)}")
+        if key != "density" and wants_separable(key, model, optimizer, compare, levels):
+            return _separable(ctx, key)
         model_path, curves_path = ctx.path("model.safetensors"), ctx.path("curves.png")
         density_path = ctx.path("density.png") if key == "density" else None
         for name in ("norm_first", "norm_ode"):
@@ -296,6 +318,15 @@ def train_ode_command(
             return _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
         assert density_path is not None
         return _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+
+    def _separable(ctx: CommandContext, key: str) -> CommandOutput:
+        options = SeparableOptions(
+            task=key, data=data, data_dir=str(data_dir) if data_dir else None, model=model, width=width, depth=depth,
+            activation=activation, solver=solver, steps=steps, t1=t1, optimizer=optimizer, compare=compare,
+            regularization=regularization, levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units,
+            iters=iters, epochs=epochs, batch_size=batch_size, lr=lr, samples=samples, seed=seed,
+        )  # fmt: skip
+        return run_separable(ctx, options, _resume(ctx, key))
 
     def _resume(ctx: CommandContext, key: str) -> LoadedModel | None:
         if resume is None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from odekit.errors import DataError, UsageError
+from odekit.io.cdr import REGRESSION_DATASETS
 
 SPLIT_SEED = 0
 
@@ -319,6 +320,9 @@ def load_dataset(
         folder = _require_dir(key, data_dir)
         xtr, ytr, xte, yte = _image_folder(folder, shape)
         return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}"})
+    if key in REGRESSION_DATASETS:  # issue 14: regression data live in odekit.io.cdr
+        raise UsageError(f"'{name}' is a regression data set (float targets), not a classification one",
+                         "use odekit train-ode --task regress --data cdr")  # fmt: skip
     raise UsageError(f"unknown data set '{name}'", f"choose one of {', '.join(DATASET_NAMES)} or give a path to a .npz file")
 
 

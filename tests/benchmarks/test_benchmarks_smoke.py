@@ -24,6 +24,7 @@ CASES = {
     "asnet": ["--quick", "--only", "sketch"],
     "universal_attack": ["--quick", "--seeds", "1", "--deltas", "2", "--fit-samples", "20",
                          "--max-passes", "1"],
+    "varpro": ["--quick", "--units", "6", "--samples", "100", "--width", "4", "--depth", "2"],
 }
 
 
