@@ -61,3 +61,12 @@ class NumericalError(OdekitError):
 
 class OutputExistsError(OdekitError):
     """An output that exists already and --force was not given."""
+
+
+# issue 17: transactional outputs and integrity
+class OutputBusyError(OdekitError):
+    """Another odekit run holds the lock on the same --out folder."""
+
+
+class IntegrityError(CheckpointError):
+    """A file whose recorded checksum (zip CRC, odekit tensor hash) does not match its bytes."""
