@@ -6,6 +6,9 @@ code 1. Typer's own parse errors exit with 2. Programming errors stay ordinary e
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class OdekitError(Exception):
     """Base class: a user-facing problem with a message and an optional hint."""
@@ -70,3 +73,27 @@ class OutputBusyError(OdekitError):
 
 class IntegrityError(CheckpointError):
     """A file whose recorded checksum (zip CRC, odekit tensor hash) does not match its bytes."""
+
+
+class OutputWriteError(OdekitError):
+    """An output that could not be written (disk full, permissions, read-only file system)."""
+
+
+OS_HINTS = {
+    errno.ENOSPC: "free disk space or choose --out on another disk",
+    errno.EDQUOT: "free space within your disk quota or choose --out on another disk",
+    errno.EFBIG: "the file exceeds the size limit of this file system or process (ulimit -f)",
+    errno.EROFS: "the file system is read-only; choose a writable --out",
+    errno.EACCES: "check the permissions of the path or choose another --out",
+    errno.EPERM: "check the permissions of the path or choose another --out",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def os_error_hint(exc: BaseException) -> str:
+    """A hint for an I/O failure, from its errno (or the 'os error N' that Rust libraries print)."""
+    code = getattr(exc, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return OS_HINTS.get(code or -1, "check the path, its permissions and the free disk space")

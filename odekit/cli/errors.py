@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
 import warnings
 from collections.abc import Iterator
 
 import torch
 
-from odekit.errors import OdekitError
-
-OS_HINTS = {
-    errno.ENOSPC: "free disk space or choose --out on another disk",
-    errno.EDQUOT: "free space within your disk quota or choose --out on another disk",
-    errno.EROFS: "the file system is read-only; choose a writable --out",
-    errno.EACCES: "check the permissions of the path or choose another --out",
-    errno.EPERM: "check the permissions of the path or choose another --out",
-    errno.ENAMETOOLONG: "choose a shorter path",
-}
+from odekit.errors import OdekitError, os_error_hint
 
 
 def os_error_line(exc: OSError) -> str:
     """One line for an operating-system error, naming the path when there is one."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     where = f": '{exc.filename}'" if exc.filename else ""
-    hint = OS_HINTS.get(exc.errno or -1, "check the path, its permissions and the free disk space")
-    return f"{reason}{where}. Hint: {hint}"
+    return f"{reason}{where}. Hint: {os_error_hint(exc)}"
 
 
 def report_exception(exc: BaseException, debug: bool) -> int:

@@ -32,7 +32,7 @@ from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress
 from odekit.device import resolve_device, set_threads
-from odekit.errors import UsageError
+from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.guards import check_staged_tensors
 from odekit.writers.report import Report, markdown_table
@@ -200,6 +200,8 @@ def run_command(
         raise
     except BaseException as exc:
         _abort(transaction)
+        if isinstance(exc, OdekitError) and transaction is not None:  # name files where they would be
+            exc.message = exc.message.replace(str(transaction.staging), str(transaction.out_dir))
         code = report_exception(exc, common.debug)
         raise typer.Exit(code) from None
     if common.json:

@@ -1,7 +1,7 @@
 """Transactional output folders: stage privately, then install the whole set under a lock.
 
 A run writes every output into a private staging folder next to ``--out``
-(``.NAME.odekit-staging.PID``). Only when the set is complete is it moved into place, while the
+(``.NAME.odekit-staging.PID.TOKEN``). Only when the set is complete is it moved into place, while the
 run holds an exclusive lock on ``--out`` (``.NAME.odekit.lock``, an ``flock`` the kernel drops
 when the process dies). So ``--out`` is either absent, the old complete set, or the new complete
 set; a second run on the same ``--out`` fails at once; a run killed with SIGKILL leaves only
@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from odekit.errors import OutputBusyError, OutputExistsError
+from odekit.errors import OutputBusyError, OutputExistsError, OutputWriteError, os_error_hint
 
 REPORT_NAME = "report.json"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -90,9 +91,10 @@ class OutputTransaction:
         self.parent = self.target.parent
         tag = f".{self.target.name}.odekit"
         self.lock_path = self.parent / f"{tag}.lock"
-        self.staging = self.parent / f"{tag}-staging.{os.getpid()}"
+        token = f"{os.getpid()}.{secrets.token_hex(3)}"
+        self.staging = self.parent / f"{tag}-staging.{token}"
         self._stale_globs = (f"{tag}-staging.*", f"{tag}-old.*")
-        self._trash = self.parent / f"{tag}-old.{os.getpid()}"
+        self._trash = self.parent / f"{tag}-old.{token}"
         self._lock_fd: int | None = None
         self._created_dirs: list[Path] = []
         self.names: list[str] = []
@@ -103,12 +105,17 @@ class OutputTransaction:
         if self.target.exists() and not self.target.is_dir():
             raise OutputExistsError(f"--out '{self.out_dir}' is a file, not a folder", "choose a folder for --out")
         self._created_dirs = [p for p in reversed(self.target.parents) if not p.exists()]
-        self.parent.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        for pattern in self._stale_globs:
-            for stale in self.parent.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.staging.mkdir()
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            for pattern in self._stale_globs:
+                for stale in self.parent.glob(pattern):
+                    shutil.rmtree(stale, ignore_errors=True)
+            self.staging.mkdir()
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot prepare --out '{self.out_dir}': {exc.strerror or exc} ('{exc.filename}')", os_error_hint(exc)
+            ) from exc
 
     def claim(self, name: str) -> Path:
         """The staging path of output ``name``; refuses now if ``--out`` holds it and not --force."""
@@ -132,8 +139,9 @@ class OutputTransaction:
     def abort(self) -> None:
         """Remove the staging folder and folders this run created; release the lock."""
         with signals_deferred():
-            shutil.rmtree(self.staging, ignore_errors=True)
-            shutil.rmtree(self._trash, ignore_errors=True)
+            if self._lock_fd is not None:  # only the lock holder owns staging and trash
+                shutil.rmtree(self.staging, ignore_errors=True)
+                shutil.rmtree(self._trash, ignore_errors=True)
             self._unlock()
             for folder in reversed(self._created_dirs):
                 with contextlib.suppress(OSError):
@@ -196,7 +204,11 @@ class OutputTransaction:
         if self.force and existing <= old_set | staged:
             # --out holds nothing but odekit's old set: swap the folders, never a mix of runs
             os.rename(self.target, self._trash)
-            os.rename(self.staging, self.target)
+            try:
+                os.rename(self.staging, self.target)
+            except OSError:
+                os.rename(self._trash, self.target)  # put the old set back
+                raise
             shutil.rmtree(self._trash, ignore_errors=True)
             return
         # --out holds files of its own (a user's folder): move file by file, the report last,
