@@ -14,6 +14,8 @@ class OdekitError(Exception):
     """Base class: a user-facing problem with a message and an optional hint."""
 
     exit_code = 1
+    # every error line carries a hint: subclasses name the usual fix when the raiser gives none
+    default_hint = "rerun with --debug for details"
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -25,8 +27,9 @@ class OdekitError(Exception):
 
     def one_line(self) -> str:
         text = self.message.rstrip(".")
-        if self.hint:
-            text += f". Hint: {self.hint}"
+        hint = self.hint or self.default_hint
+        if hint:
+            text += f". Hint: {hint}"
         return text
 
 
@@ -37,38 +40,56 @@ class UsageError(OdekitError):
     parser (unknown options, missing arguments, values of the wrong type).
     """
 
+    default_hint = "check the option values ('odekit COMMAND --help' lists them)"
+
 
 class InputFileError(OdekitError):
     """A path that does not exist or cannot be read."""
+
+    default_hint = "check the path"
 
 
 class CheckpointError(OdekitError):
     """A checkpoint that is corrupt, truncated, of unknown format or mismatched."""
 
+    default_hint = "the file may be damaged or not a supported checkpoint (docs/formats.md lists the formats)"
+
 
 class DataError(OdekitError):
     """A data set that is missing, empty, of the wrong shape or holds NaN/inf."""
+
+    default_hint = "docs/formats.md lists what a data set must look like"
 
 
 class LayerSelectionError(OdekitError):
     """A layer index, range or name that does not resolve against the model."""
 
+    default_hint = "'odekit info CHECKPOINT' lists the layers and their names"
+
 
 class UnsupportedModelError(OdekitError):
     """A model (or a part of it) that a method cannot handle."""
+
+    default_hint = "docs/formats.md lists the supported models"
 
 
 class NumericalError(OdekitError):
     """A method whose numerics cannot succeed (impossible rank, solver blew up...)."""
 
+    default_hint = "try other settings (rank, step size, learning rate) or check the inputs for extreme values"
+
 
 class OutputExistsError(OdekitError):
     """An output that exists already and --force was not given."""
+
+    default_hint = "pass --force to overwrite it or choose another --out"
 
 
 # issue 17: transactional outputs and integrity
 class OutputBusyError(OdekitError):
     """Another odekit run holds the lock on the same --out folder."""
+
+    default_hint = "wait for that run to finish or choose another --out"
 
 
 class IntegrityError(CheckpointError):
@@ -77,6 +98,8 @@ class IntegrityError(CheckpointError):
 
 class OutputWriteError(OdekitError):
     """An output that could not be written (disk full, permissions, read-only file system)."""
+
+    default_hint = "check the path, its permissions and the free disk space"
 
 
 OS_HINTS = {
