@@ -100,7 +100,8 @@ def default_out_dir(command: str, name: str | None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = f"{command}-{name}-{stamp}" if name else f"{command}-{stamp}"
     candidate, n = DEFAULT_RUNS_DIR / base, 1
-    while candidate.exists():
+    # a run still working on a candidate holds its lock and staging next to it: skip those too
+    while candidate.exists() or any(DEFAULT_RUNS_DIR.glob(f".{candidate.name}.odekit*")):
         n += 1
         candidate = DEFAULT_RUNS_DIR / f"{base}-{n}"
     return candidate
