@@ -12,6 +12,7 @@ live run owns the folder) and removes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -84,7 +85,7 @@ class OutputTransaction:
 
     def __init__(self, out_dir: Path, force: bool) -> None:
         self.out_dir = Path(out_dir)
-        self.target = Path(os.path.abspath(self.out_dir))
+        self.target = Path(os.path.realpath(self.out_dir))  # a symlinked --out: stage beside its folder
         if not self.target.name:
             raise OutputExistsError(f"--out '{out_dir}' is the root folder", "choose a folder for --out")
         self.force = force
@@ -196,23 +197,34 @@ class OutputTransaction:
             os.rename(self.staging, self.target)
             return
         existing = set(os.listdir(self.target))
-        if not existing:
-            os.rename(self.staging, self.target)  # POSIX rename replaces an empty folder
-            return
         old_set = previous_outputs(self.target) if self.force else set()
         staged = set(os.listdir(self.staging))
-        if self.force and existing <= old_set | staged:
-            # --out holds nothing but odekit's old set: swap the folders, never a mix of runs
-            os.rename(self.target, self._trash)
+        # --out is empty, or holds nothing but odekit's old set: swap whole folders, never a mix.
+        # Not when --out holds the working directory (the shell would sit in a deleted folder).
+        if (not existing or (self.force and existing <= old_set | staged)) and not self._holds_cwd():
             try:
-                os.rename(self.staging, self.target)
-            except OSError:
-                os.rename(self._trash, self.target)  # put the old set back
-                raise
-            shutil.rmtree(self._trash, ignore_errors=True)
+                self._swap(bool(existing))
+                return
+            except OSError as exc:  # a mount point or a folder we may not rename: go file by file
+                if exc.errno not in (errno.EXDEV, errno.EBUSY, errno.EPERM, errno.EACCES):
+                    raise
+        self._install_files(old_set, staged)
+
+    def _swap(self, replace_old: bool) -> None:
+        if not replace_old:
+            os.rename(self.staging, self.target)  # POSIX rename replaces an empty folder
             return
-        # --out holds files of its own (a user's folder): move file by file, the report last,
-        # and take the old report away first so a half-installed set never looks complete
+        os.rename(self.target, self._trash)
+        try:
+            os.rename(self.staging, self.target)
+        except OSError:
+            os.rename(self._trash, self.target)  # put the old set back
+            raise
+        shutil.rmtree(self._trash, ignore_errors=True)
+
+    def _install_files(self, old_set: set[str], staged: set[str]) -> None:
+        """--out holds files of its own (a user's folder): move file by file, the report last,
+        and take the old report away first so a half-installed set never looks complete."""
         report = self.target / REPORT_NAME
         if self.force and report.exists():
             report.unlink()
@@ -224,6 +236,10 @@ class OutputTransaction:
                 shutil.rmtree(destination)
             os.replace(self.staging / name, destination)
         os.rmdir(self.staging)
+
+    def _holds_cwd(self) -> bool:
+        cwd = Path(os.path.realpath(os.getcwd()))
+        return cwd == self.target or self.target in cwd.parents
 
 
 def previous_outputs(folder: Path) -> set[str]:

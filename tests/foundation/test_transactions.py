@@ -174,3 +174,14 @@ def test_claims_stay_inside_out(tmp_path: Path, bad: str) -> None:
             transaction.claim(bad)
     finally:
         transaction.abort()
+
+
+def test_out_as_the_working_directory_is_filled_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    assert invoke("--out", ".").exit_code == 0
+    assert invoke("--out", ".", "--force").exit_code == 0
+    assert here.stat().st_ino == inode  # the folder the shell sits in was not swapped away
+    assert sorted(p.name for p in here.iterdir()) == ["artifact.txt", "report.json", "report.md"]
