@@ -191,7 +191,7 @@ def run_command(
                 threads=threads,
                 seconds=time.perf_counter() - start,
                 markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
-                outputs=list(transaction.names),
+                outputs=transaction.staged_names(),
             )
             report.write(transaction.staging, force=False)
             check_staged_tensors(transaction.staging, command)

@@ -129,6 +129,10 @@ class OutputTransaction:
         staged.parent.mkdir(parents=True, exist_ok=True)
         return staged
 
+    def staged_names(self) -> list[str]:
+        """Claimed names in claim order: the reports, and what the body really wrote."""
+        return [n for n in self.names if n in (REPORT_NAME, "report.md") or (self.staging / n).exists()]
+
     def commit(self) -> None:
         """Install the staged set in ``--out`` as a whole; signals wait until it is done."""
         for name in self.names:

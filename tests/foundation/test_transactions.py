@@ -185,3 +185,16 @@ def test_out_as_the_working_directory_is_filled_in_place(tmp_path: Path, monkeyp
     assert invoke("--out", ".", "--force").exit_code == 0
     assert here.stat().st_ino == inode  # the folder the shell sits in was not swapped away
     assert sorted(p.name for p in here.iterdir()) == ["artifact.txt", "report.json", "report.md"]
+
+
+def test_outputs_list_only_what_was_written(tmp_path: Path) -> None:
+    transaction = OutputTransaction(tmp_path / "o", force=False)
+    transaction.begin()
+    try:
+        for name in ("report.json", "report.md", "model.safetensors", "plot.png"):
+            transaction.claim(name)
+        (transaction.staging / "plot.png").write_bytes(b"png")
+        assert transaction.staged_names() == ["report.json", "report.md", "plot.png"]
+    finally:
+        transaction.abort()
+    assert list(tmp_path.iterdir()) == []
