@@ -198,3 +198,25 @@ def test_outputs_list_only_what_was_written(tmp_path: Path) -> None:
     finally:
         transaction.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_out_is_one_clean_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(self: OutputTransaction) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self.lock_path))
+
+    monkeypatch.setattr(OutputTransaction, "_lock", read_only)
+    line = one_error_line(result := invoke("--out", str(tmp_path / "o")))
+    assert result.exit_code == 1
+    assert f"cannot prepare --out '{tmp_path / 'o'}': Read-only file system" in line and "writable --out" in line
+
+
+def test_ctrl_c_in_info_exits_130(checkpoints_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from odekit.cli import info
+    from odekit.cli.app import app
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "load_model", interrupted)
+    result = CliRunner().invoke(app, ["info", str(checkpoints_dir / "lenet300_digits.safetensors")])
+    assert result.exit_code == 130 and result.stderr.strip() == "Error: interrupted"
