@@ -6,9 +6,9 @@ from pathlib import Path
 
 from odekit.cli.options import ModelOptions
 from odekit.cli.runner import CommandContext
-from odekit.errors import DataError
 from odekit.io.checkpoints import LoadedModel, load_model
 from odekit.io.datasets import Dataset, dataset_for_model
+from odekit.io.validation import check_classes_match
 
 
 def load_checkpoint(ctx: CommandContext, opts: ModelOptions, key: str = "checkpoint") -> LoadedModel:
@@ -33,10 +33,8 @@ def load_data(
     dataset = dataset_for_model(
         loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset, data, data_dir
     )
-    if loaded.meta.num_classes is not None and dataset.num_classes > loaded.meta.num_classes:
-        raise DataError(
-            f"data set '{dataset.name}' has {dataset.num_classes} classes, the model predicts {loaded.meta.num_classes}",
-            "choose the data set the model was trained on",
-        )
+    check_classes_match(
+        dataset.num_classes, dataset.num_classes - 1, dataset.source.get("classes"), loaded.meta.num_classes, dataset.name
+    )
     ctx.inputs[key] = dataset.describe()
     return dataset

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import odekit.models.zoo  # noqa: F401  (registers the zoo for the --arch list)
-from odekit.cli.errors import report_exception
+from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import (
     ArchOpt,
     CheckpointArg,
@@ -58,13 +58,14 @@ def info_command(
 ) -> None:
     """List a model's compute layers (index, name, type, shapes, params, FLOPs)."""
     try:
-        set_threads(threads)
-        loaded = load_model(checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-        shape = _parse_shape(input_shape) if input_shape else loaded.input_shape
-        if shape is None:
-            raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
-        summary = layer_table(loaded.model, shape)
-    except Exception as exc:
+        with captured_warnings(debug):
+            set_threads(threads)
+            loaded = load_model(checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+            shape = _parse_shape(input_shape) if input_shape else loaded.input_shape
+            if shape is None:
+                raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
+            summary = layer_table(loaded.model, shape)
+    except (Exception, KeyboardInterrupt) as exc:
         raise typer.Exit(report_exception(exc, debug)) from None
     payload = {
         "checkpoint": str(checkpoint),

@@ -22,10 +22,19 @@ DeviceOpt = Annotated[
     str, typer.Option("--device", help=f"Where to compute: {'|'.join(DEVICE_CHOICES)}.", rich_help_panel=COMMON)
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, sampling, init).", rich_help_panel=COMMON)]
+
+
+def _out_folder(text: str) -> Path:
+    """--out as given; an empty string would silently mean the working directory (issue 17)."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path would write into the current folder; give a folder (or '.')")
+    return Path(text)
+
+
 OutOpt = Annotated[
     Path | None,
     typer.Option(
-        "--out", "-o", help="Output folder [default: odekit-runs/COMMAND-NAME-TIME].", show_default=False, rich_help_panel=COMMON
+        "--out", "-o", parser=_out_folder, metavar="PATH", help="Output folder [default: odekit-runs/COMMAND-NAME-TIME].", show_default=False, rich_help_panel=COMMON
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.", rich_help_panel=COMMON)]

@@ -1,13 +1,17 @@
 """The shared life cycle of a subcommand: set up, run the body, write the report, print.
 
-`run_command` resolves the device, seeds every generator, claims output files (refusing to
-overwrite without --force), runs the body, writes report.json + report.md, prints JSON or
-tables on stdout, deletes what it wrote if anything fails, and maps errors to exit codes.
+`run_command` checks numeric options, resolves the device, seeds every generator, locks
+--out (a second run on it fails at once), claims output names (refusing to overwrite without
+--force), runs the body with its outputs going to a private staging folder, writes
+report.json + report.md there, refuses models or vectors holding NaN/inf, then installs the
+whole set in --out at once. On failure, SIGINT, SIGTERM or SIGHUP it removes the staging
+folder, leaving --out as it was, and maps the error to an exit code (130 for Ctrl-C).
+Third-party warnings are captured and shown only with --debug.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import random
 import sys
 import time
@@ -24,14 +28,15 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
-from odekit.cli.errors import report_exception
+from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress
 from odekit.device import resolve_device, set_threads
-from odekit.errors import OutputExistsError
+from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
-from odekit.writers.atomic import check_writable
+from odekit.writers.guards import check_staged_tensors
 from odekit.writers.report import Report, markdown_table
+from odekit.writers.transaction import OutputTransaction, signals_raise
 
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
@@ -75,18 +80,17 @@ class CommandContext:
     log_console: Console
     inputs: dict[str, Any]
     params: dict[str, Any]
-    claimed: list[Path] = field(default_factory=list)
-    preexisting: set[Path] = field(default_factory=set)
-    created_dirs: list[Path] = field(default_factory=list)
+    transaction: OutputTransaction | None = None
 
     def path(self, name: str) -> Path:
-        """Claim an output file in --out: fails now, before any work, if it exists."""
-        target = self.out_dir / name
-        check_writable(target, self.force)
-        if target.exists():
-            self.preexisting.add(target)
-        self.claimed.append(target)
-        return target
+        """Claim output ``name``: fails now, before any work, if --out holds it (without --force).
+
+        The path returned lies in the run's private staging folder; the whole set moves to
+        --out when the run succeeds, and paths in the report name their final place.
+        """
+        if self.transaction is None:
+            raise RuntimeError("CommandContext.path() called outside run_command")
+        return self.transaction.claim(name)
 
     def log(self, message: str) -> None:
         self.log_console.print(message, highlight=False)
@@ -96,7 +100,8 @@ def default_out_dir(command: str, name: str | None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = f"{command}-{name}-{stamp}" if name else f"{command}-{stamp}"
     candidate, n = DEFAULT_RUNS_DIR / base, 1
-    while candidate.exists():
+    # a run still working on a candidate holds its lock and staging next to it: skip those too
+    while candidate.exists() or any(DEFAULT_RUNS_DIR.glob(f".{candidate.name}.odekit*")):
         n += 1
         candidate = DEFAULT_RUNS_DIR / f"{base}-{n}"
     return candidate
@@ -108,25 +113,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_dirs(path: Path) -> list[Path]:
-    created = []
-    for parent in reversed([path, *path.parents]):
-        if not parent.exists():
-            created.append(parent)
-    path.mkdir(parents=True, exist_ok=True)
-    return created
+def check_option_values(params: dict[str, Any]) -> None:
+    """Every numeric option is finite and fits 64 bits, whatever command parsed it."""
+    for key, value in params.items():
+        option = f"--{key.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{option} {value} is not a finite number", f"give {option} a finite value")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise UsageError(f"{option} {str(value)[:24]}... is out of range", f"give {option} a value below 2**63")
 
 
-def _cleanup(ctx: CommandContext | None) -> None:
-    """Remove what this run created; files that existed before (--force) are left alone."""
-    if ctx is None:
-        return
-    for target in ctx.claimed:
-        if target not in ctx.preexisting and target.exists():
-            target.unlink()
-    for folder in reversed(ctx.created_dirs):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+def _final_paths(value: Any, staging: str, final: str) -> Any:
+    """Report values with the staging folder replaced by --out (where the files end up)."""
+    if isinstance(value, str):
+        return value.replace(staging, final)
+    if isinstance(value, Path):
+        return Path(str(value).replace(staging, final))
+    if isinstance(value, dict):
+        return {k: _final_paths(v, staging, final) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_final_paths(v, staging, final) for v in value)
+    return value
 
 
 def run_command(
@@ -142,58 +149,73 @@ def run_command(
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
-    ctx: CommandContext | None = None
+    transaction: OutputTransaction | None = None
     try:
-        device = resolve_device(common.device)
-        threads = set_threads(common.threads)
-        seed_everything(common.seed)
-        out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise OutputExistsError(f"--out '{out_dir}' is a file, not a folder", "choose a folder for --out")
-        use_bars = not common.json and err_console.is_terminal
-        progress_impl = RichProgress(err_console) if use_bars else None
-        ctx = CommandContext(
-            command=command,
-            device=device,
-            out_dir=out_dir,
-            force=common.force,
-            seed=common.seed,
-            progress=progress_impl or SilentProgress(),
-            log_console=err_console,
-            inputs=dict(inputs),
-            params=dict(params),
-        )
-        ctx.path("report.json")
-        ctx.path("report.md")
-        ctx.created_dirs = _make_dirs(out_dir)
-        if progress_impl is not None:
-            with progress_impl:
+        with signals_raise(), captured_warnings(common.debug):
+            check_option_values({"seed": common.seed, **params})
+            device = resolve_device(common.device)
+            threads = set_threads(common.threads)
+            seed_everything(common.seed)
+            out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
+            use_bars = not common.json and err_console.is_terminal
+            progress_impl = RichProgress(err_console) if use_bars else None
+            transaction = OutputTransaction(out_dir, common.force)
+            ctx = CommandContext(
+                command=command,
+                device=device,
+                out_dir=out_dir,
+                force=common.force,
+                seed=common.seed,
+                progress=progress_impl or SilentProgress(),
+                log_console=err_console,
+                inputs=dict(inputs),
+                params=dict(params),
+                transaction=transaction,
+            )
+            transaction.begin()
+            ctx.path("report.json")
+            ctx.path("report.md")
+            if progress_impl is not None:
+                with progress_impl:
+                    output = body(ctx)
+            else:
                 output = body(ctx)
-        else:
-            output = body(ctx)
-        report = Report(
-            command=command,
-            odekit_version=__version__,
-            inputs=ctx.inputs,
-            params=ctx.params,
-            results=output.results,
-            device=str(device),
-            threads=threads,
-            seconds=time.perf_counter() - start,
-            markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
-        )
-        report.write(out_dir, common.force)
+            staging, final = str(transaction.staging), str(out_dir)
+            report = Report(
+                command=command,
+                odekit_version=__version__,
+                inputs=_final_paths(ctx.inputs, staging, final),
+                params=_final_paths(ctx.params, staging, final),
+                results=_final_paths(output.results, staging, final),
+                device=str(device),
+                threads=threads,
+                seconds=time.perf_counter() - start,
+                markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+                outputs=transaction.staged_names(),
+            )
+            report.write(transaction.staging, force=False)
+            check_staged_tensors(transaction.staging, command)
+            transaction.commit()
     except (typer.Exit, typer.Abort):
+        _abort(transaction)
         raise
     except BaseException as exc:
-        _cleanup(ctx)
+        _abort(transaction)
+        if isinstance(exc, OdekitError) and transaction is not None:  # name files where they would be
+            exc.message = exc.message.replace(str(transaction.staging), str(transaction.out_dir))
         code = report_exception(exc, common.debug)
         raise typer.Exit(code) from None
     if common.json:
         print(report.to_json())
         return
     for line in output.headline:
-        out_console.print(line, highlight=False)
+        out_console.print(_final_paths(line, staging, final), highlight=False)
     for table in output.tables:
         out_console.print(table.to_rich())
     out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)
+
+
+def _abort(transaction: OutputTransaction | None) -> None:
+    if transaction is not None:
+        transaction.abort()
+

@@ -20,8 +20,11 @@ from torch import nn
 
 from odekit import __version__
 from odekit.errors import CheckpointError, InputFileError, OdekitError, UsageError
+from odekit.io.integrity import DIGEST_KEY, tensor_digest, verify_tensor_digest, verify_zip_crc
+from odekit.io.meta_schema import check_against_tensors, validate_meta_fields
 from odekit.models.registry import architecture, build_model, require_num_classes
 from odekit.writers.atomic import atomic_write_bytes, atomic_write_with
+from odekit.writers.guards import require_finite
 
 META_KEY = "odekit"
 TORCHSCRIPT_META_FILE = "odekit_meta.json"
@@ -48,10 +51,10 @@ class ModelMeta:
     @classmethod
     def from_json(cls, text: str) -> ModelMeta:
         try:
-            raw = json.loads(text)
+            raw = validate_meta_fields(json.loads(text))
             known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
             return cls(**known)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
             raise CheckpointError(
                 f"checkpoint metadata is not valid odekit JSON: {exc}",
                 "the file was not written by odekit; pass --arch and --num-classes",
@@ -105,6 +108,9 @@ def detect_format(path: Path) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
+                verify_zip_crc(archive, path)
+        except OdekitError:
+            raise
         except Exception as exc:  # a damaged zip raises BadZipFile, UnicodeDecodeError, OSError...
             raise CheckpointError(
                 f"'{path}' looks like a zip archive but cannot be read ({exc})",
@@ -172,6 +178,7 @@ def _override(meta: ModelMeta, arch: str | None, num_classes: int | None) -> Mod
 
 
 def _build_and_fill(meta: ModelMeta, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    check_against_tensors(meta.arch, meta.args, state, path)  # before anything is allocated
     model = build_model(meta.arch, meta.args)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -241,6 +248,7 @@ def _load_safetensors(
         raise CheckpointError(
             f"'{path}' is not a valid safetensors file ({exc})", "the file may be truncated; copy it again"
         ) from exc
+    verify_tensor_digest(state, (header.get("__metadata__") or {}).get(DIGEST_KEY), path)
     raw_meta = (header.get("__metadata__") or {}).get(META_KEY)
     meta = ModelMeta.from_json(raw_meta) if raw_meta else _meta_from_options(arch, num_classes, path)
     meta = _override(meta, arch if raw_meta else None, num_classes if raw_meta else None)
@@ -328,7 +336,8 @@ def save_model(path: str | Path, model: nn.Module, meta: ModelMeta, *, force: bo
     from safetensors.torch import save_file
 
     state = state_dict_for_saving(model)
-    metadata = {META_KEY: meta.to_json(), "format": "pt"}
+    metadata = {META_KEY: meta.to_json(), "format": "pt", DIGEST_KEY: tensor_digest(state)}
+    require_finite(state.items(), f"writing the model '{Path(path).name}'")
     return atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force)
 
 

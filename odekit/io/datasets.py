@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from odekit.errors import DataError, UsageError
 from odekit.io.cdr import REGRESSION_DATASETS
+from odekit.io.validation import decoded_images, image_folder_classes, read_npz, validate_npz
 
 SPLIT_SEED = 0
 
@@ -248,6 +249,7 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
     test_dir = next((data_dir / d for d in ("test", "val") if (data_dir / d).is_dir()), None)
     if not (data_dir / "train").is_dir() or test_dir is None:
         raise DataError(f"'{data_dir}' is not an ImageFolder tree", f"expected layout: {EXPECTED_LAYOUT['imagefolder']}")
+    image_folder_classes(data_dir / "train", test_dir)  # before torchvision, which fails obscurely
     size = tuple(input_shape[1:]) if input_shape else None
     tensors: list[torch.Tensor] = []
     for folder in (data_dir / "train", test_dir):
@@ -255,7 +257,7 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
         if len(ds) == 0:
             raise DataError(f"'{folder}' holds no images", "put images in one subfolder per class")
         xs = []
-        for image, _ in ds:
+        for image in decoded_images(ds, folder):
             t = TF.to_tensor(image)
             xs.append(F.interpolate(t[None], size=size, mode="bilinear", antialias=True)[0] if size else t)
         if len({tuple(x.shape) for x in xs}) > 1:
@@ -267,13 +269,8 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
 def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist", "give a .npz with arrays x and y")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            content = {k: arrays[k] for k in arrays.files}
-    except (ValueError, OSError) as exc:
-        raise DataError(f"'{path}' is not a readable .npz file ({exc})", "write it with numpy.savez(path, x=..., y=...)") from exc
-    if "x" not in content or "y" not in content:
-        raise DataError(f"'{path}' lacks arrays 'x' and 'y' (found {sorted(content)})", "write it with numpy.savez(path, x=..., y=...)")
+    content = read_npz(path)
+    validate_npz(content, path)  # x/y rank, dtype, labels and lengths (odekit.io.validation)
 
     def images(a: np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(a)
@@ -319,7 +316,8 @@ def load_dataset(
     if key == "imagefolder":
         folder = _require_dir(key, data_dir)
         xtr, ytr, xte, yte = _image_folder(folder, shape)
-        return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}"})
+        k = int(max(ytr.max(), yte.max())) + 1
+        return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}", "classes": k}, k)
     if key in REGRESSION_DATASETS:  # issue 14: regression data live in odekit.io.cdr
         raise UsageError(f"'{name}' is a regression data set (float targets), not a classification one",
                          "use odekit train-ode --task regress --data cdr")  # fmt: skip

@@ -271,8 +271,8 @@ class ASNetSettings:
             raise UsageError(f"--rank must be >= 1, got {self.rank}", "e.g. --rank 50")
         if not 1 <= self.degree <= 6:
             raise UsageError(f"--degree must lie in 1..6, got {self.degree}", "the thesis uses p = 2")
-        if self.ridge < 0:
-            raise UsageError(f"--ridge must be >= 0, got {self.ridge}")
+        if not self.ridge >= 0:  # also NaN
+            raise UsageError(f"--ridge must be >= 0, got {self.ridge}", "e.g. --ridge 1e-6")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune must be >= 0 epochs, got {self.finetune_epochs}")
         if not self.lr > 0:

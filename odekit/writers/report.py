@@ -49,6 +49,7 @@ class Report:
     device: str
     seconds: float
     threads: int | None = None
+    outputs: list[str] = field(default_factory=list)
     markdown_sections: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +63,7 @@ class Report:
                 "device": self.device,
                 "threads": self.threads,
                 "seconds": round(self.seconds, 4),
+                "outputs": self.outputs,
             }
         )
 
