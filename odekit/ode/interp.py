@@ -252,14 +252,19 @@ class AdaptiveChebyshevBuilder:
     def _fit(self, steps: list[_Step]) -> tuple[int, Tensor, float] | None:
         """(degree, node values, error ratio) of the lowest degree within tolerance, or None
         when no degree does it with fewer nodes than single-step pieces would need. A single
-        step is a polynomial of degree <= `single_degree`: it is kept at that degree even
-        when rounding puts its measured ratio above 1."""
-        p = self.max_degree
+        step is a polynomial of degree <= `single_degree`, kept at that degree unmeasured."""
         a, b = steps[0].t_old, steps[-1].t_new
+        if len(steps) == 1:
+            # Exact up to rounding (barycentric weights on <= 9 Lobatto points are
+            # well-conditioned): bound the ratio by a few units of rounding over rtol.
+            nodes, _ = chebyshev_lobatto(a, b, self.single_degree)
+            vals = self._dense(steps, nodes)
+            return self.single_degree, vals, 8 * torch.finfo(vals.dtype).eps / self.rtol
+        budget = self.single_degree * len(steps)
+        tried = [q for q in self.degrees_tried if q <= budget]
+        p = tried[-1]  # the degree-2p grid holds every tried grid and its probes
         fine, _ = chebyshev_lobatto(a, b, 2 * p)
         vals = self._dense(steps, fine)
-        budget = self.single_degree * len(steps)
-        tried = [q for q in self.degrees_tried if q <= budget] or [self.single_degree]
         ratios = []
         for q in tried:
             stride = 2 * p // q
@@ -271,8 +276,6 @@ class AdaptiveChebyshevBuilder:
         for q, r in zip(tried, ratio_list, strict=True):
             if r <= 1.0:
                 return q, vals[:: 2 * p // q], r
-        if len(steps) == 1:
-            return tried[-1], vals[:: 2 * p // tried[-1]], ratio_list[-1]
         return None
 
     def _flush(self) -> None:
