@@ -215,6 +215,9 @@ class AdaptiveChebyshevBuilder:
                                   max_degree)
         self.buffer: list[_Step] = []
         self.target = min(4, max_steps)  # steps per segment, adapted like a step size
+        self.backoff = self.cooldown = 0  # single steps to take before trying to grow again
+        self._single_w: Tensor | None = None
+        self._probes: dict[tuple, tuple[Tensor, Tensor, list[int]]] = {}
         self.breaks: list[float] = []
         self.degrees: list[int] = []
         self.chunks: list[Tensor] = []
@@ -241,13 +244,17 @@ class AdaptiveChebyshevBuilder:
         starts = np.array([direction * s.t_old for s in steps])
         idx = np.clip(np.searchsorted(starts, direction * ts, side="right") - 1, 0,
                       len(steps) - 1)
-        out = []
-        for j in np.unique(idx).tolist():
-            s = steps[j]
-            thetas = np.clip((ts[idx == j] - s.t_old) / s.h, 0.0, 1.0)
-            w = self.co.dense_weights(thetas, s.k)
-            out.append(torch.tensordot(w, s.k, dims=1).mul_(s.h).add_(s.y_old))
-        return torch.cat(out)
+        t_old = np.array([s.t_old for s in steps])[idx]
+        h = np.array([s.h for s in steps])[idx]
+        like = steps[0].k
+        w = self.co.dense_weights(np.clip((ts - t_old) / h, 0.0, 1.0), like)
+        w = w * torch.from_numpy(h).to(w)[:, None]  # (n, stages), step size folded in
+        rows = torch.from_numpy(idx).to(like.device)
+        n, shape = len(ts), like.shape[1:]
+        ks = torch.stack([s.k for s in steps]).index_select(0, rows)  # (n, stages, *shape)
+        y0 = torch.stack([s.y_old for s in steps]).index_select(0, rows)
+        return torch.baddbmm(y0.reshape(n, 1, -1), w.unsqueeze(1),
+                             ks.reshape(n, w.shape[1], -1)).reshape(n, *shape)
 
     def _fit(self, steps: list[_Step]) -> tuple[int, Tensor, float] | None:
         """(degree, node values, error ratio) of the lowest degree within tolerance, or None
@@ -257,26 +264,50 @@ class AdaptiveChebyshevBuilder:
         if len(steps) == 1:
             # Exact up to rounding (barycentric weights on <= 9 Lobatto points are
             # well-conditioned): bound the ratio by a few units of rounding over rtol.
-            nodes, _ = chebyshev_lobatto(a, b, self.single_degree)
-            vals = self._dense(steps, nodes)
+            s = steps[0]
+            if self._single_w is None:  # the nodes sit at fixed fractions of any step
+                frac, _ = chebyshev_lobatto(0.0, 1.0, self.single_degree)
+                self._single_w = self.co.dense_weights(frac, s.k)
+            vals = torch.tensordot(self._single_w * s.h, s.k, dims=1) + s.y_old
             return self.single_degree, vals, 8 * torch.finfo(vals.dtype).eps / self.rtol
         budget = self.single_degree * len(steps)
         tried = [q for q in self.degrees_tried if q <= budget]
         p = tried[-1]  # the degree-2p grid holds every tried grid and its probes
         fine, _ = chebyshev_lobatto(a, b, 2 * p)
         vals = self._dense(steps, fine)
-        ratios = []
-        for q in tried:
-            stride = 2 * p // q
-            probe_idx = np.arange(stride // 2, 2 * p, stride)
-            interp = BarycentricInterpolant(fine[::stride], lobatto_weights(q), vals[::stride])
-            ratios.append(error_ratio(interp.many(fine[probe_idx].tolist()).unsqueeze(0),
-                                      vals[probe_idx].unsqueeze(0), self.rtol, self.atol))
-        ratio_list = torch.cat(ratios).tolist()  # one host read per segment
+        probe_rows, probe_cols, owner = self._probe_matrix(p, tried, vals)
+        flat = vals.reshape(vals.shape[0], -1)
+        ref = flat[probe_cols]
+        scaled = (probe_rows @ flat - ref) / (self.atol + self.rtol * ref.abs())
+        rms = scaled.square().mean(dim=1).sqrt().tolist()  # one host read per segment
+        ratio_list = [ESTIMATE_SAFETY * max(r for r, o in zip(rms, owner, strict=True) if o == q)
+                      for q in tried]
         for q, r in zip(tried, ratio_list, strict=True):
             if r <= 1.0:
                 return q, vals[:: 2 * p // q], r
         return None
+
+    def _probe_matrix(self, p: int, tried: list[int],
+                      like: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """For the degree-2p grid: the rows that evaluate each tried degree's interpolant at
+        its probes, the probes' grid indices, and the degree owning each row. Barycentric
+        weights are invariant under affine maps, so this is built once per (p, degrees)."""
+        key = (p, tuple(tried), like.dtype, like.device)
+        if key not in self._probes:
+            fine, _ = chebyshev_lobatto(-1.0, 1.0, 2 * p)
+            rows, cols, owner = [], [], []
+            for q in tried:
+                stride = 2 * p // q
+                idx = np.arange(stride // 2, 2 * p, stride)
+                lam = _basis_matrix(fine[idx], fine[::stride], lobatto_weights(q), like)
+                full = torch.zeros(len(idx), 2 * p + 1, dtype=like.dtype, device=like.device)
+                full[:, ::stride] = lam
+                rows.append(full)
+                cols += idx.tolist()
+                owner += [q] * len(idx)
+            self._probes[key] = (torch.cat(rows), torch.tensor(cols, device=like.device),
+                                 owner)
+        return self._probes[key]
 
     def _flush(self) -> None:
         steps, self.buffer = self.buffer, []
@@ -300,5 +331,13 @@ class AdaptiveChebyshevBuilder:
             if not whole:
                 self.target = max(1, j - i)
             i = j
-        if whole:
+        if not whole and self.target == 1:
+            # Multi-step pieces do not pay here (kinks of the dense output at the tolerance):
+            # wait ever longer before measuring another.
+            self.backoff = min(2 * self.backoff or 2, 64)
+            self.cooldown = self.backoff
+        elif whole and self.cooldown:
+            self.cooldown -= 1
+        elif whole:
+            self.backoff = 0 if self.target > 1 else self.backoff
             self.target = min(self.max_steps, 2 * self.target)
