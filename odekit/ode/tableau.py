@@ -240,7 +240,7 @@ class StepCoefficients:
             self.q = 2
             self.stages = 2
 
-    def dense_weights(self, thetas: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    def dense_weights(self, thetas: Sequence[float] | np.ndarray, like: torch.Tensor) -> torch.Tensor:
         """(m, stages) matrix of b_i(theta_j), in the dtype/device of `like`."""
         if isinstance(self.dense, torch.Tensor):
             d = self.dense.to(like)
