@@ -17,7 +17,11 @@ scale atol + rtol |z|: at most 1 means "within tolerance".
 gets the lowest nested degree (1, 2, 4, ..., MAX_AUTO_DEGREE) whose estimate is within
 tolerance, and a segment that no degree resolves with fewer nodes than its steps would need
 one by one is split. A single step is a polynomial of the solver's dense-output degree
-(dopri5: 4), interpolated exactly, so splitting always ends.
+(dopri5: 4), stored exactly at that degree (its estimate is a rounding bound, 8 eps / rtol),
+so splitting always ends. Where multi-step pieces keep failing (dense output that bends at
+every step boundary by about the tolerance), the builder waits ever longer before trying one.
+The estimate is of the distance to the dense output, the only z(t) irdm knows; the dense
+output's own error is the forward solve's, controlled by the forward tolerances.
 """
 
 from __future__ import annotations
@@ -114,27 +118,10 @@ class BarycentricInterpolant:
         return (lam @ self.flat).reshape(len(ts), *self.shape)
 
 
-def error_ratio(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor:
-    """Largest weighted RMS of approx - ref over the leading (time) axis, scale atol + rtol|ref|,
-    times `ESTIMATE_SAFETY`: one value per row of a (rows, m, ...) stack, as a tensor."""
-    dims = tuple(range(2, approx.ndim))
+def weighted_rms(approx: Tensor, ref: Tensor, rtol: float, atol: float) -> Tensor:
+    """RMS of (approx - ref) / (atol + rtol |ref|) per row (leading axis), as a tensor."""
     scaled = (approx - ref) / (atol + rtol * ref.abs())
-    return ESTIMATE_SAFETY * scaled.square().mean(dim=dims).sqrt().amax(dim=-1)
-
-
-@dataclass
-class InterpolationStats:
-    """What the interpolant stores and how well it fits: `error` and `tol` are relative errors
-    (the weighted ratio times rtol), `nodes` the stored states, `segments` the pieces."""
-
-    error: float
-    tol: float
-    nodes: int
-    segments: int
-
-    @property
-    def met(self) -> bool:
-        return self.error <= self.tol
+    return scaled.reshape(scaled.shape[0], -1).square().mean(dim=1).sqrt()
 
 
 class PiecewiseChebyshev:
@@ -184,8 +171,8 @@ def fixed_estimate(nodes: np.ndarray, node_values: Tensor, probes: np.ndarray,
                    probe_values: Tensor, rtol: float, atol: float) -> float:
     """Error ratio of the degree-N interpolant against the dense output at the probe times."""
     interp = BarycentricInterpolant(nodes, lobatto_weights(len(nodes) - 1), node_values)
-    return float(error_ratio(interp.many(probes.tolist()).unsqueeze(0),
-                             probe_values.unsqueeze(0), rtol, atol)[0])
+    rms = weighted_rms(interp.many(probes.tolist()), probe_values, rtol, atol)
+    return ESTIMATE_SAFETY * float(rms.max())
 
 
 @dataclass
@@ -277,9 +264,8 @@ class AdaptiveChebyshevBuilder:
         vals = self._dense(steps, fine)
         probe_rows, probe_cols, owner = self._probe_matrix(p, tried, vals)
         flat = vals.reshape(vals.shape[0], -1)
-        ref = flat[probe_cols]
-        scaled = (probe_rows @ flat - ref) / (self.atol + self.rtol * ref.abs())
-        rms = scaled.square().mean(dim=1).sqrt().tolist()  # one host read per segment
+        rms = weighted_rms(probe_rows @ flat, flat[probe_cols], self.rtol,
+                           self.atol).tolist()  # one host read per segment
         ratio_list = [ESTIMATE_SAFETY * max(r for r, o in zip(rms, owner, strict=True) if o == q)
                       for q in tried]
         for q, r in zip(tried, ratio_list, strict=True):
