@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,7 +49,7 @@ from odekit.models.ode_models import (
     ode_blocks,
     set_solver,
 )
-from odekit.ode import GRADIENT_METHODS, SOLVERS, SolverConfig
+from odekit.ode import GRADIENT_METHODS, SOLVERS, InterpolationWarning, SolverConfig
 from odekit.writers.plots import new_figure, save_figure
 
 TASKS = ("classify", "density", "regress")
@@ -67,7 +68,7 @@ EPILOG = """Examples:
 
   odekit train-ode --solver rk2 --steps 4 --solver-regime switching --u-set 0.5,1.0
 
-  odekit train-ode --task density --data pinwheel --solver dopri5 --grad irdm --cheb-nodes 16 --iters 2000
+  odekit train-ode --task density --data pinwheel --solver dopri5 --grad irdm --iters 2000
 
   odekit train-ode --solver dopri5 --grad irdm --seminorm --adjoint-rtol 1e-2 --adjoint-atol 1e-2
 
@@ -87,6 +88,8 @@ VarPro (--task regress, --optimizer gnvpro|slimtrain, --model odenet_antisym, --
 --levels) writes convergence.png instead of curves.png: loss vs work units (a forward or a
 backward pass over the training set = 1 unit; GNvpro adds 2r per outer iteration).
 NFE = f evaluations per training iteration, summed over ODE blocks (forward / backward).
+irdm interpolates z(t) with --cheb-nodes auto: report.json's interp_error (the worst estimate
+of any solve) stays within interp_tol (the adjoint rtol); a fixed N that misses it says so once.
 rdm/irdm backward tolerances default to the forward ones; a looser adjoint tolerance with
 --seminorm reached the same target 1.4-4.3x faster in docs/train-ode.md (run C).
 """
@@ -113,7 +116,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _solver_config(
     solver: str, steps: int | None, u: float, rtol: float | None, atol: float | None, grad: str,
-    cheb_nodes: int, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
+    cheb_nodes: int | str, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
     adjoint_atol: float | None = None, seminorm: bool = False,
 ) -> SolverConfig:  # fmt: skip
     spec = SOLVERS.get(solver)
@@ -142,6 +145,20 @@ def _solver_config(
         adjoint_atol=adjoint_atol,
         seminorm=seminorm,
     )
+
+
+def _interpolation_warning_once(ctx: CommandContext, config: SolverConfig, caught: list[warnings.WarningMessage]) -> None:
+    """irdm warns on every solve that misses its tolerance: say it once, on stderr; pass the rest on."""
+    ours = [w.message for w in caught if isinstance(w.message, InterpolationWarning)]
+    for w in caught:
+        if not isinstance(w.message, InterpolationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if ours:
+        worst = max(ours, key=lambda m: m.error)
+        hint = ("use --cheb-nodes auto" if config.cheb_nodes != "auto"
+                else "single forward steps are not resolved that finely: loosen --adjoint-rtol/--adjoint-atol or tighten --rtol/--atol")  # fmt: skip
+        ctx.log_console.print(f"Warning: irdm's interpolant of z(t) (--cheb-nodes {config.cheb_nodes}) missed the adjoint tolerance "
+                              f"{worst.tol:g} in {len(ours)} solves, estimated error up to {worst.error:.2g}; {hint}", highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _arch_args(task: str, model: str, opts: dict[str, Any], in_channels: int, num_classes: int) -> dict[str, Any]:
@@ -241,7 +258,7 @@ def train_ode_command(
     adjoint_atol: Annotated[float | None, typer.Option("--adjoint-atol", help="rdm/irdm: absolute tolerance of the backward solves, relative to the gradient's RMS [--atol].", show_default=False, rich_help_panel=SOLVER)] = None,
     seminorm: Annotated[bool, typer.Option("--seminorm", help="rdm/irdm: leave dL/dtheta out of the backward step control (fewer steps).", rich_help_panel=SOLVER)] = False,
     grad: Annotated[str, typer.Option("--grad", help=f"Gradient method: {' | '.join(GRADIENT_METHODS.names())}.", rich_help_panel=SOLVER)] = "backprop",
-    cheb_nodes: Annotated[int, typer.Option("--cheb-nodes", help="irdm: Chebyshev grid size N (N+1 points).", rich_help_panel=SOLVER)] = 16,
+    cheb_nodes: Annotated[str, typer.Option("--cheb-nodes", help="irdm: auto (piecewise Chebyshev interpolant of the forward steps, error within the adjoint tolerance) or a fixed grid size N (N+1 points).", rich_help_panel=SOLVER)] = "auto",
     checkpoints: Annotated[int, typer.Option("--checkpoints", help="anode: number of checkpoints.", rich_help_panel=SOLVER)] = 1,
     t1: Annotated[float, typer.Option("--t1", help="Integration time [0, t1] of each ODE block.", rich_help_panel=SOLVER)] = 1.0,
     solver_regime: Annotated[str, typer.Option("--solver-regime", help=REGIMES.help_text(), rich_help_panel=REGIME)] = "standalone",
@@ -314,10 +331,15 @@ def train_ode_command(
         loaded = _resume(ctx, key)
         if loaded is not None:
             _check_resume_compatible(loaded, key, model, arch_opts)
-        if key == "classify":
-            return _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
-        assert density_path is not None
-        return _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InterpolationWarning)
+            if key == "classify":
+                output = _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
+            else:
+                assert density_path is not None
+                output = _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+        _interpolation_warning_once(ctx, config, caught)
+        return output
 
     def _separable(ctx: CommandContext, key: str) -> CommandOutput:
         options = SeparableOptions(
@@ -423,6 +445,8 @@ def _output(
         "iterations": result.iterations,
         "nfe_forward": result.nfe_forward,
         "nfe_backward": result.nfe_backward,
+        "interp_error": result.interp_error,
+        "interp_tol": result.interp_tol,
         "seconds_per_iter": result.seconds_per_iter,
         "train_seconds": result.train_seconds,
         "params": sum(p.numel() for p in net.parameters()),
