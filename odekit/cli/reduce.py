@@ -7,8 +7,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -18,10 +19,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -29,6 +34,7 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UnsupportedModelError
 from odekit.io.checkpoints import load_model, save_model
+from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
 from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
 from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
@@ -141,6 +147,11 @@ def reduce_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -153,7 +164,7 @@ def reduce_command(
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
-    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params: dict[str, Any] = {
         "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
         "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
@@ -172,12 +183,13 @@ def reduce_command(
         plot_path = ctx.path("singular_values.png")
 
         loaded = load_checkpoint(ctx, model_opts)
+        require_python_module(loaded, "reduce")
         if loaded.meta.arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"the checkpoint's architecture '{loaded.meta.arch}' is not registered, so the student could not be rebuilt",
                 "load it with --arch NAME so odekit knows its architecture",
             )
-        dataset = load_data(ctx, loaded, data, data_dir)
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = tuple(loaded.input_shape or dataset.input_shape)
         teacher = loaded.model.to(ctx.device).eval()
         train = dataset.train.subset(samples, seed=seed)
