@@ -11,9 +11,11 @@ import re
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from odekit.errors import LayerSelectionError, UnsupportedModelError
+from odekit.models.graph import has_functional_compute, normalize_graph
 
 COMPUTE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -90,12 +92,18 @@ def total_flops(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> i
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> ModelSummary:
-    """Run one sample through ``model`` with hooks and list its compute layers."""
+    """Run one sample through ``model`` with hooks and list its compute layers.
+
+    A GraphModule that computes conv/linear through functions (a ``.pt2`` program's aten
+    graph) is first normalised so its layers are modules named after their weights' owners:
+    the table then matches the table of the module it was exported from."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             "a TorchScript model without odekit metadata cannot be inspected layer by layer",
             "pass --arch NAME so odekit rebuilds it as a normal module",
         )
+    if isinstance(model, fx.GraphModule) and has_functional_compute(model):
+        model = normalize_graph(model, input_shape)
     names = {module: name for name, module in model.named_modules()}
     records: dict[nn.Module, dict[str, object]] = {}
     order: list[nn.Module] = []
