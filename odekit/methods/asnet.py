@@ -731,6 +731,11 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
 
 
+def is_registered_teacher(arch: str) -> bool:
+    """True when ``load_model`` can rebuild an ASNet of this teacher from its JSON args."""
+    return arch.lower() in ARCHITECTURES and arch.lower() != "asnet"
+
+
 def build_asnet_from_teacher(
     teacher: nn.Module,
     teacher_arch: str,
@@ -745,7 +750,7 @@ def build_asnet_from_teacher(
     """Algorithm 2 end to end, with the thesis fig. 6.5b baselines at the same r."""
     progress = silent_if_none(progress)
     say = log or (lambda _m: None)
-    registered = teacher_arch.lower() in ARCHITECTURES and teacher_arch.lower() != "asnet"
+    registered = is_registered_teacher(teacher_arch)
     teacher = runnable(teacher, input_shape).to(device).eval()
     chain = cut_model(teacher, input_shape)
     cut = chain.cut(settings.cut)
