@@ -8,6 +8,8 @@ FLOPs, bias additions, activations, normalisation and pooling are not counted.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -75,19 +77,31 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> torch.
     return torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block, the previous mode after it. A ``torch.export`` program's
+    module refuses train()/eval(): its graph is fixed to the (eval) mode it was traced in."""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def total_flops(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> int:
     """All matmul/conv FLOPs of one forward pass on one sample, by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _probe(model, input_shape)
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()  # a training-mode pass would move BatchNorm statistics towards the zero probe
-    try:
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    # a training-mode pass would move BatchNorm statistics towards the zero probe
+    with eval_mode(model), torch.no_grad(), counter:
+        model(x)
     return int(counter.get_total_flops())
 
 
@@ -122,10 +136,8 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPUTE_TYPES)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(_probe(model, input_shape))
     except RuntimeError as exc:
         raise UnsupportedModelError(
@@ -135,7 +147,6 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     layers = [
         LayerInfo(
             index=i,
