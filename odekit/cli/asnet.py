@@ -6,8 +6,9 @@ from typing import Annotated, Any
 
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -17,10 +18,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -29,6 +34,7 @@ from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_co
 from odekit.errors import UsageError
 from odekit.io.checkpoints import save_model
 from odekit.io.exported import save_exported
+from odekit.io.preprocessing import Preprocessing
 from odekit.methods.asnet import (
     ASNetSettings,
     LayerAnalysis,
@@ -157,6 +163,11 @@ def asnet_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -167,7 +178,7 @@ def asnet_command(
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
-    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     analyze = analyze or layers is not None
     params: dict[str, Any] = {
         "analyze": analyze, "layers": layers, "cut": cut, "rank": rank, "eps": eps, "degree": degree,
@@ -199,10 +210,11 @@ def asnet_command(
         baselines_path = ctx.path("baselines.png") if baselines else None
 
         loaded = load_checkpoint(ctx, model_opts)
+        require_python_module(loaded, "asnet")
         if model_path is not None and not is_registered_teacher(loaded.meta.arch):
             # no registry entry rebuilds the teacher: a self-contained torch.export program
             model_path = ctx.path("asnet.pt2")
-        dataset = load_data(ctx, loaded, data, data_dir)
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = loaded.input_shape or dataset.input_shape
         results: dict[str, Any] = {}
         tables: list[ResultTable] = []

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -19,10 +20,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -30,6 +35,7 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.io.checkpoints import ModelMeta, load_model, save_model
 from odekit.io.exported import load_exported, save_exported
+from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
 from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
 from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
@@ -145,6 +151,11 @@ def reduce_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -157,7 +168,7 @@ def reduce_command(
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
-    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params: dict[str, Any] = {
         "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
         "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
@@ -176,12 +187,13 @@ def reduce_command(
         plot_path = ctx.path("singular_values.png")
 
         loaded = load_checkpoint(ctx, model_opts)
+        require_python_module(loaded, "reduce")
         # A student of an architecture no registry entry rebuilds is written as a self-contained
         # torch.export program instead of weights + metadata.
         registered = loaded.meta.arch in ARCHITECTURES
         if not registered:
             student_path = ctx.path("student.pt2")
-        dataset = load_data(ctx, loaded, data, data_dir)
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = tuple(loaded.input_shape or dataset.input_shape)
         teacher = loaded.model.to(ctx.device).eval()
         train = dataset.train.subset(samples, seed=seed)
