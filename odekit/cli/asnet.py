@@ -36,15 +36,17 @@ from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_co
 from odekit.errors import UsageError
 from odekit.io.checkpoints import save_model
 from odekit.io.datasets import Dataset
+from odekit.io.exported import save_exported
 from odekit.io.preprocessing import Preprocessing
 from odekit.methods.asnet import (
     ASNetSettings,
-    ChainModel,
     LayerAnalysis,
     SubspaceSettings,
     analyze_layers,
     build_asnet_from_teacher,
+    cut_model,
     default_sketch_size,
+    is_registered_teacher,
     parse_rank,
 )
 from odekit.methods.evaluation import agreement, compare_latency
@@ -67,7 +69,11 @@ singular-value spectrum (spectrum.png, thesis fig. 6.5a) and logistic regression
 features. --cut L: ASNet = layers 1..L (with the BN/activation/pooling after L) + active-subspace
 layer + degree-p Hermite PCE fitted to the teacher's logits, then optional distillation
 fine-tuning (loss = beta KL(teacher||student) + (1-beta) CE) and L1 proximal steps (--sparse,
-ASNet-s). Writes asnet.safetensors, spectrum.png, baselines.png, report.json, report.md.
+ASNet-s). A model that is not a plain chain of modules (residual blocks, custom forward, .pt2)
+is cut by splitting its traced graph after layer L; inside a residual block the skip tensor
+is part of the cut (n_l counts both). Writes asnet.safetensors (asnet.pt2, a self-contained
+torch.export program, when the teacher's architecture is not an odekit one), spectrum.png,
+baselines.png, report.json, report.md.
 FLOPs are 2 x multiply-adds per sample.
 """
 
@@ -209,6 +215,9 @@ def asnet_command(
 
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "asnet")
+        if model_path is not None and not is_registered_teacher(loaded.meta.arch):
+            # no registry entry rebuilds the teacher: a self-contained torch.export program
+            model_path = ctx.path("asnet.pt2")
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = loaded.input_shape or dataset.input_shape
         results: dict[str, Any] = {}
@@ -216,7 +225,7 @@ def asnet_command(
         headline: list[str] = []
         analyses: list[LayerAnalysis] = []
         if analyze:
-            chain = ChainModel(loaded.model, shape)
+            chain = cut_model(loaded.model, shape)
             analyses = analyze_layers(chain, layers, dataset, sub, ctx.device, logreg=baselines, progress=ctx.progress)
             results["layers"] = [a.to_dict() for a in analyses]
             tables.append(_layer_table(analyses))
@@ -240,7 +249,10 @@ def asnet_command(
             }
             meta = loaded.meta.derived("asnet", built.args, step, source=loaded.sha256)
             meta.extra = {"test_accuracy": res["asnet"]["accuracy"], "teacher_accuracy": res["teacher"]["accuracy"]}
-            save_model(model_path, built.model, meta, force=ctx.force)
+            if built.registered:
+                save_model(model_path, built.model, meta, force=ctx.force)
+            else:
+                save_exported(model_path, built.model, tuple(shape), meta.to_json(), force=ctx.force)
             results.update(res)
             results["checkpoint"] = str(model_path)
             if not any(a.cut.index == built.cut_analysis.cut.index for a in analyses):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -33,8 +34,8 @@ from odekit.cli.options import (
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.errors import UnsupportedModelError
-from odekit.io.checkpoints import load_model, save_model
+from odekit.io.checkpoints import ModelMeta, load_model, save_model
+from odekit.io.exported import load_exported, save_exported
 from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
 from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
@@ -57,7 +58,10 @@ The layer outputs z_k of layers A..B (after BN, activation and max-pool) are app
 V_k c_k with V_k from a streaming frequent-directions SVD over the training samples; rectangular
 maxvol picks P_k = ceil(oversample x R_k) rows and the student propagates only those (Algorithm 1,
 eq. 5.14; residual sums eq. 5.16). Rank rules: {rules}; or an integer R.
-Writes student.safetensors, singular_values.png (thesis fig. 5.1), report.json, report.md.
+Writes student.safetensors (student.pt2, a self-contained torch.export program, when the
+teacher's architecture is not an odekit one), singular_values.png (thesis fig. 5.1), report.json,
+report.md. Any model torch.fx or torch.export can trace works: custom forwards, residual blocks,
+functional activations, .pt2 archives.
 FLOPs are 2 x multiply-adds per sample; latency is the median of timed forward passes of one
 batch of --latency-batch test inputs after warm-up, on --device.
 """
@@ -185,11 +189,11 @@ def reduce_command(
 
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
-        if loaded.meta.arch not in ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"the checkpoint's architecture '{loaded.meta.arch}' is not registered, so the student could not be rebuilt",
-                "load it with --arch NAME so odekit knows its architecture",
-            )
+        # A student of an architecture no registry entry rebuilds is written as a self-contained
+        # torch.export program instead of weights + metadata.
+        registered = loaded.meta.arch in ARCHITECTURES
+        if not registered:
+            student_path = ctx.path("student.pt2")
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = tuple(loaded.input_shape or dataset.input_shape)
         teacher = loaded.model.to(ctx.device).eval()
@@ -245,8 +249,7 @@ def reduce_command(
             "test_accuracy": student_stats["accuracy"],
             "teacher_accuracy": teacher_stats["accuracy"],
         }
-        save_model(student_path, student, meta, force=ctx.force)
-        reloaded = load_model(student_path).model.to(ctx.device).eval()
+        reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
         with torch.no_grad():
             probe = example[:16].to(ctx.device)
             reload_diff = float((reloaded(probe) - student(probe)).abs().max())
@@ -324,6 +327,18 @@ def reduce_command(
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+
+
+def _write_student(
+    path: Path, student: torch.nn.Module, meta: ModelMeta, shape: tuple[int, ...], registered: bool, ctx: CommandContext
+) -> torch.nn.Module:
+    """Write the student (safetensors + metadata, or a .pt2 program) and read it back."""
+    if registered:
+        save_model(path, student, meta, force=ctx.force)
+        return load_model(path).model.to(ctx.device).eval()
+    save_exported(path, student.cpu(), shape, meta.to_json(), force=ctx.force)
+    student.to(ctx.device)
+    return load_exported(path)[0].to(ctx.device)
 
 
 def _stats(

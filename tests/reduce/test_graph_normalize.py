@@ -1,0 +1,155 @@
+"""Graph normalisation, tracing errors and graph cuts on models odekit did not build."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from odekit.errors import UnsupportedModelError
+from odekit.io.exported import load_exported, save_exported
+from odekit.methods.asnet import GraphModel, cut_model
+from odekit.models.graph import normalize_graph, trace_graph
+from odekit.models.layers import layer_table
+
+
+class SmallVGG(nn.Module):
+    """kuangliu style: biased convs, BatchNorm, in-place ReLU, max-pools, ``view(size(0), -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in (6, "M", 8, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(8 * 2 * 2, 5)
+
+    def forward(self, x):
+        out = self.features(x)
+        out = out.view(out.size(0), -1)
+        return self.classifier(out)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return F.relu(out)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = Block(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.block(F.relu(self.stem(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+SHAPE = (3, 8, 8)
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+def _exported(model: nn.Module, tmp_path) -> nn.Module:
+    path = save_exported(tmp_path / "m.pt2", model, SHAPE, None)
+    return load_exported(path)[0]
+
+
+@pytest.mark.parametrize("cls", [SmallVGG, SmallResNet])
+def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_table(cls, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise_bn(cls())
+    program = _exported(model, tmp_path)
+    gm = normalize_graph(program, SHAPE)  # type: ignore[arg-type]
+    kinds = {type(m).__name__ for m in gm.modules()}
+    assert {"Conv2d", "BatchNorm2d", "Linear"} <= kinds
+    assert not any(n.op == "call_function" and "conv2d" in str(n.target) for n in gm.graph.nodes)
+    x = torch.randn(5, *SHAPE)
+    with torch.no_grad():
+        assert float((gm(x) - model(x)).abs().max()) < 1e-5
+    # the layer table of the aten graph lists the module's layers, by name, with the same FLOPs
+    want, got = layer_table(model, SHAPE), layer_table(program, SHAPE)
+    assert [(la.name, la.flops, la.params) for la in got.layers] == [(la.name, la.flops, la.params) for la in want.layers]
+    assert (got.flops, got.params) == (want.flops, want.params)
+
+
+def test_untraceable_forward_names_the_user_line() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if h.sum() > 0:  # data-dependent branch
+                return h
+            return -h
+
+    with pytest.raises(UnsupportedModelError) as err:
+        trace_graph(Branchy(), (4,), what="RON")
+    line = str(err.value)
+    assert "\n" not in line
+    assert "test_graph_normalize.py:" in line and "if h.sum() > 0" in line
+    assert "control flow" in line
+
+
+def test_shape_dependent_branch_falls_back_to_torch_export() -> None:
+    class ShapeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 3)
+
+        def forward(self, x):
+            if x.dim() == 4:  # fx cannot follow this, torch.export can
+                x = x.flatten(1)
+            return self.fc(F.relu(x))
+
+    model = ShapeBranch().eval()
+    gm = trace_graph(model, (3, 2, 2))
+    x = torch.randn(4, 3, 2, 2)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-6)
+    assert [layer.name for layer in layer_table(gm, (3, 2, 2)).layers] == ["fc"]
+
+
+def test_graph_cut_inside_a_residual_block_carries_the_skip_tensor(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallResNet())
+    assert isinstance(cut_model(model, SHAPE), GraphModel)  # not a plain chain
+    x = torch.randn(4, *SHAPE)
+    for teacher in (model, _exported(model, tmp_path)):
+        graph = GraphModel(teacher, SHAPE)
+        assert graph.analysable_layers() == [1, 2, 3]
+        sizes = {}
+        for index in graph.analysable_layers():
+            cut = graph.cut(index)
+            sizes[index] = (cut.features, len(cut.frontier or []))
+            with torch.no_grad():
+                assert float((graph.post_model(cut)(graph.pre_model(cut)(x)) - model(x)).abs().max()) < 1e-5
+        # after block.conv1 the block input (the skip tensor) crosses the cut with relu(bn1);
+        # after block.conv2 the cut runs on through the sum, ReLU and pooling up to fc
+        assert sizes == {1: (256, 1), 2: (512, 2), 3: (4, 1)}
