@@ -11,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from foreign_models import FORMATS, USER_MODULE, ForeignModel
 from typer.testing import CliRunner
 
 from odekit.cli.app import app
 from odekit.errors import CheckpointError
 from odekit.io.checkpoints import load_model
 from odekit.io.user_arch import parse_arch_args
-
-from .conftest import FORMATS, USER_MODULE, ForeignModel
 
 
 def _load(model: ForeignModel, fmt: str):
