@@ -129,9 +129,13 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
             if data
             else "pass --data with the data it was trained on (PATH.npz, or cifar10 --data-dir DIR, ...)"
         )
-        raise DataError(
-            f"the model does not accept {dataset.name} inputs of shape {_shape(dataset.input_shape)} ({first})", hint
-        ) from exc
+        what = (
+            f"the model does not accept {dataset.name} inputs of shape {_shape(dataset.input_shape)}"
+            if data
+            else f"'{loaded.path}' records no data set, and odekit's default data ({dataset.name}, "
+            f"{_shape(dataset.input_shape)}) does not fit it"
+        )
+        raise DataError(f"{what} ({first})", hint) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UnsupportedModelError(
