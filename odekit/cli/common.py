@@ -96,10 +96,11 @@ def load_data(
         meta.dataset = dataset.describe()
         if prep.normalize is None or prep.input_shape is None:
             ctx.log_console.print(  # one line, however narrow the terminal
-                f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; assuming normalisation "
-                f"{describe_normalization(dataset.mean, dataset.std)} and input shape {_shape(dataset.input_shape)} "
-                f"({'--input-shape' if prep.input_shape else 'as stored in ' + dataset.name}); "
-                "pass --normalize and --input-shape to state them",
+                f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; using normalisation "
+                f"{describe_normalization(dataset.mean, dataset.std)} "
+                f"({'--normalize' if prep.normalize else 'assumed'}) and input shape {_shape(dataset.input_shape)} "
+                f"({'--input-shape' if prep.input_shape else 'assumed: as stored in ' + dataset.name}); "
+                "pass --normalize and --input-shape to state both",
                 highlight=False,
                 soft_wrap=True,
             )
