@@ -98,7 +98,20 @@ def train_user_vgg(folder: Path, data: Any, width_div: int, epochs: int, train_s
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
-def run_reduce(folder: Path, checkpoint: str, extra: list[str], finetune: int, samples: int | None) -> dict[str, Any]:
+def reuse_trained(folder: Path, data: Any) -> dict[str, Any]:
+    """Teacher numbers of a previous run's vgg19.pt2 (its training time is not re-measured)."""
+    from odekit.io.exported import load_exported
+
+    model, _ = load_exported(folder / "vgg19.pt2")
+    with torch.no_grad():
+        acc = float(sum((model(x).argmax(1) == y).sum() for x, y in data.test.batches(256)) / len(data.test))
+    return {"teacher_accuracy_plain_torch": acc, "train_seconds": None, "reused_teacher": True,
+            "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+
+
+def run_reduce(
+    folder: Path, checkpoint: str, extra: list[str], finetune: int, samples: int | None, lr: float | None
+) -> dict[str, Any]:
     """`odekit reduce` in a subprocess, as a user runs it; wall time and that process's peak RSS."""
     out = folder / f"reduce-{checkpoint.replace('.', '_')}-ft{finetune}"
     cmd = [sys.executable, "-c", "from odekit.cli.app import main; main()", "reduce", checkpoint, *extra,
@@ -106,6 +119,8 @@ def run_reduce(folder: Path, checkpoint: str, extra: list[str], finetune: int, s
            "--device", "cpu", "-o", str(out), "--force", "--json"]  # fmt: skip
     if samples is not None:
         cmd += ["--samples", str(samples)]
+    if lr is not None:
+        cmd += ["--lr", str(lr)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
     with open(folder / "stdout.json", "w") as stdout, open(folder / "stderr.log", "w") as stderr:
@@ -159,6 +174,8 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="teacher training samples [all]")
     parser.add_argument("--samples", type=int, default=None, help="reduce --samples [odekit's default]")
     parser.add_argument("--formats", default="pickle,export", help="which saves to reduce: pickle,export")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="reduce --lr [odekit's default]")
+    parser.add_argument("--reuse", action="store_true", help="reuse vgg19.pt/.pt2 already in --out (no training)")
     parser.add_argument("--out", type=Path, default=None, help="run folder [odekit-runs/bench-vgg19-reduce]")
     args = parser.parse_args()
     width = args.width_div or (8 if args.quick else 1)
@@ -171,12 +188,15 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     data = write_data(args.out, train_samples)
-    trained = train_user_vgg(args.out, data, width, epochs, train_samples)
+    if args.reuse and (args.out / "vgg19.pt").exists() and (args.out / "vgg19.pt2").exists():
+        trained = reuse_trained(args.out, data)
+    else:
+        trained = train_user_vgg(args.out, data, width, epochs, train_samples)
     runs = {"pickle": ("vgg19.pt", ["--trust-checkpoint"], 0), "export": ("vgg19.pt2", [], 1)}
     failed = 0
     for fmt in args.formats.split(","):
         checkpoint, extra, finetune = runs[fmt.strip()]
-        rec = run_reduce(args.out, checkpoint, extra, finetune, args.samples)
+        rec = run_reduce(args.out, checkpoint, extra, finetune, args.samples, args.finetune_lr)
         record = {
             "case": "vgg19_reduce",
             "format": fmt,
@@ -185,6 +205,7 @@ def main() -> None:
             "train_epochs": epochs,
             "train_samples": len(data.train) if train_samples is None else train_samples,
             "finetune_epochs": finetune,
+            "finetune_lr": args.finetune_lr,
             "quick": args.quick,
             "load_average_1min": os.getloadavg()[0],
             "threads": torch.get_num_threads(),
