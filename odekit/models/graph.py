@@ -24,10 +24,13 @@ and the user's file and line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import math
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -596,10 +599,27 @@ def trace_graph(
     return normalize_graph(gm, input_shape)
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs and prints whole graphs to stderr when it fails; the error we raise
+    names the failing line instead."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export_module(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> fx.GraphModule:
     example = probe_batch(model, input_shape, 2)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with _quiet_torch_logs():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     module = program.module()
     assert isinstance(module, fx.GraphModule)
     return module
