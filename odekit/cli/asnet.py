@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Annotated, Any
 
+import torch
 import typer
 
 from odekit.cli.common import load_checkpoint, load_data, require_python_module
@@ -33,6 +35,7 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
 from odekit.io.checkpoints import save_model
+from odekit.io.datasets import Dataset
 from odekit.io.exported import save_exported
 from odekit.io.preprocessing import Preprocessing
 from odekit.methods.asnet import (
@@ -46,6 +49,7 @@ from odekit.methods.asnet import (
     is_registered_teacher,
     parse_rank,
 )
+from odekit.methods.evaluation import agreement, compare_latency
 from odekit.writers.plots import new_figure, save_figure
 
 EPILOG = """Examples:
@@ -203,7 +207,7 @@ def asnet_command(
         if cut is not None:
             settings = ASNetSettings(
                 cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, head_lr=head_lr, beta=beta,
-                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
+                sparse=sparse, l1=l1, baselines=baselines, latency=False, subspace=sub,  # timed interleaved below
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None
         spectrum_path = ctx.path("spectrum.png")
@@ -233,6 +237,7 @@ def asnet_command(
             for warning in built.warnings:
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
             res = built.results
+            res.update(_fidelity_and_latency(loaded.model, built.model, dataset, batch_size, latency, ctx.device))
             step = {
                 "command": "asnet",
                 "cut": res["cut"]["index"],
@@ -272,6 +277,22 @@ def asnet_command(
         return CommandOutput(results=results, tables=tables, headline=headline)
 
     run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+
+
+def _fidelity_and_latency(
+    teacher: torch.nn.Module, student: torch.nn.Module, dataset: Dataset, batch_size: int, timed: bool, device: torch.device
+) -> dict[str, Any]:
+    """Issue 11: top-1 agreement and mean KL on the test split; latency timed teacher/ASNet interleaved."""
+    out: dict[str, Any] = agreement(teacher, student, dataset.test, device=device)
+    out.pop("samples")
+    if timed:
+        out["latency"], out["latency_ms"] = {}, {}
+        for label, x, repeats in (("batch1", dataset.test.x[:1], 20), (f"batch{min(len(dataset.test), batch_size)}", dataset.test.x[:batch_size], 5)):
+            comparison = compare_latency(teacher, student, x, device, warmup=2, repeats=repeats)
+            out["latency"][label] = comparison.to_dict()
+            out["latency_ms"][f"teacher_ms_{label}"] = statistics.median(comparison.teacher_ms)
+            out["latency_ms"][f"asnet_ms_{label}"] = statistics.median(comparison.student_ms)
+    return out
 
 
 def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +38,7 @@ from odekit.io.checkpoints import ModelMeta, load_model, save_model
 from odekit.io.exported import load_exported, save_exported
 from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
-from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
+from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
 from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
 from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.registry import ARCHITECTURES
@@ -228,6 +229,11 @@ def reduce_command(
         student.eval()
         student_stats = _stats(student, dataset, shape, example, ctx)
         student_stats["accuracy_before_finetune"] = acc_before
+        # issue 11: fidelity to the teacher, and latency timed teacher/student interleaved
+        fidelity = agreement(teacher, student, dataset.test, device=ctx.device)
+        latency = compare_latency(teacher, student, example, ctx.device)
+        teacher_stats["latency_ms"] = statistics.median(latency.teacher_ms)
+        student_stats["latency_ms"] = statistics.median(latency.student_ms)
 
         step = {
             "command": "reduce",
@@ -254,7 +260,7 @@ def reduce_command(
         )
 
         flop_reduction = teacher_stats["flops"] / max(student_stats["flops"], 1)
-        speedup = teacher_stats["latency_ms"] / max(student_stats["latency_ms"], 1e-9)
+        speedup = latency.speedup
         drop = teacher_stats["accuracy"] - student_stats["accuracy"]
         results: dict[str, Any] = {
             "teacher": teacher_stats,
@@ -262,6 +268,9 @@ def reduce_command(
             "flop_reduction": flop_reduction,
             "param_reduction": teacher_stats["params"] / max(student_stats["params"], 1),
             "latency_speedup": speedup,
+            "agreement": fidelity["agreement"],
+            "mean_kl": fidelity["mean_kl"],
+            "latency": latency.to_dict(),
             "accuracy_drop": drop,
             "accuracy_drop_points": 100.0 * drop,
             "ranks": result.ranks,
@@ -276,7 +285,8 @@ def reduce_command(
             "units": {
                 "accuracy": "fraction in [0, 1]",
                 "flops": "2 x multiply-adds per sample",
-                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}",
+                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}, teacher and student interleaved",
+                "mean_kl": "nats, KL(teacher || student) averaged over the test split",
             },
         }
         table = ResultTable(
@@ -311,7 +321,8 @@ def reduce_command(
         headline = [
             f"RON layers {result.first_layer}-{result.last_layer}, ranks {result.ranks}: accuracy "
             f"{100 * student_stats['accuracy']:.2f}% (teacher {100 * teacher_stats['accuracy']:.2f}%, before fine-tuning "
-            f"{100 * acc_before:.2f}%), {flop_reduction:.2f}x fewer FLOPs, latency {speedup:.2f}x faster"
+            f"{100 * acc_before:.2f}%), agreement {100 * fidelity['agreement']:.2f}%, {flop_reduction:.2f}x fewer FLOPs, "
+            f"latency {speedup:.2f}x faster"
         ]
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
@@ -343,7 +354,6 @@ def _stats(
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
-        "latency_ms": measure_latency_ms(model, example, ctx.device, warmup=5, repeats=30),
     }
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from odekit import __version__
 from odekit.cli.errors import report_exception
 from odekit.cli.options import CommonOptions
-from odekit.cli.progress import RichProgress
+from odekit.cli.progress import RichProgress, plain_progress
 from odekit.device import resolve_device, set_threads
 from odekit.errors import OutputExistsError
 from odekit.progress import Progress, SilentProgress
@@ -152,13 +152,14 @@ def run_command(
             raise OutputExistsError(f"--out '{out_dir}' is a file, not a folder", "choose a folder for --out")
         use_bars = not common.json and err_console.is_terminal
         progress_impl = RichProgress(err_console) if use_bars else None
+        plain = plain_progress(err_console.is_terminal)
         ctx = CommandContext(
             command=command,
             device=device,
             out_dir=out_dir,
             force=common.force,
             seed=common.seed,
-            progress=progress_impl or SilentProgress(),
+            progress=progress_impl or plain or SilentProgress(),
             log_console=err_console,
             inputs=dict(inputs),
             params=dict(params),
@@ -183,6 +184,8 @@ def run_command(
             markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
         )
         report.write(out_dir, common.force)
+        if plain is not None:
+            print(f"[odekit] {command}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     except (typer.Exit, typer.Abort):
         raise
     except BaseException as exc:
