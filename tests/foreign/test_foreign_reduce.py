@@ -65,6 +65,7 @@ def test_reduce_cli_on_a_trusted_pickle_writes_a_self_contained_student(foreign_
     r = json.loads(result.stdout)["results"]
     assert r["flop_reduction"] > 1.0
     assert r["student"]["accuracy"] >= r["teacher"]["accuracy"] - 0.05
+    assert r["agreement"] >= 0.9
     assert r["student_checkpoint"] == str(out / "student.pt2")
     assert not (out / "student.safetensors").exists()
     assert r["reload_max_abs_diff"] <= 1e-5

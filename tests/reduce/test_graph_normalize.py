@@ -153,3 +153,21 @@ def test_graph_cut_inside_a_residual_block_carries_the_skip_tensor(tmp_path) -> 
         # after block.conv1 the block input (the skip tensor) crosses the cut with relu(bn1);
         # after block.conv2 the cut runs on through the sum, ReLU and pooling up to fc
         assert sizes == {1: (256, 1), 2: (512, 2), 3: (4, 1)}
+
+
+def test_graph_cut_asnet_of_a_registered_residual_model_rebuilds_from_its_args() -> None:
+    from odekit.methods.asnet import build_asnet
+    from odekit.models.registry import build_model
+
+    args = {"num_classes": 10, "width": 0.25, "in_channels": 1}
+    teacher = build_model("resnet20", args).eval()
+    graph = GraphModel(teacher, (1, 16, 16))
+    cut = graph.cut("conv4")  # inside the second block: the block input crosses the cut
+    assert cut.node is not None and cut.frontier is not None and len(cut.frontier) == 2
+    rebuilt = build_asnet(
+        "resnet20", args, 4, cut.end, cut.features, 3, 2, 10, node=cut.node, input_shape=[1, 16, 16]
+    ).eval()
+    rebuilt.pre.load_state_dict(graph.pre_model(cut).state_dict())
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.pre(x), graph.pre_model(cut)(x))
