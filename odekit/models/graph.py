@@ -29,6 +29,7 @@ import copy
 import io
 import logging
 import math
+import operator
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -281,6 +282,71 @@ def _install_weights(
     _to_module(node, lifter.place(key, owner, owned, layer, kind), a["input"])
 
 
+_CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+_POOL_WITH_INDICES = {
+    aten.max_pool1d_with_indices.default: aten.max_pool1d.default,
+    aten.max_pool2d_with_indices.default: aten.max_pool2d.default,
+    aten.max_pool3d_with_indices.default: aten.max_pool3d.default,
+}
+_TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
+
+
+def _first_output_only(node: fx.Node) -> bool:
+    """True when every reader takes element 0 of the node's tuple output."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users
+    )
+
+
+def _take_first_output(node: fx.Node) -> None:
+    for user in list(node.users):
+        if "val" in user.meta:
+            node.meta["val"] = user.meta["val"]
+        user.replace_all_uses_with(node)
+        node.graph.erase_node(user)
+
+
+def _transposed_weight(node: Any) -> fx.Node | None:
+    """W for a node computing W^T (permute(W, [1, 0]) or t(W)) of a graph attribute W."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    src, rest = node.args[0], list(node.args[1:])
+    if node.target is aten.permute.default and list(rest[0]) != [1, 0]:
+        return None
+    if node.target is aten.transpose.int and sorted(int(d) % 2 for d in rest[:2]) != [0, 1]:
+        return None
+    return src if isinstance(src, fx.Node) and src.op == "get_attr" else None
+
+
+def _undecompose(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Decomposed aten ops (``ExportedProgram.run_decompositions``) back to the forms we lift:
+    convolution -> convNd, addmm/mm with a transposed weight -> linear, the tuple-returning
+    batch-norm and max-pool-with-indices -> batch_norm / max_pool when only output 0 is read."""
+    target, args = node.target, node.args
+    if target is aten.convolution.default and len(args) >= 9 and not args[6]:
+        weight = _attr(gm, args[1])
+        rank = weight.dim() if weight is not None else None
+        if rank in (3, 4, 5):
+            node.target = _CONV_BY_DIMS[rank - 2]
+            node.args = (args[0], args[1], args[2], args[3], args[4], args[5], args[8])
+    elif target is aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+        w_node = _transposed_weight(args[2])
+        if w_node is not None:
+            node.target, node.args, node.kwargs = aten.linear.default, (args[1], w_node, args[0]), {}
+    elif target is aten.mm.default:
+        w_node = _transposed_weight(args[1])
+        if w_node is not None:
+            node.target, node.args = aten.linear.default, (args[0], w_node)
+    elif target is aten._native_batch_norm_legit_no_training.default and _first_output_only(node):
+        x, w, b, mean, var, momentum, eps = args[:7]
+        node.target = aten.batch_norm.default
+        node.args = (x, w, b, mean, var, False, momentum, eps, False)
+        _take_first_output(node)
+    elif target in _POOL_WITH_INDICES and _first_output_only(node):
+        node.target = _POOL_WITH_INDICES[target]
+        _take_first_output(node)
+
+
 def _lift_conv(gm: fx.GraphModule, node: fx.Node, dims: int, lifter: _Lifter) -> bool:
     a = _bind(node, _CONV_ARGS)
     weight, bias_node = a.get("weight"), a.get("bias")
@@ -469,8 +535,9 @@ def _drop_guards_and_unwrap(gm: fx.GraphModule) -> fx.GraphModule:
 
 def has_functional_compute(gm: fx.GraphModule) -> bool:
     """True when the graph computes conv/linear through functions rather than modules."""
+    decomposed = {aten.convolution.default, aten.addmm.default, aten.mm.default}
     return any(
-        n.op == "call_function" and (n.target in _CONV_TARGETS or n.target in _LINEAR_TARGETS)
+        n.op == "call_function" and (n.target in _CONV_TARGETS or n.target in _LINEAR_TARGETS or n.target in decomposed)
         for n in gm.graph.nodes
     )
 
@@ -491,6 +558,9 @@ def normalize_graph(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]
         return gm
     out = _drop_guards_and_unwrap(copy.deepcopy(gm))
     lifter = _Lifter(out)
+    for node in list(out.graph.nodes):
+        if node.op == "call_function":
+            _undecompose(out, node)
     for node in list(out.graph.nodes):
         if node.op != "call_function":
             continue

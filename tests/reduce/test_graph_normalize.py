@@ -10,6 +10,7 @@ from torch import nn
 from odekit.errors import UnsupportedModelError
 from odekit.io.exported import load_exported, save_exported
 from odekit.methods.asnet import GraphModel, cut_model
+from odekit.methods.ron import RonSettings, build_student
 from odekit.models.graph import normalize_graph, trace_graph
 from odekit.models.layers import layer_table
 
@@ -79,15 +80,30 @@ def _exported(model: nn.Module, tmp_path) -> nn.Module:
     return load_exported(path)[0]
 
 
-@pytest.mark.parametrize("cls", [SmallVGG, SmallResNet])
-def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_table(cls, tmp_path) -> None:
+def _decomposed(model: nn.Module, tmp_path) -> nn.Module:
+    """As saved after ``run_decompositions()``: convolution, addmm(permute(W)), tuple-valued
+    batch norm and max-pool-with-indices."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: batch},))
+    torch.export.save(program.run_decompositions(), str(tmp_path / "d.pt2"))
+    return torch.export.load(str(tmp_path / "d.pt2")).module()
+
+
+@pytest.mark.parametrize(
+    ("cls", "decompose"),
+    [(SmallVGG, False), (SmallResNet, False), (SmallVGG, True), pytest.param(SmallResNet, True, marks=pytest.mark.slow)],
+)
+def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_table(cls, decompose, tmp_path) -> None:
     torch.manual_seed(0)
     model = _randomise_bn(cls())
-    program = _exported(model, tmp_path)
+    program = _decomposed(model, tmp_path) if decompose else _exported(model, tmp_path)
     gm = normalize_graph(program, SHAPE)  # type: ignore[arg-type]
     kinds = {type(m).__name__ for m in gm.modules()}
     assert {"Conv2d", "BatchNorm2d", "Linear"} <= kinds
-    assert not any(n.op == "call_function" and "conv2d" in str(n.target) for n in gm.graph.nodes)
+    assert not any(
+        n.op == "call_function" and any(op in str(n.target) for op in ("conv", "linear", "addmm", "batch_norm", "max_pool"))
+        for n in gm.graph.nodes
+    )
     x = torch.randn(5, *SHAPE)
     with torch.no_grad():
         assert float((gm(x) - model(x)).abs().max()) < 1e-5
@@ -95,6 +111,18 @@ def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_tab
     want, got = layer_table(model, SHAPE), layer_table(program, SHAPE)
     assert [(la.name, la.flops, la.params) for la in got.layers] == [(la.name, la.flops, la.params) for la in want.layers]
     assert (got.flops, got.params) == (want.flops, want.params)
+
+
+def test_ron_on_a_decomposed_pt2_graph_matches_the_module(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallVGG())
+    x = torch.randn(300, *SHAPE)
+    settings = RonSettings(layers="1-2", rank="24")
+    a = build_student(model, "x", {}, SHAPE, x, settings)
+    b = build_student(_decomposed(model, tmp_path), "x", {}, SHAPE, x, settings)
+    assert a.ranks == b.ranks == [24, 24]
+    with torch.no_grad():
+        assert float((a.student(x[:16]) - b.student(x[:16])).abs().max()) < 1e-4
 
 
 def test_untraceable_forward_names_the_user_line() -> None:
