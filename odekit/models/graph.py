@@ -33,7 +33,7 @@ import operator
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -310,7 +310,7 @@ def _transposed_weight(node: Any) -> fx.Node | None:
     """W for a node computing W^T (permute(W, [1, 0]) or t(W)) of a graph attribute W."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
         return None
-    src, rest = node.args[0], list(node.args[1:])
+    src, rest = node.args[0], cast(list[Any], list(node.args[1:]))
     if node.target is aten.permute.default and list(rest[0]) != [1, 0]:
         return None
     if node.target is aten.transpose.int and sorted(int(d) % 2 for d in rest[:2]) != [0, 1]:
