@@ -113,6 +113,34 @@ def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_tab
     assert (got.flops, got.params) == (want.flops, want.params)
 
 
+class FunctionalWeights(nn.Module):
+    """Layers as F.conv2d / F.linear calls on the model's own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv_w = nn.Parameter(0.3 * torch.randn(4, 3, 3, 3, generator=g))
+        self.conv_b = nn.Parameter(0.1 * torch.randn(4, generator=g))
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(F.conv2d(x, self.conv_w, self.conv_b, padding=1)), 2)
+        return self.fc(h.flatten(1))
+
+
+def test_functional_layers_are_listed_and_reducible(tmp_path) -> None:
+    model = FunctionalWeights().eval()
+    table = layer_table(model, SHAPE)
+    assert [(la.type, la.flops) for la in table.layers] == [("Conv2d", 2 * 4 * 8 * 8 * 3 * 9), ("Linear", 2 * 64 * 5)]
+    assert table.flops == sum(la.flops for la in table.layers)
+    exported = layer_table(_exported(model, tmp_path), SHAPE)
+    assert [(la.type, la.flops) for la in exported.layers] == [(la.type, la.flops) for la in table.layers]
+    x = torch.randn(400, *SHAPE)
+    student = build_student(model, "x", {}, SHAPE, x, RonSettings(layers="1-1", rank="64", sketch_size=64)).student
+    with torch.no_grad():  # full rank of the 64-dim pooled state: the student is the teacher
+        assert float((student(x[:32]) - model(x[:32])).abs().max()) < 1e-4
+
+
 def test_ron_on_a_decomposed_pt2_graph_matches_the_module(tmp_path) -> None:
     torch.manual_seed(0)
     model = _randomise_bn(SmallVGG())
