@@ -542,7 +542,12 @@ def has_functional_compute(gm: fx.GraphModule) -> bool:
     )
 
 
+_NORMALISED = "_odekit_normalised"  # set on graphs normalize_graph made, so a second call is free
+
+
 def _needs_normalising(gm: fx.GraphModule) -> bool:
+    if getattr(gm, _NORMALISED, False):
+        return False
     lifted = set(_CONV_TARGETS) | _LINEAR_TARGETS | set(_BN_TARGETS) | set(_POOL_TARGETS) | {_SYM_SIZE}
     return getattr(gm.graph._codegen, "pytree_info", None) is not None or any(
         (n.op == "call_function" and (n.target in lifted or isinstance(n.target, torch._ops.OpOverload)))
@@ -581,6 +586,7 @@ def normalize_graph(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]
     out.graph.lint()
     out.recompile()
     out.eval()  # an exported graph is an eval-mode graph; new BatchNorm modules start in training mode
+    setattr(out, _NORMALISED, True)
     if input_shape is not None:
         _check_same(gm, out, input_shape)
     return out
