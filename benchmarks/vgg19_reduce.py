@@ -159,17 +159,21 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="teacher training samples [all]")
     parser.add_argument("--samples", type=int, default=None, help="reduce --samples [odekit's default]")
     parser.add_argument("--formats", default="pickle,export", help="which saves to reduce: pickle,export")
-    parser.add_argument("--out", type=Path, default=ROOT / "odekit-runs" / "bench-vgg19-reduce")
+    parser.add_argument("--out", type=Path, default=None, help="run folder [odekit-runs/bench-vgg19-reduce]")
     args = parser.parse_args()
     width = args.width_div or (8 if args.quick else 1)
     epochs = args.epochs or 3
     train_samples = args.train_samples
+    # scratch runs (smoke tests) keep their models next to their results
+    scratch = os.environ.get("ODEKIT_BENCH_RESULTS")
+    args.out = args.out or (Path(scratch) / "vgg19-run" if scratch else ROOT / "odekit-runs" / "bench-vgg19-reduce")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     data = write_data(args.out, train_samples)
     trained = train_user_vgg(args.out, data, width, epochs, train_samples)
     runs = {"pickle": ("vgg19.pt", ["--trust-checkpoint"], 0), "export": ("vgg19.pt2", [], 1)}
+    failed = 0
     for fmt in args.formats.split(","):
         checkpoint, extra, finetune = runs[fmt.strip()]
         rec = run_reduce(args.out, checkpoint, extra, finetune, args.samples)
@@ -189,7 +193,10 @@ def main() -> None:
         }
         if rec["ok"]:
             record["goals"] = goals(rec)
+        failed += not rec["ok"]
         emit(record)
+    if failed:
+        sys.exit(f"{failed} reduce run(s) failed; see stderr_tail above")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,11 @@ def load_data(
         meta.dataset = dataset.describe()
         if prep.normalize is None or prep.input_shape is None:
             ctx.log_console.print(  # one line, however narrow the terminal
-                f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; assuming normalisation "
-                f"{describe_normalization(dataset.mean, dataset.std)} and input shape {_shape(dataset.input_shape)} "
-                f"({'--input-shape' if prep.input_shape else 'as stored in ' + dataset.name}); "
-                "pass --normalize and --input-shape to state them",
+                f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; using normalisation "
+                f"{describe_normalization(dataset.mean, dataset.std)} "
+                f"({'--normalize' if prep.normalize else 'assumed'}) and input shape {_shape(dataset.input_shape)} "
+                f"({'--input-shape' if prep.input_shape else 'assumed: as stored in ' + dataset.name}); "
+                "pass --normalize and --input-shape to state both",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -129,9 +130,13 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
             if data
             else "pass --data with the data it was trained on (PATH.npz, or cifar10 --data-dir DIR, ...)"
         )
-        raise DataError(
-            f"the model does not accept {dataset.name} inputs of shape {_shape(dataset.input_shape)} ({first})", hint
-        ) from exc
+        what = (
+            f"the model does not accept {dataset.name} inputs of shape {_shape(dataset.input_shape)}"
+            if data
+            else f"'{loaded.path}' records no data set, and odekit's default data ({dataset.name}, "
+            f"{_shape(dataset.input_shape)}) does not fit it"
+        )
+        raise DataError(f"{what} ({first})", hint) from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UnsupportedModelError(
