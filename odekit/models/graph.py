@@ -28,7 +28,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import operator
 import traceback
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ __all__ = [
     "has_functional_compute",
     "normalize_graph",
     "probe_batch",
+    "run_node",
     "runnable",
     "trace_graph",
 ]
@@ -717,15 +717,6 @@ def runnable(model: nn.Module, input_shape: tuple[int, ...] | list[int] | None =
     """``model`` itself, or for a GraphModule (a ``.pt2`` program's module) its normalised copy:
     a plain GraphModule whose layers are submodules and whose train()/eval() work."""
     return normalize_graph(model, input_shape) if isinstance(model, fx.GraphModule) else model
-
-
-def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The submodule a ``call_module`` node calls (None for other nodes)."""
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
-def flat_size(shape: tuple[int, ...] | list[int]) -> int:
-    return int(math.prod(shape))
 
 
 def run_node(node: fx.Node, env: dict[fx.Node, Any], gm: fx.GraphModule, modules: dict[str, nn.Module]) -> Any:
