@@ -118,7 +118,7 @@ NormalizeOpt = Annotated[
     typer.Option(
         "--normalize",
         help="Input normalisation: data (train-split mean/std) | none ([0,1] pixels) | MEAN,STD | M1,M2,M3/S1,S2,S3 "
-        "[default: the checkpoint's own; none without odekit metadata].",
+        "[default: the checkpoint's own; none without odekit metadata; data when training from scratch].",
         show_default=False,
         rich_help_panel=DATA,
     ),

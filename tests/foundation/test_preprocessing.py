@@ -60,3 +60,22 @@ def test_layout_and_pixel_range_are_read_as_told(tmp_path):
     assert load_dataset(path, normalization={"mean": [0.5], "std": [0.25]}).mean == [0.5, 0.5, 0.5]
     with pytest.raises(DataError, match="2 channel values"):
         load_dataset(path, normalization={"mean": [0.5, 0.5], "std": [0.25, 0.25]})
+
+
+def test_train_ode_records_the_normalisation_it_was_told(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from odekit.cli.app import app
+    from odekit.io.checkpoints import load_model
+
+    result = CliRunner().invoke(app, [
+        "train-ode", "--width", "8", "--batch-size", "64", "--iters", "2", "--eval-samples", "32", "--normalize",
+        "0.5,0.25", "--input-shape", "1,12,12", "-o", str(tmp_path), "--json",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)["inputs"]["data"]
+    assert data["normalization"] == {"mean": [0.5], "std": [0.25]} and data["input_shape"] == [1, 12, 12]
+    meta = load_model(tmp_path / "model.safetensors").meta
+    assert meta.normalization == {"mean": [0.5], "std": [0.25]} and meta.input_shape == [1, 12, 12]
