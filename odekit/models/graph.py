@@ -24,12 +24,15 @@ and the user's file and line.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
+import io
+import logging
+import operator
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -45,6 +48,7 @@ __all__ = [
     "has_functional_compute",
     "normalize_graph",
     "probe_batch",
+    "run_node",
     "runnable",
     "trace_graph",
 ]
@@ -278,6 +282,71 @@ def _install_weights(
     _to_module(node, lifter.place(key, owner, owned, layer, kind), a["input"])
 
 
+_CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+_POOL_WITH_INDICES = {
+    aten.max_pool1d_with_indices.default: aten.max_pool1d.default,
+    aten.max_pool2d_with_indices.default: aten.max_pool2d.default,
+    aten.max_pool3d_with_indices.default: aten.max_pool3d.default,
+}
+_TRANSPOSES = {aten.permute.default, aten.t.default, aten.transpose.int}
+
+
+def _first_output_only(node: fx.Node) -> bool:
+    """True when every reader takes element 0 of the node's tuple output."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0 for u in node.users
+    )
+
+
+def _take_first_output(node: fx.Node) -> None:
+    for user in list(node.users):
+        if "val" in user.meta:
+            node.meta["val"] = user.meta["val"]
+        user.replace_all_uses_with(node)
+        node.graph.erase_node(user)
+
+
+def _transposed_weight(node: Any) -> fx.Node | None:
+    """W for a node computing W^T (permute(W, [1, 0]) or t(W)) of a graph attribute W."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _TRANSPOSES:
+        return None
+    src, rest = node.args[0], cast(list[Any], list(node.args[1:]))
+    if node.target is aten.permute.default and list(rest[0]) != [1, 0]:
+        return None
+    if node.target is aten.transpose.int and sorted(int(d) % 2 for d in rest[:2]) != [0, 1]:
+        return None
+    return src if isinstance(src, fx.Node) and src.op == "get_attr" else None
+
+
+def _undecompose(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Decomposed aten ops (``ExportedProgram.run_decompositions``) back to the forms we lift:
+    convolution -> convNd, addmm/mm with a transposed weight -> linear, the tuple-returning
+    batch-norm and max-pool-with-indices -> batch_norm / max_pool when only output 0 is read."""
+    target, args = node.target, node.args
+    if target is aten.convolution.default and len(args) >= 9 and not args[6]:
+        weight = _attr(gm, args[1])
+        rank = weight.dim() if weight is not None else None
+        if rank in (3, 4, 5):
+            node.target = _CONV_BY_DIMS[rank - 2]
+            node.args = (args[0], args[1], args[2], args[3], args[4], args[5], args[8])
+    elif target is aten.addmm.default and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+        w_node = _transposed_weight(args[2])
+        if w_node is not None:
+            node.target, node.args, node.kwargs = aten.linear.default, (args[1], w_node, args[0]), {}
+    elif target is aten.mm.default:
+        w_node = _transposed_weight(args[1])
+        if w_node is not None:
+            node.target, node.args = aten.linear.default, (args[0], w_node)
+    elif target is aten._native_batch_norm_legit_no_training.default and _first_output_only(node):
+        x, w, b, mean, var, momentum, eps = args[:7]
+        node.target = aten.batch_norm.default
+        node.args = (x, w, b, mean, var, False, momentum, eps, False)
+        _take_first_output(node)
+    elif target in _POOL_WITH_INDICES and _first_output_only(node):
+        node.target = _POOL_WITH_INDICES[target]
+        _take_first_output(node)
+
+
 def _lift_conv(gm: fx.GraphModule, node: fx.Node, dims: int, lifter: _Lifter) -> bool:
     a = _bind(node, _CONV_ARGS)
     weight, bias_node = a.get("weight"), a.get("bias")
@@ -466,13 +535,19 @@ def _drop_guards_and_unwrap(gm: fx.GraphModule) -> fx.GraphModule:
 
 def has_functional_compute(gm: fx.GraphModule) -> bool:
     """True when the graph computes conv/linear through functions rather than modules."""
+    decomposed = {aten.convolution.default, aten.addmm.default, aten.mm.default}
     return any(
-        n.op == "call_function" and (n.target in _CONV_TARGETS or n.target in _LINEAR_TARGETS)
+        n.op == "call_function" and (n.target in _CONV_TARGETS or n.target in _LINEAR_TARGETS or n.target in decomposed)
         for n in gm.graph.nodes
     )
 
 
+_NORMALISED = "_odekit_normalised"  # set on graphs normalize_graph made, so a second call is free
+
+
 def _needs_normalising(gm: fx.GraphModule) -> bool:
+    if getattr(gm, _NORMALISED, False):
+        return False
     lifted = set(_CONV_TARGETS) | _LINEAR_TARGETS | set(_BN_TARGETS) | set(_POOL_TARGETS) | {_SYM_SIZE}
     return getattr(gm.graph._codegen, "pytree_info", None) is not None or any(
         (n.op == "call_function" and (n.target in lifted or isinstance(n.target, torch._ops.OpOverload)))
@@ -488,6 +563,9 @@ def normalize_graph(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]
         return gm
     out = _drop_guards_and_unwrap(copy.deepcopy(gm))
     lifter = _Lifter(out)
+    for node in list(out.graph.nodes):
+        if node.op == "call_function":
+            _undecompose(out, node)
     for node in list(out.graph.nodes):
         if node.op != "call_function":
             continue
@@ -508,6 +586,7 @@ def normalize_graph(gm: fx.GraphModule, input_shape: tuple[int, ...] | list[int]
     out.graph.lint()
     out.recompile()
     out.eval()  # an exported graph is an eval-mode graph; new BatchNorm modules start in training mode
+    setattr(out, _NORMALISED, True)
     if input_shape is not None:
         _check_same(gm, out, input_shape)
     return out
@@ -596,10 +675,27 @@ def trace_graph(
     return normalize_graph(gm, input_shape)
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export logs and prints whole graphs to stderr when it fails; the error we raise
+    names the failing line instead."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export_module(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> fx.GraphModule:
     example = probe_batch(model, input_shape, 2)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    with _quiet_torch_logs():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     module = program.module()
     assert isinstance(module, fx.GraphModule)
     return module
@@ -621,15 +717,6 @@ def runnable(model: nn.Module, input_shape: tuple[int, ...] | list[int] | None =
     """``model`` itself, or for a GraphModule (a ``.pt2`` program's module) its normalised copy:
     a plain GraphModule whose layers are submodules and whose train()/eval() work."""
     return normalize_graph(model, input_shape) if isinstance(model, fx.GraphModule) else model
-
-
-def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The submodule a ``call_module`` node calls (None for other nodes)."""
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
-def flat_size(shape: tuple[int, ...] | list[int]) -> int:
-    return int(math.prod(shape))
 
 
 def run_node(node: fx.Node, env: dict[fx.Node, Any], gm: fx.GraphModule, modules: dict[str, nn.Module]) -> Any:

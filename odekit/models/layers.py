@@ -110,7 +110,9 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
 
     A GraphModule that computes conv/linear through functions (a ``.pt2`` program's aten
     graph) is first normalised so its layers are modules named after their weights' owners:
-    the table then matches the table of the module it was exported from."""
+    the table then matches the table of the module it was exported from. A module whose
+    forward calls ``F.linear``/``F.conv2d`` on its own weights is listed from its traced graph
+    the same way."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             "a TorchScript model without odekit metadata cannot be inspected layer by layer",
@@ -161,7 +163,28 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         for i, module in enumerate(order, start=1)
     ]
     params = sum(p.numel() for p in model.parameters())
-    return ModelSummary(layers, params, total_flops(model, input_shape), list(input_shape))
+    summary = ModelSummary(layers, params, total_flops(model, input_shape), list(input_shape))
+    if not isinstance(model, fx.GraphModule) and summary.flops > sum(layer.flops for layer in layers):
+        # conv/matmul FLOPs outside conv/linear modules: F.conv2d(x, self.w)-style layers,
+        # which the traced graph turns into modules (the layers RON and ASNet then address)
+        lifted = _functional_layers_graph(model, input_shape)
+        if lifted is not None:
+            return layer_table(lifted, input_shape)
+    return summary
+
+
+def _functional_layers_graph(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> fx.GraphModule | None:
+    """The normalised fx graph of a model with functional conv/linear layers, if it traces."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # untraceable: the module table stands
+        return None
+    if not has_functional_compute(gm):
+        return None
+    try:
+        return normalize_graph(gm, input_shape)
+    except UnsupportedModelError:
+        return None
 
 
 _RANGE = re.compile(r"^\s*([^\s,]+?)\s*-\s*([^\s,]+)\s*$")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from methods_support import agreement, dataset, max_abs_diff, teacher
+from typer.testing import CliRunner
 
+from odekit.cli.app import app
 from odekit.io.exported import save_exported
 from odekit.methods.asnet import (
     ASNetSettings,
@@ -22,9 +26,9 @@ def _settings(cut: str, rank: int) -> ASNetSettings:
     )
 
 
-@pytest.mark.parametrize("fmt", ["module", "export"])
-def test_asnet_cuts_a_foreign_vgg_anywhere_and_writes_a_pt2(foreign_vgg, fmt, tmp_path) -> None:
-    net, data = teacher(foreign_vgg, fmt), dataset(foreign_vgg)
+@pytest.mark.slow
+def test_asnet_cuts_a_foreign_vgg_anywhere_and_writes_a_pt2(foreign_vgg, tmp_path) -> None:
+    net, data = teacher(foreign_vgg, "export"), dataset(foreign_vgg)
     shape = tuple(foreign_vgg.input_shape)
     graph = cut_model(net, shape)
     assert isinstance(graph, GraphModel)  # a view() in forward: not a chain of modules
@@ -37,11 +41,27 @@ def test_asnet_cuts_a_foreign_vgg_anywhere_and_writes_a_pt2(foreign_vgg, fmt, tm
     assert res["flop_reduction"] > 1.0
     assert agreement(net, built.model.eval(), data.test.x) >= 0.9
     assert res["asnet"]["accuracy"] >= res["teacher"]["accuracy"] - 0.1
-    if fmt != "export":
-        return
     path = save_exported(tmp_path / "asnet.pt2", built.model, shape, '{"arch": "asnet"}')
     reloaded = torch.export.load(str(path)).module()
     assert max_abs_diff(reloaded, built.model, data.test.x[:64]) < 1e-5
+
+
+def test_asnet_cli_on_a_state_dict_with_user_arch_writes_a_pt2(foreign_vgg, tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [*foreign_vgg.args("state"), *foreign_vgg.data_args(), "--cut", "conv12", "--rank", "8", "--samples", "600",
+            "--no-baselines", "--no-latency", "-o", str(out), "--json"]  # fmt: skip
+    result = CliRunner().invoke(app, ["asnet", *args])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)["results"]
+    assert r["checkpoint"] == str(out / "asnet.pt2") and not (out / "asnet.safetensors").exists()
+    assert r["cut"]["n_l"] == 128 and r["cut"]["node"]
+    assert r["flop_reduction"] > 1.0
+    assert r["asnet"]["accuracy"] >= r["teacher"]["accuracy"] - 0.1
+    program = torch.export.load(str(out / "asnet.pt2")).module()  # no odekit, no user code needed
+    x = dataset(foreign_vgg).test.x
+    with torch.no_grad():
+        acc = float((program(x).argmax(1) == dataset(foreign_vgg).test.y).float().mean())
+    assert acc == pytest.approx(r["asnet"]["accuracy"], abs=1e-6)
 
 
 def test_asnet_cut_inside_a_resnet_block_carries_the_skip_tensor(foreign_resnet) -> None:

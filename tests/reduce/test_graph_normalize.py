@@ -10,6 +10,7 @@ from torch import nn
 from odekit.errors import UnsupportedModelError
 from odekit.io.exported import load_exported, save_exported
 from odekit.methods.asnet import GraphModel, cut_model
+from odekit.methods.ron import RonSettings, build_student
 from odekit.models.graph import normalize_graph, trace_graph
 from odekit.models.layers import layer_table
 
@@ -79,15 +80,30 @@ def _exported(model: nn.Module, tmp_path) -> nn.Module:
     return load_exported(path)[0]
 
 
-@pytest.mark.parametrize("cls", [SmallVGG, SmallResNet])
-def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_table(cls, tmp_path) -> None:
+def _decomposed(model: nn.Module, tmp_path) -> nn.Module:
+    """As saved after ``run_decompositions()``: convolution, addmm(permute(W)), tuple-valued
+    batch norm and max-pool-with-indices."""
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: batch},))
+    torch.export.save(program.run_decompositions(), str(tmp_path / "d.pt2"))
+    return torch.export.load(str(tmp_path / "d.pt2")).module()
+
+
+@pytest.mark.parametrize(
+    ("cls", "decompose"),
+    [(SmallVGG, False), (SmallResNet, False), (SmallVGG, True), pytest.param(SmallResNet, True, marks=pytest.mark.slow)],
+)
+def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_table(cls, decompose, tmp_path) -> None:
     torch.manual_seed(0)
     model = _randomise_bn(cls())
-    program = _exported(model, tmp_path)
+    program = _decomposed(model, tmp_path) if decompose else _exported(model, tmp_path)
     gm = normalize_graph(program, SHAPE)  # type: ignore[arg-type]
     kinds = {type(m).__name__ for m in gm.modules()}
     assert {"Conv2d", "BatchNorm2d", "Linear"} <= kinds
-    assert not any(n.op == "call_function" and "conv2d" in str(n.target) for n in gm.graph.nodes)
+    assert not any(
+        n.op == "call_function" and any(op in str(n.target) for op in ("conv", "linear", "addmm", "batch_norm", "max_pool"))
+        for n in gm.graph.nodes
+    )
     x = torch.randn(5, *SHAPE)
     with torch.no_grad():
         assert float((gm(x) - model(x)).abs().max()) < 1e-5
@@ -95,6 +111,46 @@ def test_exported_graph_is_lifted_to_modules_with_the_same_outputs_and_layer_tab
     want, got = layer_table(model, SHAPE), layer_table(program, SHAPE)
     assert [(la.name, la.flops, la.params) for la in got.layers] == [(la.name, la.flops, la.params) for la in want.layers]
     assert (got.flops, got.params) == (want.flops, want.params)
+
+
+class FunctionalWeights(nn.Module):
+    """Layers as F.conv2d / F.linear calls on the model's own parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv_w = nn.Parameter(0.3 * torch.randn(4, 3, 3, 3, generator=g))
+        self.conv_b = nn.Parameter(0.1 * torch.randn(4, generator=g))
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(F.conv2d(x, self.conv_w, self.conv_b, padding=1)), 2)
+        return self.fc(h.flatten(1))
+
+
+def test_functional_layers_are_listed_and_reducible(tmp_path) -> None:
+    model = FunctionalWeights().eval()
+    table = layer_table(model, SHAPE)
+    assert [(la.type, la.flops) for la in table.layers] == [("Conv2d", 2 * 4 * 8 * 8 * 3 * 9), ("Linear", 2 * 64 * 5)]
+    assert table.flops == sum(la.flops for la in table.layers)
+    exported = layer_table(_exported(model, tmp_path), SHAPE)
+    assert [(la.type, la.flops) for la in exported.layers] == [(la.type, la.flops) for la in table.layers]
+    x = torch.randn(400, *SHAPE)
+    student = build_student(model, "x", {}, SHAPE, x, RonSettings(layers="1-1", rank="64", sketch_size=64)).student
+    with torch.no_grad():  # full rank of the 64-dim pooled state: the student is the teacher
+        assert float((student(x[:32]) - model(x[:32])).abs().max()) < 1e-4
+
+
+def test_ron_on_a_decomposed_pt2_graph_matches_the_module(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise_bn(SmallVGG())
+    x = torch.randn(300, *SHAPE)
+    settings = RonSettings(layers="1-2", rank="24")
+    a = build_student(model, "x", {}, SHAPE, x, settings)
+    b = build_student(_decomposed(model, tmp_path), "x", {}, SHAPE, x, settings)
+    assert a.ranks == b.ranks == [24, 24]
+    with torch.no_grad():
+        assert float((a.student(x[:16]) - b.student(x[:16])).abs().max()) < 1e-4
 
 
 def test_untraceable_forward_names_the_user_line() -> None:
@@ -153,3 +209,21 @@ def test_graph_cut_inside_a_residual_block_carries_the_skip_tensor(tmp_path) -> 
         # after block.conv1 the block input (the skip tensor) crosses the cut with relu(bn1);
         # after block.conv2 the cut runs on through the sum, ReLU and pooling up to fc
         assert sizes == {1: (256, 1), 2: (512, 2), 3: (4, 1)}
+
+
+def test_graph_cut_asnet_of_a_registered_residual_model_rebuilds_from_its_args() -> None:
+    from odekit.methods.asnet import build_asnet
+    from odekit.models.registry import build_model
+
+    args = {"num_classes": 10, "width": 0.25, "in_channels": 1}
+    teacher = build_model("resnet20", args).eval()
+    graph = GraphModel(teacher, (1, 16, 16))
+    cut = graph.cut("conv4")  # inside the second block: the block input crosses the cut
+    assert cut.node is not None and cut.frontier is not None and len(cut.frontier) == 2
+    rebuilt = build_asnet(
+        "resnet20", args, 4, cut.end, cut.features, 3, 2, 10, node=cut.node, input_shape=[1, 16, 16]
+    ).eval()
+    rebuilt.pre.load_state_dict(graph.pre_model(cut).state_dict())
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.pre(x), graph.pre_model(cut)(x))
