@@ -202,7 +202,7 @@ def main() -> None:
             "format": fmt,
             "checkpoint": checkpoint,
             "width_div": width,
-            "train_epochs": epochs,
+            "train_epochs": None if trained.get("reused_teacher") else epochs,
             "train_samples": len(data.train) if train_samples is None else train_samples,
             "finetune_epochs": finetune,
             "finetune_lr": args.finetune_lr,
