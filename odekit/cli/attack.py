@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from odekit.cli.common import load_checkpoint, load_data
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CommonOptions,
@@ -21,10 +22,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -32,6 +37,7 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import DataError, UsageError
 from odekit.io.datasets import Dataset
+from odekit.io.preprocessing import Preprocessing
 from odekit.methods.attacks import (
     ATTACKS,
     ActiveSubspaceSettings,
@@ -220,10 +226,11 @@ def _load_player(
     model_opts: dict[str, Any],
     data: str | None,
     data_dir: Path | None,
+    prep: Preprocessing | None = None,
 ) -> Player:
     loaded = load_checkpoint(ctx, ModelOptions(checkpoint=path, **model_opts), key=key)
     data_key = "data" if key == "checkpoint" else f"{key}_data"
-    dataset = load_data(ctx, loaded, data, data_dir, key=data_key)
+    dataset = load_data(ctx, loaded, data, data_dir, key=data_key, prep=prep)
     return Player(path.stem, path, loaded.sha256, pixel_model(loaded.model, dataset), dataset)
 
 
@@ -627,6 +634,11 @@ def attack_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -666,9 +678,10 @@ def attack_command(
         "batch_size": batch_size,
         "seed": seed,
     }
-    model_opts = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint}
+    model_opts = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "arch_args": arch_args}
 
     def body(ctx: CommandContext) -> CommandOutput:
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
         unit = units.strip().lower()
         if unit not in BUDGET_UNITS:
             raise UsageError(f"unknown budget units '{units}'", f"choose one of: {', '.join(BUDGET_UNITS)}")
@@ -718,6 +731,7 @@ def attack_command(
                     model_opts,
                     data,
                     data_dir,
+                    prep,
                 )
                 for i, p in enumerate(checkpoints)
             ]
@@ -728,8 +742,8 @@ def attack_command(
                     f"got {len(checkpoints)} checkpoints",
                     "attack one model, or pass --matrix for a transfer matrix",
                 )
-            target = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir)
-            src = _load_player(ctx, source, "source", model_opts, data, data_dir) if source is not None else None
+            target = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir, prep)
+            src = _load_player(ctx, source, "source", model_opts, data, data_dir, prep) if source is not None else None
             if src is not None:
                 _same_inputs([target, src])
             plan = resolve([target] if src is None else [target, src])

@@ -30,7 +30,7 @@ from rich.table import Table
 from odekit import __version__
 from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import CommonOptions
-from odekit.cli.progress import RichProgress
+from odekit.cli.progress import RichProgress, plain_progress
 from odekit.device import resolve_device, set_threads
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
@@ -159,6 +159,7 @@ def run_command(
             out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
             use_bars = not common.json and err_console.is_terminal
             progress_impl = RichProgress(err_console) if use_bars else None
+            plain = plain_progress(err_console.is_terminal)
             transaction = OutputTransaction(out_dir, common.force)
             ctx = CommandContext(
                 command=command,
@@ -166,7 +167,7 @@ def run_command(
                 out_dir=out_dir,
                 force=common.force,
                 seed=common.seed,
-                progress=progress_impl or SilentProgress(),
+                progress=progress_impl or plain or SilentProgress(),
                 log_console=err_console,
                 inputs=dict(inputs),
                 params=dict(params),
@@ -196,6 +197,8 @@ def run_command(
             report.write(transaction.staging, force=False)
             check_staged_tensors(transaction.staging, command)
             transaction.commit()
+            if plain is not None:
+                print(f"[odekit] {command}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     except (typer.Exit, typer.Abort):
         _abort(transaction)
         raise

@@ -17,8 +17,12 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
+    NormalizeOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
 )
@@ -27,6 +31,7 @@ from odekit.cli.train_separable import SeparableOptions, run_separable, wants_se
 from odekit.errors import UsageError
 from odekit.io.checkpoints import LoadedModel, load_model, save_model
 from odekit.io.datasets import load_dataset
+from odekit.io.preprocessing import Preprocessing
 from odekit.io.toy2d import TOY_DATASETS, ToyData, load_toy
 from odekit.methods.ode_train import (
     REGIMES,
@@ -238,6 +243,10 @@ def train_ode_command(
                      show_default=False, rich_help_panel=DATA),
     ] = None,
     data_dir: DataDirOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     train_samples: Annotated[int, typer.Option("--train-samples", min=1, help="density: toy training points.", rich_help_panel=DATA)] = 10_000,
     test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="density: toy test points.", rich_help_panel=DATA)] = 2_000,
     model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 | odenet_antisym (classify; regress: odenet_antisym); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
@@ -358,15 +367,20 @@ def train_ode_command(
         return loaded
 
     def _classify(ctx, config, regime, settings, loaded, model_path, curves_path) -> CommandOutput:
+        # issue 11: explicit preprocessing wins over what a resumed checkpoint recorded
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
+        given_norm = prep.normalize.as_dict() if prep.normalize else None
         if loaded is not None:
             dataset = load_dataset(data or (loaded.meta.dataset or {}).get("name", "digits"), data_dir=data_dir,
-                                   input_shape=loaded.meta.input_shape, normalization=loaded.meta.normalization)  # fmt: skip
+                                   input_shape=prep.input_shape or loaded.meta.input_shape,
+                                   normalization=given_norm if prep.normalize else loaded.meta.normalization,
+                                   **prep.npz_options())  # fmt: skip
             arch, args, net = loaded.meta.arch, dict(loaded.meta.args), loaded.model
         else:
             name = data or "digits"
             if name.strip().lower() in TOY_DATASETS:
                 raise UsageError(f"'{name}' is a 2-D toy density, not an image data set", "use --task density for toys")
-            dataset = load_dataset(name, data_dir=data_dir)
+            dataset = load_dataset(name, data_dir=data_dir, input_shape=prep.input_shape, normalization=given_norm, **prep.npz_options())
             if len(dataset.input_shape) != 3:
                 raise UsageError(f"ODENets need images (C,H,W); '{dataset.name}' has shape {list(dataset.input_shape)}",
                                  "choose an image data set")  # fmt: skip
@@ -378,7 +392,7 @@ def train_ode_command(
             net = build_model(arch, {**args, "solver": config.to_dict()})
         set_solver(net, config)
         args["solver"] = config.to_dict()
-        ctx.inputs["data"] = dataset.describe()
+        ctx.inputs["data"] = {**dataset.describe(), "normalization": dataset.normalization()}
         result = train_ode_classifier(net, dataset, settings, regime, ctx.device, progress=ctx.progress)
         meta = ode_checkpoint_meta(
             arch, args, num_classes=dataset.num_classes, input_shape=list(dataset.input_shape),

@@ -295,7 +295,8 @@ def test_non_differentiable_model_is_one_line_exit_1(tmp_path):
     path = tmp_path / "hard.pt"
     torch.jit.save(torch.jit.script(Hard()), str(path))
     out = tmp_path / "bad"
-    res = invoke(path, "--method", "fgsm", "--eval-samples", "5", "-o", out)
+    # stating the preprocessing of a checkpoint without metadata silences the assumption warning
+    res = invoke(path, "--method", "fgsm", "--eval-samples", "5", "-o", out, "--normalize", "data", "--input-shape", "1,8,8")
     _assert_one_line_error(res, 1, "differentiable", out)
 
 
