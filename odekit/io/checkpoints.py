@@ -24,9 +24,9 @@ from torch import nn
 
 from odekit import __version__
 from odekit.errors import CheckpointError, InputFileError, OdekitError, UsageError
+from odekit.io.exported import is_export_archive, load_exported
 from odekit.io.integrity import DIGEST_KEY, tensor_digest, verify_tensor_digest, verify_zip_crc
 from odekit.io.meta_schema import check_against_tensors, validate_meta_fields
-from odekit.io.exported import is_export_archive, load_exported
 from odekit.io.user_arch import (
     ArchSpec,
     build_from_spec,
