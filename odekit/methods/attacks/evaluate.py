@@ -7,29 +7,51 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from odekit.methods.attacks.base import predict_on
+from odekit.methods.attacks.base import attack_success, predict_on
 from odekit.methods.attacks.space import apply_perturbation
 
 
 def evaluate_adversarial(
-    model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, batch_size: int = 512
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_adv: Tensor,
+    batch_size: int = 512,
+    target: int | None = None,
 ) -> dict[str, float]:
-    """clean_accuracy, robust_accuracy (true labels) and fooling_rate (prediction changed)."""
+    """clean_accuracy, robust_accuracy (true labels) and fooling_rate (prediction changed; with
+    ``target``, share of the samples not predicted as it that land on it), with the counts
+    behind them (``n``, ``clean_correct``, ``robust_correct``, ``fooled`` of ``fooling_n``) for
+    confidence intervals."""
     clean = predict_on(model, x, batch_size)
     adv = predict_on(model, x_adv, batch_size)
     y = y.to(clean.device)
+    fooled = attack_success(adv, clean, target)
+    n = len(y)
+    clean_correct, robust_correct = int((clean == y).sum()), int((adv == y).sum())
     return {
-        "clean_accuracy": float((clean == y).float().mean()),
-        "robust_accuracy": float((adv == y).float().mean()),
-        "fooling_rate": float((adv != clean).float().mean()),
+        "clean_accuracy": clean_correct / n if n else float("nan"),
+        "robust_accuracy": robust_correct / n if n else float("nan"),
+        "fooling_rate": fooled.rate,
+        "n": n,
+        "clean_correct": clean_correct,
+        "robust_correct": robust_correct,
+        "fooled": fooled.successes,
+        "fooling_n": fooled.n,
     }
 
 
 def evaluate_universal(
-    model: nn.Module, x: Tensor, y: Tensor, v: Tensor, batch_size: int = 512
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    v: Tensor,
+    batch_size: int = 512,
+    target: int | None = None,
 ) -> dict[str, float]:
     """`evaluate_adversarial` for x + v clipped to the box."""
-    return evaluate_adversarial(model, x, y, apply_perturbation(x, v.to(x.device)), batch_size)
+    x_adv = apply_perturbation(x, v.to(x.device))
+    return evaluate_adversarial(model, x, y, x_adv, batch_size, target)
 
 
 @dataclass
