@@ -19,8 +19,8 @@ from odekit.methods.attacks.base import (
     predict_on,
     register_attacks,
 )
-from odekit.methods.attacks.distance import L2, LINF, TNORM, Distance, distance_for
 from odekit.methods.attacks.deepfool import deepfool
+from odekit.methods.attacks.distance import L2, LINF, TNORM, Distance, distance_for
 from odekit.methods.attacks.evaluate import (
     TransferMatrix,
     evaluate_adversarial,
@@ -128,8 +128,8 @@ __all__ = [
     "parse_solver_spec",
     "pixel_model",
     "predict_on",
-    "register_attacks",
     "project",
+    "register_attacks",
     "t_norm",
     "to_model_units",
     "to_pixels",

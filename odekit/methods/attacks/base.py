@@ -288,7 +288,7 @@ class Attack(ABC, Generic[R]):
     def _restrict(self, job: Job, raw: Any, eps: float) -> R:
         """The result at budget ``eps`` from a raw output (timed)."""
 
-    def _finish(self, job: Job, result: R) -> None:  # noqa: B027 - optional hook
+    def _finish(self, job: Job, result: R) -> None:
         """Untimed scoring after the result is made."""
 
 

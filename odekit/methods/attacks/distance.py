@@ -62,7 +62,7 @@ class Distance:
 
 L2 = Distance("2", "l2", "[0,1] pixel units")
 LINF = Distance("inf", "linf", "[0,1] pixel units")
-TNORM = Distance("T", "T-norm", "pixels of displacement (T-norm)")
+TNORM = Distance("T", "T-norm", "displacements in pixels (T-norm)")
 
 
 def distance_for(norm: str) -> Distance:

@@ -216,13 +216,14 @@ def per_sample_experiment(
     check_differentiable(attack_model, x[:2])
     bs = score.batch_size
     dist = attack.distance
-    curve, tensors = [], {}
+    curve: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
     clean_eval = evaluate_adversarial(eval_model, x, y, x, bs)
     runs = attack(attack_model, x, y, budgets, seed=score.seed, batch_size=bs,
                   progress=score.progress)  # fmt: skip
     for i, (eps, res) in enumerate(zip(budgets, runs, strict=True)):
         scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs)
-        point = {
+        point: dict[str, Any] = {
             "eps": eps,
             "robust_accuracy": scores["robust_accuracy"],
             "robust_accuracy_ci95": _ci(int(scores["robust_correct"]), int(scores["n"])),

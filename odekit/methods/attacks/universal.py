@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import NumericalError, UsageError
 from odekit.linalg import dominant_direction
 from odekit.methods.attacks.base import (
     FixedEpsilonAttack,
+    Job,
     MinimizationAttack,
     UniversalAttack,
     UniversalResult,
     UniversalSettings,
+    VectorFit,
     check_count,
     check_nonnegative,
     check_positive,
@@ -52,16 +55,19 @@ class ActiveSubspaceSettings(UniversalSettings):
     """Algorithm 4. ``s0`` (pixel units) defaults to 2*delta, the ball's diameter; the thesis
     code starts at delta^2 and halves 10 times (gamma = 0.5, ``backtrack`` = 10). It stops after
     more than ``alpha`` = 10 failed line searches, or (as the thesis code does) more than
-    ``alpha`` iterations without a new best attack ratio."""
+    ``alpha`` iterations without a new best attack ratio. In a sweep, each budget below the
+    largest continues the scaled vector for ``sweep_refine`` more iterations (0: scaling only)."""
 
     s0: float | None = None
     gamma: float = 0.5
     backtrack: int = 10
     alpha: int = 10
     max_iter: int = 100
+    sweep_refine: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_count("sweep-refine", self.sweep_refine, 0)
         if self.s0 is not None:
             check_positive("s0", self.s0, "s0 is the first step length tried, in pixel units")
         if not 0.0 < self.gamma < 1.0:
@@ -81,12 +87,25 @@ class ActiveSubspaceSettings(UniversalSettings):
 
 
 class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack):
-    """The AS direction does not depend on the budget: fitted once (at the largest budget of a
-    sweep) and scaled to the others."""
+    """A sweep fits the AS vector once, at the largest budget, and scales it to the others.
+    The vector is not quite budget-free (a fit at a smaller budget ends elsewhere), so each
+    smaller budget then runs ``sweep_refine`` warm-started iterations, which never lose fit
+    samples and cost a fraction of a fit."""
 
     name = "active-subspace"
     summary = "universal: recursive active-subspace direction (thesis Algorithm 4)"
     settings_type = ActiveSubspaceSettings
+
+    def _restrict(self, job: Job, raw: VectorFit, eps: float) -> UniversalResult:
+        result = super()._restrict(job, raw, eps)
+        refine = self.settings.sweep_refine
+        if eps < raw.eps and refine > 0:
+            assert job.clean is not None
+            v, iterations, _, _ = self.iterate(job.model, job.x, job.clean, eps, result.v, refine,
+                                               job.batch_size)  # fmt: skip
+            result.v = self.project(v, eps).detach()
+            result.extra["sweep_refine_iterations"] = iterations
+        return result
 
     def _direction(self, model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
         """Dominant eigenvector of E[grad c grad c^T] with c = cross-entropy against ``target``."""
@@ -104,14 +123,30 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
         batch_size: int,
         progress: Progress | None,
     ) -> Fit:
+        v0 = torch.zeros_like(x[0])
+        return self.iterate(model, x, clean, eps, v0, self.settings.max_iter, batch_size, progress)
+
+    def iterate(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        v0: Tensor,
+        max_iter: int,
+        batch_size: int,
+        progress: Progress | None = None,
+    ) -> Fit:
+        """Algorithm 4 from ``v0`` (zero: the thesis' start) for at most ``max_iter`` iterations;
+        the result never fools fewer fit samples than ``v0``."""
         s = self.settings
-        v = torch.zeros_like(x[0])
-        ratio = 0.0
-        best_v, best_ratio = v.clone(), 0.0
+        v = v0
+        ratio = self.success_rate(model, x, v, clean, batch_size) if bool(v0.any()) else 0.0
+        best_v, best_ratio = v.clone(), ratio
         failures, stale, iterations = 0, 0, 0
         history: list[float] = []
         bar = silent_if_none(progress)
-        for _ in bar.track(range(s.max_iter), s.max_iter, "active-subspace"):
+        for _ in bar.track(range(max_iter), max_iter, "active-subspace"):
             iterations += 1
             pred = predict_on(model, apply_perturbation(x, v), batch_size)
             keep = _not_yet(pred, clean, self.target)
@@ -288,11 +323,11 @@ class ASUAPAttack(UAPAttack):
         rate_as = self.success_rate(model, x, v_as, clean, batch_size)
         starts = []
         for sign in (1.0, -1.0):
-            v, n, hist, _ = self.passes(model, x, clean, eps, generator, batch_size, None,
+            v, n, _, _ = self.passes(model, x, clean, eps, generator, batch_size, None,
                                         sign * v_as, 1)  # fmt: skip
             starts.append((self.success_rate(model, x, v, clean, batch_size), sign, v, n))
         rate, sign, v, first = max(starts, key=lambda t: (t[0], t[1]))
-        best_v, more, history, raw = self.passes(
+        best_v, more, history, _ = self.passes(
             model, x, clean, eps, generator, batch_size, progress, v, s.max_passes - 1
         )
         extra = {"active_subspace_iterations": as_iters, "fooling_rate_fit_as": rate_as,
@@ -304,9 +339,9 @@ class ASUAPAttack(UAPAttack):
 class ActiveSubspaceKSettings(ActiveSubspaceSettings):
     """Active subspace, then the best vector of the k-dimensional subspace spanned by the AS
     vector and the top k-1 active directions at it, found by ``subspace_steps`` normalised
-    gradient steps on the fit set's mean hinge loss (margin of the clean, or target, class)."""
+    gradient steps on the fit set's mean loss (capped cross-entropy, see `_capped_loss`)."""
 
-    k: int = 4
+    k: int = 16
     subspace_steps: int = 20
 
     def __post_init__(self) -> None:
@@ -315,17 +350,15 @@ class ActiveSubspaceKSettings(ActiveSubspaceSettings):
         check_count("subspace-steps", self.subspace_steps, 0)
 
 
-def _hinge(logits: Tensor, clean: Tensor, target: int | None) -> Tensor:
-    """Per-sample margin still to close (0 once fooled): clean logit over the best other one,
-    or (targeted) the best non-target logit over the target's."""
-    rows = torch.arange(len(logits), device=logits.device)
+def _capped_loss(logits: Tensor, clean: Tensor, target: int | None, cap: float = 1.0) -> Tensor:
+    """Per-sample loss to maximise: cross-entropy of the clean class, capped so samples already
+    fooled stop pulling (the cap sits near the decision boundary); targeted, minus the
+    cross-entropy of the target, capped once the target is likely."""
     if target is None:
-        ref = logits[rows, clean]
-        others = logits.scatter(1, clean.view(-1, 1), float("-inf")).amax(1)
-        return (ref - others).clamp_min(0.0)
+        return F.cross_entropy(logits, clean, reduction="none").clamp(max=cap)
     goal = torch.full_like(clean, target)
-    others = logits.scatter(1, goal.view(-1, 1), float("-inf")).amax(1)
-    return ((others - logits[rows, goal]).clamp_min(0.0)) * (clean != target)
+    ce = F.cross_entropy(logits, goal, reduction="none").clamp(min=cap / 2)
+    return -ce * (clean != target)
 
 
 class ActiveSubspaceKAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack):
@@ -358,7 +391,7 @@ class ActiveSubspaceKAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack
         with torch.enable_grad():
             for i in range(0, len(x), batch_size):
                 logits = model(apply_perturbation(x[i : i + batch_size], vr))
-                total = total + _hinge(logits, clean[i : i + batch_size], self.target).sum()
+                total = total + _capped_loss(logits, clean[i : i + batch_size], self.target).sum()
             (g,) = torch.autograd.grad(total / len(x), vr)
         return g
 
@@ -390,9 +423,9 @@ class ActiveSubspaceKAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack
                                           batch_size).flatten()  # fmt: skip
             if float(g.norm()) == 0.0:
                 break
-            # normalised descent in coefficient space, step shrinking from eps/4 to eps/40
+            # normalised ascent in coefficient space, step shrinking from eps/4 to eps/40
             step = eps * (0.25 - 0.225 * t / max(s.subspace_steps - 1, 1))
-            v = self.project((basis @ (c - step * g / g.norm())).view_as(v_as), eps)
+            v = self.project((basis @ (c + step * g / g.norm())).view_as(v_as), eps)
             c = basis.T @ v.flatten()
             rate = self.success_rate(model, x, v, clean, batch_size)
             history.append(rate)
