@@ -267,10 +267,13 @@ class UAPAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack):
         progress: Progress | None,
         v0: Tensor,
         max_passes: int,
+        patience: int | None = None,
     ) -> tuple[Tensor, int, list[float], list[float]]:
-        """Up to ``max_passes`` passes from ``v0``; returns (best v, passes, best-rate history,
-        raw per-pass rates). The best vector never fools fewer fit samples than ``v0``."""
+        """Up to ``max_passes`` passes from ``v0`` (fewer after ``patience`` rejected passes in
+        a row); returns (best v, passes, best-rate history, raw per-pass rates). The best vector
+        never fools fewer fit samples than ``v0``."""
         s = self.settings
+        rejected = 0
         v = self.project(v0, eps)
         best_v, best_rate = v.clone(), self.success_rate(model, x, v, clean, batch_size)
         history: list[float] = []
@@ -287,18 +290,21 @@ class UAPAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack):
             # projected accumulation can undo earlier passes; a pass that lowers the fit fooling
             # rate is rejected (the next pass restarts from the best vector with a new order)
             if rate >= best_rate:
-                best_v, best_rate = v.clone(), rate
+                best_v, best_rate, rejected = v.clone(), rate, 0
             else:
-                v = best_v.clone()
+                v, rejected = best_v.clone(), rejected + 1
             history.append(best_rate)
             bar.update(fooling=round(best_rate, 4))
+            if patience is not None and rejected >= patience:
+                break
         return best_v, passes, history, raw
 
 
 @dataclass(frozen=True)
 class ASUAPSettings(ActiveSubspaceSettings, UAPSettings):
     """Active subspace (its settings) then UAP passes (its settings) started from the AS vector
-    and from its sign-flipped twin: one pass each, the better start continues."""
+    and from its sign-flipped twin: one pass each, the better start continues (until two passes
+    in a row are rejected)."""
 
 
 class ASUAPAttack(UAPAttack):
@@ -327,8 +333,9 @@ class ASUAPAttack(UAPAttack):
                                         sign * v_as, 1)  # fmt: skip
             starts.append((self.success_rate(model, x, v, clean, batch_size), sign, v, n))
         rate, sign, v, first = max(starts, key=lambda t: (t[0], t[1]))
+        # passes from a good start are often all rejected: stop after two in a row
         best_v, more, history, _ = self.passes(
-            model, x, clean, eps, generator, batch_size, progress, v, s.max_passes - 1
+            model, x, clean, eps, generator, batch_size, progress, v, s.max_passes - 1, patience=2
         )
         extra = {"active_subspace_iterations": as_iters, "fooling_rate_fit_as": rate_as,
                  "start_sign": sign, "fooling_rate_fit_after_first_pass": rate}  # fmt: skip
