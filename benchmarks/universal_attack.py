@@ -216,9 +216,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true",
-                        help="middle budget per model, 2 seeds, 100 fit samples, ART on lenet300 only")  # fmt: skip
-    parser.add_argument("--models", default=",".join(MODELS),
-                        help="shipped digits models (checkpoints/NAME_digits.safetensors)")  # fmt: skip
+                        help="lenet300 and lenet5, middle budget, 2 seeds, 100 fit samples, ART on "
+                        "lenet300 only")  # fmt: skip
+    parser.add_argument("--models", default=None,
+                        help="shipped digits models (checkpoints/NAME_digits.safetensors) "
+                        f"[default: {','.join(MODELS)}]")  # fmt: skip
     parser.add_argument("--deltas", default=None,
                         help="l2 budgets in [0,1] pixel units for every model [default: per model]")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=5)
@@ -236,6 +238,8 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true",
                         help="print only, do not append to the results file")  # fmt: skip
     args = parser.parse_args()
+    if args.models is None:
+        args.models = "lenet300,lenet5" if args.quick else ",".join(MODELS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.quick:
         args.seeds, args.fit_samples = min(args.seeds, 2), min(args.fit_samples, 100)

@@ -434,10 +434,6 @@ class PerSampleAttack(Attack[PerSampleResult]):
     def default_budgets(cls, norm: str) -> list[float]:
         return list(DEFAULT_EPS[parse_norm(norm)])
 
-    @property
-    def norm_label(self) -> str:
-        return self.distance.key
-
     def _prepare(self, model: nn.Module, x: Tensor, labels: Tensor | None, batch_size: int) -> Job:
         if labels is None or len(labels) != len(x):
             raise UsageError(f"{self.name} needs one label per input")
