@@ -158,6 +158,8 @@ def test_matrix_diagonal_equals_white_box(tmp_path, lenet300_path, lenet5_path):
         "matrix"
     ]
     assert m["sources"] == m["targets"] == ["lenet300_digits", "lenet5_digits"]
+    for row, ci_row in zip(m["fooling_rate"], m["fooling_rate_ci95"], strict=True):
+        assert all(low <= rate <= high for rate, (low, high) in zip(row, ci_row, strict=True))
     for i, path in enumerate((lenet300_path, lenet5_path)):
         white = results(invoke(path, *common, "-o", tmp_path / f"w{i}"))
         assert m["fooling_rate"][i][i] == pytest.approx(white["fooling_rate_test"][0], abs=1e-9)

@@ -384,7 +384,8 @@ def matrix_experiment(
 
     table = transfer_matrix(sources, targets, generate, x, y, bs)
     names = [name for name, _ in targets]
-    clean = [evaluate_adversarial(model, x, y, x, bs)["clean_accuracy"] for _, model in targets]
+    clean_evals = [evaluate_adversarial(model, x, y, x, bs) for _, model in targets]
+    clean = [e["clean_accuracy"] for e in clean_evals]
     universal = isinstance(attack, UniversalAttack)
     budget_key = "delta" if universal else "eps"
     norm = attack.distance.key
@@ -397,6 +398,9 @@ def matrix_experiment(
             "orientation": "rows are sources (generated on), columns are targets (evaluated on)",
         },
         "clean_accuracy": dict(zip(names, clean, strict=True)),
+        "clean_accuracy_ci95": {
+            n: _ci(int(e["clean_correct"]), int(e["n"])) for n, e in zip(names, clean_evals, strict=True)
+        },
         "seconds": sum(seconds),
         "seconds_per_source": seconds,
         "test_samples": len(x),
