@@ -225,6 +225,7 @@ def _assert_one_line_error(res, code: int, text: str, out) -> None:
     assert res.exit_code == code, res.stderr
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0]
+    assert ". Hint: " in lines[0]
     assert "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())
 
@@ -250,6 +251,7 @@ def _assert_one_line_error(res, code: int, text: str, out) -> None:
         (["--method", "adef", "--sigma", "nan"], 1, "sigma must be a finite number"),
         (["--method", "adef", "--sigma", "inf"], 1, "sigma must be a finite number"),
         (["--method", "active-subspace", "--gamma", "nan"], 1, "gamma"),
+        (["--method", "active-subspace", "--s0", "1e300"], 1, "s0 must be at most"),
         (["--method", "uap", "--max-passes", "100000000000"], 1, "max-passes"),
         (["--method", "random", "--target", "10"], 1, "not a class"),
         (["--method", "fgsm", "--target", "1"], 1, "--target is for universal"),

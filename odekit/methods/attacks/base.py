@@ -80,18 +80,21 @@ def fooling_rate(
 
 def check_positive(name: str, value: float, hint: str = "") -> None:
     if not value > 0 or not math.isfinite(value):
-        raise UsageError(f"{name} must be a positive finite number, got {value}", hint or None)
+        raise UsageError(f"{name} must be a positive finite number, got {value}",
+                         hint or "give a number > 0 (not nan or inf)")  # fmt: skip
 
 
 def check_count(name: str, value: int, low: int, high: int = MAX_COUNT) -> None:
     """An integer option in [low, high]."""
     if isinstance(value, bool) or int(value) != value or not low <= value <= high:
-        raise UsageError(f"{name} must be an integer in [{low}, {high}], got {value}")
+        raise UsageError(f"{name} must be an integer in [{low}, {high}], got {value}",
+                         f"give a whole number from {low} to {high}")  # fmt: skip
 
 
 def check_nonnegative(name: str, value: float, hint: str = "") -> None:
     if not (value >= 0 and math.isfinite(value)):
-        raise UsageError(f"{name} must be a finite number >= 0, got {value}", hint or None)
+        raise UsageError(f"{name} must be a finite number >= 0, got {value}",
+                         hint or "give a number >= 0 (not nan or inf)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ class Attack(ABC, Generic[R]):
         else:
             budgets = [float(e) for e in epsilons]
         if not budgets:
-            raise UsageError(f"no {self.budget_name} budget given")
+            raise UsageError(f"no {self.budget_name} budget given", "pass epsilons=None for the default")
         for eps in budgets:
             check_positive(self.budget_name, eps, f"{self.budget_name} is in {self.distance.unit}")
         check_in_box(inputs, "the fitting data" if self.kind == "universal" else "the evaluation data")
@@ -436,7 +439,7 @@ class PerSampleAttack(Attack[PerSampleResult]):
 
     def _prepare(self, model: nn.Module, x: Tensor, labels: Tensor | None, batch_size: int) -> Job:
         if labels is None or len(labels) != len(x):
-            raise UsageError(f"{self.name} needs one label per input")
+            raise UsageError(f"{self.name} needs one label per input", "pass labels of shape (N,)")
         return Job(model, x, labels, None, batch_size, model_device(model))
 
     def _generate(self, job: Job, eps: float, generator: torch.Generator,

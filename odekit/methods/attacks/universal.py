@@ -32,6 +32,7 @@ from odekit.progress import Progress, silent_if_none
 from odekit.streaming import per_sample_input_grads
 
 Fit = tuple[Tensor, int, list[float], dict[str, Any]]
+MAX_STEP = 1e6  # pixel units: far beyond any [0, 1] box diagonal of a real input
 
 
 def _input_grads(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int) -> Tensor:
@@ -70,6 +71,10 @@ class ActiveSubspaceSettings(UniversalSettings):
         check_count("sweep-refine", self.sweep_refine, 0)
         if self.s0 is not None:
             check_positive("s0", self.s0, "s0 is the first step length tried, in pixel units")
+            if self.s0 > MAX_STEP:
+                # float32 would turn such a step into inf (and inf * 0 into NaN)
+                raise UsageError(f"s0 must be at most {MAX_STEP:g}, got {self.s0:g}",
+                                 "any step beyond the ball's diameter is projected back anyway")
         if not 0.0 < self.gamma < 1.0:
             raise UsageError(
                 f"gamma must lie in (0, 1), got {self.gamma}", "the thesis uses gamma = 0.5"
@@ -205,7 +210,8 @@ class UAPSettings(UniversalSettings):
         check_count("candidates", self.candidates, 2)
         check_count("chunk", self.chunk, 1)
         if not 0.0 < self.target_fooling <= 1.0:
-            raise UsageError(f"target-fooling must lie in (0, 1], got {self.target_fooling}")
+            raise UsageError(f"target-fooling must lie in (0, 1], got {self.target_fooling}",
+                             "it is the fit fooling rate at which UAP stops, e.g. 0.8")
         check_nonnegative("overshoot", self.overshoot)
 
 
