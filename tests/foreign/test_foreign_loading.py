@@ -186,3 +186,18 @@ def test_resnet18_loads_and_attacks_in_every_format(foreign_resnet, fmt, tmp_pat
     report, _ = _attack(foreign_resnet, fmt, tmp_path / "a", "--normalize", "none", "--eval-samples", "60")
     assert report["results"]["norm_pixel"] <= 2.0 + 1e-4
     assert report["results"]["robust_accuracy"] <= report["results"]["clean_accuracy"]
+
+
+def test_torchvision_builder_with_num_classes(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    loaded = load_model(tmp_path / "r18.pth", arch="torchvision:resnet18", num_classes=10)
+    assert loaded.meta.arch == "torchvision:resnet18" and loaded.meta.args == {"num_classes": 10}
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    with pytest.raises(Exception, match="torchvision has no model 'resnet19'"):
+        load_model(tmp_path / "r18.pth", arch="torchvision:resnet19")
