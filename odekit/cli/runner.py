@@ -11,11 +11,13 @@ Third-party warnings are captured and shown only with --debug.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -136,6 +138,32 @@ def _final_paths(value: Any, staging: str, final: str) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With --json, send what native libraries print to file descriptor 1 to stderr instead.
+
+    MAGMA (behind some CUDA linear algebra) writes banners straight to fd 1, which would corrupt
+    the JSON on stdout; Python-level prints go through ``sys.stdout`` and are redirected too.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable fd 1 (closed stdout): nothing to protect
+        yield
+        return
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run_command(
     command: str,
     common: CommonOptions,
@@ -176,11 +204,12 @@ def run_command(
             transaction.begin()
             ctx.path("report.json")
             ctx.path("report.md")
-            if progress_impl is not None:
-                with progress_impl:
+            with _stdout_to_stderr(common.json):
+                if progress_impl is not None:
+                    with progress_impl:
+                        output = body(ctx)
+                else:
                     output = body(ctx)
-            else:
-                output = body(ctx)
             staging, final = str(transaction.staging), str(out_dir)
             report = Report(
                 command=command,

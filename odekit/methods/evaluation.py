@@ -76,8 +76,8 @@ def agreement(
     teacher: nn.Module, student: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     """Fraction of equal top-1 predictions and mean KL(teacher || student) in nats over ``split``."""
-    teacher.eval()
-    student.eval()
+    teacher.to(device).eval()
+    student.to(device).eval()
     equal, kl_sum, n = 0, 0.0, 0
     for start in range(0, len(split), batch_size):
         x = split.x[start : start + batch_size].to(device)
@@ -143,8 +143,8 @@ def compare_latency(
     repeats: int = 30,
 ) -> LatencyComparison:
     """Time teacher and student alternately so load changes on a shared machine hit both alike."""
-    teacher.eval()
-    student.eval()
+    teacher.to(device).eval()
+    student.to(device).eval()
     example = example.to(device)
     for _ in range(warmup):
         teacher(example)

@@ -69,7 +69,7 @@ def test_pce_recovers_an_exact_polynomial() -> None:
     y = torch.stack([y1, -y1 + 1], 1)
     layer = PCELayer(3, 3, 2).double()
     fit = fit_pce(layer, [(z[:200], y[:200]), (z[200:], y[200:])])
-    assert fit.residual < 1e-18 and fit.n_samples == 400 and fit.warnings == []
+    assert fit.residual < 1e-12 and fit.n_samples == 400 and fit.warnings == []  # mean squared error at float64 round-off (BLAS-dependent)
     z_new = torch.randn(50, 3, generator=g, dtype=torch.float64)
     want = 3 + z_new[:, 0] - 2 * z_new[:, 0] * z_new[:, 1] + 0.5 * z_new[:, 2] ** 2 - z_new[:, 1] ** 3
     with torch.no_grad():

@@ -71,3 +71,21 @@ def test_failure_keeps_older_outputs_with_force(tmp_path: Path) -> None:
     assert runner.invoke(demo, ["--out", str(tmp_path)]).exit_code == 0
     assert runner.invoke(demo, ["--out", str(tmp_path), "--force", "--fail"]).exit_code == 1
     assert (tmp_path / "report.json").exists()
+
+
+def test_json_stdout_survives_native_prints(tmp_path: Path, capfd) -> None:
+    """Native libraries (MAGMA on CUDA) write banners to fd 1; with --json they must land on stderr."""
+    import os
+
+    def body(ctx: CommandContext) -> CommandOutput:
+        os.write(1, b"native banner\n")
+        print("stray print")
+        return CommandOutput(results={"answer": 42})
+
+    try:
+        run_command("demo", CommonOptions(out=tmp_path / "o", json=True), inputs={}, params={}, body=body)
+    except typer.Exit as exc:  # pragma: no cover - a failure here is the test failing
+        raise AssertionError(f"exit {exc.exit_code}") from exc
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["results"] == {"answer": 42}
+    assert "native banner" in captured.err and "stray print" in captured.err

@@ -44,7 +44,7 @@ def grads_of(f, z0, t, grad, **kw):
     z0 = z0.detach().requires_grad_(True)
     sol = odeint(f, z0, t, grad=grad, **kw)
     # Weight every output time so the jumps of a at interior times are exercised.
-    w = torch.arange(1, len(t) + 1, dtype=z0.dtype).view(-1, *([1] * z0.ndim))
+    w = torch.arange(1, len(t) + 1, dtype=z0.dtype, device=z0.device).view(-1, *([1] * z0.ndim))
     loss = (w * sol.z**2).sum() + sol.z[-1].sum()
     return torch.autograd.grad(loss, [z0, *f.parameters()]), sol.stats
 

@@ -23,6 +23,7 @@ from odekit.methods.attacks.base import (
     check_count,
     check_nonnegative,
     check_positive,
+    model_device,
 )
 from odekit.methods.attacks.deepfool import deepfool
 from odekit.methods.attacks.space import lp_norms, project
@@ -56,7 +57,8 @@ def _unit_step(g: Tensor, norm: str) -> Tensor:
 def _foolbox_run(model: nn.Module, attack: Any, x: Tensor, y: Tensor, eps: float) -> Tensor:
     import foolbox as fb
 
-    fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0))
+    # foolbox moves the model to cuda:0 whenever CUDA exists unless told its device
+    fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=model_device(model))
     _, clipped, _ = attack(fmodel, x, y, epsilons=[eps])
     return clipped[0]
 
