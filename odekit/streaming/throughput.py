@@ -93,7 +93,8 @@ class StageThroughput:
 class ThroughputMeter:
     """Times a stage on ``device`` (synchronising CUDA at both ends, never per batch).
 
-    ``with meter: ... meter.add(batch_size)`` then ``meter.result(flops_per_sample)``."""
+    ``with meter: ... meter.add(batch_size)`` (or ``meter.start()`` ... ``meter.stop()``),
+    then ``meter.result(flops_per_sample)``."""
 
     def __init__(self, stage: str, device: torch.device | str = "cpu") -> None:
         self.stage = stage
@@ -112,6 +113,13 @@ class ThroughputMeter:
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start
         self._start = None
+
+    def start(self) -> ThroughputMeter:
+        return self.__enter__()
+
+    def stop(self) -> ThroughputMeter:
+        self.__exit__()
+        return self
 
     def add(self, samples: int) -> None:
         self.samples += int(samples)

@@ -77,6 +77,44 @@ def merge(dist, out: Path) -> None:
         )
 
 
+def ron_student(dist, samples: int = 600):
+    """RON on the shipped LeNet-300-100, layers 1-2, from the first ``samples`` training
+    inputs (sharded over the ranks when ``dist`` has several)."""
+    from odekit.io.checkpoints import load_model
+    from odekit.io.datasets import dataset_for_model
+    from odekit.methods.ron import RonSettings, build_student
+
+    root = Path(__file__).resolve().parents[2]
+    loaded = load_model(root / "checkpoints" / "lenet300_digits.safetensors")
+    data = dataset_for_model(
+        loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset
+    )
+    settings = RonSettings(layers="1-2", rank="32,24", sketch_size=64, batch_size=100)
+    result = build_student(
+        loaded.model, loaded.meta.arch, loaded.meta.args, data.input_shape,
+        data.train.x[:samples], settings, dist=dist,
+    )
+    with torch.no_grad():
+        predictions = result.student.eval()(data.test.x).argmax(1)
+    return result, predictions
+
+
+def ron(dist, out: Path) -> None:
+    result, predictions = ron_student(dist)
+    if dist.is_main:
+        torch.save(
+            {
+                "predictions": predictions,
+                "ranks": result.ranks,
+                "n_samples": result.n_samples,
+                "covariance_error": [layer.covariance_error for layer in result.layers],
+                "merge_bounds": [m.covariance_error_bound for m in result.merges],
+                "stream_samples": result.throughput.samples if result.throughput else -1,
+            },
+            out / "result.pt",
+        )
+
+
 def fault(dist, out: Path) -> None:
     if dist.rank == 1:
         time.sleep(0.5)
@@ -99,13 +137,14 @@ def main() -> int:
     dist = init_distributed(torch.device("cpu"), stale_s=float(os.environ.get("STALE_S", "20")))
     dist.add_cleanup(lambda: (out / f"cleanup-{dist.rank}").write_text("forced"))
     try:
-        {"merge": merge, "fault": fault, "crash": crash}[scenario](dist, out)
+        {"merge": merge, "ron": ron, "fault": fault, "crash": crash}[scenario](dist, out)
         dist.close()
     except PeerFailedError:
         dist.exit_after_failure(1)
-    except OdekitError as exc:
-        dist.fail(exc.one_line())
-        print(f"Error: rank {dist.rank}: {exc.one_line()}", file=sys.stderr)
+    except Exception as exc:
+        line = exc.one_line() if isinstance(exc, OdekitError) else f"{type(exc).__name__}: {exc}"
+        dist.fail(line)
+        print(f"Error: rank {dist.rank}: {line}", file=sys.stderr)
         dist.exit_after_failure(1)
     return 0
 

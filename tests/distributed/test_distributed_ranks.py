@@ -110,3 +110,17 @@ def test_silent_crash_on_rank_one_ends_rank_zero(tmp_path: Path) -> None:
     assert run.returncodes[0] != 0
     assert run.seconds < 60
     assert not (tmp_path / "rank0-finished").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_ron_student_agrees_with_one_process(tmp_path: Path) -> None:
+    run = spawn_ranks([WORKER, "ron", str(tmp_path)], world=2)
+    assert run.returncodes == [0, 0], run.stderr
+    two = torch.load(tmp_path / "result.pt", weights_only=True)
+    single, predictions = _worker.ron_student(None)
+    assert two["n_samples"] == single.n_samples == 600
+    assert two["stream_samples"] == 300  # rank 0 streamed its half
+    assert two["ranks"] == single.ranks == [32, 24]
+    agreement = float((two["predictions"] == predictions).double().mean())
+    assert agreement >= 0.99
+    assert all(b >= 0 for b in two["merge_bounds"])
