@@ -968,7 +968,8 @@ def build_student(
     targets = {st.out: st.index for st in region.states}
     last = region.y_out
     seen = 0
-    meter = ThroughputMeter("stream activations", device).start()
+    # the stage: streaming this rank's shard plus merging the sketches across ranks
+    meter = ThroughputMeter("stream activations + merge sketches", device).start()
     with torch.no_grad():
         for xb in progress.track(
             batches,
@@ -988,8 +989,7 @@ def build_student(
                 if node is last:
                     break
             seen += int(xb.shape[0])
-    meter.stop().add(seen)
-    stream_rate = meter.result(_stream_flops(teacher, input_shape, region.last_layer))
+    meter.add(seen)
     if dist is not None and dist.world_size > 1:
         seen = int(dist.sum_numbers(seen)[0])
     if seen == 0:
@@ -1007,6 +1007,7 @@ def build_student(
         if merge is not None:
             merges.append(merge)
             sketches[st.index] = merged  # type: ignore[assignment]  # None off rank 0
+    meter.stop()
     # rank selection and maxvol run once (rank 0) on the merged sketch, then are broadcast
     for st in region.states if dist is None or dist.is_main else []:
         fd = sketches[st.index]
@@ -1057,9 +1058,9 @@ def build_student(
     if dist is not None and dist.world_size > 1:
         reports = dist.broadcast_object(reports)
         bases, rows = _broadcast_by_state(dist, bases), _broadcast_by_state(dist, rows)
-    peak = measure_matmul_peak(device, next(teacher.parameters()).dtype)
-    stream_rate = StageThroughput(
-        stream_rate.stage, stream_rate.samples, stream_rate.seconds, stream_rate.flops_per_sample, peak
+    stream_rate = meter.result(
+        _stream_flops(teacher, input_shape, region.last_layer),
+        measure_matmul_peak(device, next(teacher.parameters()).dtype),
     )
 
     # ---- weights (float64, then the teacher's dtype)
