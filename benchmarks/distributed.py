@@ -117,6 +117,7 @@ def _free_port() -> int:
 def launch(world: int, threads: int, worker_args: list[str], out: Path) -> dict[str, Any]:
     """Run ``world`` ranks with ``threads`` intra-op threads each; rank 0's result."""
     port = _free_port()
+    out.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -147,9 +148,13 @@ def compare(args: argparse.Namespace) -> None:
         "--sketch-size", str(args.sketch_size), "--batch", str(args.batch), "--device", args.device,
     ]  # fmt: skip
     load_before = _load_average()
-    with tempfile.TemporaryDirectory() as one_dir, tempfile.TemporaryDirectory() as many_dir:
-        one = launch(1, args.threads, worker_args, Path(one_dir))
-        many = launch(args.procs, max(1, args.threads // args.procs), worker_args, Path(many_dir))
+    per_rank = max(1, args.threads // args.procs)
+    with tempfile.TemporaryDirectory() as folder:
+        one = launch(1, args.threads, worker_args, Path(folder) / "one")
+        many = launch(args.procs, per_rank, worker_args, Path(folder) / "ranks")
+        # the same single process with one rank's thread count: separates the gain of
+        # more processes from the cost of several threads in one process on busy cores
+        narrow = launch(1, per_rank, worker_args, Path(folder) / "narrow")
     agreement = float((one["predictions"] == many["predictions"]).double().mean())
     speedup = one["stream_s"] / many["stream_s"]
     emit(
@@ -171,6 +176,9 @@ def compare(args: argparse.Namespace) -> None:
             "total_s_one": one["total_s"],
             "total_s_ranks": many["total_s"],
             "total_speedup": one["total_s"] / many["total_s"],
+            "stream_s_one_narrow": narrow["stream_s"],
+            "one_narrow": f"1 x {per_rank} threads",
+            "stream_speedup_vs_narrow": narrow["stream_s"] / many["stream_s"],
             "goal_speedup": 1.7,
             "goal_met": bool(speedup >= 1.7 and agreement == 1.0),
             "throughput_one": one["throughput"],
@@ -180,6 +188,7 @@ def compare(args: argparse.Namespace) -> None:
             "relative_covariance_error_one": one["relative_covariance_error"],
             "relative_covariance_error_ranks": many["relative_covariance_error"],
             "student_agreement": agreement,
+            "student_agreement_narrow": float((narrow["predictions"] == many["predictions"]).double().mean()),
             "ranks_one": one["ranks"],
             "ranks_ranks": many["ranks"],
             "load_average_before": load_before,

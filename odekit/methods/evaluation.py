@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from odekit.device import synchronize
+from odekit.distributed import Distributed
 from odekit.io.datasets import Split
 from odekit.models.layers import total_flops
 
@@ -22,10 +23,21 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: to
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy in [0, 1]."""
+def accuracy(
+    model: nn.Module,
+    split: Split,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    dist: Distributed | None = None,
+) -> float:
+    """Top-1 accuracy in [0, 1]. ``dist``: each rank predicts its shard, counts are summed."""
     if len(split) == 0:
         return float("nan")
+    if dist is not None and dist.world_size > 1:
+        part = dist.shard(len(split))
+        hits = predict(model, split.x[part.start : part.stop], batch_size, device) == split.y[part.start : part.stop]
+        correct, total = dist.sum_numbers(float(hits.sum()), float(hits.numel()))
+        return correct / total
     return float((predict(model, split.x, batch_size, device) == split.y).float().mean())
 
 
