@@ -31,7 +31,7 @@ from odekit.errors import UnsupportedModelError
 from odekit.io.checkpoints import load_model, save_model
 from odekit.linalg.rank import RANK_RULES
 from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
-from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
+from odekit.methods.ron import RON_ARCH, RonLayerReport, RonResult, RonSettings, build_student
 from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.registry import ARCHITECTURES
 from odekit.writers.plots import new_figure, save_figure
@@ -195,9 +195,10 @@ def reduce_command(
             settings,
             ctx.device,
             progress=ctx.progress,
+            dist=ctx.dist,
         )
         student = result.student.to(ctx.device).eval()
-        acc_before = accuracy(student, dataset.test, device=ctx.device)
+        acc_before = accuracy(student, dataset.test, device=ctx.device, dist=ctx.dist)
         history: list[dict[str, float]] = []
         if finetune > 0:
             hist = train_classifier(
@@ -207,6 +208,7 @@ def reduce_command(
                 ctx.device,
                 teacher=teacher if beta > 0 else None,
                 progress=ctx.progress,
+                dist=ctx.dist,
             )
             history = hist.epochs
         student.eval()
@@ -254,6 +256,7 @@ def reduce_command(
             "layers": [_layer_json(layer) for layer in result.layers],
             "modified_layers": f"{result.first_layer}-{result.last_layer}",
             "samples": result.n_samples,
+            "distributed": _distributed_json(ctx, result),
             "finetune_history": history,
             "reload_max_abs_diff": reload_diff,
             "student_checkpoint": str(student_path),
@@ -312,11 +315,20 @@ def _stats(
 ) -> dict[str, Any]:
     cost = model_cost(model, shape)
     return {
-        "accuracy": accuracy(model, dataset.test, device=ctx.device),
+        "accuracy": accuracy(model, dataset.test, device=ctx.device, dist=ctx.dist),
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
         "latency_ms": measure_latency_ms(model, example, ctx.device, warmup=5, repeats=30),
+    }
+
+
+def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:
+    """World size, backend, this (main) rank's streaming rate and each layer's sketch merge."""
+    return {
+        **ctx.dist.describe(),
+        "stream_rank0": result.throughput.to_dict() if result.throughput else None,
+        "sketch_merges": [m.to_dict() for m in result.merges],
     }
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -24,10 +26,12 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
-from odekit.cli.errors import report_exception
+from odekit.cli.errors import exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress
 from odekit.device import resolve_device, set_threads
+from odekit.distributed import Distributed, PeerFailedError, init_distributed
+from odekit.distributed import current as current_dist
 from odekit.errors import OutputExistsError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.atomic import check_writable
@@ -78,6 +82,7 @@ class CommandContext:
     claimed: list[Path] = field(default_factory=list)
     preexisting: set[Path] = field(default_factory=set)
     created_dirs: list[Path] = field(default_factory=list)
+    dist: Distributed = field(default_factory=current_dist)  # issue 15: this rank of a torchrun launch
 
     def path(self, name: str) -> Path:
         """Claim an output file in --out: fails now, before any work, if it exists."""
@@ -129,6 +134,20 @@ def _cleanup(ctx: CommandContext | None) -> None:
             folder.rmdir()
 
 
+def _end_failed_rank(dist: Distributed, exc: BaseException, debug: bool) -> NoReturn:
+    """A rank of a multi-process run failed: tell the others, print its line, exit at once.
+
+    A peer's failure (`PeerFailedError`) exits 1 silently: the failing rank printed it."""
+    if isinstance(exc, PeerFailedError):
+        dist.exit_after_failure(1)
+    known = exception_line(exc)
+    dist.fail(known[0] if known else unexpected_line(exc))
+    code = 1
+    with contextlib.suppress(BaseException):
+        code = report_exception(exc, debug, prefix=f"rank {dist.rank}: ")
+    dist.exit_after_failure(code)
+
+
 def run_command(
     command: str,
     common: CommonOptions,
@@ -143,29 +162,39 @@ def run_command(
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
     ctx: CommandContext | None = None
+    dist: Distributed | None = None
+    private_dir: Path | None = None
     try:
         device = resolve_device(common.device)
         threads = set_threads(common.threads)
+        dist = init_distributed(device)
+        device = dist.device
         seed_everything(common.seed)
         out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
+        if not dist.is_main:
+            # only rank 0 claims --out; the others write into a private folder deleted at exit
+            private_dir = out_dir = Path(tempfile.mkdtemp(prefix=f"odekit-rank{dist.rank}-"))
+            err_console = Console(file=sys.stderr, quiet=True)
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputExistsError(f"--out '{out_dir}' is a file, not a folder", "choose a folder for --out")
-        use_bars = not common.json and err_console.is_terminal
+        use_bars = not common.json and err_console.is_terminal and dist.is_main
         progress_impl = RichProgress(err_console) if use_bars else None
         ctx = CommandContext(
             command=command,
             device=device,
             out_dir=out_dir,
-            force=common.force,
+            force=common.force or not dist.is_main,
             seed=common.seed,
             progress=progress_impl or SilentProgress(),
             log_console=err_console,
             inputs=dict(inputs),
             params=dict(params),
+            dist=dist,
         )
         ctx.path("report.json")
         ctx.path("report.md")
         ctx.created_dirs = _make_dirs(out_dir)
+        dist.add_cleanup(lambda: _cleanup(ctx))
         if progress_impl is not None:
             with progress_impl:
                 output = body(ctx)
@@ -181,14 +210,25 @@ def run_command(
             threads=threads,
             seconds=time.perf_counter() - start,
             markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+            world_size=dist.world_size,
+            backend=dist.describe()["backend"],
         )
-        report.write(out_dir, common.force)
+        if dist.is_main:
+            report.write(out_dir, common.force)
+        dist.close()
     except (typer.Exit, typer.Abort):
         raise
     except BaseException as exc:
         _cleanup(ctx)
-        code = report_exception(exc, common.debug)
-        raise typer.Exit(code) from None
+        if dist is None or not dist.active:
+            code = report_exception(exc, common.debug)
+            raise typer.Exit(code) from None
+        _end_failed_rank(dist, exc, common.debug)
+    finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+    if not dist.is_main:
+        return
     if common.json:
         print(report.to_json())
         return

@@ -38,7 +38,8 @@ def accuracy(
         hits = predict(model, split.x[part.start : part.stop], batch_size, device) == split.y[part.start : part.stop]
         correct, total = dist.sum_numbers(float(hits.sum()), float(hits.numel()))
         return correct / total
-    return float((predict(model, split.x, batch_size, device) == split.y).float().mean())
+    hits = predict(model, split.x, batch_size, device) == split.y
+    return float(hits.sum()) / hits.numel()
 
 
 @torch.no_grad()

@@ -86,7 +86,7 @@ def test_two_ranks_merge_within_bound_and_exact_fits(tmp_path: Path) -> None:
 def test_fault_on_rank_one_ends_both_ranks(tmp_path: Path) -> None:
     run = spawn_ranks([WORKER, "fault", str(tmp_path)], world=2, timeout=90)
     assert run.returncodes == [1, 1], run.stderr
-    assert run.seconds < 60
+    assert max(run.ended_at) - min(run.ended_at) < 60  # the healthy rank follows the failed one
     errors = [line for err in run.stderr for line in err.splitlines() if line.startswith("Error:")]
     assert errors == ["Error: rank 1: injected fault on purpose. Hint: this is a test"]
     assert run.stderr[0] == ""  # rank 0 stays silent
@@ -108,7 +108,7 @@ def test_silent_crash_on_rank_one_ends_rank_zero(tmp_path: Path) -> None:
     run = spawn_ranks([WORKER, "crash", str(tmp_path)], world=2, timeout=90, extra_env={"STALE_S": "5"})
     assert run.returncodes[1] == 3
     assert run.returncodes[0] != 0
-    assert run.seconds < 60
+    assert max(run.ended_at) - min(run.ended_at) < 60  # the healthy rank follows the failed one
     assert not (tmp_path / "rank0-finished").exists()
 
 

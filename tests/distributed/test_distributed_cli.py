@@ -1,0 +1,73 @@
+"""`python -m odekit reduce` launched as 2 ranks (torchrun's variables, gloo on loopback)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from odekit.io.checkpoints import load_model, save_model
+from odekit.io.datasets import dataset_for_model
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from conftest import ROOT, spawn_ranks  # noqa: E402
+
+LENET = ROOT / "checkpoints" / "lenet300_digits.safetensors"
+REDUCE = ["-m", "odekit", "reduce", "model.safetensors", "--layers", "1-2", "--rank", "40,30",
+          "--samples", "400", "--latency-batch", "8", "--threads", "1"]  # fmt: skip
+
+
+def _rank_dirs(tmp_path: Path, poison_rank1: bool) -> list[Path]:
+    """One working folder per rank holding model.safetensors; rank 1's has a NaN weight when
+    ``poison_rank1`` (its activations then hold NaN: a fault in the middle of the stream)."""
+    loaded = load_model(LENET)
+    dirs = []
+    for rank in range(2):
+        folder = tmp_path / f"rank{rank}"
+        folder.mkdir()
+        model = loaded.model
+        if rank == 1 and poison_rank1:
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("nan")
+        save_model(folder / "model.safetensors", model, loaded.meta)
+        dirs.append(folder)
+    return dirs
+
+
+@pytest.mark.slow
+def test_fault_on_rank_one_exits_both_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = spawn_ranks(
+        [*REDUCE, "--out", str(out)], world=2, timeout=120, cwds=_rank_dirs(tmp_path, True)
+    )
+    assert run.returncodes == [1, 1], run.stderr
+    assert max(run.ended_at) - min(run.ended_at) < 60  # the healthy rank follows the failed one
+    errors = [line for err in run.stderr for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: rank 1: "), run.stderr
+    assert "NaN" in errors[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_two_ranks_reduce_agrees_with_one_process(tmp_path: Path) -> None:
+    dirs = _rank_dirs(tmp_path, False)
+    two = spawn_ranks([*REDUCE, "--out", str(tmp_path / "two"), "--json"], world=2, cwds=dirs)
+    assert two.returncodes == [0, 0], two.stderr
+    one = spawn_ranks([*REDUCE, "--out", str(tmp_path / "one"), "--json"], world=1, cwds=dirs)
+    assert one.returncodes == [0], one.stderr
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (report["world_size"], report["backend"]) == (2, "gloo")
+    merges = report["results"]["distributed"]["sketch_merges"]
+    assert [m["n_rows"] for m in merges] == [400, 400]
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["world_size"] == 1
+    loaded = load_model(LENET)
+    data = dataset_for_model(loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset)
+    with torch.no_grad():
+        p2 = load_model(tmp_path / "two" / "student.safetensors").model.eval()(data.test.x).argmax(1)
+        p1 = load_model(tmp_path / "one" / "student.safetensors").model.eval()(data.test.x).argmax(1)
+    assert float((p1 == p2).double().mean()) >= 0.99
+    assert report["results"]["student"]["accuracy"] == pytest.approx(float((p2 == data.test.y).double().mean()))
