@@ -13,7 +13,9 @@ fraction of a measured matmul peak, bytes communicated per rank (sketch merges +
 the certified covariance error of the merged vs the single-process sketches (relative to
 ||Z||_2^2, worst layer), and the agreement of the two students' predictions. Goal: >= 1.7x on
 the streaming stage with 2 processes and 100 % agreement. The load average is recorded with
-the numbers: on a shared machine the speed-up is bounded by the free cores.
+the numbers: on a shared machine the speed-up is bounded by the free cores. A third run (1
+process x T/P threads) separates the gain of more processes from the slowdown of several
+threads in one process on busy cores; the goal counts as met only against both.
 """
 
 from __future__ import annotations
@@ -180,7 +182,11 @@ def compare(args: argparse.Namespace) -> None:
             "one_narrow": f"1 x {per_rank} threads",
             "stream_speedup_vs_narrow": narrow["stream_s"] / many["stream_s"],
             "goal_speedup": 1.7,
-            "goal_met": bool(speedup >= 1.7 and agreement == 1.0),
+            # met only if the ranks beat both single-process settings: on busy cores a process
+            # with 2 threads can be far slower than with 1, which would inflate the speed-up
+            "goal_met": bool(
+                min(speedup, narrow["stream_s"] / many["stream_s"]) >= 1.7 and agreement == 1.0
+            ),
             "throughput_one": one["throughput"],
             "throughput_rank0": many["throughput"],
             "merge_bytes_per_rank": many["merge_bytes_per_rank"],

@@ -71,3 +71,23 @@ def test_two_ranks_reduce_agrees_with_one_process(tmp_path: Path) -> None:
         p1 = load_model(tmp_path / "one" / "student.safetensors").model.eval()(data.test.x).argmax(1)
     assert float((p1 == p2).double().mean()) >= 0.99
     assert report["results"]["student"]["accuracy"] == pytest.approx(float((p2 == data.test.y).double().mean()))
+
+
+@pytest.mark.slow
+def test_two_ranks_asnet_with_finetune(tmp_path: Path) -> None:
+    """Gradient sketches merged, PCE normal equations summed, DDP fine-tuning: one ASNet."""
+    dirs = _rank_dirs(tmp_path, False)
+    args = ["-m", "odekit", "asnet", "model.safetensors", "--cut", "1", "--rank", "8", "--degree", "2",
+            "--samples", "400", "--finetune", "1", "--no-latency", "--threads", "1", "--json"]  # fmt: skip
+    two = spawn_ranks([*args, "--out", str(tmp_path / "two")], world=2, cwds=dirs)
+    assert two.returncodes == [0, 0], two.stderr
+    one = spawn_ranks([*args, "--out", str(tmp_path / "one")], world=1, cwds=dirs)
+    assert one.returncodes == [0], one.stderr
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert (r2["world_size"], r2["backend"]) == (2, "gloo")
+    assert r2["results"]["cut"]["gradient_samples"] == r1["results"]["cut"]["gradient_samples"] == 400
+    assert r2["results"]["pce"]["n_samples"] == 400
+    assert any("baselines skipped" in w for w in r2["results"]["warnings"])
+    assert len(r2["results"]["finetune"]["history"]) == 1
+    assert abs(r2["results"]["asnet"]["accuracy"] - r1["results"]["asnet"]["accuracy"]) < 0.03
