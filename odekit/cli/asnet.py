@@ -249,7 +249,7 @@ def asnet_command(
         )
         return CommandOutput(results=results, tables=tables, headline=headline)
 
-    run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+    run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
 
 def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:

@@ -303,7 +303,7 @@ def reduce_command(
         ]
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
-    run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+    run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
 
 def _stats(

@@ -30,9 +30,15 @@ from odekit.cli.errors import exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress
 from odekit.device import resolve_device, set_threads
-from odekit.distributed import Distributed, PeerFailedError, init_distributed
+from odekit.distributed import (
+    Distributed,
+    LaunchEnv,
+    PeerFailedError,
+    init_distributed,
+    read_launch_env,
+)
 from odekit.distributed import current as current_dist
-from odekit.errors import OutputExistsError
+from odekit.errors import OutputExistsError, UsageError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.atomic import check_writable
 from odekit.writers.report import Report, markdown_table
@@ -156,18 +162,29 @@ def run_command(
     params: dict[str, Any],
     body: Callable[[CommandContext], CommandOutput],
     run_name: str | None = None,
+    distributed: bool = False,
 ) -> None:
-    """Run a subcommand body under the shared life cycle; exits through `typer.Exit`."""
+    """Run a subcommand body under the shared life cycle; exits through `typer.Exit`.
+
+    ``distributed``: the body shards its work over the ranks of a torchrun launch (through
+    ``ctx.dist``); other commands refuse to run on several ranks."""
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
     ctx: CommandContext | None = None
     dist: Distributed | None = None
+    launch: LaunchEnv | None = None
     private_dir: Path | None = None
     try:
         device = resolve_device(common.device)
         threads = set_threads(common.threads)
-        dist = init_distributed(device)
+        launch = read_launch_env()
+        if launch.distributed and not distributed:
+            raise UsageError(
+                f"odekit {command} does not split its work over ranks ({launch.world_size} were launched)",
+                "run it as one process, without torchrun",
+            )
+        dist = init_distributed(device, launch)
         device = dist.device
         seed_everything(common.seed)
         out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
@@ -221,6 +238,9 @@ def run_command(
     except BaseException as exc:
         _cleanup(ctx)
         if dist is None or not dist.active:
+            if launch is not None and launch.rank > 0:  # the same error on every rank: one line
+                known = exception_line(exc)
+                raise typer.Exit(known[1] if known else 1) from None
             code = report_exception(exc, common.debug)
             raise typer.Exit(code) from None
         _end_failed_rank(dist, exc, common.debug)

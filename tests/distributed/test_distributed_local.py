@@ -95,3 +95,24 @@ def test_throughput_reports_rate_and_fraction_of_peak() -> None:
     assert result.fraction_of_peak == pytest.approx(result.gflops / peak)
     assert meter.result(1.0).fraction_of_peak is None
     assert set(result.to_dict()) >= {"samples_per_s", "model_gflops_per_s", "fraction_of_peak"}
+
+
+def test_commands_that_do_not_shard_refuse_several_ranks(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from odekit.cli.app import app
+
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["smoothness-check", "checkpoints/odenet4_digits_euler.safetensors", "--out", str(out)], env=env
+    )
+    assert result.exit_code == 1
+    assert "does not split its work over ranks (2 were launched)" in result.stderr
+    assert not out.exists()
+    # rank 1 stays silent about the same error
+    result = CliRunner().invoke(
+        app, ["smoothness-check", "checkpoints/odenet4_digits_euler.safetensors", "--out", str(out)],
+        env={**env, "RANK": "1", "LOCAL_RANK": "1"},
+    )
+    assert result.exit_code == 1 and result.stderr == ""
