@@ -91,3 +91,26 @@ def test_two_ranks_asnet_with_finetune(tmp_path: Path) -> None:
     assert any("baselines skipped" in w for w in r2["results"]["warnings"])
     assert len(r2["results"]["finetune"]["history"]) == 1
     assert abs(r2["results"]["asnet"]["accuracy"] - r1["results"]["asnet"]["accuracy"]) < 0.03
+
+
+@pytest.mark.slow
+def test_two_ranks_train_ode_follows_one_process(tmp_path: Path) -> None:
+    """Each rank takes its half of every seeded batch and the weighted gradients are summed:
+    the 2-rank run is the 1-process run up to floating-point summation order (with layer norm:
+    BatchNorm statistics, as in DDP, are those of each rank's half batch)."""
+    args = ["-m", "odekit", "train-ode", "--width", "8", "--batch-size", "64", "--solver", "euler", "--steps", "2",
+            "--epochs", "1", "--seed", "0", "--threads", "1", "--norm-first", "ln"]  # fmt: skip
+    two = spawn_ranks([*args, "--out", str(tmp_path / "two")], world=2)
+    assert two.returncodes == [0, 0], two.stderr
+    one = spawn_ranks([*args, "--out", str(tmp_path / "one")], world=1)
+    assert one.returncodes == [0], one.stderr
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert r2["world_size"] == 2 and r2["results"]["iterations"] == r1["results"]["iterations"]
+    a2 = r2["results"]["final_metrics"]["test_accuracy"]
+    assert a2 == pytest.approx(r1["results"]["final_metrics"]["test_accuracy"], abs=0.01)
+    w2 = load_model(tmp_path / "two" / "model.safetensors").model.state_dict()
+    w1 = load_model(tmp_path / "one" / "model.safetensors").model.state_dict()
+    for name, value in w1.items():
+        if value.is_floating_point():
+            assert torch.allclose(w2[name], value, atol=1e-4, rtol=1e-4), name
