@@ -20,6 +20,7 @@ from odekit.linalg.sketch import FrequentDirections, merge_across_ranks
 from odekit.methods.pce import PCELayer, fit_pce
 
 N, D, ELL, BATCH = 600, 40, 12, 50
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_matrix() -> torch.Tensor:
@@ -84,8 +85,7 @@ def ron_student(dist, samples: int = 600):
     from odekit.io.datasets import dataset_for_model
     from odekit.methods.ron import RonSettings, build_student
 
-    root = Path(__file__).resolve().parents[2]
-    loaded = load_model(root / "checkpoints" / "lenet300_digits.safetensors")
+    loaded = load_model(ROOT / "checkpoints" / "lenet300_digits.safetensors")
     data = dataset_for_model(
         loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset
     )
@@ -134,7 +134,8 @@ def crash(dist, out: Path) -> None:
 
 def main() -> int:
     scenario, out = sys.argv[1], Path(sys.argv[2])
-    dist = init_distributed(torch.device("cpu"), stale_s=float(os.environ.get("STALE_S", "20")))
+    device = torch.device(os.environ.get("WORKER_DEVICE", "cpu"))
+    dist = init_distributed(device, stale_s=float(os.environ.get("STALE_S", "20")))
     dist.add_cleanup(lambda: (out / f"cleanup-{dist.rank}").write_text("forced"))
     try:
         {"merge": merge, "ron": ron, "fault": fault, "crash": crash}[scenario](dist, out)
