@@ -16,6 +16,7 @@ import torch
 
 from odekit.distributed import PeerFailedError, init_distributed
 from odekit.errors import NumericalError, OdekitError
+from odekit.linalg.active import dominant_direction_across_ranks
 from odekit.linalg.sketch import FrequentDirections, merge_across_ranks
 from odekit.methods.pce import PCELayer, fit_pce
 
@@ -53,6 +54,11 @@ def merge(dist, out: Path) -> None:
     layer = PCELayer(3, 2, 1).double()
     fit = fit_pce(layer, [(zs, ys)], dist=dist)
     count, total = dist.sum_numbers(zs.shape[0], float(ys.sum()))
+    # gradients split between the first and the last rank (any rank between holds none)
+    half = N // 2
+    last = dist.world_size - 1
+    grads = a[:half] if dist.rank == 0 else a[half:] if dist.rank == last else a[:0]
+    direction = dominant_direction_across_ranks(grads, dist)
     # rank 0 picks, everyone receives
     picked = dist.broadcast(torch.arange(5) * 7 if dist.is_main else None)
     ranks = dist.broadcast_object({"ranks": [3, 1]} if dist.is_main else None)
@@ -71,6 +77,7 @@ def merge(dist, out: Path) -> None:
                 "count": count,
                 "mean": total / count,
                 "picked": picked,
+                "direction": direction,
                 "ranks": ranks,
                 "world": dist.world_size,
             },

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from odekit.linalg.active import dominant_direction
 from odekit.linalg.sketch import FrequentDirections, subspace_sin_theta
 from odekit.methods.pce import PCELayer, fit_pce
 
@@ -72,6 +73,7 @@ def _check_exact_fits(result: dict) -> None:
     assert result["count"] == _worker.N
     assert result["mean"] == pytest.approx(float(y.mean()), rel=1e-12)
     assert result["picked"].tolist() == [0, 7, 14, 21, 28]
+    assert torch.allclose(result["direction"], dominant_direction(_worker.test_matrix()), atol=1e-10)
     assert result["ranks"] == {"ranks": [3, 1]}
 
 
