@@ -33,6 +33,6 @@ zoo:
 BENCH_OUT ?= odekit-runs/bench
 bench:
 	mkdir -p $(BENCH_OUT)
-	for b in ode_gradients train_ode reduce asnet universal_attack; do \
+	for b in ode_gradients train_ode reduce asnet universal_attack varpro; do \
 		ODEKIT_BENCH_RESULTS=$(BENCH_OUT) $(VENV)/bin/python benchmarks/$$b.py --quick || exit 1; \
 	done

@@ -2,8 +2,12 @@
 (odeint_adjoint, odeint), same model, data, tolerances and process.
 
 Cases: a 2-D CNF toy (three concatsquash layers 2-64-64-2, exact trace, moons data, thesis
-2.5.1.2), an ODENet-style conv block on 8x8 digits (sklearn load_digits), and the dissipative
-ResNet-style block of thesis fig. 2.1, whose backward reconstruction of z is unstable.
+2.5.1.2), an ODENet-style conv block on 8x8 digits (sklearn load_digits), the dissipative
+ResNet-style block of thesis fig. 2.1, whose backward reconstruction of z is unstable, and two
+fields of issue 16 (dim 16, batch 256, random weights): a tanh MLP driven by sin/cos(2 pi t)
+over [0, 4] (8 periods: a single Chebyshev grid of 16 nodes cannot follow it), and a
+stiff-spectrum field -A z + MLP(z) with the eigenvalues of A from 0.1 to 20 (dissipative:
+z cannot be recovered backward in time).
 
 Two comparisons per case, one training iteration each (forward + loss + gradient):
   equal-tol  every method at rtol = atol = --tol, forward and backward (the peers' defaults)
@@ -13,11 +17,17 @@ Two comparisons per case, one training iteration each (forward + loss + gradient
              is re-timed. "Cheapest" is the fewest backward f evaluations (NFE-B) for the NFE
              goal and the shortest median wall time for the time goal.
 Columns:
-  wall_s       median wall time (torch.set_num_threads(1) by default: shared CPU cores)
+  wall_s       median wall time (threads pinned: --threads, default 1, recorded with the load
+               average in the first "environment" row; ratios within one run are what count)
   nfe_f/nfe_b  f evaluations counted by a wrapper around the dynamics, forward / backward
   peak_mb      CPU: peak bytes of tensors held by autograd over forward+backward, counted with
                torch.autograd.graph.saved_tensors_hooks (deduplicated by storage, parameters
                excluded), measured in a separate untimed iteration; CUDA: max_memory_allocated
+  peak_states  peak_mb in units of one ODE state (the bytes of z0): backprop holds every
+               stage's activations, irdm its interpolant's nodes (interp_nodes), anode its
+               checkpoints plus one recomputed interval
+  interp_error irdm's estimated interpolation error of z(t) and interp_nodes its stored states
+               (cheb_nodes auto unless --cheb-nodes N; odekit-irdm-16 is a fixed 16-node grid)
   grad_rel_err ||g - g_ref|| / ||g_ref|| over all parameter gradients, g_ref from float64
                backprop (torchdiffeq odeint, dopri5, rtol = atol = 1e-10)
 One JSON line per row plus a summary line per case with the goal ratios, to stdout and to
@@ -31,6 +41,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import time
 import weakref
@@ -42,10 +53,14 @@ import torchdiffeq
 from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
 from torch import nn
 
-from odekit.ode import odeint
+from odekit.device import set_threads
+from odekit.ode import SolveStats, odeint
 from odekit.ode.examples import DissipativeConvField
 
 RESULTS = results_path("ode_gradients")
+# Case name -> horizon t1 of [0, t1].
+CASES = {"cnf2d-moons": 1.0, "odenet-digits8x8": 1.0, "dissipative-block": 1.0,
+         "oscillating-long": 4.0, "stiff-linear-mlp": 1.0}
 FORWARD_TOLS = (1e-4, 1e-5, 1e-6, 1e-7)
 ADJOINT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6, 1e-7)
 
@@ -118,9 +133,11 @@ class Counter(nn.Module):
         super().__init__()
         self.func = func
         self.calls = 0
+        self.state_bytes = 0  # one ODE state, for memory in units of states
 
     def forward(self, t, z):
         self.calls += 1
+        self.state_bytes = z.numel() * z.element_size()
         return self.func(t, z)
 
 
@@ -155,6 +172,50 @@ class Dissipative(nn.Module):
     def __init__(self, channels: int = 8) -> None:
         super().__init__()
         self.odefunc = Counter(DissipativeConvField(channels))
+
+    def loss(self, batch, integrate):
+        z0, target = batch
+        return (integrate(self.odefunc, z0) - target).square().mean()
+
+
+class PeriodicMLPField(nn.Module):
+    """tanh MLP of [z, sin(2 pi t), cos(2 pi t)]: one period per unit of time; `drive`
+    scales the weights of the periodic inputs so that z follows them."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64, drive: float = 8.0) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(dim + 2, hidden)
+        self.l2 = nn.Linear(hidden, dim)
+        with torch.no_grad():
+            self.l1.weight[:, dim:].mul_(drive)
+
+    def forward(self, t, z):
+        phase = 2 * math.pi * t
+        drive = torch.stack([torch.sin(phase), torch.cos(phase)]).to(z).expand(z.shape[0], 2)
+        return self.l2(torch.tanh(self.l1(torch.cat([z, drive], dim=1))))
+
+
+class StiffLinearMLPField(nn.Module):
+    """-A z + tanh MLP(z), A symmetric with eigenvalues log-spaced from 0.1 to 20."""
+
+    def __init__(self, dim: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(dim, dim))
+        eig = torch.logspace(math.log10(0.1), math.log10(20.0), dim)
+        self.register_buffer("a", q @ torch.diag(eig) @ q.T)
+        self.l1 = nn.Linear(dim, hidden)
+        self.l2 = nn.Linear(hidden, dim)
+
+    def forward(self, t, z):
+        return -z @ self.a + self.l2(torch.tanh(self.l1(z)))
+
+
+class Regression(nn.Module):
+    """Mean squared distance of z(t1) to a fixed random target."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.odefunc = Counter(field)
 
     def loss(self, batch, integrate):
         z0, target = batch
@@ -227,15 +288,24 @@ class SavedBytes:
 # ------------------------------------------------------------------ methods
 
 Integrate = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-T_SPAN = torch.tensor([0.0, 1.0])
+SPAN = {"t1": 1.0}  # the case's horizon [0, t1], set per case in main()
+LAST_STATS: dict[str, SolveStats] = {}  # the latest odekit solve's statistics
 
 
-def odekit_method(grad: str, tol: float, adjoint_tol: float | None = None, cheb: int = 16,
-                  seminorm: bool = False) -> Integrate:
-    return lambda f, z0: odeint(
-        f, z0, T_SPAN, grad=grad, rtol=tol, atol=tol, adjoint_rtol=adjoint_tol,
-        adjoint_atol=adjoint_tol, cheb_nodes=cheb, seminorm=seminorm,
-    ).z[-1]
+def span_like(z0: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([0.0, SPAN["t1"]], dtype=z0.dtype, device=z0.device)
+
+
+def odekit_method(grad: str, tol: float, adjoint_tol: float | None = None,
+                  cheb: int | str = "auto", seminorm: bool = False) -> Integrate:
+    def integrate(f, z0):
+        sol = odeint(f, z0, span_like(z0), grad=grad, rtol=tol, atol=tol,
+                     adjoint_rtol=adjoint_tol, adjoint_atol=adjoint_tol, cheb_nodes=cheb,
+                     seminorm=seminorm)
+        LAST_STATS["odekit"] = sol.stats
+        return sol.z[-1]
+
+    return integrate
 
 
 def tdq_adjoint(tol: float, adjoint_tol: float | None = None,
@@ -243,20 +313,22 @@ def tdq_adjoint(tol: float, adjoint_tol: float | None = None,
     bt = tol if adjoint_tol is None else adjoint_tol
     options = {"norm": "seminorm"} if seminorm else None
     return lambda f, z0: torchdiffeq.odeint_adjoint(
-        f, z0, T_SPAN.to(z0), rtol=tol, atol=tol, adjoint_rtol=bt, adjoint_atol=bt,
+        f, z0, span_like(z0), rtol=tol, atol=tol, adjoint_rtol=bt, adjoint_atol=bt,
         method="dopri5", adjoint_options=options,
     )[-1]
 
 
 def tdq_odeint(tol: float) -> Integrate:
-    return lambda f, z0: torchdiffeq.odeint(f, z0, T_SPAN.to(z0), rtol=tol, atol=tol,
+    return lambda f, z0: torchdiffeq.odeint(f, z0, span_like(z0), rtol=tol, atol=tol,
                                             method="dopri5")[-1]
 
 
-def equal_tol_methods(tol: float, cheb: int) -> dict[str, Integrate]:
+def equal_tol_methods(tol: float, cheb: int | str) -> dict[str, Integrate]:
     out = {f"odekit-{g}": odekit_method(g, tol, cheb=cheb)
            for g in ("irdm", "rdm", "anode", "backprop")}
     out["odekit-irdm-seminorm"] = odekit_method("irdm", tol, cheb=cheb, seminorm=True)
+    if cheb != 16:  # the old fixed default, for its accuracy floor
+        out["odekit-irdm-16"] = odekit_method("irdm", tol, cheb=16)
     out["torchdiffeq-adjoint"] = tdq_adjoint(tol)
     out["torchdiffeq-odeint"] = tdq_odeint(tol)
     return out
@@ -307,8 +379,8 @@ class Harness:
         ref_batch = tuple(b.double() if b.is_floating_point() else b for b in batch)
 
         def ref_integrate(f, z0):
-            t = torch.tensor([0.0, 1.0], dtype=z0.dtype, device=z0.device)
-            return torchdiffeq.odeint(f, z0, t, rtol=1e-10, atol=1e-10, method="dopri5")[-1]
+            return torchdiffeq.odeint(f, z0, span_like(z0), rtol=1e-10, atol=1e-10,
+                                      method="dopri5")[-1]
 
         self.g_ref = flat_grads(ref_model, ref_model.loss(ref_batch, ref_integrate)).float()
         self.exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -344,24 +416,35 @@ class Harness:
         return {m: {**last[m], "wall_s": statistics.median(times[m]),
                     "wall_min_s": min(times[m])} for m in methods}
 
-    def peak_mb(self, integrate: Integrate) -> float:
+    def memory(self, integrate: Integrate) -> dict:
+        """Peak memory of one untimed iteration (MiB and ODE states) and, for odekit irdm,
+        its interpolant's stored states and error estimate."""
+        LAST_STATS.clear()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             self.once(integrate)
-            return (torch.cuda.max_memory_allocated() - base) / 2**20
-        acc = SavedBytes(self.exclude)
-        with torch.autograd.graph.saved_tensors_hooks(acc.pack, acc.unpack):
-            self.once(integrate)
-        return acc.peak / 2**20
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            acc = SavedBytes(self.exclude)
+            with torch.autograd.graph.saved_tensors_hooks(acc.pack, acc.unpack):
+                self.once(integrate)
+            peak = acc.peak
+        out = {"peak_mb": peak / 2**20,
+               "peak_states": peak / max(self.counter.state_bytes, 1)}
+        st = LAST_STATS.get("odekit")
+        if st is not None and st.interp_error is not None:
+            out.update(interp_nodes=st.interp_nodes, interp_segments=st.interp_segments,
+                       interp_error=st.interp_error, interp_tol=st.interp_tol)
+        return out
 
 
-def equal_tol_rows(h: Harness, tol: float, reps: int, cheb: int) -> list[dict]:
+def equal_tol_rows(h: Harness, tol: float, reps: int, cheb: int | str) -> list[dict]:
     methods = equal_tol_methods(tol, cheb)
     rows = []
     for method, r in h.timed(methods, reps).items():
         rows.append({"case": h.name, "mode": "equal-tol", "method": method, **r,
-                     "peak_mb": h.peak_mb(methods[method]), "rtol": tol, "atol": tol,
+                     **h.memory(methods[method]), "rtol": tol, "atol": tol,
                      "adjoint_tol": tol, "reps": reps, "device": h.device.type})
     # Forward only (no grad): our dopri5 vs torchdiffeq's at the same tolerances.
     for impl, integrate in (("odekit", odekit_method("backprop", tol)),
@@ -381,7 +464,7 @@ def equal_tol_rows(h: Harness, tol: float, reps: int, cheb: int) -> list[dict]:
     return rows
 
 
-def sweep_rows(h: Harness, cheb: int, forward_tols, adjoint_tols) -> list[dict]:
+def sweep_rows(h: Harness, cheb: int | str, forward_tols, adjoint_tols) -> list[dict]:
     """One untimed-quality iteration per (method, forward tol, adjoint tol)."""
     rows = []
     for method, make in SWEPT.items():
@@ -398,7 +481,7 @@ def sweep_rows(h: Harness, cheb: int, forward_tols, adjoint_tols) -> list[dict]:
 
 
 def matched_rows(h: Harness, sweep: list[dict], target: float, reps: int,
-                 cheb: int) -> list[dict]:
+                 cheb: int | str) -> list[dict]:
     """Per swept method: the fewest-NFE-B setting within `target`, and the fastest one (the
     three quickest single runs within target, re-timed round-robin; best median wins)."""
     ok = [r for r in sweep if r["grad_rel_err"] <= target]
@@ -432,7 +515,8 @@ def matched_rows(h: Harness, sweep: list[dict], target: float, reps: int,
                              "grad_rel_err": fewest["grad_rel_err"]},
             "fastest": {"rtol": fastest["rtol"], "adjoint_tol": fastest["adjoint_tol"],
                         **{k: timed[fastest_key][k] for k in
-                           ("wall_s", "wall_min_s", "nfe_f", "nfe_b", "grad_rel_err")}},
+                           ("wall_s", "wall_min_s", "nfe_f", "nfe_b", "grad_rel_err")},
+                        **h.memory(candidates[fastest_key])},
             "reps": reps, "device": h.device.type,
         })
     return rows
@@ -464,8 +548,15 @@ def summary_row(name: str, equal: list[dict], matched: list[dict], target: float
         "fwd_wall_vs_tdq": fo["wall_s"] / fo_t["wall_s"],
         "fwd_wall_per_nfe_vs_tdq": (fo["wall_s"] / max(fo["nfe_f"], 1))
         / (fo_t["wall_s"] / max(fo_t["nfe_f"], 1)),
+        "memory": {m: {k: by[m][k] for k in ("peak_mb", "peak_states", "interp_nodes")
+                       if k in by[m]}
+                   for m in ("odekit-irdm", "odekit-irdm-16", "odekit-backprop", "odekit-anode",
+                             "torchdiffeq-adjoint") if m in by},
     }
-    goals = {"fwd<=1.0": fo["wall_s"] <= fo_t["wall_s"]}
+    if "odekit-irdm-16" in by:
+        row["equal_tol"]["irdm16_grad_rel_err"] = by["odekit-irdm-16"]["grad_rel_err"]
+    goals = {"fwd<=1.0": fo["wall_s"] <= fo_t["wall_s"],
+             "irdm_memory<backprop": irdm["peak_mb"] < by["odekit-backprop"]["peak_mb"]}
     if matched:
         ours_n, theirs_n = (family_best(matched, f, "nfe_b") for f in (IRDM_FAMILY, TDQ_FAMILY))
         ours_w, theirs_w = (family_best(matched, f, "wall") for f in (IRDM_FAMILY, TDQ_FAMILY))
@@ -478,11 +569,12 @@ def summary_row(name: str, equal: list[dict], matched: list[dict], target: float
                 "wall_s"]
             goals["nfe_b<=0.5"] = m["irdm_nfe_b_vs_tdq_adjoint"] <= 0.5
             goals["wall<=0.7"] = m["irdm_wall_vs_tdq_adjoint"] <= 0.7
+            goals["wall<=0.5"] = m["irdm_wall_vs_tdq_adjoint"] <= 0.5  # issue 16
         elif ours_n and not theirs_n:
             # torchdiffeq's adjoint never reached the target: any IRDM cost beats it.
-            goals["nfe_b<=0.5"] = goals["wall<=0.7"] = True
+            goals["nfe_b<=0.5"] = goals["wall<=0.7"] = goals["wall<=0.5"] = True
         else:
-            goals["nfe_b<=0.5"] = goals["wall<=0.7"] = False
+            goals["nfe_b<=0.5"] = goals["wall<=0.7"] = goals["wall<=0.5"] = False
         row["matched"] = m
     row["goals"] = goals
     return row
@@ -539,20 +631,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions, smaller batches and a coarser sweep")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads, pinned for every measurement (recorded)")
     ap.add_argument("--tol", type=float, default=1e-5,
                     help="rtol = atol of the equal-tolerance comparison")
     ap.add_argument("--target", type=float, default=1e-3,
                     help="gradient relative error of the matched-error comparison")
     ap.add_argument("--no-sweep", action="store_true", help="equal-tolerance comparison only")
-    ap.add_argument("--cases", default="cnf2d-moons,odenet-digits8x8,dissipative-block")
-    ap.add_argument("--cheb-nodes", type=int, default=16)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cheb-nodes", default="auto", help="irdm: auto or a fixed N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-iters", type=int, default=None,
                     help="Adam steps before measuring (default 100, --quick 30)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    cheb: int | str = args.cheb_nodes if args.cheb_nodes == "auto" else int(args.cheb_nodes)
+    threads = set_threads(args.threads)
     device = torch.device(args.device)
     reps = 3 if args.quick else 10
     iters = args.train_iters if args.train_iters is not None else (30 if args.quick else 100)
@@ -571,7 +665,11 @@ def main() -> None:
             z0 = torch.randn(16, 8, 8, 8)
             target = 0.1 * torch.randn(16, 8, 8, 8)
             return Dissipative(8).to(device), (z0.to(device), target.to(device)), 0
-        raise SystemExit(f"unknown case {name!r}")
+        if name in ("oscillating-long", "stiff-linear-mlp"):
+            field = PeriodicMLPField() if name == "oscillating-long" else StiffLinearMLPField()
+            batch = (torch.randn(256, 16).to(device), 0.1 * torch.randn(256, 16).to(device))
+            return Regression(field).to(device), batch, 0
+        raise SystemExit(f"unknown case {name!r}; choose from {', '.join(CASES)}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     all_rows: list[dict] = []
@@ -583,19 +681,25 @@ def main() -> None:
                 fh.write(line + "\n")
             all_rows.extend(rows)
 
+        emit([{"mode": "environment", "threads": threads, "loadavg": list(os.getloadavg()),
+               "torch": torch.__version__, "torchdiffeq": torchdiffeq.__version__,
+               "device": device.type, "quick": args.quick, "cheb_nodes": cheb,
+               "cases": wanted}])
         for name in wanted:
+            SPAN["t1"] = CASES[name]
             model, batch, n_iters = build(name)
             loss = pretrain(model, batch, n_iters, 1e-2) if n_iters else None
             h = Harness(name, model, batch, device)
-            equal = equal_tol_rows(h, args.tol, reps, args.cheb_nodes)
+            equal = equal_tol_rows(h, args.tol, reps, cheb)
             emit(equal)
             matched: list[dict] = []
             if not args.no_sweep:
-                sweep = sweep_rows(h, args.cheb_nodes, forward_tols, adjoint_tols)
+                sweep = sweep_rows(h, cheb, forward_tols, adjoint_tols)
                 emit(sweep)
-                matched = matched_rows(h, sweep, args.target, reps, args.cheb_nodes)
+                matched = matched_rows(h, sweep, args.target, reps, cheb)
                 emit(matched)
-            emit([summary_row(name, equal, matched, args.target, n_iters, loss)])
+            emit([{**summary_row(name, equal, matched, args.target, n_iters, loss),
+                   "t1": CASES[name], "loadavg": list(os.getloadavg())}])
     if not args.no_sweep:
         plot_work_precision(all_rows, args.out.with_name("ode_work_precision.png"), args.target)
 

@@ -312,14 +312,14 @@ class Distributed:
         except PeerFailedError:
             raise
         except Exception:
-            message = self._posted_failure(wait_s=3 * HEARTBEAT_S + 1.0)
+            message = self.posted_failure(wait_s=3 * HEARTBEAT_S + 1.0)
             if message is None:
                 raise
             self._failure = message
             raise _peer_failed_type(message)() from None
 
-    def _posted_failure(self, wait_s: float) -> str | None:
-        """The abort message in the store, waiting up to ``wait_s`` for it to appear."""
+    def posted_failure(self, wait_s: float) -> str | None:
+        """Another rank's posted failure message, waiting up to ``wait_s`` for it to appear."""
         if self.store is None or self._watchdog is None:
             return None
         key = self._watchdog.abort_key

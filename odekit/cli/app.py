@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Annotated
 
 import typer
@@ -57,4 +58,16 @@ def root(
 
 
 def main() -> None:
-    app()
+    """Console entry point; Ctrl-C outside a command body (Click turns it into 'Aborted!') exits 130."""
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        app()
+    except SystemExit as exc:
+        raise SystemExit(130 if interrupted and exc.code == 1 else exc.code) from None

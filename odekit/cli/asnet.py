@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Annotated, Any
 
+import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -17,10 +20,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -28,16 +35,21 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
 from odekit.io.checkpoints import save_model
+from odekit.io.datasets import Dataset
+from odekit.io.exported import save_exported
+from odekit.io.preprocessing import Preprocessing
 from odekit.methods.asnet import (
     ASNetSettings,
-    ChainModel,
     LayerAnalysis,
     SubspaceSettings,
     analyze_layers,
     build_asnet_from_teacher,
+    cut_model,
     default_sketch_size,
+    is_registered_teacher,
     parse_rank,
 )
+from odekit.methods.evaluation import agreement, compare_latency
 from odekit.writers.plots import new_figure, save_figure
 
 EPILOG = """Examples:
@@ -57,7 +69,11 @@ singular-value spectrum (spectrum.png, thesis fig. 6.5a) and logistic regression
 features. --cut L: ASNet = layers 1..L (with the BN/activation/pooling after L) + active-subspace
 layer + degree-p Hermite PCE fitted to the teacher's logits, then optional distillation
 fine-tuning (loss = beta KL(teacher||student) + (1-beta) CE) and L1 proximal steps (--sparse,
-ASNet-s). Writes asnet.safetensors, spectrum.png, baselines.png, report.json, report.md.
+ASNet-s). A model that is not a plain chain of modules (residual blocks, custom forward, .pt2)
+is cut by splitting its traced graph after layer L; inside a residual block the skip tensor
+is part of the cut (n_l counts both). Writes asnet.safetensors (asnet.pt2, a self-contained
+torch.export program, when the teacher's architecture is not an odekit one), spectrum.png,
+baselines.png, report.json, report.md.
 FLOPs are 2 x multiply-adds per sample.
 """
 
@@ -151,6 +167,11 @@ def asnet_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -161,7 +182,7 @@ def asnet_command(
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
-    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     analyze = analyze or layers is not None
     params: dict[str, Any] = {
         "analyze": analyze, "layers": layers, "cut": cut, "rank": rank, "eps": eps, "degree": degree,
@@ -186,21 +207,25 @@ def asnet_command(
         if cut is not None:
             settings = ASNetSettings(
                 cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, head_lr=head_lr, beta=beta,
-                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
+                sparse=sparse, l1=l1, baselines=baselines, latency=False, subspace=sub,  # timed interleaved below
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None
         spectrum_path = ctx.path("spectrum.png")
         baselines_path = ctx.path("baselines.png") if baselines else None
 
         loaded = load_checkpoint(ctx, model_opts)
-        dataset = load_data(ctx, loaded, data, data_dir)
+        require_python_module(loaded, "asnet")
+        if model_path is not None and not is_registered_teacher(loaded.meta.arch):
+            # no registry entry rebuilds the teacher: a self-contained torch.export program
+            model_path = ctx.path("asnet.pt2")
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = loaded.input_shape or dataset.input_shape
         results: dict[str, Any] = {}
         tables: list[ResultTable] = []
         headline: list[str] = []
         analyses: list[LayerAnalysis] = []
         if analyze:
-            chain = ChainModel(loaded.model, shape)
+            chain = cut_model(loaded.model, shape)
             analyses = analyze_layers(
                 chain, layers, dataset, sub, ctx.device, logreg=baselines, progress=ctx.progress, dist=ctx.dist
             )
@@ -214,6 +239,7 @@ def asnet_command(
             for warning in built.warnings:
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
             res = built.results
+            res.update(_fidelity_and_latency(loaded.model, built.model, dataset, batch_size, latency, ctx.device))
             step = {
                 "command": "asnet",
                 "cut": res["cut"]["index"],
@@ -225,7 +251,10 @@ def asnet_command(
             }
             meta = loaded.meta.derived("asnet", built.args, step, source=loaded.sha256)
             meta.extra = {"test_accuracy": res["asnet"]["accuracy"], "teacher_accuracy": res["teacher"]["accuracy"]}
-            save_model(model_path, built.model, meta, force=ctx.force)
+            if built.registered:
+                save_model(model_path, built.model, meta, force=ctx.force)
+            else:
+                save_exported(model_path, built.model, tuple(shape), meta.to_json(), force=ctx.force)
             results.update(res)
             results["checkpoint"] = str(model_path)
             if not any(a.cut.index == built.cut_analysis.cut.index for a in analyses):
@@ -250,6 +279,22 @@ def asnet_command(
         return CommandOutput(results=results, tables=tables, headline=headline)
 
     run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
+
+
+def _fidelity_and_latency(
+    teacher: torch.nn.Module, student: torch.nn.Module, dataset: Dataset, batch_size: int, timed: bool, device: torch.device
+) -> dict[str, Any]:
+    """Issue 11: top-1 agreement and mean KL on the test split; latency timed teacher/ASNet interleaved."""
+    out: dict[str, Any] = agreement(teacher, student, dataset.test, device=device)
+    out.pop("samples")
+    if timed:
+        out["latency"], out["latency_ms"] = {}, {}
+        for label, x, repeats in (("batch1", dataset.test.x[:1], 20), (f"batch{min(len(dataset.test), batch_size)}", dataset.test.x[:batch_size], 5)):
+            comparison = compare_latency(teacher, student, x, device, warmup=2, repeats=repeats)
+            out["latency"][label] = comparison.to_dict()
+            out["latency_ms"][f"teacher_ms_{label}"] = statistics.median(comparison.teacher_ms)
+            out["latency_ms"][f"asnet_ms_{label}"] = statistics.median(comparison.student_ms)
+    return out
 
 
 def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:

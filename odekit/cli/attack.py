@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from torch import Tensor, nn
 
 from odekit.cli.common import load_checkpoint, load_data
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CommonOptions,
@@ -21,10 +24,14 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
@@ -32,19 +39,12 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import DataError, UsageError
 from odekit.io.datasets import Dataset
+from odekit.io.preprocessing import Preprocessing
 from odekit.methods.attacks import (
     ATTACKS,
-    ActiveSubspaceSettings,
-    ADefSettings,
-    Attack,
-    DeepFoolSettings,
-    FGSMSettings,
     PerSampleAttack,
-    PGDSettings,
-    UAPSettings,
+    SolverSpec,
     UniversalAttack,
-    UniversalSettings,
-    parse_norm,
     parse_solver_spec,
     pixel_model,
     with_solver,
@@ -52,12 +52,16 @@ from odekit.methods.attacks import (
 from odekit.methods.attacks.experiments import (
     AttackRun,
     Scoring,
+    combine_seeds,
+    curve_csv,
     matrix_experiment,
     per_sample_experiment,
+    sweep_plot,
     universal_experiment,
 )
+from odekit.methods.attacks.plan import AttackPlan, build_plan, parse_budgets, parse_seeds
 from odekit.methods.attacks.space import BUDGET_UNITS, budget_scale
-from odekit.writers.atomic import atomic_write_with
+from odekit.writers.atomic import atomic_write_text, atomic_write_with
 from odekit.writers.plots import save_figure
 
 ATTACK = "Attack options"
@@ -65,15 +69,15 @@ UNIVERSAL = "Universal attack options"
 PER_SAMPLE = "Per-sample attack options"
 TRANSFER = "Transfer options"
 
-DEFAULT_DELTA = {"2": 3.0, "inf": 0.15}
-DEFAULT_EPS = {"2": [0.5], "inf": [8 / 255]}  # RobustBench budgets, pixel units
-DEFAULT_ADEF_EPS = [1.0]  # pixels of displacement
-
 EPILOG = f"""Examples:
 
   odekit attack checkpoints/lenet300_digits.safetensors --method active-subspace --delta 3 -o runs/as
 
   odekit attack checkpoints/lenet5_digits.safetensors --method uap --delta 3 --max-passes 10 --json
+
+  odekit attack checkpoints/lenet5_digits.safetensors --method active-subspace --delta 1,2,3,4 --seeds 0,1,2
+
+  odekit attack checkpoints/lenet5_digits.safetensors --method as+uap --delta 3 --target 7
 
   odekit attack checkpoints/lenet5_digits.safetensors --method pgd --norm inf --eps 2/255,4/255,8/255 --restarts 2
 
@@ -88,118 +92,12 @@ Methods: {ATTACKS.help_text()}.
 Budgets (--delta, --eps) are norms in [0, 1] pixel units, whatever normalisation the model uses
 (RobustBench: linf 8/255, l2 0.5); reports give universal vector norms in pixel and in
 model-input units. For adef, --eps is the largest displacement (T-norm) in pixels.
+Several budgets give one report with a row per budget (+ curve.csv; universal: fooling_rate.png):
+active-subspace and random are fitted once and scaled, deepfool and adef run once and are clipped
+per budget, the others rerun per budget. Rates come with n and a Wilson 95% interval.
 Solver specs: SOLVER[:STEPS[:U]], e.g. euler:2, rk2:8, rk2:4:1.0, rk4:4, dopri5.
 --matrix rows are sources (generated on), columns targets (evaluated on).
 """
-
-
-def parse_budgets(text: str, what: str = "--eps") -> list[float]:
-    """'0.01,2/255,0.5' -> floats; every value must be positive."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(Fraction(part)) if "/" in part else float(part)
-        except (ValueError, ZeroDivisionError) as exc:
-            raise UsageError(
-                f"cannot read {what} value '{part}'",
-                "give numbers like 0.5 or 8/255, comma-separated",
-            ) from exc
-        if not value > 0 or value == float("inf"):
-            raise UsageError(
-                f"{what} values must be positive and finite, got {part}",
-                "budgets are norms in [0, 1] pixel units",
-            )
-        values.append(value)
-    if not values:
-        raise UsageError(f"{what} is empty", "give numbers like 0.5 or 8/255, comma-separated")
-    return values
-
-
-@dataclass(frozen=True)
-class AttackPlan:
-    """The parsed options: which attack, which budgets, which models play which role."""
-
-    method: str
-    norm: str
-    budgets: list[float]
-    attack: Attack
-
-    @property
-    def universal(self) -> bool:
-        return isinstance(self.attack, UniversalAttack)
-
-    @property
-    def norm_label(self) -> str:
-        return self.attack.norm_label if isinstance(self.attack, PerSampleAttack) else self.norm
-
-
-def build_plan(
-    method: str, norm: str, delta: float | None, eps: str | None, opts: dict[str, Any],
-    scale: float = 1.0,
-) -> AttackPlan:  # fmt: skip
-    """`scale` converts given budgets to pixel units (model-unit budgets times the std)."""
-    cls = ATTACKS.get(method)
-    name = ATTACKS.entry(method).name
-    norm = parse_norm(norm)
-    if delta is not None:
-        delta = delta * scale
-    if issubclass(cls, UniversalAttack):
-        if eps is not None:
-            raise UsageError(
-                f"--eps is for per-sample attacks; {name} is universal",
-                "give its budget with --delta",
-            )
-        budget = DEFAULT_DELTA[norm] if delta is None else delta
-        if name == "active-subspace":
-            settings: Any = ActiveSubspaceSettings(
-                norm=norm,
-                delta=budget,
-                s0=opts["s0"],
-                gamma=opts["gamma"],
-                backtrack=opts["backtrack"],
-                alpha=opts["alpha"],
-                max_iter=opts["max_iter"],
-            )
-        elif name == "uap":
-            settings = UAPSettings(
-                norm=norm,
-                delta=budget,
-                max_passes=opts["max_passes"],
-                target_fooling=opts["target_fooling"],
-            )
-        else:
-            settings = UniversalSettings(norm=norm, delta=budget)
-        return AttackPlan(name, norm, [budget], cls(settings))
-    if delta is not None:
-        raise UsageError(
-            f"--delta is for universal attacks; {name} is per-sample",
-            "give its budget(s) with --eps",
-        )
-    if name == "adef":
-        if scale != 1.0:
-            raise UsageError("adef budgets are displacements in pixels; --units model does not apply to them",
-                             "drop --units model")  # fmt: skip
-        budgets = DEFAULT_ADEF_EPS if eps is None else parse_budgets(eps)
-        settings = ADefSettings(steps=opts["steps"] or 50, sigma=opts["sigma"])
-        return AttackPlan(name, "T", budgets, cls(settings))
-    budgets = DEFAULT_EPS[norm] if eps is None else [b * scale for b in parse_budgets(eps)]
-    backend = opts["backend"]
-    if name == "fgsm":
-        settings = FGSMSettings(norm=norm, backend=backend)
-    elif name == "pgd":
-        settings = PGDSettings(
-            norm=norm,
-            backend=backend,
-            steps=opts["steps"],
-            random_start=opts["random_start"],
-            restarts=opts["restarts"],
-        )
-    else:
-        settings = DeepFoolSettings(norm=norm, backend=backend, steps=opts["steps"] or 50)
-    return AttackPlan(name, norm, budgets, cls(settings))
 
 
 @dataclass
@@ -220,10 +118,11 @@ def _load_player(
     model_opts: dict[str, Any],
     data: str | None,
     data_dir: Path | None,
+    prep: Preprocessing | None = None,
 ) -> Player:
     loaded = load_checkpoint(ctx, ModelOptions(checkpoint=path, **model_opts), key=key)
     data_key = "data" if key == "checkpoint" else f"{key}_data"
-    dataset = load_data(ctx, loaded, data, data_dir, key=data_key)
+    dataset = load_data(ctx, loaded, data, data_dir, key=data_key, prep=prep)
     return Player(path.stem, path, loaded.sha256, pixel_model(loaded.model, dataset), dataset)
 
 
@@ -248,7 +147,7 @@ def _write_tensors(
 ) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous().float() for k, v in tensors.items()}
+    state = {k: v.detach().cpu().float().clone().contiguous() for k, v in tensors.items()}
     meta = {"odekit_attack": json.dumps(metadata, sort_keys=True), "format": "pt"}
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta), force)
 
@@ -265,124 +164,183 @@ def _mode(source: Player | None, specs: tuple[Any, Any]) -> str:
     return "white-box"
 
 
-def _scoring(ctx: CommandContext, batch_size: int, source: Player | None = None,
+@dataclass(frozen=True)
+class Roles:
+    """The scored model, the model that generates the attack (itself unless --source) and the
+    solvers each integrates with."""
+
+    target: Player
+    source: Player | None
+    specs: tuple[SolverSpec | None, SolverSpec | None]
+
+    @property
+    def generator(self) -> Player:
+        return self.source or self.target
+
+    def models(self) -> tuple[nn.Module, nn.Module]:
+        return (with_solver(self.generator.model, self.specs[0], "--attack-solver"),
+                with_solver(self.target.model, self.specs[1], "--eval-solver"))  # fmt: skip
+
+
+def _scoring(ctx: CommandContext, batch_size: int, seed: int, source: Player | None = None,
              specs: tuple[Any, Any] = (None, None)) -> Scoring:  # fmt: skip
     return Scoring(
-        seed=ctx.seed, batch_size=batch_size, device=ctx.device, progress=ctx.progress,
+        seed=seed, batch_size=batch_size, device=ctx.device, progress=ctx.progress,
         transfer=source is not None or specs != (None, None), mode=_mode(source, specs),
     )  # fmt: skip
 
 
-def _save(ctx: CommandContext, paths: dict[str, Path], run: AttackRun, tensors_name: str | None) -> None:
+def _over_seeds(seeds: list[int], experiment: Callable[[int], AttackRun]) -> AttackRun:
+    """The first seed's run, with mean and spread over all seeds added to its results."""
+    runs = [experiment(seed) for seed in seeds]
+    if len(seeds) > 1:
+        runs[0].results.update(combine_seeds(runs, seeds))
+    return runs[0]
+
+
+def _save(ctx: CommandContext, paths: dict[str, Path], run: AttackRun, tensors_name: str | None,
+          plan: AttackPlan) -> None:  # fmt: skip
     if tensors_name is not None:
         _write_tensors(paths[tensors_name], run.tensors, run.metadata, ctx.force)
+    if "curve.csv" in paths:
+        run.results["curve_csv_path"] = str(paths["curve.csv"])
+        atomic_write_text(paths["curve.csv"], curve_csv(run.results), ctx.force)
+    if "fooling_rate.png" in paths:
+        run.results["curve_figure_path"] = str(paths["fooling_rate.png"])
+        run.figures["fooling_rate.png"] = sweep_plot(run.results, plan.attack.distance)
     for name, figure in run.figures.items():
         save_figure(figure, paths[name], ctx.force)
+
+
+def _rate(point: dict[str, Any], key: str) -> str:
+    low, high = point[f"{key}_ci95"]
+    return f"{100 * point[key]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _seed_column(results: dict[str, Any], i: int) -> list[str]:
+    if "across_seeds" not in results:
+        return []
+    stats = results["across_seeds"][i]["fooling_rate_test"]
+    return [f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}%"]
+
+
+def _seed_header(results: dict[str, Any]) -> list[str]:
+    n = len(results.get("seeds", []))
+    return [f"test fooling over {n} seeds"] if n else []
 
 
 def _universal(
     ctx: CommandContext,
     paths: dict[str, Path],
     plan: AttackPlan,
-    target: Player,
-    source: Player | None,
-    specs: tuple[Any, Any],
+    roles: Roles,
+    seeds: list[int],
     fit_samples: int,
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
     vec_path, fig_path = paths["perturbation.safetensors"], paths["attack.png"]
-    gen_player = source or target
     attack = plan.attack
     assert isinstance(attack, UniversalAttack)
-    run = universal_experiment(
-        attack,
-        with_solver(gen_player.model, specs[0], "--attack-solver"),
-        with_solver(target.model, specs[1], "--eval-solver"),
-        gen_player.data,
-        target.data,
-        _scoring(ctx, batch_size, source, specs),
-        fit_samples=fit_samples,
-        eval_samples=eval_samples,
-        provenance={
-            "model_sha256": gen_player.sha256,
-            "model_path": str(gen_player.path),
-            "target_sha256": target.sha256,
-        },
-    )
+    attack_model, eval_model = roles.models()
+    gen = roles.generator
+    provenance = {"model_sha256": gen.sha256, "model_path": str(gen.path),
+                  "target_sha256": roles.target.sha256}  # fmt: skip
+    run = _over_seeds(seeds, lambda seed: universal_experiment(
+        attack, attack_model, eval_model, gen.data, roles.target.data,
+        _scoring(ctx, batch_size, seed, roles.source, roles.specs),
+        fit_samples=fit_samples, eval_samples=eval_samples, provenance=provenance,
+        budgets=plan.budgets,
+    ))  # fmt: skip
     results = run.results
     results["perturbation_path"], results["figure_path"] = str(vec_path), str(fig_path)
-    _save(ctx, paths, run, "perturbation.safetensors")
+    _save(ctx, paths, run, "perturbation.safetensors", plan)
+    curve = results["curve"]
+    norm = plan.norm
     rows = [
-        [
-            "fooling rate (fit / test)",
-            f"{_fmt(results['fooling_rate_fit'])} / {_fmt(results['fooling_rate_test'])}",
-        ],
-        [
-            "accuracy (clean -> attacked)",
-            f"{_fmt(results['clean_accuracy'])} -> {_fmt(results['robust_accuracy'])}",
-        ],
-        [
-            f"||v||_{plan.norm} (pixel / model units)",
-            f"{_fmt(results['norm_pixel'])} / {_fmt(results['norm_model'])}",
-        ],
-        ["seconds", _fmt(results["seconds"])],
-        ["perturbation", str(vec_path)],
-    ]
+        [_fmt(p["delta"]), _rate(p, "fooling_rate_test"), _fmt(p["fooling_rate_fit"]),
+         _fmt(p["robust_accuracy"]), _fmt(p["norm_pixel"]), _fmt(p["seconds"]),
+         *_seed_column(results, i)]
+        for i, p in enumerate(curve)
+    ]  # fmt: skip
+    headers = ["delta (px)", "test fooling [95% CI]", "fit fooling", "robust accuracy",
+               f"||v||_{norm} (px)", "seconds", *_seed_header(results)]  # fmt: skip
+    what = "test fooling rate" if attack.target is None else f"targeted success (class {attack.target})"
     headline = [
-        f"{plan.method}: test fooling rate {100 * results['fooling_rate_test']:.1f}% at ||v||_{plan.norm} = "
-        f"{results['norm_pixel']:.4g} (pixels), {results['seconds']:.2f} s"
+        f"{plan.method}: {what} "
+        + ", ".join(f"{_rate(p, 'fooling_rate_test')} @ ||v||_{norm} <= {p['delta']:.4g}" for p in curve)
+        + f" (pixels, n={curve[0]['fooling_samples_test']}); {results['seconds']:.2f} s"
+        + (f", of which {results['fit_seconds']:.2f} s shared fit" if results["fit_seconds"] else "")
     ]
-    return CommandOutput(
-        results, [ResultTable("Universal attack", ["quantity", "value"], rows)], headline
-    )
+    title = "Universal attack" + (" (sweep)" if len(curve) > 1 else "")
+    return CommandOutput(results, [ResultTable(title, headers, rows)], headline)
 
 
 def _per_sample(
     ctx: CommandContext,
     paths: dict[str, Path],
     plan: AttackPlan,
-    target: Player,
-    source: Player | None,
-    specs: tuple[Any, Any],
+    roles: Roles,
+    seeds: list[int],
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
-    gen_player = source or target
     attack = plan.attack
     assert isinstance(attack, PerSampleAttack)
-    run = per_sample_experiment(
-        attack,
-        plan.budgets,
-        with_solver(gen_player.model, specs[0], "--attack-solver"),
-        with_solver(target.model, specs[1], "--eval-solver"),
-        target.data,
-        _scoring(ctx, batch_size, source, specs),
-        eval_samples=eval_samples,
-        provenance={"model_sha256": gen_player.sha256, "target_sha256": target.sha256},
-    )
+    attack_model, eval_model = roles.models()
+    provenance = {"model_sha256": roles.generator.sha256, "target_sha256": roles.target.sha256}
+    run = _over_seeds(seeds, lambda seed: per_sample_experiment(
+        attack, plan.budgets, attack_model, eval_model, roles.target.data,
+        _scoring(ctx, batch_size, seed, roles.source, roles.specs),
+        eval_samples=eval_samples, provenance=provenance,
+    ))  # fmt: skip
     results = run.results
     results["perturbation_path"] = str(paths["perturbations.safetensors"])
     results["figure_path"] = str(paths["attack.png"])
     results["curve_path"] = str(paths["robust_accuracy.png"])
-    _save(ctx, paths, run, "perturbations.safetensors")
+    _save(ctx, paths, run, "perturbations.safetensors", plan)
     curve = results["curve"]
     rows = [
-        [
-            _fmt(p["eps"]),
-            _fmt(p["robust_accuracy"]),
-            _fmt(p["fooling_rate"]),
-            _fmt(p["mean_size"]),
-            _fmt(p["seconds"]),
-        ]
-        for p in curve
-    ]
-    headers = ["eps", "robust accuracy", "fooling rate", "mean size", "seconds"]
+        [_fmt(p["eps"]), _rate(p, "robust_accuracy"), _rate(p, "fooling_rate"),
+         _fmt(p["mean_size"]), _fmt(p["seconds"]), *_seed_column(results, i)]
+        for i, p in enumerate(curve)
+    ]  # fmt: skip
+    headers = ["eps", "robust accuracy [95% CI]", "fooling rate [95% CI]", "mean size",
+               "seconds", *_seed_header(results)]  # fmt: skip
     headline = [
         f"{plan.method}: clean accuracy {100 * results['clean_accuracy']:.1f}%, robust accuracy "
         + ", ".join(f"{100 * p['robust_accuracy']:.1f}% @ {p['eps']:.4g}" for p in curve)
+        + f" (n={results['test_samples']})"
     ]
     return CommandOutput(results, [ResultTable("Robust accuracy", headers, rows)], headline)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+    )
+
+
+@contextlib.contextmanager
+def _solver_memory_guard(specs: tuple[SolverSpec | None, SolverSpec | None]) -> Iterator[None]:
+    """An out-of-memory while integrating with a fixed-step solver given on the command line is
+    blamed on its step count (memory for the gradient grows with steps x batch), not on
+    --batch-size alone."""
+    try:
+        yield
+    except BaseException as exc:
+        given = [(role, spec) for role, spec in zip(("--attack-solver", "--eval-solver"), specs,
+                                                      strict=True) if spec is not None]  # fmt: skip
+        if not given or not _is_out_of_memory(exc):
+            raise
+        named = ", ".join(f"{role} {spec}" for role, spec in given)
+        raise UsageError(
+            f"out of memory while running the ODE blocks with {named}",
+            "every solver step keeps its states for the gradient: lower the step count "
+            "(or --batch-size, --fit-samples, --eval-samples)",
+        ) from exc
 
 
 def _matrix(
@@ -396,7 +354,7 @@ def _matrix(
     batch_size: int,
 ) -> CommandOutput:
     if len(plan.budgets) != 1:
-        raise UsageError("--matrix takes one budget", "give a single --eps value")
+        raise UsageError("--matrix takes one budget", f"give a single --{plan.attack.budget_name} value")
     _same_inputs(players)
     attack = plan.attack
     assert isinstance(attack, UniversalAttack | PerSampleAttack)
@@ -406,13 +364,13 @@ def _matrix(
         [(p.label, with_solver(p.model, specs[0], "--attack-solver")) for p in players],
         [(p.label, with_solver(p.model, specs[1], "--eval-solver")) for p in players],
         players[0].data,
-        _scoring(ctx, batch_size),
+        _scoring(ctx, batch_size, ctx.seed),
         fit_samples=fit_samples,
         eval_samples=eval_samples,
     )
     results = run.results
     results["figure_path"] = str(paths["matrix.png"])
-    _save(ctx, paths, run, None)
+    _save(ctx, paths, run, None, plan)
     names = results["matrix"]["targets"]
     rows = [
         [f"{n} (source)", *[f"{100 * v:.1f}%" for v in row]]
@@ -450,10 +408,20 @@ def attack_command(
         ),
     ] = "2",
     delta: Annotated[
-        float | None,
+        str | None,
         typer.Option(
             "--delta",
-            help="Universal budget ||v|| in [0,1] pixel units [default: 3.0 for l2, 0.15 for linf].",
+            help="Universal budget(s) ||v|| in [0,1] pixel units, comma-separated for a sweep "
+            "(one report, a row per budget) [default: 3.0 for l2, 0.15 for linf].",
+            show_default=False,
+            rich_help_panel=UNIVERSAL,
+        ),
+    ] = None,
+    target: Annotated[
+        int | None,
+        typer.Option(
+            "--target",
+            help="Universal: targeted attack, push inputs to this class (success = predicted as it).",
             show_default=False,
             rich_help_panel=UNIVERSAL,
         ),
@@ -497,6 +465,29 @@ def attack_command(
             "--max-iter", help="Active subspace: iteration limit.", rich_help_panel=UNIVERSAL
         ),
     ] = 100,
+    sweep_refine: Annotated[
+        int,
+        typer.Option(
+            "--sweep-refine",
+            help="Active subspace sweeps: warm-started iterations per budget below the largest "
+            "(0: scale the largest budget's vector only).",
+            rich_help_panel=UNIVERSAL,
+        ),
+    ] = 3,
+    k: Annotated[
+        int,
+        typer.Option(
+            "--k", help="as-k: dimension of the active subspace searched.", rich_help_panel=UNIVERSAL
+        ),
+    ] = 16,
+    subspace_steps: Annotated[
+        int,
+        typer.Option(
+            "--subspace-steps",
+            help="as-k: projected gradient steps in the subspace.",
+            rich_help_panel=UNIVERSAL,
+        ),
+    ] = 20,
     fit_samples: Annotated[
         int,
         typer.Option(
@@ -579,6 +570,16 @@ def attack_command(
             rich_help_panel=ATTACK,
         ),
     ] = "pixel",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Repeat the run for each seed (comma-separated; fit/eval samples and attack "
+            "randomness) and report mean and spread [default: --seed once].",
+            show_default=False,
+            rich_help_panel=ATTACK,
+        ),
+    ] = None,
     eval_samples: Annotated[
         int | None,
         typer.Option(
@@ -627,6 +628,11 @@ def attack_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -645,11 +651,15 @@ def attack_command(
         "norm": norm,
         "delta": delta,
         "eps": eps,
+        "target": target,
         "s0": s0,
         "gamma": gamma,
         "backtrack": backtrack,
         "alpha": alpha,
         "max_iter": max_iter,
+        "sweep_refine": sweep_refine,
+        "k": k,
+        "subspace_steps": subspace_steps,
         "fit_samples": fit_samples,
         "max_passes": max_passes,
         "target_fooling": target_fooling,
@@ -663,24 +673,43 @@ def attack_command(
         "eval_solver": eval_solver,
         "matrix": matrix,
         "units": units,
+        "seeds": seeds,
         "batch_size": batch_size,
         "seed": seed,
     }
-    model_opts = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint}
+    model_opts = {"arch": arch, "num_classes": num_classes, "trust_checkpoint": trust_checkpoint, "arch_args": arch_args}
 
     def body(ctx: CommandContext) -> CommandOutput:
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
         unit = units.strip().lower()
         if unit not in BUDGET_UNITS:
             raise UsageError(f"unknown budget units '{units}'", f"choose one of: {', '.join(BUDGET_UNITS)}")
         if unit == "model" and delta is None and eps is None:
             raise UsageError("--units model needs an explicit budget", "give --delta (universal) or --eps (per-sample)")
-        base_plan = build_plan(method, norm, delta, eps, params)  # validates options before loading
+        # settings are built from these by field name (odekit.methods.attacks.plan)
+        options = {
+            **{key: params[key] for key in ("norm", "target", "s0", "gamma", "backtrack", "alpha",
+                                            "max_iter", "sweep_refine", "k", "subspace_steps", "max_passes",
+                                            "target_fooling", "steps", "restarts", "random_start",
+                                            "backend", "sigma")},
+            "delta": parse_budgets(delta, "--delta") if delta is not None else None,
+            "eps": parse_budgets(eps, "--eps") if eps is not None else None,
+        }  # fmt: skip
+        base_plan = build_plan(method, options)  # validates options before loading
+        seed_list = parse_seeds(seeds) if seeds is not None else [ctx.seed]
+        budget_option = f"--{base_plan.attack.budget_name}"
 
         def resolve(players: list[Player]) -> AttackPlan:
             """The plan with budgets in pixels, once the models' normalisation is known."""
             final = base_plan
             if unit == "model":
-                final = build_plan(method, norm, delta, eps, params, budget_scale([p.data for p in players]))
+                final = build_plan(method, options, budget_scale([p.data for p in players]))
+            for p in players:
+                final.attack.distance.check_budgets(final.budgets, p.data.input_shape, budget_option)
+                if target is not None and target >= p.data.num_classes:
+                    raise UsageError(f"--target {target} is not a class of '{p.path}' "
+                                     f"({p.data.num_classes} classes)",
+                                     f"give a class in [0, {p.data.num_classes - 1}]")  # fmt: skip
             ctx.params["resolved"] = {
                 "method": final.method,
                 "budgets": final.budgets,
@@ -693,22 +722,25 @@ def attack_command(
             parse_solver_spec(attack_solver) if attack_solver else None,
             parse_solver_spec(eval_solver) if eval_solver else None,
         )
+        sweep = len(base_plan.budgets) > 1
         if matrix:
             names = ["matrix.png"]
         elif base_plan.universal:
             names = ["perturbation.safetensors", "attack.png"]
+            names += ["curve.csv", "fooling_rate.png"] if sweep else []
         else:
             names = ["perturbations.safetensors", "attack.png", "robust_accuracy.png"]
+            names += ["curve.csv"] if sweep else []
         paths = {name: ctx.path(name) for name in names}  # claimed before any heavy work
         if matrix:
             if len(checkpoints) < 2:
                 raise UsageError(
                     "--matrix needs at least two checkpoints", "odekit attack --matrix A B C ..."
                 )
-            if source is not None:
+            if source is not None or seeds is not None:
                 raise UsageError(
-                    "--matrix and --source do not combine",
-                    "--matrix already uses every model as a source",
+                    f"--matrix and {'--source' if source is not None else '--seeds'} do not combine",
+                    "--matrix already uses every model as a source; it runs with --seed",
                 )
             players = [
                 _load_player(
@@ -718,30 +750,35 @@ def attack_command(
                     model_opts,
                     data,
                     data_dir,
+                    prep,
                 )
                 for i, p in enumerate(checkpoints)
             ]
-            output = _matrix(ctx, paths, resolve(players), players, specs, fit_samples, eval_samples, batch_size)
+            plan = resolve(players)
+            with _solver_memory_guard(specs):
+                output = _matrix(ctx, paths, plan, players, specs, fit_samples, eval_samples, batch_size)
         else:
             if len(checkpoints) != 1:
                 raise UsageError(
                     f"got {len(checkpoints)} checkpoints",
                     "attack one model, or pass --matrix for a transfer matrix",
                 )
-            target = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir)
-            src = _load_player(ctx, source, "source", model_opts, data, data_dir) if source is not None else None
+            tgt = _load_player(ctx, checkpoints[0], "checkpoint", model_opts, data, data_dir, prep)
+            src = _load_player(ctx, source, "source", model_opts, data, data_dir, prep) if source is not None else None
             if src is not None:
-                _same_inputs([target, src])
-            plan = resolve([target] if src is None else [target, src])
-            if plan.universal:
-                output = _universal(ctx, paths, plan, target, src, specs, fit_samples, eval_samples, batch_size)
-            else:
-                output = _per_sample(ctx, paths, plan, target, src, specs, eval_samples, batch_size)
+                _same_inputs([tgt, src])
+            plan = resolve([tgt] if src is None else [tgt, src])
+            roles = Roles(tgt, src, specs)
+            with _solver_memory_guard(specs):
+                if plan.universal:
+                    output = _universal(ctx, paths, plan, roles, seed_list, fit_samples, eval_samples, batch_size)
+                else:
+                    output = _per_sample(ctx, paths, plan, roles, seed_list, eval_samples, batch_size)
         # delta/eps in results are always pixel units; record what the user typed and how.
         output.results["budget_units"] = unit
         if unit == "model":  # needs explicit budgets, so the unscaled plan holds them as typed
             given = base_plan.budgets
-            output.results["budget_given"] = given[0] if base_plan.universal else given
+            output.results["budget_given"] = given[0] if base_plan.universal and not sweep else given
         return output
 
     run_command("attack", common, inputs={}, params=params, body=body, run_name=method)

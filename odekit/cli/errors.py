@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 
 import torch
 
-from odekit.errors import OdekitError
+from odekit.errors import OdekitError, os_error_hint
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error, naming the path when there is one."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f": '{exc.filename}'" if exc.filename else ""
+    return f"{reason}{where}. Hint: {os_error_hint(exc)}"
 
 
 def exception_line(exc: BaseException) -> tuple[str, int] | None:
@@ -14,11 +24,13 @@ def exception_line(exc: BaseException) -> tuple[str, int] | None:
     if isinstance(exc, OdekitError):
         return exc.one_line(), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", 130
+        signum = getattr(exc, "signum", 2)
+        line = "interrupted" if signum == 2 else f"interrupted by {exc} (signal {signum})"
+        return line, 128 + signum
     if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
         return "out of memory. Hint: lower --batch-size or the number of samples, or use another --device", 1
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.strerror or exc}: '{exc.filename}'. Hint: check the path and its permissions", 1
+    if isinstance(exc, OSError):
+        return os_error_line(exc), 1
     return None
 
 
@@ -42,3 +54,15 @@ def report_exception(exc: BaseException, debug: bool, prefix: str = "") -> int:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"Error: {prefix}{line}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def captured_warnings(debug: bool) -> Iterator[None]:
+    """Third-party warnings (torch's deprecations...) are noise to users: shown only with --debug."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for item in caught if debug else []:
+                print(f"warning: {item.category.__name__}: {item.message} ({item.filename}:{item.lineno})", file=sys.stderr)

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 import odekit.models.zoo  # noqa: F401  (registers the zoo for the --arch list)
-from odekit.cli.errors import report_exception
+from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     CheckpointArg,
     DebugOpt,
@@ -24,6 +25,8 @@ from odekit.cli.options import (
 from odekit.device import set_threads
 from odekit.errors import UsageError
 from odekit.io.checkpoints import load_model
+from odekit.io.preprocessing import parse_input_shape
+from odekit.io.user_arch import parse_arch_args
 from odekit.models.layers import layer_table
 from odekit.models.registry import ARCHITECTURES
 from odekit.writers.report import to_jsonable
@@ -35,6 +38,10 @@ EPILOG = """Examples:
   odekit info checkpoints/lenet300_digits.safetensors --json | jq '.layers[].flops'
 
   odekit info resnet20.pt --arch resnet20 --num-classes 10
+
+  odekit info vgg19_state.pth --arch myvgg.py:VGG --arch-args '{{"vgg_name": "VGG19"}}' --input-shape 3,32,32
+
+  odekit info model.pt2   (torch.export archive: no code or options needed; docs/own-models.md)
 
 FLOPs are 2 x multiply-adds of conv/linear layers per sample (torch FlopCounterMode's convention).
 
@@ -49,6 +56,7 @@ def info_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
     input_shape: Annotated[
         str | None, typer.Option("--input-shape", help="Input shape C,H,W (or D) when the checkpoint does not record it.")
     ] = None,
@@ -58,13 +66,17 @@ def info_command(
 ) -> None:
     """List a model's compute layers (index, name, type, shapes, params, FLOPs)."""
     try:
-        set_threads(threads)
-        loaded = load_model(checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
-        shape = _parse_shape(input_shape) if input_shape else loaded.input_shape
-        if shape is None:
-            raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
-        summary = layer_table(loaded.model, shape)
-    except Exception as exc:
+        with captured_warnings(debug):
+            set_threads(threads)
+            loaded = load_model(
+                checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
+                arch_args=parse_arch_args(arch_args),
+            )
+            shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
+            if shape is None:
+                raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
+            summary = layer_table(loaded.model, shape)
+    except (Exception, KeyboardInterrupt) as exc:
         raise typer.Exit(report_exception(exc, debug)) from None
     payload = {
         "checkpoint": str(checkpoint),
@@ -95,12 +107,3 @@ def info_command(
 def _shape(shape: list[int]) -> str:
     return "x".join(str(s) for s in shape)
 
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise UsageError(f"cannot read input shape '{text}'", "write it as C,H,W (e.g. 3,32,32) or D")
-    return shape

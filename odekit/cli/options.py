@@ -16,16 +16,28 @@ DATA = "Data options"
 
 CheckpointArg = Annotated[
     Path,
-    typer.Argument(help="Model checkpoint: .safetensors, .pt/.pth state dict or TorchScript archive.", show_default=False),
+    typer.Argument(
+        help="Model checkpoint: .safetensors, .pt/.pth state dict or pickled model, TorchScript or torch.export (.pt2) archive.",
+        show_default=False,
+    ),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help=f"Where to compute: {'|'.join(DEVICE_CHOICES)}.", rich_help_panel=COMMON)
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (data order, sampling, init).", rich_help_panel=COMMON)]
+
+
+def _out_folder(text: str) -> Path:
+    """--out as given; an empty string would silently mean the working directory (issue 17)."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path would write into the current folder; give a folder (or '.')")
+    return Path(text)
+
+
 OutOpt = Annotated[
     Path | None,
     typer.Option(
-        "--out", "-o", help="Output folder [default: odekit-runs/COMMAND-NAME-TIME].", show_default=False, rich_help_panel=COMMON
+        "--out", "-o", parser=_out_folder, metavar="PATH", help="Output folder [default: odekit-runs/COMMAND-NAME-TIME].", show_default=False, rich_help_panel=COMMON
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.", rich_help_panel=COMMON)]
@@ -45,7 +57,12 @@ ThreadsOpt = Annotated[
 ]
 ArchOpt = Annotated[
     str | None,
-    typer.Option("--arch", help="Architecture of a checkpoint without odekit metadata (see 'odekit info --help').", rich_help_panel=MODEL),
+    typer.Option(
+        "--arch",
+        help="Architecture of a checkpoint without odekit metadata: a zoo name (see 'odekit info --help'), "
+        "torchvision:NAME, module.path:Name or path/to/file.py:Name (docs/own-models.md).",
+        rich_help_panel=MODEL,
+    ),
 ]
 NumClassesOpt = Annotated[
     int | None, typer.Option("--num-classes", min=1, help="Number of classes, with --arch.", rich_help_panel=MODEL)
@@ -92,3 +109,51 @@ class ModelOptions:
     arch: str | None = None
     num_classes: int | None = None
     trust_checkpoint: bool = False
+    arch_args: str | None = None
+
+
+# --- issue 11: bring your own model, explicit preprocessing ---
+ArchArgsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch-args",
+        help='Keyword arguments for --arch as a JSON object, e.g. \'{"num_classes": 10}\'.',
+        show_default=False,
+        rich_help_panel=MODEL,
+    ),
+]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="Input normalisation: data (train-split mean/std) | none ([0,1] pixels) | MEAN,STD | M1,M2,M3/S1,S2,S3 "
+        "[default: the checkpoint's own; none without odekit metadata; data when training from scratch].",
+        show_default=False,
+        rich_help_panel=DATA,
+    ),
+]
+InputShapeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="Model input shape C,H,W (or D); images are resized to it [default: the checkpoint's own, else the data's].",
+        show_default=False,
+        rich_help_panel=DATA,
+    ),
+]
+LayoutOpt = Annotated[
+    str,
+    typer.Option(
+        "--layout", help="Axis order of .npz image arrays: auto | NCHW | NHWC (auto: channels-last if the last axis is 1, 3 or 4).",
+        rich_help_panel=DATA,
+    ),
+]
+PixelMaxOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--pixel-max",
+        help="Value of a white pixel in .npz arrays (pixels are divided by it) [default: 255 for uint8, 1 for floats].",
+        show_default=False,
+        rich_help_panel=DATA,
+    ),
+]

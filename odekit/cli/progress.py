@@ -1,9 +1,12 @@
-"""Rich progress bars on stderr implementing `odekit.progress.Progress`."""
+"""Progress on stderr implementing `odekit.progress.Progress`: rich bars on a terminal, plain lines otherwise."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TypeVar
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TextIO, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -58,3 +61,60 @@ class RichProgress:
             return
         text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         self._progress.update(self._task, metrics=text)
+
+
+class PlainProgress:
+    """Progress for logs (CI, pipes, files): plain stderr lines, never control codes.
+
+    A stage prints a line when it starts and when it ends; in between at most one ``k/n`` line
+    every ``interval`` seconds, so a ten-minute run says something about every ten seconds.
+    """
+
+    def __init__(
+        self, stream: TextIO | None = None, interval: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._clock = clock
+        self._metrics: list[str] = []  # one entry per open stage (stages nest)
+
+    def _print(self, text: str) -> None:
+        print(f"[odekit] {text}", file=self._stream or sys.stderr, flush=True)
+
+    def track(self, iterable: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        of_total = f"/{total}" if total is not None else ""
+        self._print(f"{description}: start" + (f" ({total} steps)" if total is not None else ""))
+        start = last = self._clock()
+        done = 0
+        self._metrics.append("")
+        try:
+            for item in iterable:
+                yield item
+                done += 1
+                now = self._clock()
+                if now - last >= self._interval:
+                    last = now
+                    metrics = f" {self._metrics[-1]}" if self._metrics[-1] else ""
+                    self._print(f"{description}: {done}{of_total} ({now - start:.0f} s){metrics}")
+        finally:
+            metrics = f" {self._metrics.pop()}".rstrip()
+            self._print(f"{description}: end {done}{of_total} in {self._clock() - start:.1f} s{metrics}")
+
+    def update(self, **metrics: float | int | str) -> None:
+        if self._metrics:
+            self._metrics[-1] = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+PROGRESS_ENV = "ODEKIT_PROGRESS"
+
+
+def plain_progress(stderr_is_terminal: bool) -> PlainProgress | None:
+    """Plain lines when stderr is not a terminal (CI, pipes; a terminal with --json stays quiet).
+
+    ``ODEKIT_PROGRESS=off`` silences them (the test suite does, to compare error output exactly),
+    ``ODEKIT_PROGRESS=plain`` forces them even on a terminal.
+    """
+    mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower()
+    if mode == "off" or (mode != "plain" and stderr_is_terminal):
+        return None
+    return PlainProgress()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -18,19 +21,24 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.errors import UnsupportedModelError
-from odekit.io.checkpoints import load_model, save_model
+from odekit.io.checkpoints import ModelMeta, load_model, save_model
+from odekit.io.exported import load_exported, save_exported
+from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
-from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
+from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
 from odekit.methods.ron import RON_ARCH, RonLayerReport, RonResult, RonSettings, build_student
 from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.registry import ARCHITECTURES
@@ -50,7 +58,10 @@ The layer outputs z_k of layers A..B (after BN, activation and max-pool) are app
 V_k c_k with V_k from a streaming frequent-directions SVD over the training samples; rectangular
 maxvol picks P_k = ceil(oversample x R_k) rows and the student propagates only those (Algorithm 1,
 eq. 5.14; residual sums eq. 5.16). Rank rules: {rules}; or an integer R.
-Writes student.safetensors, singular_values.png (thesis fig. 5.1), report.json, report.md.
+Writes student.safetensors (student.pt2, a self-contained torch.export program, when the
+teacher's architecture is not an odekit one), singular_values.png (thesis fig. 5.1), report.json,
+report.md. Any model torch.fx or torch.export can trace works: custom forwards, residual blocks,
+functional activations, .pt2 archives.
 FLOPs are 2 x multiply-adds per sample; latency is the median of timed forward passes of one
 batch of --latency-batch test inputs after warm-up, on --device.
 """
@@ -141,6 +152,11 @@ def reduce_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -153,7 +169,7 @@ def reduce_command(
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
-    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params: dict[str, Any] = {
         "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
         "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
@@ -172,12 +188,13 @@ def reduce_command(
         plot_path = ctx.path("singular_values.png")
 
         loaded = load_checkpoint(ctx, model_opts)
-        if loaded.meta.arch not in ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"the checkpoint's architecture '{loaded.meta.arch}' is not registered, so the student could not be rebuilt",
-                "load it with --arch NAME so odekit knows its architecture",
-            )
-        dataset = load_data(ctx, loaded, data, data_dir)
+        require_python_module(loaded, "reduce")
+        # A student of an architecture no registry entry rebuilds is written as a self-contained
+        # torch.export program instead of weights + metadata.
+        registered = loaded.meta.arch in ARCHITECTURES
+        if not registered:
+            student_path = ctx.path("student.pt2")
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = tuple(loaded.input_shape or dataset.input_shape)
         teacher = loaded.model.to(ctx.device).eval()
         train = dataset.train.subset(samples, seed=seed)
@@ -214,6 +231,11 @@ def reduce_command(
         student.eval()
         student_stats = _stats(student, dataset, shape, example, ctx)
         student_stats["accuracy_before_finetune"] = acc_before
+        # issue 11: fidelity to the teacher, and latency timed teacher/student interleaved
+        fidelity = agreement(teacher, student, dataset.test, device=ctx.device, dist=ctx.dist)
+        latency = compare_latency(teacher, student, example, ctx.device)
+        teacher_stats["latency_ms"] = statistics.median(latency.teacher_ms)
+        student_stats["latency_ms"] = statistics.median(latency.student_ms)
 
         step = {
             "command": "reduce",
@@ -229,8 +251,7 @@ def reduce_command(
             "test_accuracy": student_stats["accuracy"],
             "teacher_accuracy": teacher_stats["accuracy"],
         }
-        save_model(student_path, student, meta, force=ctx.force)
-        reloaded = load_model(student_path).model.to(ctx.device).eval()
+        reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
         with torch.no_grad():
             probe = example[:16].to(ctx.device)
             reload_diff = float((reloaded(probe) - student(probe)).abs().max())
@@ -241,7 +262,7 @@ def reduce_command(
         )
 
         flop_reduction = teacher_stats["flops"] / max(student_stats["flops"], 1)
-        speedup = teacher_stats["latency_ms"] / max(student_stats["latency_ms"], 1e-9)
+        speedup = latency.speedup
         drop = teacher_stats["accuracy"] - student_stats["accuracy"]
         results: dict[str, Any] = {
             "teacher": teacher_stats,
@@ -249,6 +270,9 @@ def reduce_command(
             "flop_reduction": flop_reduction,
             "param_reduction": teacher_stats["params"] / max(student_stats["params"], 1),
             "latency_speedup": speedup,
+            "agreement": fidelity["agreement"],
+            "mean_kl": fidelity["mean_kl"],
+            "latency": latency.to_dict(),
             "accuracy_drop": drop,
             "accuracy_drop_points": 100.0 * drop,
             "ranks": result.ranks,
@@ -264,7 +288,8 @@ def reduce_command(
             "units": {
                 "accuracy": "fraction in [0, 1]",
                 "flops": "2 x multiply-adds per sample",
-                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}",
+                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}, teacher and student interleaved",
+                "mean_kl": "nats, KL(teacher || student) averaged over the test split",
             },
         }
         table = ResultTable(
@@ -299,11 +324,24 @@ def reduce_command(
         headline = [
             f"RON layers {result.first_layer}-{result.last_layer}, ranks {result.ranks}: accuracy "
             f"{100 * student_stats['accuracy']:.2f}% (teacher {100 * teacher_stats['accuracy']:.2f}%, before fine-tuning "
-            f"{100 * acc_before:.2f}%), {flop_reduction:.2f}x fewer FLOPs, latency {speedup:.2f}x faster"
+            f"{100 * acc_before:.2f}%), agreement {100 * fidelity['agreement']:.2f}%, {flop_reduction:.2f}x fewer FLOPs, "
+            f"latency {speedup:.2f}x faster"
         ]
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
+
+
+def _write_student(
+    path: Path, student: torch.nn.Module, meta: ModelMeta, shape: tuple[int, ...], registered: bool, ctx: CommandContext
+) -> torch.nn.Module:
+    """Write the student (safetensors + metadata, or a .pt2 program) and read it back."""
+    if registered:
+        save_model(path, student, meta, force=ctx.force)
+        return load_model(path).model.to(ctx.device).eval()
+    save_exported(path, student.cpu(), shape, meta.to_json(), force=ctx.force)
+    student.to(ctx.device)
+    return load_exported(path)[0].to(ctx.device)
 
 
 def _stats(
@@ -319,7 +357,6 @@ def _stats(
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
-        "latency_ms": measure_latency_ms(model, example, ctx.device, warmup=5, repeats=30),
     }
 
 

@@ -1,13 +1,22 @@
 """The shared life cycle of a subcommand: set up, run the body, write the report, print.
 
-`run_command` resolves the device, seeds every generator, claims output files (refusing to
-overwrite without --force), runs the body, writes report.json + report.md, prints JSON or
-tables on stdout, deletes what it wrote if anything fails, and maps errors to exit codes.
+`run_command` checks numeric options, resolves the device, seeds every generator, locks
+--out (a second run on it fails at once), claims output names (refusing to overwrite without
+--force), runs the body with its outputs going to a private staging folder, writes
+report.json + report.md there, refuses models or vectors holding NaN/inf, then installs the
+whole set in --out at once. On failure, SIGINT, SIGTERM or SIGHUP it removes the staging
+folder, leaving --out as it was, and maps the error to an exit code (130 for Ctrl-C).
+Third-party warnings are captured and shown only with --debug.
+
+Under torchrun (issue 15) every rank runs the body on its share of the work (``ctx.dist``);
+only rank 0 locks --out, writes and prints; the other ranks stage into a private temporary
+folder that is deleted. A failing rank prints its one line and tells the others, and every rank
+exits with status 1 within seconds, leaving --out as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import random
 import shutil
 import sys
@@ -26,9 +35,9 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
-from odekit.cli.errors import exception_line, report_exception, unexpected_line
+from odekit.cli.errors import captured_warnings, exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
-from odekit.cli.progress import RichProgress
+from odekit.cli.progress import RichProgress, plain_progress
 from odekit.device import resolve_device, set_threads
 from odekit.distributed import (
     Distributed,
@@ -38,10 +47,11 @@ from odekit.distributed import (
     read_launch_env,
 )
 from odekit.distributed import current as current_dist
-from odekit.errors import OutputExistsError, UsageError
+from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
-from odekit.writers.atomic import check_writable
+from odekit.writers.guards import check_staged_tensors
 from odekit.writers.report import Report, markdown_table
+from odekit.writers.transaction import OutputTransaction, signals_raise
 
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
@@ -85,19 +95,18 @@ class CommandContext:
     log_console: Console
     inputs: dict[str, Any]
     params: dict[str, Any]
-    claimed: list[Path] = field(default_factory=list)
-    preexisting: set[Path] = field(default_factory=set)
-    created_dirs: list[Path] = field(default_factory=list)
+    transaction: OutputTransaction | None = None
     dist: Distributed = field(default_factory=current_dist)  # issue 15: this rank of a torchrun launch
 
     def path(self, name: str) -> Path:
-        """Claim an output file in --out: fails now, before any work, if it exists."""
-        target = self.out_dir / name
-        check_writable(target, self.force)
-        if target.exists():
-            self.preexisting.add(target)
-        self.claimed.append(target)
-        return target
+        """Claim output ``name``: fails now, before any work, if --out holds it (without --force).
+
+        The path returned lies in the run's private staging folder; the whole set moves to
+        --out when the run succeeds, and paths in the report name their final place.
+        """
+        if self.transaction is None:
+            raise RuntimeError("CommandContext.path() called outside run_command")
+        return self.transaction.claim(name)
 
     def log(self, message: str) -> None:
         self.log_console.print(message, highlight=False)
@@ -107,7 +116,8 @@ def default_out_dir(command: str, name: str | None) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = f"{command}-{name}-{stamp}" if name else f"{command}-{stamp}"
     candidate, n = DEFAULT_RUNS_DIR / base, 1
-    while candidate.exists():
+    # a run still working on a candidate holds its lock and staging next to it: skip those too
+    while candidate.exists() or any(DEFAULT_RUNS_DIR.glob(f".{candidate.name}.odekit*")):
         n += 1
         candidate = DEFAULT_RUNS_DIR / f"{base}-{n}"
     return candidate
@@ -119,39 +129,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _make_dirs(path: Path) -> list[Path]:
-    created = []
-    for parent in reversed([path, *path.parents]):
-        if not parent.exists():
-            created.append(parent)
-    path.mkdir(parents=True, exist_ok=True)
-    return created
+def check_option_values(params: dict[str, Any]) -> None:
+    """Every numeric option is finite and fits 64 bits, whatever command parsed it."""
+    for key, value in params.items():
+        option = f"--{key.replace('_', '-')}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{option} {value} is not a finite number", f"give {option} a finite value")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise UsageError(f"{option} {str(value)[:24]}... is out of range", f"give {option} a value below 2**63")
 
 
-def _cleanup(ctx: CommandContext | None) -> None:
-    """Remove what this run created; files that existed before (--force) are left alone."""
-    if ctx is None:
-        return
-    for target in ctx.claimed:
-        if target not in ctx.preexisting and target.exists():
-            target.unlink()
-    for folder in reversed(ctx.created_dirs):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _end_failed_rank(dist: Distributed, exc: BaseException, debug: bool) -> NoReturn:
-    """A rank of a multi-process run failed: tell the others, print its line, exit at once.
-
-    A peer's failure (`PeerFailedError`) exits 1 silently: the failing rank printed it."""
-    if isinstance(exc, PeerFailedError):
-        dist.exit_after_failure(1)
-    known = exception_line(exc)
-    dist.fail(known[0] if known else unexpected_line(exc))
-    code = 1
-    with contextlib.suppress(BaseException):
-        code = report_exception(exc, debug, prefix=f"rank {dist.rank}: ")
-    dist.exit_after_failure(code)
+def _final_paths(value: Any, staging: str, final: str) -> Any:
+    """Report values with the staging folder replaced by --out (where the files end up)."""
+    if isinstance(value, str):
+        return value.replace(staging, final)
+    if isinstance(value, Path):
+        return Path(str(value).replace(staging, final))
+    if isinstance(value, dict):
+        return {k: _final_paths(v, staging, final) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_final_paths(v, staging, final) for v in value)
+    return value
 
 
 def run_command(
@@ -171,89 +169,134 @@ def run_command(
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
-    ctx: CommandContext | None = None
+    transaction: OutputTransaction | None = None
     dist: Distributed | None = None
     launch: LaunchEnv | None = None
     private_dir: Path | None = None
     try:
-        device = resolve_device(common.device)
-        threads = set_threads(common.threads)
-        launch = read_launch_env()
-        if launch.distributed and not distributed:
-            raise UsageError(
-                f"odekit {command} does not split its work over ranks ({launch.world_size} were launched)",
-                "run it as one process, without torchrun",
+        with signals_raise(), captured_warnings(common.debug):
+            check_option_values({"seed": common.seed, **params})
+            device = resolve_device(common.device)
+            threads = set_threads(common.threads)
+            launch = read_launch_env()
+            if launch.distributed and not distributed:
+                raise UsageError(
+                    f"odekit {command} does not split its work over ranks ({launch.world_size} were launched)",
+                    "run it as one process, without torchrun",
+                )
+            dist = init_distributed(device, launch)
+            device = dist.device
+            seed_everything(common.seed)
+            out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
+            if not dist.is_main:
+                # only rank 0 locks and fills --out; the others stage into a private folder
+                private_dir = Path(tempfile.mkdtemp(prefix=f"odekit-rank{dist.rank}-"))
+                out_dir = private_dir / "out"  # its lock and staging stay inside private_dir
+                err_console = Console(file=sys.stderr, quiet=True)
+            use_bars = not common.json and err_console.is_terminal and dist.is_main
+            progress_impl = RichProgress(err_console) if use_bars else None
+            plain = plain_progress(err_console.is_terminal) if dist.is_main else None
+            transaction = OutputTransaction(out_dir, common.force or not dist.is_main)
+            dist.add_cleanup(lambda: _abort(transaction))
+            ctx = CommandContext(
+                command=command,
+                device=device,
+                out_dir=out_dir,
+                force=common.force,
+                seed=common.seed,
+                progress=progress_impl or plain or SilentProgress(),
+                log_console=err_console,
+                inputs=dict(inputs),
+                params=dict(params),
+                transaction=transaction,
+                dist=dist,
             )
-        dist = init_distributed(device, launch)
-        device = dist.device
-        seed_everything(common.seed)
-        out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
-        if not dist.is_main:
-            # only rank 0 claims --out; the others write into a private folder deleted at exit
-            private_dir = out_dir = Path(tempfile.mkdtemp(prefix=f"odekit-rank{dist.rank}-"))
-            err_console = Console(file=sys.stderr, quiet=True)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise OutputExistsError(f"--out '{out_dir}' is a file, not a folder", "choose a folder for --out")
-        use_bars = not common.json and err_console.is_terminal and dist.is_main
-        progress_impl = RichProgress(err_console) if use_bars else None
-        ctx = CommandContext(
-            command=command,
-            device=device,
-            out_dir=out_dir,
-            force=common.force or not dist.is_main,
-            seed=common.seed,
-            progress=progress_impl or SilentProgress(),
-            log_console=err_console,
-            inputs=dict(inputs),
-            params=dict(params),
-            dist=dist,
-        )
-        ctx.path("report.json")
-        ctx.path("report.md")
-        ctx.created_dirs = _make_dirs(out_dir)
-        dist.add_cleanup(lambda: _cleanup(ctx))
-        if progress_impl is not None:
-            with progress_impl:
+            transaction.begin()
+            ctx.path("report.json")
+            ctx.path("report.md")
+            if progress_impl is not None:
+                with progress_impl:
+                    output = body(ctx)
+            else:
                 output = body(ctx)
-        else:
-            output = body(ctx)
-        report = Report(
-            command=command,
-            odekit_version=__version__,
-            inputs=ctx.inputs,
-            params=ctx.params,
-            results=output.results,
-            device=str(device),
-            threads=threads,
-            seconds=time.perf_counter() - start,
-            markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
-            world_size=dist.world_size,
-            backend=dist.describe()["backend"],
-        )
-        if dist.is_main:
-            report.write(out_dir, common.force)
-        dist.close()
+            staging, final = str(transaction.staging), str(out_dir)
+            report = Report(
+                command=command,
+                odekit_version=__version__,
+                inputs=_final_paths(ctx.inputs, staging, final),
+                params=_final_paths(ctx.params, staging, final),
+                results=_final_paths(output.results, staging, final),
+                device=str(device),
+                threads=threads,
+                seconds=time.perf_counter() - start,
+                markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+                outputs=transaction.staged_names(),
+                world_size=dist.world_size,
+                backend=dist.describe()["backend"],
+            )
+            if dist.is_main:
+                report.write(transaction.staging, force=False)
+                check_staged_tensors(transaction.staging, command)
+            dist.close()  # every rank got here: nothing failed anywhere
+            if dist.is_main:
+                transaction.commit()
+            else:
+                _abort(transaction)
+            if plain is not None:
+                print(f"[odekit] {command}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     except (typer.Exit, typer.Abort):
+        _abort(transaction)
         raise
     except BaseException as exc:
-        _cleanup(ctx)
-        if dist is None or not dist.active:
-            if launch is not None and launch.rank > 0:  # the same error on every rank: one line
-                known = exception_line(exc)
-                raise typer.Exit(known[1] if known else 1) from None
-            code = report_exception(exc, common.debug)
-            raise typer.Exit(code) from None
-        _end_failed_rank(dist, exc, common.debug)
+        _abort(transaction)
+        if isinstance(exc, OdekitError) and transaction is not None:  # name files where they would be
+            exc.message = exc.message.replace(str(transaction.staging), str(transaction.out_dir))
+        if dist is not None and dist.active:
+            _end_failed_rank(dist, exc, common.debug, private_dir)
+        if launch is not None and launch.rank > 0:  # the same error on every rank: rank 0 says it
+            known = exception_line(exc)
+            raise typer.Exit(known[1] if known else 1) from None
+        code = report_exception(exc, common.debug)
+        raise typer.Exit(code) from None
     finally:
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
-    if not dist.is_main:
+    if dist is not None and not dist.is_main:
         return
     if common.json:
         print(report.to_json())
         return
     for line in output.headline:
-        out_console.print(line, highlight=False)
+        out_console.print(_final_paths(line, staging, final), highlight=False)
     for table in output.tables:
         out_console.print(table.to_rich())
     out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)
+
+
+def _end_failed_rank(dist: Distributed, exc: BaseException, debug: bool, private_dir: Path | None) -> NoReturn:
+    """A rank of a multi-process run failed: tell the others, print its line, exit at once
+    (tearing the process group down could wait on the broken peers).
+
+    A peer's failure (`PeerFailedError`) exits 1 silently: the failing rank printed it."""
+    if private_dir is not None:
+        shutil.rmtree(private_dir, ignore_errors=True)
+    # torchrun's agent stops the healthy ranks with SIGTERM once one failed: that is no news
+    signalled = isinstance(exc, KeyboardInterrupt) and getattr(exc, "signum", 2) != 2
+    if isinstance(exc, PeerFailedError) or (signalled and dist.posted_failure(wait_s=2.0)):
+        dist.exit_after_failure(1)
+    known = exception_line(exc)
+    dist.fail(known[0] if known else unexpected_line(exc))
+    code = 1
+    try:
+        code = report_exception(exc, debug, prefix=f"rank {dist.rank}: ")
+    except BaseException:  # --debug re-raises unexpected errors: show the traceback instead
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    dist.exit_after_failure(code)
+
+
+def _abort(transaction: OutputTransaction | None) -> None:
+    if transaction is not None:
+        transaction.abort()
+

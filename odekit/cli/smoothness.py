@@ -10,6 +10,7 @@ import typer
 
 from odekit.cli.common import load_checkpoint, load_data
 from odekit.cli.options import (
+    ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
     CheckpointArg,
@@ -19,16 +20,21 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
     ModelOptions,
+    NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
+from odekit.io.preprocessing import Preprocessing
 from odekit.methods.smoothness import (
     SmoothnessResult,
     SmoothnessSettings,
@@ -101,6 +107,11 @@ def smoothness_command(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -111,7 +122,7 @@ def smoothness_command(
 ) -> None:  # fmt: skip
     """Does accuracy hold when the test solver is stronger than the training one? (thesis 3.3.2)"""
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
-    opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint)
+    opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params = {"solvers": solvers, "steps": steps, "u": u, "tolerance": tolerance, "samples": samples,
               "data": data, "batch_size": batch_size, "seed": seed}  # fmt: skip
 
@@ -122,7 +133,7 @@ def smoothness_command(
         plot_path = ctx.path("grid.png")
         loaded = load_checkpoint(ctx, opts)
         training_config(loaded.model)  # a non-ODE model fails here, before any data is read
-        dataset = load_data(ctx, loaded, data, data_dir)
+        dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         split = dataset.test.subset(samples, seed)
         result = smoothness_check(loaded.model, split, settings, ctx.device, progress=ctx.progress)
         _plot(plot_path, result, checkpoint.name, ctx.force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,15 +17,21 @@ from odekit.cli.options import (
     DebugOpt,
     DeviceOpt,
     ForceOpt,
+    InputShapeOpt,
     JsonOpt,
+    LayoutOpt,
+    NormalizeOpt,
     OutOpt,
+    PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
 from odekit.errors import UsageError
 from odekit.io.checkpoints import LoadedModel, load_model, save_model
 from odekit.io.datasets import load_dataset
+from odekit.io.preprocessing import Preprocessing
 from odekit.io.toy2d import TOY_DATASETS, ToyData, load_toy
 from odekit.methods.ode_train import (
     REGIMES,
@@ -47,15 +54,16 @@ from odekit.models.ode_models import (
     ode_blocks,
     set_solver,
 )
-from odekit.ode import GRADIENT_METHODS, SOLVERS, SolverConfig
+from odekit.ode import GRADIENT_METHODS, SOLVERS, InterpolationWarning, SolverConfig
 from odekit.writers.plots import new_figure, save_figure
 
-TASKS = ("classify", "density")
+TASKS = ("classify", "density", "regress")
 CLASSIFIER_ARCHS = ("odenet4", "odenet10")
 SOLVER = "Solver options"
 TRAIN = "Training options"
 ARCH = "Model options"
 REGIME = "Meta-solver options"
+VARPRO = "VarPro options"
 
 EPILOG = """Examples:
 
@@ -65,7 +73,7 @@ EPILOG = """Examples:
 
   odekit train-ode --solver rk2 --steps 4 --solver-regime switching --u-set 0.5,1.0
 
-  odekit train-ode --task density --data pinwheel --solver dopri5 --grad irdm --cheb-nodes 16 --iters 2000
+  odekit train-ode --task density --data pinwheel --solver dopri5 --grad irdm --iters 2000
 
   odekit train-ode --solver dopri5 --grad irdm --seminorm --adjoint-rtol 1e-2 --adjoint-atol 1e-2
 
@@ -73,9 +81,20 @@ EPILOG = """Examples:
 
   odekit train-ode --resume runs/euler2/model.safetensors --epochs 5 -o runs/euler2-more
 
+  odekit train-ode --task regress --data cdr --optimizer gnvpro --iters 30 -o runs/cdr-gnvpro
+
+  odekit train-ode --task regress --data cdr --optimizer gnvpro --compare adam,slimtrain --work-units 600
+
+  odekit train-ode --model odenet_antisym --data digits --optimizer gnvpro --levels 2 --depth 4
+
 Writes model.safetensors (its metadata records the training solver, so smoothness-check and
 attack know it), curves.png (and density.png for 2-D toys), report.json and report.md.
+VarPro (--task regress, --optimizer gnvpro|slimtrain, --model odenet_antisym, --compare,
+--levels) writes convergence.png instead of curves.png: loss vs work units (a forward or a
+backward pass over the training set = 1 unit; GNvpro adds 2r per outer iteration).
 NFE = f evaluations per training iteration, summed over ODE blocks (forward / backward).
+irdm interpolates z(t) with --cheb-nodes auto: report.json's interp_error (the worst estimate
+of any solve) stays within interp_tol (the adjoint rtol); a fixed N that misses it says so once.
 rdm/irdm backward tolerances default to the forward ones; a looser adjoint tolerance with
 --seminorm reached the same target 1.4-4.3x faster in docs/train-ode.md (run C).
 """
@@ -102,7 +121,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def _solver_config(
     solver: str, steps: int | None, u: float, rtol: float | None, atol: float | None, grad: str,
-    cheb_nodes: int, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
+    cheb_nodes: int | str, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
     adjoint_atol: float | None = None, seminorm: bool = False,
 ) -> SolverConfig:  # fmt: skip
     spec = SOLVERS.get(solver)
@@ -131,6 +150,20 @@ def _solver_config(
         adjoint_atol=adjoint_atol,
         seminorm=seminorm,
     )
+
+
+def _interpolation_warning_once(ctx: CommandContext, config: SolverConfig, caught: list[warnings.WarningMessage]) -> None:
+    """irdm warns on every solve that misses its tolerance: say it once, on stderr; pass the rest on."""
+    ours = [w.message for w in caught if isinstance(w.message, InterpolationWarning)]
+    for w in caught:
+        if not isinstance(w.message, InterpolationWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    if ours:
+        worst = max(ours, key=lambda m: m.error)
+        hint = ("use --cheb-nodes auto" if config.cheb_nodes != "auto"
+                else "single forward steps are not resolved that finely: loosen --adjoint-rtol/--adjoint-atol or tighten --rtol/--atol")  # fmt: skip
+        ctx.log_console.print(f"Warning: irdm's interpolant of z(t) (--cheb-nodes {config.cheb_nodes}) missed the adjoint tolerance "
+                              f"{worst.tol:g} in {len(ours)} solves, estimated error up to {worst.error:.2g}; {hint}", highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _arch_args(task: str, model: str, opts: dict[str, Any], in_channels: int, num_classes: int) -> dict[str, Any]:
@@ -203,16 +236,20 @@ def _plot_density(path: Path, model: CNF, data: ToyData, device: torch.device, f
 
 
 def train_ode_command(
-    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy).")] = "classify",
+    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy) | regress (least squares; --data cdr or .npz).")] = "classify",
     data: Annotated[
         str | None,
         typer.Option("--data", help=f"classify: digits | mnist | cifar10 | ... [digits]; density: {' | '.join(TOY_DATASETS.names())} [pinwheel].",
                      show_default=False, rich_help_panel=DATA),
     ] = None,
     data_dir: DataDirOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
     train_samples: Annotated[int, typer.Option("--train-samples", min=1, help="density: toy training points.", rich_help_panel=DATA)] = 10_000,
     test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="density: toy test points.", rich_help_panel=DATA)] = 2_000,
-    model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 (classify); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
+    model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 | odenet_antisym (classify; regress: odenet_antisym); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
     width: Annotated[int | None, typer.Option("--width", min=1, help="ODENet channels [odenet4: 32, odenet10: 16].", show_default=False, rich_help_panel=ARCH)] = None,
     norm_first: Annotated[str | None, typer.Option("--norm-first", help=f"Norm after the first conv (and in ResNet blocks): {NORM_HELP} [bn].", show_default=False, rich_help_panel=ARCH)] = None,
     norm_ode: Annotated[str | None, typer.Option("--norm-ode", help=f"Norm inside the ODE function: {' | '.join(NORMS)} [ln].", show_default=False, rich_help_panel=ARCH)] = None,
@@ -230,7 +267,7 @@ def train_ode_command(
     adjoint_atol: Annotated[float | None, typer.Option("--adjoint-atol", help="rdm/irdm: absolute tolerance of the backward solves, relative to the gradient's RMS [--atol].", show_default=False, rich_help_panel=SOLVER)] = None,
     seminorm: Annotated[bool, typer.Option("--seminorm", help="rdm/irdm: leave dL/dtheta out of the backward step control (fewer steps).", rich_help_panel=SOLVER)] = False,
     grad: Annotated[str, typer.Option("--grad", help=f"Gradient method: {' | '.join(GRADIENT_METHODS.names())}.", rich_help_panel=SOLVER)] = "backprop",
-    cheb_nodes: Annotated[int, typer.Option("--cheb-nodes", help="irdm: Chebyshev grid size N (N+1 points).", rich_help_panel=SOLVER)] = 16,
+    cheb_nodes: Annotated[str, typer.Option("--cheb-nodes", help="irdm: auto (piecewise Chebyshev interpolant of the forward steps, error within the adjoint tolerance) or a fixed grid size N (N+1 points).", rich_help_panel=SOLVER)] = "auto",
     checkpoints: Annotated[int, typer.Option("--checkpoints", help="anode: number of checkpoints.", rich_help_panel=SOLVER)] = 1,
     t1: Annotated[float, typer.Option("--t1", help="Integration time [0, t1] of each ODE block.", rich_help_panel=SOLVER)] = 1.0,
     solver_regime: Annotated[str, typer.Option("--solver-regime", help=REGIMES.help_text(), rich_help_panel=REGIME)] = "standalone",
@@ -242,13 +279,22 @@ def train_ode_command(
     iters: Annotated[int | None, typer.Option("--iters", help="Training iterations (overrides --epochs) [density: 1000].", show_default=False, rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training batch size.", rich_help_panel=TRAIN)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.", rich_help_panel=TRAIN)] = 1e-2,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9).", rich_help_panel=TRAIN)] = "adam",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9) | gnvpro | slimtrain (VarPro).", rich_help_panel=TRAIN)] = "adam",
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="constant | cosine | step (x0.1 at 50% and 75%).", rich_help_panel=TRAIN)] = "cosine",
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.", rich_help_panel=TRAIN)] = 0.0,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (+ flips for RGB) on image data.", rich_help_panel=TRAIN)] = False,
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="density: iterations between test evaluations [iters/10].", show_default=False, rich_help_panel=TRAIN)] = None,
     eval_samples: Annotated[int | None, typer.Option("--eval-samples", help="Evaluate on this many test samples [all].", show_default=False, rich_help_panel=TRAIN)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue training an odekit ODE checkpoint (weights; optimizer restarts).", show_default=False, rich_help_panel=TRAIN)] = None,
+    # issue 14: VarPro training of separable networks
+    depth: Annotated[int, typer.Option("--depth", min=1, help="odenet_antisym: cells d of the weight grid in t (RK4 steps default to d).", rich_help_panel=ARCH)] = 8,
+    regularization: Annotated[str, typer.Option("--regularization", help="VarPro: alpha_theta,alpha_W (Tikhonov on the features' weights and on W).", rich_help_panel=VARPRO)] = "1e-3,1e-3",
+    levels: Annotated[int, typer.Option("--levels", min=1, help="VarPro multilevel: train odenet_antisym at depth d, 2d, ..., 2^(L-1) d.", rich_help_panel=VARPRO)] = 1,
+    compare: Annotated[str | None, typer.Option("--compare", help="VarPro: also train these optimizers from the same init, e.g. adam,slimtrain (curves on one plot).", show_default=False, rich_help_panel=VARPRO)] = None,
+    krylov_rank: Annotated[int, typer.Option("--krylov-rank", min=1, help="gnvpro: r, the most Gauss-Newton products per outer iteration.", rich_help_panel=VARPRO)] = 10,
+    radius: Annotated[float, typer.Option("--radius", help="gnvpro: initial trust-region radius.", rich_help_panel=VARPRO)] = 0.1,
+    work_units: Annotated[float | None, typer.Option("--work-units", help="VarPro: stop each optimizer after this many work units.", show_default=False, rich_help_panel=VARPRO)] = None,
+    samples: Annotated[int, typer.Option("--samples", min=2, help="--data cdr: samples generated (80% train, 20% test).", rich_help_panel=DATA)] = 2000,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -267,6 +313,8 @@ def train_ode_command(
         key = task.strip().lower()
         if key not in TASKS:
             raise UsageError(f"unknown task '{task}'", f"choose one of {', '.join(TASKS)}")
+        if key != "density" and wants_separable(key, model, optimizer, compare, levels):
+            return _separable(ctx, key)
         model_path, curves_path = ctx.path("model.safetensors"), ctx.path("curves.png")
         density_path = ctx.path("density.png") if key == "density" else None
         for name in ("norm_first", "norm_ode"):
@@ -292,10 +340,24 @@ def train_ode_command(
         loaded = _resume(ctx, key)
         if loaded is not None:
             _check_resume_compatible(loaded, key, model, arch_opts)
-        if key == "classify":
-            return _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
-        assert density_path is not None
-        return _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InterpolationWarning)
+            if key == "classify":
+                output = _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
+            else:
+                assert density_path is not None
+                output = _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+        _interpolation_warning_once(ctx, config, caught)
+        return output
+
+    def _separable(ctx: CommandContext, key: str) -> CommandOutput:
+        options = SeparableOptions(
+            task=key, data=data, data_dir=str(data_dir) if data_dir else None, model=model, width=width, depth=depth,
+            activation=activation, solver=solver, steps=steps, t1=t1, optimizer=optimizer, compare=compare,
+            regularization=regularization, levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units,
+            iters=iters, epochs=epochs, batch_size=batch_size, lr=lr, samples=samples, seed=seed,
+        )  # fmt: skip
+        return run_separable(ctx, options, _resume(ctx, key))
 
     def _resume(ctx: CommandContext, key: str) -> LoadedModel | None:
         if resume is None:
@@ -305,15 +367,20 @@ def train_ode_command(
         return loaded
 
     def _classify(ctx, config, regime, settings, loaded, model_path, curves_path) -> CommandOutput:
+        # issue 11: explicit preprocessing wins over what a resumed checkpoint recorded
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
+        given_norm = prep.normalize.as_dict() if prep.normalize else None
         if loaded is not None:
             dataset = load_dataset(data or (loaded.meta.dataset or {}).get("name", "digits"), data_dir=data_dir,
-                                   input_shape=loaded.meta.input_shape, normalization=loaded.meta.normalization)  # fmt: skip
+                                   input_shape=prep.input_shape or loaded.meta.input_shape,
+                                   normalization=given_norm if prep.normalize else loaded.meta.normalization,
+                                   **prep.npz_options())  # fmt: skip
             arch, args, net = loaded.meta.arch, dict(loaded.meta.args), loaded.model
         else:
             name = data or "digits"
             if name.strip().lower() in TOY_DATASETS:
                 raise UsageError(f"'{name}' is a 2-D toy density, not an image data set", "use --task density for toys")
-            dataset = load_dataset(name, data_dir=data_dir)
+            dataset = load_dataset(name, data_dir=data_dir, input_shape=prep.input_shape, normalization=given_norm, **prep.npz_options())
             if len(dataset.input_shape) != 3:
                 raise UsageError(f"ODENets need images (C,H,W); '{dataset.name}' has shape {list(dataset.input_shape)}",
                                  "choose an image data set")  # fmt: skip
@@ -325,7 +392,7 @@ def train_ode_command(
             net = build_model(arch, {**args, "solver": config.to_dict()})
         set_solver(net, config)
         args["solver"] = config.to_dict()
-        ctx.inputs["data"] = dataset.describe()
+        ctx.inputs["data"] = {**dataset.describe(), "normalization": dataset.normalization()}
         result = train_ode_classifier(net, dataset, settings, regime, ctx.device, progress=ctx.progress, dist=ctx.dist)
         meta = ode_checkpoint_meta(
             arch, args, num_classes=dataset.num_classes, input_shape=list(dataset.input_shape),
@@ -397,6 +464,8 @@ def _output(
         "iterations": result.iterations,
         "nfe_forward": result.nfe_forward,
         "nfe_backward": result.nfe_backward,
+        "interp_error": result.interp_error,
+        "interp_tol": result.interp_tol,
         "seconds_per_iter": result.seconds_per_iter,
         "train_seconds": result.train_seconds,
         "params": sum(p.numel() for p in net.parameters()),

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from odekit.errors import DataError, UsageError
+from odekit.io.cdr import REGRESSION_DATASETS
+from odekit.io.validation import decoded_images, image_folder_classes, read_npz, validate_npz
 
 SPLIT_SEED = 0
 
@@ -118,11 +120,13 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise DataError(f"{what} holds {bad} NaN or infinite values", "clean the data before using it")
 
 
-def _to_nchw(x: torch.Tensor) -> torch.Tensor:
-    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W) images; channels-last is detected by C in {1,3,4}."""
+def _to_nchw(x: torch.Tensor, layout: str = "auto") -> torch.Tensor:
+    """Accept (N,H,W), (N,H,W,C) or (N,C,H,W) images; ``auto`` detects channels-last by C in {1,3,4}."""
     if x.ndim == 3:
         return x.unsqueeze(1)
-    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    if x.ndim == 4 and layout == "nhwc":
+        return x.permute(0, 3, 1, 2)
+    if x.ndim == 4 and layout == "auto" and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         return x.permute(0, 3, 1, 2)
     return x
 
@@ -175,6 +179,14 @@ def _finish(
         std = x_train.std(dim=dims).clamp_min(1e-6).reshape(-1).tolist()
     else:
         mean, std = list(normalization["mean"]), list(normalization["std"])
+        channels = x_train.shape[1] if x_train.ndim == 4 else 1
+        if len(mean) == 1 and len(std) == 1 and channels > 1:  # one value for every channel
+            mean, std = mean * channels, std * channels
+        if x_train.ndim == 4 and len(mean) != channels:
+            raise DataError(
+                f"the normalisation has {len(mean)} channel values, the {name} images have {channels} channels",
+                "give one MEAN,STD or one value per channel (--normalize M1,M2,M3/S1,S2,S3)",
+            )
     view = (1, -1, 1, 1) if x_train.ndim == 4 else ((1, -1) if len(mean) > 1 else (1,) * x_train.ndim)
     mean_t, std_t = torch.tensor(mean).view(view), torch.tensor(std).view(view)
     k = num_classes if num_classes is not None else int(max(y_train.max(), y_test.max())) + 1
@@ -247,6 +259,7 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
     test_dir = next((data_dir / d for d in ("test", "val") if (data_dir / d).is_dir()), None)
     if not (data_dir / "train").is_dir() or test_dir is None:
         raise DataError(f"'{data_dir}' is not an ImageFolder tree", f"expected layout: {EXPECTED_LAYOUT['imagefolder']}")
+    image_folder_classes(data_dir / "train", test_dir)  # before torchvision, which fails obscurely
     size = tuple(input_shape[1:]) if input_shape else None
     tensors: list[torch.Tensor] = []
     for folder in (data_dir / "train", test_dir):
@@ -254,7 +267,7 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
         if len(ds) == 0:
             raise DataError(f"'{folder}' holds no images", "put images in one subfolder per class")
         xs = []
-        for image, _ in ds:
+        for image in decoded_images(ds, folder):
             t = TF.to_tensor(image)
             xs.append(F.interpolate(t[None], size=size, mode="bilinear", antialias=True)[0] if size else t)
         if len({tuple(x.shape) for x in xs}) > 1:
@@ -263,21 +276,21 @@ def _image_folder(data_dir: Path, input_shape: tuple[int, ...] | None) -> tuple[
     return tuple(tensors)
 
 
-def _npz(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _npz(
+    path: Path, layout: str = "auto", pixel_max: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``); pixels are divided by
+    ``pixel_max`` (default: 255 for uint8 arrays, 1 for floats, which must then lie in [0, 1])."""
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist", "give a .npz with arrays x and y")
-    try:
-        with np.load(path, allow_pickle=False) as arrays:
-            content = {k: arrays[k] for k in arrays.files}
-    except (ValueError, OSError) as exc:
-        raise DataError(f"'{path}' is not a readable .npz file ({exc})", "write it with numpy.savez(path, x=..., y=...)") from exc
-    if "x" not in content or "y" not in content:
-        raise DataError(f"'{path}' lacks arrays 'x' and 'y' (found {sorted(content)})", "write it with numpy.savez(path, x=..., y=...)")
+    content = read_npz(path)
+    validate_npz(content, path)  # x/y rank, dtype, labels and lengths (odekit.io.validation)
 
     def images(a: np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(a)
-        t = t.float() / 255.0 if a.dtype == np.uint8 else t.float()
-        return _to_nchw(t) if t.ndim >= 3 else t
+        scale = pixel_max if pixel_max is not None else (255.0 if a.dtype == np.uint8 else 1.0)
+        t = t.float() / scale
+        return _to_nchw(t, layout) if t.ndim >= 3 else t
 
     x, y = images(content["x"]), torch.as_tensor(content["y"]).long().reshape(-1)
     if x.shape[0] != y.shape[0]:
@@ -297,16 +310,19 @@ def load_dataset(
     data_dir: str | Path | None = None,
     input_shape: tuple[int, ...] | list[int] | None = None,
     normalization: dict[str, list[float]] | None = None,
+    layout: str = "auto",
+    pixel_max: float | None = None,
 ) -> Dataset:
     """Load a data set by name, or a ``.npz`` file by path.
 
     ``input_shape`` (C,H,W) resizes and converts channels to what a model expects;
     ``normalization`` reuses recorded statistics (else they come from the training split).
+    ``layout`` (auto | nchw | nhwc) and ``pixel_max`` say how to read ``.npz`` image arrays.
     """
     shape = tuple(input_shape) if input_shape is not None else None
     key = name.strip().lower().replace("_", "-")
     if key.endswith(".npz"):
-        xtr, ytr, xte, yte = _npz(Path(name))
+        xtr, ytr, xte, yte = _npz(Path(name), layout, pixel_max)
         return _finish(Path(name).stem, xtr, ytr, xte, yte, shape, normalization, {"source": str(name)})
     if key == "digits":
         return _digits(shape, normalization)
@@ -318,7 +334,11 @@ def load_dataset(
     if key == "imagefolder":
         folder = _require_dir(key, data_dir)
         xtr, ytr, xte, yte = _image_folder(folder, shape)
-        return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}"})
+        k = int(max(ytr.max(), yte.max())) + 1
+        return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}", "classes": k}, k)
+    if key in REGRESSION_DATASETS:  # issue 14: regression data live in odekit.io.cdr
+        raise UsageError(f"'{name}' is a regression data set (float targets), not a classification one",
+                         "use odekit train-ode --task regress --data cdr")  # fmt: skip
     raise UsageError(f"unknown data set '{name}'", f"choose one of {', '.join(DATASET_NAMES)} or give a path to a .npz file")
 
 
@@ -328,7 +348,15 @@ def dataset_for_model(
     meta_dataset: dict[str, Any] | None,
     data: str | None = None,
     data_dir: str | Path | None = None,
+    layout: str = "auto",
+    pixel_max: float | None = None,
 ) -> Dataset:
     """The data a checkpoint expects: its recorded data set unless ``data`` overrides it."""
-    name = data or (meta_dataset or {}).get("name") or "digits"
-    return load_dataset(name, data_dir=data_dir, input_shape=meta_input_shape, normalization=meta_normalization)
+    recorded = meta_dataset or {}
+    # An .npz is recorded by its file stem; its path is in "source".
+    recorded_npz = recorded.get("source") if str(recorded.get("source", "")).endswith(".npz") else None
+    name = data or recorded_npz or recorded.get("name") or "digits"
+    return load_dataset(
+        name, data_dir=data_dir, input_shape=meta_input_shape, normalization=meta_normalization,
+        layout=layout, pixel_max=pixel_max,
+    )

@@ -7,6 +7,7 @@ The archive stores an aten-level graph plus weights; odekit adds its metadata as
 from __future__ import annotations
 
 import io
+import types
 from pathlib import Path
 
 import torch
@@ -72,4 +73,21 @@ def load_exported(path: str | Path) -> tuple[nn.Module, str | None]:
             "the file may be truncated; write it again with torch.export.save",
         ) from exc
     module = program.module()
+    _freeze_mode(module)
     return module, (extra[EXPORT_META_FILE] or None)
+
+
+def _freeze_mode(module: nn.Module) -> None:
+    """Make ``train()``/``eval()`` no-ops on an exported module.
+
+    torch makes them raise on ``ExportedProgram.module()``: the graph is fixed to the mode it was
+    traced in (eval: batch norm uses running statistics). Callers put every model in eval mode
+    before use, so a no-op keeps that contract without special cases everywhere.
+    """
+
+    def keep_mode(self: nn.Module, mode: bool = True) -> nn.Module:
+        return self
+
+    module.train = types.MethodType(keep_mode, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(lambda self: self, module)  # type: ignore[method-assign]
+    object.__setattr__(module, "training", False)

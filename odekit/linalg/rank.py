@@ -59,6 +59,7 @@ class RankContext:
 
 
 RankRule = Callable[[RankContext, float | None], int]
+MAX_FIXED_RANK = 1 << 31
 RANK_RULES: Registry[RankRule] = Registry("rank rule")
 
 
@@ -72,10 +73,20 @@ class RankSpec:
     def __post_init__(self) -> None:
         if self.name != "fixed" and self.name not in RANK_RULES:
             RANK_RULES.get(self.name)  # raises UsageError listing valid names
+        if self.value is not None and not math.isfinite(self.value):
+            raise UsageError(
+                f"the rank rule value must be a finite number, got {self.value}",
+                "use vbmf, energy:0.99, factor:4 or an integer",
+            )
         if self.name == "fixed" and (
-            self.value is None or self.value < 1 or self.value != int(self.value)
+            self.value is None or not 1 <= self.value <= MAX_FIXED_RANK or self.value != int(self.value)
         ):
-            raise UsageError(f"a fixed rank must be a positive integer, got {self.value}")
+            raise UsageError(
+                f"a fixed rank must be an integer in [1, {MAX_FIXED_RANK}], got {self.value:g}"
+                if self.value is not None
+                else "a fixed rank needs a value",
+                "use e.g. --rank 32",
+            )
         if self.name == "energy" and (self.value is None or not 0.0 < self.value <= 1.0):
             raise UsageError(
                 f"energy threshold must lie in (0, 1], got {self.value}",
@@ -96,10 +107,10 @@ def parse_rank_spec(spec: str | int | RankSpec) -> RankSpec:
     """``"vbmf"``, ``"energy:0.99"``, ``"factor:4"`` or ``"32"``/``32`` -> ``RankSpec``."""
     if isinstance(spec, RankSpec):
         return spec
-    if isinstance(spec, int):
-        return RankSpec("fixed", float(spec))
     text = str(spec).strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.lstrip("+-").isdigit():
+        if len(text) > len(str(MAX_FIXED_RANK)) + 1:  # float() of a huge integer overflows
+            raise UsageError(f"rank {text[:20]}... is out of range", f"use an integer in [1, {MAX_FIXED_RANK}]")
         return RankSpec("fixed", float(int(text)))
     name, _, arg = text.partition(":")
     value: float | None = None

@@ -32,8 +32,10 @@ from odekit.linalg.sketch import merge_across_ranks
 from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
 from odekit.methods.pce import MAX_BASIS, PCEFit, PCELayer, basis_size, fit_pce
 from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
-from odekit.models.layers import COMPUTE_TYPES, layer_table, resolve_layers
+from odekit.models.graph import runnable
+from odekit.models.layers import COMPUTE_TYPES, LayerInfo, ModelSummary, layer_table, resolve_layers
 from odekit.models.registry import ARCHITECTURES, build_model, register_arch
+from odekit.models.split import GraphCut, GraphSplitter
 from odekit.progress import Progress, silent_if_none
 from odekit.streaming import per_sample_activation_grads
 
@@ -66,6 +68,20 @@ def _has_compute(module: nn.Module) -> bool:
     return any(isinstance(m, COMPUTE_TYPES) for m in module.modules())
 
 
+def _cut_layer(spec: str | int, summary: ModelSummary) -> LayerInfo:
+    """The one compute layer a --cut names; the last layer leaves nothing to replace."""
+    chosen = resolve_layers(str(spec), summary)
+    if len(chosen) != 1:
+        raise LayerSelectionError(f"--cut must name one layer, '{spec}' gives {len(chosen)}", "e.g. --cut 5")
+    layer = chosen[0]
+    if layer.index == len(summary.layers):
+        raise LayerSelectionError(
+            f"layer {layer.index} is the last compute layer: nothing would be left to replace",
+            f"cut at a layer before {layer.index}",
+        )
+    return layer
+
+
 @dataclass(frozen=True)
 class Cut:
     """Where the teacher is split: compute layer ``index`` (1-based) ends the pre-model at
@@ -77,10 +93,15 @@ class Cut:
     end: int
     features: int
     out_shape: list[int]
+    node: str | None = None  # a graph cut: the traced graph's node that ends the pre-model
+    frontier: list[str] | None = None  # a graph cut: the tensors the post-model reads
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "alias": self.alias, "n_l": self.features,
-                "out_shape": self.out_shape}  # fmt: skip
+        out = {"index": self.index, "name": self.name, "alias": self.alias, "n_l": self.features,
+               "out_shape": self.out_shape}  # fmt: skip
+        if self.node is not None:
+            out.update(node=self.node, frontier=self.frontier)
+        return out
 
 
 class ChainModel:
@@ -132,15 +153,7 @@ class ChainModel:
 
     def cut(self, spec: str | int) -> Cut:
         """Resolve a cut layer (index, alias or module name) to a `Cut`."""
-        chosen = resolve_layers(str(spec), self.summary)
-        if len(chosen) != 1:
-            raise LayerSelectionError(f"--cut must name one layer, '{spec}' gives {len(chosen)}", "e.g. --cut 5")
-        layer = chosen[0]
-        if layer.index == len(self.summary.layers):
-            raise LayerSelectionError(
-                f"layer {layer.index} is the last compute layer: nothing would be left to replace",
-                f"cut at a layer before {layer.index}",
-            )
+        layer = _cut_layer(spec, self.summary)
         if layer.index not in self.position:
             raise UnsupportedModelError(
                 f"layer {layer.index} ('{layer.name}') sits inside a composite module that ASNet cannot split",
@@ -184,15 +197,74 @@ class ChainModel:
         last = len(self.summary.layers)
         return [i for i in sorted(self.position) if i < last]
 
+    def gradient_model(self, cut: Cut) -> tuple[nn.Module, nn.Module]:
+        """(model, module whose output is the cut activation) for per-sample gradients."""
+        return self.model, self.last_pre_module(cut)
+
+
+class GraphModel:
+    """A teacher of any traceable architecture (residual blocks, custom forward, ``.pt2``
+    graphs), cut by splitting its graph after a compute layer (``odekit.models.split``)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> None:
+        self.input_shape = tuple(input_shape)
+        self.splitter = GraphSplitter(model, self.input_shape, what="ASNet")
+        self.model = self.splitter.gm
+        self.summary = self.splitter.summary
+        self._cuts: dict[str, GraphCut] = {}
+
+    def cut(self, spec: str | int) -> Cut:
+        layer = _cut_layer(spec, self.summary)
+        if layer.calls != 1:
+            raise UnsupportedModelError(
+                f"layer {layer.index} ('{layer.name}') runs {layer.calls} times per forward pass",
+                "cut at a layer that runs once",
+            )
+        gcut = self.splitter.cut_at(layer)
+        self._cuts[gcut.end] = gcut
+        end = self.splitter.order[self.splitter.by_name[gcut.end]] + 1
+        return Cut(layer.index, layer.name, layer.alias, end, gcut.features, gcut.out_shape, gcut.end, gcut.frontier)
+
+    def _graph_cut(self, cut: Cut) -> GraphCut:
+        assert cut.node is not None
+        return self._cuts[cut.node]
+
+    def pre_model(self, cut: Cut) -> nn.Module:
+        return self.splitter.pre_model(self._graph_cut(cut))
+
+    def post_model(self, cut: Cut) -> nn.Module:
+        return self.splitter.post_model(self._graph_cut(cut))
+
+    def analysable_layers(self) -> list[int]:
+        last = len(self.summary.layers)
+        return [layer.index for layer in self.summary.layers if layer.index < last and layer.calls == 1]
+
+    def gradient_model(self, cut: Cut) -> tuple[nn.Module, nn.Module]:
+        pre = self.pre_model(cut)
+        return nn.Sequential(pre, self.post_model(cut)).eval(), pre
+
+
+CutModel = ChainModel | GraphModel
+
+
+def cut_model(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> CutModel:
+    """A plain chain of modules is cut between its modules (as the thesis' VGGs); any other
+    traceable model by splitting its graph."""
+    model = runnable(model, input_shape)
+    try:
+        return ChainModel(model, input_shape)
+    except UnsupportedModelError:
+        return GraphModel(model, input_shape)
+
 
 class ASNet(nn.Sequential):
     """pre-model -> flatten -> AS layer (Linear n_l -> r) -> PCE layer (r -> classes)."""
 
-    pre: nn.Sequential
+    pre: nn.Module
     active: nn.Linear
     pce: PCELayer
 
-    def __init__(self, pre: nn.Sequential, features: int, rank: int, degree: int, num_classes: int) -> None:
+    def __init__(self, pre: nn.Module, features: int, rank: int, degree: int, num_classes: int) -> None:
         super().__init__(
             OrderedDict(
                 pre=pre,
@@ -213,11 +285,22 @@ def build_asnet(
     rank: int,
     degree: int,
     num_classes: int,
+    node: str | None = None,
+    input_shape: list[int] | None = None,
 ) -> ASNet:
-    """Rebuild an ASNet from its JSON args (weights come from the checkpoint)."""
+    """Rebuild an ASNet from its JSON args (weights come from the checkpoint). ``node`` and
+    ``input_shape`` describe a graph cut (a teacher that is not a plain chain)."""
     if teacher_arch.lower() == "asnet":
         raise ValueError("an ASNet's teacher cannot itself be recorded as an ASNet")
-    teacher = build_model(teacher_arch, teacher_args)
+    teacher = build_model(teacher_arch, teacher_args).eval()
+    if node is not None:
+        if input_shape is None:
+            raise ValueError("a graph cut needs the teacher's input_shape")
+        graph = GraphModel(teacher, input_shape)
+        graph_cut = graph.cut(cut)
+        if graph_cut.node != node:
+            raise ValueError(f"cut {cut} of the rebuilt teacher ends at '{graph_cut.node}', the checkpoint at '{node}'")
+        return ASNet(graph.pre_model(graph_cut), features, rank, degree, num_classes)
     chain = _chain(teacher)
     if not 0 < end <= len(chain):
         raise ValueError(f"cut end {end} is outside the teacher's {len(chain)} modules")
@@ -273,8 +356,8 @@ class ASNetSettings:
             raise UsageError(f"--rank must be >= 1, got {self.rank}", "e.g. --rank 50")
         if not 1 <= self.degree <= 6:
             raise UsageError(f"--degree must lie in 1..6, got {self.degree}", "the thesis uses p = 2")
-        if self.ridge < 0:
-            raise UsageError(f"--ridge must be >= 0, got {self.ridge}")
+        if not self.ridge >= 0:  # also NaN
+            raise UsageError(f"--ridge must be >= 0, got {self.ridge}", "e.g. --ridge 1e-6")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune must be >= 0 epochs, got {self.finetune_epochs}")
         if not self.lr > 0:
@@ -349,7 +432,7 @@ def _train_batches(split: Split, settings: SubspaceSettings) -> tuple[Split, int
 
 
 def active_subspace(
-    chain: ChainModel,
+    chain: CutModel,
     cut: Cut,
     split: Split,
     settings: SubspaceSettings,
@@ -375,8 +458,9 @@ def active_subspace(
     fd = FrequentDirections(cut.features, settings.sketch_size, device=device)
     act_sum = torch.zeros(cut.features, dtype=torch.float64, device=device)
     labels = iter(sub.batches(settings.batch_size))
+    grad_model, cut_module = chain.gradient_model(cut)
     grads = per_sample_activation_grads(
-        chain.model, chain.last_pre_module(cut), sub.batches(settings.batch_size, device),
+        grad_model, cut_module, sub.batches(settings.batch_size, device),
         loss="cross_entropy", target="label", return_activations=True, progress=progress, total=total,
     )  # fmt: skip
     for g, a in grads:  # type: ignore[misc]
@@ -497,7 +581,7 @@ def _collect(split: Split, pre: nn.Module, batch_size: int, device: torch.device
 
 
 def analyze_layers(
-    chain: ChainModel,
+    chain: CutModel,
     layers: str | None,
     data: Dataset,
     settings: SubspaceSettings,
@@ -683,6 +767,7 @@ class ASNetResult:
     cut_analysis: LayerAnalysis
     warnings: list[str]
     history: TrainHistory | None
+    registered: bool = True  # load_model rebuilds it from args; otherwise write it as a .pt2 program
 
 
 def _cost(model: nn.Module, shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
@@ -691,6 +776,11 @@ def _cost(model: nn.Module, shape: tuple[int, ...] | list[int]) -> dict[str, Any
 
 def _ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
+
+
+def is_registered_teacher(arch: str) -> bool:
+    """True when ``load_model`` can rebuild an ASNet of this teacher from its JSON args."""
+    return arch.lower() in ARCHITECTURES and arch.lower() != "asnet"
 
 
 def build_asnet_from_teacher(
@@ -712,14 +802,9 @@ def build_asnet_from_teacher(
     scikit-learn models on all features at once, are skipped."""
     progress = silent_if_none(progress)
     say = log or (lambda _m: None)
-    if teacher_arch.lower() not in ARCHITECTURES or teacher_arch.lower() == "asnet":
-        raise UnsupportedModelError(
-            f"the teacher's architecture '{teacher_arch}' is not a registered odekit architecture, so the ASNet "
-            "could not be rebuilt by load_model",
-            "load the checkpoint with --arch NAME (see 'odekit info --help')",
-        )
-    teacher.to(device).eval()
-    chain = ChainModel(teacher, input_shape)
+    registered = is_registered_teacher(teacher_arch)
+    teacher = runnable(teacher, input_shape).to(device).eval()
+    chain = cut_model(teacher, input_shape)
     cut = chain.cut(settings.cut)
     sub_settings = settings.subspace
     n_train = len(data.train.subset(sub_settings.samples, seed=sub_settings.seed))
@@ -867,7 +952,9 @@ def build_asnet_from_teacher(
         "degree": settings.degree,
         "num_classes": num_classes,
     }
-    return ASNetResult(asnet.cpu(), args, results, analysis, notes, history)
+    if cut.node is not None:
+        args.update(node=cut.node, input_shape=[int(v) for v in input_shape])
+    return ASNetResult(asnet.cpu(), args, results, analysis, notes, history, registered)
 
 
 def _baselines(

@@ -201,6 +201,8 @@ class ODETrainResult:
     train_seconds: float = 0.0
     regime: dict[str, Any] = field(default_factory=dict)
     stopped_early: bool = False
+    interp_error: float | None = None  # irdm: largest interpolation error estimate of any solve
+    interp_tol: float | None = None
 
 
 def _optimizer(model: nn.Module, s: ODETrainSettings, total: int) -> tuple[torch.optim.Optimizer, Any]:
@@ -355,10 +357,20 @@ class _Loop:
         f, b = nfe_counts(self.model)
         self.nfe_f += f
         self.nfe_b += b
+        self._track_interpolation()
         value = float(loss.detach())
         self.window.append(value)
         self.progress.update(loss=value, nfe_f=f, nfe_b=b)
         return value
+
+    def _track_interpolation(self) -> None:
+        """irdm: keep the worst interpolation-error estimate of the latest solves."""
+        r = self.result
+        for block in ode_blocks(self.model):
+            for st in getattr(block, "call_stats", None) or [block.last_stats]:
+                if st.interp_error is not None and (r.interp_error is None
+                                                    or st.interp_error > r.interp_error):
+                    r.interp_error, r.interp_tol = st.interp_error, st.interp_tol
 
     def record(self, step: int, epoch: float, metrics: dict[str, float]) -> dict[str, float]:
         set_u(self.model, None, None)  # evaluate with the model's own (standalone) solver

@@ -43,6 +43,7 @@ from odekit.errors import LayerSelectionError, NumericalError, UnsupportedModelE
 from odekit.linalg.maxvol import rect_maxvol, rect_maxvol_error_factor
 from odekit.linalg.rank import RankContext, RankSpec, parse_rank_spec, select_rank
 from odekit.linalg.sketch import FrequentDirections, SketchMerge, merge_across_ranks
+from odekit.models.graph import ACTIVATION_TARGETS, AFFINE_TARGETS, run_node, runnable, trace_graph
 from odekit.models.layers import layer_table, resolve_layers
 from odekit.models.registry import build_model, register_arch
 from odekit.progress import Progress, silent_if_none
@@ -94,6 +95,7 @@ _AFFINE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
+    nn.modules.batchnorm._BatchNorm,  # lifted functional batch norms of exported graphs
     nn.Flatten,
     nn.Unflatten,
     nn.Dropout,
@@ -117,7 +119,7 @@ _AFFINE_FUNCTIONS: set[Any] = {
     F.avg_pool2d,
     F.adaptive_avg_pool2d,
 }
-_AFFINE_METHODS = {"view", "reshape", "flatten", "contiguous", "add", "squeeze", "unsqueeze"}
+_AFFINE_METHODS = {"view", "reshape", "flatten", "contiguous", "add", "squeeze", "unsqueeze", "size"}
 _COMPUTE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -148,15 +150,10 @@ def activation_from_config(cfg: dict[str, Any]) -> nn.Module:
 # ----------------------------------------------------------------------------- fx helpers
 
 
-def trace_model(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (conv/linear/BN/activation graphs, residual sums...)."""
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"RON cannot trace the model's forward() ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-            "RON needs a forward() without data-dependent Python control flow",
-        ) from exc
+def trace_model(model: nn.Module, input_shape: tuple[int, ...] | list[int] | None = None) -> fx.GraphModule:
+    """The model's graph (torch.fx, else torch.export; a ``.pt2`` GraphModule as it is),
+    normalised so that conv/linear/BatchNorm/max-pool are submodules (``odekit.models.graph``)."""
+    return trace_graph(model, input_shape, what="RON")
 
 
 def _modules(gm: fx.GraphModule) -> dict[str, nn.Module]:
@@ -210,7 +207,31 @@ def _activation_kind(node: fx.Node, mods: dict[str, nn.Module]) -> dict[str, Any
         return cfg
     if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
         return {"type": _ACTIVATION_METHODS[str(node.target)]}
+    if node.op == "call_function" and node.target in ACTIVATION_TARGETS:
+        return _aten_activation(node, ACTIVATION_TARGETS[node.target])
     return None
+
+
+def _aten_activation(node: fx.Node, kind: str) -> dict[str, Any] | None:
+    """Config of an aten-level activation node; None when its parameters make it non-monotone."""
+    extra: list[Any] = list(node.args[1:])
+    cfg: dict[str, Any] = {"type": kind}
+    try:
+        if kind == "leaky_relu":
+            cfg["negative_slope"] = float(extra[0]) if extra else 0.01
+            return cfg if cfg["negative_slope"] >= 0 else None
+        if kind == "elu":
+            alpha, scale, in_scale = ([float(v) for v in extra] + [1.0, 1.0, 1.0][len(extra) :])[:3]
+            return {"type": "elu", "alpha": alpha} if alpha >= 0 and scale == 1.0 and in_scale == 1.0 else None
+        if kind == "hardtanh":
+            lo, hi = ([float(v) for v in extra] + [-1.0, 1.0][len(extra) :])[:2]
+            return {"type": "relu6"} if (lo, hi) == (0.0, 6.0) else {"type": "hardtanh", "min_val": lo, "max_val": hi}
+        if kind == "softplus":
+            beta, threshold = ([float(v) for v in extra] + [1.0, 20.0][len(extra) :])[:2]
+            return {"type": "softplus", "beta": beta, "threshold": threshold} if beta > 0 else None
+    except (TypeError, ValueError):
+        return None  # a parameter computed in the graph
+    return cfg
 
 
 def _is_maxpool(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
@@ -248,30 +269,17 @@ def _is_affine(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
             mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
             value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
             return bool(mode == "constant" and value in (None, 0, 0.0))
-        return node.target in _AFFINE_FUNCTIONS
+        if node.target is torch.ops.aten.constant_pad_nd.default:
+            return (node.args[2] if len(node.args) > 2 else 0) in (0, 0.0)
+        if node.target is torch.ops.aten.dropout.default:
+            return not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False))
+        return node.target in _AFFINE_FUNCTIONS or node.target in AFFINE_TARGETS
     if node.op == "call_method":
         return node.target in _AFFINE_METHODS
     return node.op == "get_attr"
 
 
-def _run_node(
-    node: fx.Node, env: dict[fx.Node, Any], gm: fx.GraphModule, mods: dict[str, nn.Module]
-) -> Any:
-    args = fx.node.map_arg(node.args, lambda n: env[n])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-    if node.op == "call_module":
-        return mods[str(node.target)](*args, **kwargs)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)  # type: ignore[operator]
-    if node.op == "call_method":
-        obj, *rest = args
-        return getattr(obj, str(node.target))(*rest, **kwargs)
-    if node.op == "get_attr":
-        value: Any = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value
-    raise RuntimeError(f"cannot run node {node.op}")
+_run_node = run_node
 
 
 # ----------------------------------------------------------------------------- region analysis
@@ -344,6 +352,7 @@ def analyse_region(
 ) -> _Region:
     """Trace the teacher and describe the region of compute layers ``layers`` (e.g. "7-16")."""
     device = device or torch.device("cpu")
+    teacher = runnable(teacher, input_shape)
     param = next(iter(teacher.parameters()), None)
     # layer_table probes with float32 inputs; give it a float32 copy of other-precision models
     probe = (
@@ -362,7 +371,7 @@ def analyse_region(
                 f"layer {layer.index} ('{layer.name}') runs {layer.calls} times per forward pass",
                 "RON reduces layers that run once",
             )
-    gm = trace_model(teacher)
+    gm = trace_model(teacher, input_shape)
     mods = _modules(gm)
     by_target = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     alias_of = {layer.name: layer.alias for layer in summary.layers}
@@ -385,12 +394,12 @@ def analyse_region(
                 user.op == "call_module"
                 and isinstance(
                     mods[str(user.target)],
-                    nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.Dropout | nn.Identity,
+                    nn.modules.batchnorm._BatchNorm | nn.Dropout | nn.Identity,
                 )
             )
             or _activation_kind(user, mods) is not None
             or _is_maxpool(user, mods)
-            or (user.op == "call_function" and user.target in (operator.add, torch.add))
+            or (user.op == "call_function" and user.target in (operator.add, torch.add, torch.ops.aten.add.Tensor))
             or (user.op == "call_method" and user.target == "add")
         )
         if not absorbable:
@@ -728,10 +737,18 @@ class RONStudent(nn.Module):
         stages: list[dict[str, Any]],
         out_rows: int,
         fold_output: bool = False,
+        input_shape: list[int] | None = None,
+        *,
+        graph: fx.GraphModule | None = None,
     ) -> None:
+        """``graph``: the teacher's traced graph (copied), for teachers that no registered
+        architecture rebuilds (the args then only document the student)."""
         super().__init__()
-        teacher = build_model(teacher_arch, teacher_args).eval()
-        gm = trace_model(teacher)
+        if graph is not None:
+            gm = copy.deepcopy(graph)
+        else:
+            teacher = build_model(teacher_arch, teacher_args).eval()
+            gm = trace_model(teacher, input_shape)
         self.pre = _subgraph(gm, None, input_node)
         self.rest = _subgraph(gm, output_node, None)
         dims: list[int] = []
@@ -903,7 +920,7 @@ def build_student(
     """
     progress = silent_if_none(progress)
     device = torch.device(device)
-    teacher = teacher.to(device).eval()
+    teacher = runnable(teacher, input_shape).to(device).eval()
     region = analyse_region(teacher, tuple(input_shape), settings.layers, device)
     gm = region.gm
     mods = _modules(gm)
@@ -1168,8 +1185,9 @@ def build_student(
         "stages": [{k: v for k, v in c.items() if k != "state"} for c in stage_cfgs],
         "out_rows": int(rows[last_state.index].numel()),
         "fold_output": bool(fold),
+        "input_shape": [int(v) for v in input_shape],
     }
-    student = RONStudent(**args)  # type: ignore[arg-type]
+    student = RONStudent(**args, graph=gm)  # type: ignore[arg-type]
     dtype = next(teacher.parameters()).dtype
     with torch.no_grad():
         student.pre.load_state_dict(_sub_state(gm, student.pre), strict=True)

@@ -8,12 +8,16 @@ FLOPs, bias additions, activations, normalisation and pooling are not counted.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from odekit.errors import LayerSelectionError, UnsupportedModelError
+from odekit.models.graph import has_functional_compute, normalize_graph
 
 COMPUTE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -73,29 +77,49 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> torch.
     return torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block, the previous mode after it. A ``torch.export`` program's
+    module refuses train()/eval(): its graph is fixed to the (eval) mode it was traced in."""
+    was_training = model.training
+    try:
+        model.eval()
+    except NotImplementedError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def total_flops(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> int:
     """All matmul/conv FLOPs of one forward pass on one sample, by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _probe(model, input_shape)
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()  # a training-mode pass would move BatchNorm statistics towards the zero probe
-    try:
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    # a training-mode pass would move BatchNorm statistics towards the zero probe
+    with eval_mode(model), torch.no_grad(), counter:
+        model(x)
     return int(counter.get_total_flops())
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> ModelSummary:
-    """Run one sample through ``model`` with hooks and list its compute layers."""
+    """Run one sample through ``model`` with hooks and list its compute layers.
+
+    A GraphModule that computes conv/linear through functions (a ``.pt2`` program's aten
+    graph) is first normalised so its layers are modules named after their weights' owners:
+    the table then matches the table of the module it was exported from. A module whose
+    forward calls ``F.linear``/``F.conv2d`` on its own weights is listed from its traced graph
+    the same way."""
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             "a TorchScript model without odekit metadata cannot be inspected layer by layer",
             "pass --arch NAME so odekit rebuilds it as a normal module",
         )
+    if isinstance(model, fx.GraphModule) and has_functional_compute(model):
+        model = normalize_graph(model, input_shape)
     names = {module: name for name, module in model.named_modules()}
     records: dict[nn.Module, dict[str, object]] = {}
     order: list[nn.Module] = []
@@ -114,10 +138,8 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COMPUTE_TYPES)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(_probe(model, input_shape))
     except RuntimeError as exc:
         raise UnsupportedModelError(
@@ -127,7 +149,6 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     layers = [
         LayerInfo(
             index=i,
@@ -142,7 +163,28 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         for i, module in enumerate(order, start=1)
     ]
     params = sum(p.numel() for p in model.parameters())
-    return ModelSummary(layers, params, total_flops(model, input_shape), list(input_shape))
+    summary = ModelSummary(layers, params, total_flops(model, input_shape), list(input_shape))
+    if not isinstance(model, fx.GraphModule) and summary.flops > sum(layer.flops for layer in layers):
+        # conv/matmul FLOPs outside conv/linear modules: F.conv2d(x, self.w)-style layers,
+        # which the traced graph turns into modules (the layers RON and ASNet then address)
+        lifted = _functional_layers_graph(model, input_shape)
+        if lifted is not None:
+            return layer_table(lifted, input_shape)
+    return summary
+
+
+def _functional_layers_graph(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> fx.GraphModule | None:
+    """The normalised fx graph of a model with functional conv/linear layers, if it traces."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # untraceable: the module table stands
+        return None
+    if not has_functional_compute(gm):
+        return None
+    try:
+        return normalize_graph(gm, input_shape)
+    except UnsupportedModelError:
+        return None
 
 
 _RANGE = re.compile(r"^\s*([^\s,]+?)\s*-\s*([^\s,]+)\s*$")

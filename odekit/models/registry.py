@@ -68,6 +68,7 @@ def architecture(arch: str) -> Architecture:
 _PLUGIN_MODULES = (
     "odekit.models.zoo",
     "odekit.models.ode_models",
+    "odekit.models.antisym",
     "odekit.methods.ron",
     "odekit.methods.asnet",
 )

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from odekit.errors import UsageError
 from odekit.ode.gradients import GRADIENT_METHODS
-from odekit.ode.odeint import odeint
+from odekit.ode.odeint import check_cheb_nodes, odeint
 from odekit.ode.solver import SolveStats
 from odekit.ode.tableau import SOLVERS
 
@@ -26,7 +26,7 @@ class SolverConfig:
     rtol: float = 1e-3
     atol: float = 1e-4
     grad: str = "backprop"
-    cheb_nodes: int = 16
+    cheb_nodes: int | str = "auto"
     checkpoints: int = 1
     seminorm: bool = False
     t1: float = 1.0
@@ -34,7 +34,7 @@ class SolverConfig:
     adjoint_atol: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("u", "rtol", "atol", "t1", "cheb_nodes", "checkpoints", "steps",
+        for name in ("u", "rtol", "atol", "t1", "checkpoints", "steps",
                      "adjoint_rtol", "adjoint_atol"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool)
@@ -60,8 +60,7 @@ class SolverConfig:
                 if not value > 0:
                     raise UsageError(f"{name} must be positive, got {value}")
                 object.__setattr__(self, name, float(value))
-        if int(self.cheb_nodes) != self.cheb_nodes or self.cheb_nodes < 2:
-            raise UsageError(f"cheb_nodes must be an integer >= 2, got {self.cheb_nodes}")
+        object.__setattr__(self, "cheb_nodes", check_cheb_nodes(self.cheb_nodes))
         if int(self.checkpoints) != self.checkpoints or self.checkpoints < 1:
             raise UsageError(f"checkpoints must be an integer >= 1, got {self.checkpoints}")
         if not (math.isfinite(self.t1) and self.t1 > 0):
@@ -69,8 +68,7 @@ class SolverConfig:
         # Canonical types, so configs read back from JSON compare equal.
         for name in ("u", "rtol", "atol", "t1"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("cheb_nodes", "checkpoints"):
-            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "checkpoints", int(self.checkpoints))
         if self.steps is not None:
             object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "seminorm", bool(self.seminorm))

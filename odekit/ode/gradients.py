@@ -8,6 +8,7 @@ parameter's own shape.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,8 +16,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from odekit.ode.interp import BarycentricInterpolant, chebyshev_lobatto
-from odekit.ode.solver import SolveStats, StepControl, integrate
+from odekit.ode.interp import (
+    AdaptiveChebyshevBuilder,
+    InterpolationWarning,
+    PiecewiseChebyshev,
+    fixed_estimate,
+    fixed_grid,
+)
+from odekit.ode.solver import OnStep, SolveStats, StepControl, integrate
 from odekit.ode.tableau import StepCoefficients
 from odekit.registry import Registry
 
@@ -34,7 +41,7 @@ class Problem:
     control: StepControl | None
     control_back: StepControl | None  # backward (adjoint) solves of rdm and irdm
     stats: SolveStats = field(default_factory=SolveStats)
-    cheb_nodes: int = 16
+    cheb_nodes: int | str = "auto"  # irdm: "auto" (piecewise, error-controlled) or a fixed N
     checkpoints: int = 1
     seminorm: bool = False
 
@@ -52,7 +59,7 @@ class Problem:
 
 
 def forward_solve(prob: Problem, z0: Tensor, extra_times: list[float] | None = None,
-                  record_steps: bool = False, on_accept=None):
+                  record_steps: bool = False, on_accept=None, on_step: OnStep | None = None):
     """One forward solve; returns (z at times[1:], z at extra_times, SolveResult)."""
     f = prob.f
 
@@ -69,7 +76,7 @@ def forward_solve(prob: Problem, z0: Tensor, extra_times: list[float] | None = N
         dyn, [z0], t0, t_end, prob.co,
         fixed_steps=prob.steps, control=None if prob.steps else prob.control,
         out_times=[direction * s for s, _, _ in tagged],
-        record_steps=record_steps, on_accept=on_accept,
+        record_steps=record_steps, on_accept=on_accept, on_step=on_step,
     )
     outs: list[Tensor | None] = [None] * len(user)
     ext: list[Tensor | None] = [None] * len(extra)
@@ -232,22 +239,58 @@ def run_anode(prob: Problem, z0: Tensor) -> Tensor:
 # ---------------------------------------------------------------- irdm
 
 
+# Fixed-step solves have no adjoint tolerance: irdm then resolves their dense output to this
+# relative accuracy, or to 1000 rounding units of the dtype when that is coarser.
+FIXED_STEP_INTERP_TOL = 1e-10
+
+
+def interp_tolerance(prob: Problem, like: Tensor) -> tuple[float, float]:
+    """(rtol, atol) the interpolant of z(t) must meet: the adjoint tolerances."""
+    if prob.control_back is not None:
+        return prob.control_back.rtol, prob.control_back.atol
+    tol = max(FIXED_STEP_INTERP_TOL, 1e3 * torch.finfo(like.dtype).eps)
+    return tol, tol
+
+
 class _IRDM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prob: Problem, z0: Tensor, *params: Tensor) -> Tensor:
         t0, t_end = prob.times[0], prob.times[-1]
-        nodes, weights = chebyshev_lobatto(t0, t_end, prob.cheb_nodes)
+        rtol, atol = interp_tolerance(prob, z0)
         # Node values come from the dense output of the accepted steps: no extra f calls.
-        outs, ext, _ = forward_solve(prob, z0, extra_times=nodes[1:].tolist())
-        ctx.prob, ctx.nodes, ctx.weights = prob, nodes, weights
-        ctx.save_for_backward(torch.stack([z0, *ext]))
+        if prob.cheb_nodes == "auto":
+            builder = AdaptiveChebyshevBuilder(prob.co, rtol, atol)
+            outs, _, _ = forward_solve(prob, z0, on_step=builder.add_step)
+            interp, ratio = builder.finish()
+            breaks, degrees, values = interp.breaks, interp.degrees, interp.values
+        else:
+            n = int(prob.cheb_nodes)
+            nodes, probes = fixed_grid(t0, t_end, n)
+            outs, ext, _ = forward_solve(prob, z0, extra_times=[*nodes[1:], *probes])
+            values = torch.stack([z0, *ext[:n]])
+            ratio = fixed_estimate(nodes, values, probes, torch.stack(ext[n:]), rtol, atol)
+            breaks, degrees = [t0, t_end], [n]
+        st = prob.stats
+        st.interp_error, st.interp_tol = ratio * rtol, rtol
+        st.interp_nodes, st.interp_segments = int(values.shape[0]), len(degrees)
+        if ratio > 1.0:
+            what = (f"cheb_nodes={prob.cheb_nodes}" if prob.cheb_nodes != "auto"
+                    else "cheb_nodes='auto' (single forward steps are not resolved: "
+                         "rounding, or a dense output less accurate than the tolerance)")
+            warnings.warn(InterpolationWarning(
+                f"irdm with {what} cannot interpolate z(t) to the adjoint tolerance "
+                f"(rtol {rtol:g}); gradients will be less accurate than asked"
+                + ("; use cheb_nodes='auto'" if prob.cheb_nodes != "auto" else ""),
+                error=ratio * rtol, tol=rtol), stacklevel=4)
+        ctx.prob, ctx.breaks, ctx.degrees = prob, breaks, degrees
+        ctx.save_for_backward(values)
         return torch.stack([z0, *outs])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gz: Tensor):
         prob: Problem = ctx.prob
-        interp = BarycentricInterpolant(ctx.nodes, ctx.weights, ctx.saved_tensors[0])
+        interp = PiecewiseChebyshev(ctx.breaks, ctx.degrees, ctx.saved_tensors[0])
         params, times, f = prob.params, prob.times, prob.f
         n_norm = 1 if prob.seminorm else 1 + len(params)
 
@@ -286,5 +329,6 @@ GRADIENT_METHODS.add(
 )
 GRADIENT_METHODS.add(
     "irdm", run_irdm,
-    "interpolated RDM: z(t) from barycentric Chebyshev interpolation, backward [a, dL/dtheta]",
+    "interpolated RDM: z(t) from (piecewise) barycentric Chebyshev interpolation, backward "
+    "[a, dL/dtheta]",
 )

@@ -45,6 +45,22 @@ def _times(t: Tensor | Sequence[float]) -> list[float]:
     return times
 
 
+def check_cheb_nodes(value: object) -> int | str:
+    """'auto' (any case) or an integer N >= 2, as the canonical value; UsageError otherwise."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value \
+            or value < 2:
+        raise UsageError(f"cheb_nodes must be 'auto' or an integer >= 2, got {value!r}",
+                         "'auto' chooses the interpolant from the forward solve")
+    return int(value)
+
+
 def odeint(
     f: Callable[[Tensor, Tensor], Tensor],
     z0: Tensor,
@@ -58,7 +74,7 @@ def odeint(
     atol: float = 1e-4,
     adjoint_rtol: float | None = None,
     adjoint_atol: float | None = None,
-    cheb_nodes: int = 16,
+    cheb_nodes: int | str = "auto",
     checkpoints: int = 1,
     seminorm: bool = False,
     max_steps: int = DEFAULT_MAX_STEPS,
@@ -75,8 +91,11 @@ def odeint(
     `GRADIENT_METHODS`; gradients reach z0 and `params` (default: the trainable parameters of
     f when it is an nn.Module). `rtol`/`atol`/`safety`/`min_step`/`max_step`/`first_step`/
     `max_steps` control dopri5; `adjoint_rtol`/`adjoint_atol` (default: rtol/atol) control
-    the backward solves of rdm and irdm; `cheb_nodes` (N, N+1 points) is for irdm, `checkpoints` for
-    anode, `seminorm` drops dL/dtheta from the backward step control of rdm and irdm.
+    the backward solves of rdm and irdm; `cheb_nodes` is for irdm: "auto" (a piecewise
+    Chebyshev interpolant of the accepted steps, its estimated error within the adjoint
+    tolerance) or a fixed N (one interpolant on N+1 points; an `InterpolationWarning` says
+    when it misses the tolerance); `checkpoints` is for anode, `seminorm` drops dL/dtheta
+    from the backward step control of rdm and irdm.
     """
     spec = SOLVERS.get(solver)
     method = GRADIENT_METHODS.get(grad)
@@ -99,8 +118,7 @@ def odeint(
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise UsageError(f"steps must be a positive integer, got {steps}")
         steps = int(steps)
-    if int(cheb_nodes) != cheb_nodes or cheb_nodes < 2:
-        raise UsageError(f"cheb_nodes must be an integer >= 2, got {cheb_nodes}")
+    cheb_nodes = check_cheb_nodes(cheb_nodes)
     if int(checkpoints) != checkpoints or checkpoints < 1:
         raise UsageError(f"checkpoints must be an integer >= 1, got {checkpoints}")
     if int(max_steps) != max_steps or max_steps < 1:
@@ -130,7 +148,7 @@ def odeint(
         steps=None if spec.adaptive else steps,
         control=control if spec.adaptive else None,
         control_back=control_back if spec.adaptive else None,
-        stats=stats, cheb_nodes=int(cheb_nodes), checkpoints=int(checkpoints),
+        stats=stats, cheb_nodes=cheb_nodes, checkpoints=int(checkpoints),
         seminorm=bool(seminorm),
     )
     needs_grad = torch.is_grad_enabled() and (

@@ -22,18 +22,30 @@ from odekit.ode.tableau import StepCoefficients
 
 # dyn(t, active_state) -> derivatives of all components (active first, then passive).
 Dyn = Callable[[float | Tensor, list[Tensor]], list[Tensor]]
+# on_step(t_old, t_new, h, y_old[0], stage derivatives of component 0): an accepted step's
+# dense output, z(t_old + theta h) = y_old + h sum_i b_i(theta) k_i.
+OnStep = Callable[[float, float, float, Tensor, list[Tensor]], None]
 
 
 @dataclass
 class SolveStats:
-    """Exact counts of f evaluations (forward / during backward) and of adaptive steps."""
+    """Exact counts of f evaluations (forward / during backward) and of adaptive steps.
+
+    irdm also fills in its interpolant of z(t): `interp_error`, the estimated largest RMS
+    interpolation error relative to |z| + atol/rtol (adjoint tolerances), against
+    `interp_tol` (the adjoint rtol); `interp_nodes` stored states in `interp_segments` pieces.
+    """
 
     nfe_forward: int = 0
     nfe_backward: int = 0
     accepted_steps: int = 0
     rejected_steps: int = 0
+    interp_error: float | None = None
+    interp_tol: float | None = None
+    interp_nodes: int = 0
+    interp_segments: int = 0
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float | None]:
         return asdict(self)
 
 
@@ -149,12 +161,14 @@ def integrate(
     out_times: Sequence[float] = (),
     record_steps: bool = False,
     on_accept: Callable[[float, list[Tensor]], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> SolveResult:
     """Integrate from t0 to t1 (either direction) with exactly one of: `fixed_steps` equal
     steps, a replay `plan` of (t, t_new) steps, or adaptive `control` (needs error weights).
 
     `out_times` (sorted from t0 towards t1, each in (t0, t1]) are read for component 0 from
-    the dense output of the step that contains them, with no extra f evaluation. The error
+    the dense output of the step that contains them, with no extra f evaluation; `on_step`
+    sees every accepted step's dense-output data. The error
     norm covers the first `n_norm` components; the first `n_solo` of them are normed one by
     one and the rest as one vector (default: every component on its own).
     """
@@ -218,6 +232,8 @@ def integrate(
             res.steps.append((t_old, t_new))
         if on_accept is not None:
             on_accept(t_new, y_new)
+        if on_step is not None:
+            on_step(t_old, t_new, h, y_old[0], [k[0] for k in ks])
 
     if plan is not None or fixed_steps is not None:
         if plan is None:

@@ -7,9 +7,11 @@ z(t0 + theta h) = z0 + h sum_i b_i(theta) k_i needs no extra f evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction as Fr
 
+import numpy as np
 import torch
 
 from odekit.errors import UsageError
@@ -238,7 +240,7 @@ class StepCoefficients:
             self.q = 2
             self.stages = 2
 
-    def dense_weights(self, thetas: list[float], like: torch.Tensor) -> torch.Tensor:
+    def dense_weights(self, thetas: Sequence[float] | np.ndarray, like: torch.Tensor) -> torch.Tensor:
         """(m, stages) matrix of b_i(theta_j), in the dtype/device of `like`."""
         if isinstance(self.dense, torch.Tensor):
             d = self.dense.to(like)
@@ -246,11 +248,14 @@ class StepCoefficients:
                 [[th ** (p + 1) for p in range(d.shape[1])] for th in thetas], dtype=like.dtype
             ).to(like.device, non_blocking=True)
             return powers @ d.T
-        rows = [
-            [sum(coef * th ** (p + 1) for p, coef in enumerate(row)) for row in self.dense]
-            for th in thetas
-        ]
-        return torch.tensor(rows, dtype=like.dtype).to(like.device, non_blocking=True)
+        if not hasattr(self, "_dense_np"):  # (stages, powers), rows padded with zeros
+            width = max((len(r) for r in self.dense), default=0)
+            self._dense_np = np.array([list(r) + [0.0] * (width - len(r)) for r in self.dense],
+                                      dtype=np.float64).reshape(len(self.dense), width)
+        th = np.asarray(thetas, dtype=np.float64)[:, None]
+        theta_powers = th ** np.arange(1, self._dense_np.shape[1] + 1)
+        return torch.from_numpy(theta_powers @ self._dense_np.T).to(dtype=like.dtype, device=like.device,
+                                                              non_blocking=True)
 
 
 def step_coefficients(solver: str, u: float | torch.Tensor = 0.5) -> StepCoefficients:

@@ -12,7 +12,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from odekit.errors import OutputExistsError
+from safetensors import SafetensorError
+
+from odekit.errors import OdekitError, OutputExistsError, OutputWriteError, os_error_hint
+
+# what a full disk or a lost mount raises: OSError, torch.save's RuntimeError, safetensors' own
+_WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, RuntimeError, SafetensorError)
 
 
 def check_writable(path: Path, force: bool) -> None:
@@ -29,7 +34,10 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
     target = Path(path)
     check_writable(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputWriteError(f"cannot create a file in '{target.parent}': {exc.strerror}", os_error_hint(exc)) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -37,6 +45,12 @@ def atomic_path(path: str | os.PathLike[str], force: bool = False) -> Iterator[P
         # mkstemp creates 0600 files; give outputs the permissions a plain open() would
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except OdekitError:
+        raise
+    except _WRITE_ERRORS as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = getattr(exc, "strerror", None) or text
+        raise OutputWriteError(f"could not write '{target}': {reason}", os_error_hint(exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

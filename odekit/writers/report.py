@@ -49,6 +49,7 @@ class Report:
     device: str
     seconds: float
     threads: int | None = None
+    outputs: list[str] = field(default_factory=list)
     markdown_sections: list[tuple[str, str]] = field(default_factory=list)
     world_size: int = 1  # ranks of a torchrun launch (issue 15)
     backend: str | None = None  # their torch.distributed backend (None for one process)
@@ -66,6 +67,7 @@ class Report:
                 "world_size": self.world_size,
                 "backend": self.backend,
                 "seconds": round(self.seconds, 4),
+                "outputs": self.outputs,
             }
         )
 

@@ -158,6 +158,8 @@ def test_matrix_diagonal_equals_white_box(tmp_path, lenet300_path, lenet5_path):
         "matrix"
     ]
     assert m["sources"] == m["targets"] == ["lenet300_digits", "lenet5_digits"]
+    for row, ci_row in zip(m["fooling_rate"], m["fooling_rate_ci95"], strict=True):
+        assert all(low <= rate <= high for rate, (low, high) in zip(row, ci_row, strict=True))
     for i, path in enumerate((lenet300_path, lenet5_path)):
         white = results(invoke(path, *common, "-o", tmp_path / f"w{i}"))
         assert m["fooling_rate"][i][i] == pytest.approx(white["fooling_rate_test"][0], abs=1e-9)
@@ -223,6 +225,7 @@ def _assert_one_line_error(res, code: int, text: str, out) -> None:
     assert res.exit_code == code, res.stderr
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0]
+    assert ". Hint: " in lines[0]
     assert "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())
 
@@ -241,6 +244,18 @@ def _assert_one_line_error(res, code: int, text: str, out) -> None:
         (["--method", "fgsm", "--units", "model"], 1, "needs an explicit budget"),
         (["--method", "adef", "--eps", "1", "--units", "model"], 1, "displacements in pixels"),
         (["--method", "fgsm", "--eps", "0.1", "--units", "furlong"], 1, "unknown budget units"),
+        # issue 17: non-finite or absurd numbers are one clean line, checked before any work
+        (["--method", "fgsm", "--norm", "inf", "--eps", "1e300"], 1, "larger than any linf perturbation"),
+        (["--method", "random", "--delta", "1e300"], 1, "larger than any l2 perturbation"),
+        (["--method", "fgsm", "--eps", "inf"], 1, "positive and finite"),
+        (["--method", "adef", "--sigma", "nan"], 1, "--sigma nan is not a finite number"),
+        (["--method", "adef", "--sigma", "inf"], 1, "--sigma inf is not a finite number"),
+        (["--method", "active-subspace", "--gamma", "nan"], 1, "gamma"),
+        (["--method", "active-subspace", "--s0", "1e300"], 1, "s0 must be at most"),
+        (["--method", "uap", "--max-passes", "100000000000"], 1, "max-passes"),
+        (["--method", "random", "--target", "10"], 1, "not a class"),
+        (["--method", "fgsm", "--target", "1"], 1, "--target is for universal"),
+        (["--method", "random", "--seeds", "1,x"], 1, "--seeds"),
     ],
 )
 def test_bad_options(tmp_path, lenet300_path, args, code, text):
@@ -295,7 +310,8 @@ def test_non_differentiable_model_is_one_line_exit_1(tmp_path):
     path = tmp_path / "hard.pt"
     torch.jit.save(torch.jit.script(Hard()), str(path))
     out = tmp_path / "bad"
-    res = invoke(path, "--method", "fgsm", "--eval-samples", "5", "-o", out)
+    # stating the preprocessing of a checkpoint without metadata silences the assumption warning
+    res = invoke(path, "--method", "fgsm", "--eval-samples", "5", "-o", out, "--normalize", "data", "--input-shape", "1,8,8")
     _assert_one_line_error(res, 1, "differentiable", out)
 
 
@@ -304,3 +320,57 @@ def test_help_lists_methods():
     assert res.exit_code == 0
     for name in ("active-subspace", "uap", "random", "fgsm", "pgd", "deepfool", "adef"):
         assert name in res.stdout
+
+
+def test_sweep_and_seeds_give_one_report_with_a_curve(tmp_path, lenet300_path):
+    out = tmp_path / "sweep"
+    r = results(invoke(lenet300_path, "--method", "active-subspace", "--delta", "4,2", "--max-iter", "4",
+                       "--fit-samples", "40", "--eval-samples", "80", "--seeds", "0,1", "-o", out,
+                       "--json"))  # fmt: skip
+    assert r["delta"] == [2.0, 4.0] and len(r["curve"]) == 2
+    assert r["budget_handling"] == "fitted once, scaled per budget"
+    assert r["fit_seconds"] > 0 and r["seconds"] >= r["fit_seconds"]
+    assert all(p["norm_pixel"] <= p["delta"] * (1 + 1e-5) for p in r["curve"])
+    assert r["fooling_rate_test"][0] <= r["fooling_rate_test"][1]
+    for p in r["curve"]:
+        low, high = p["fooling_rate_test_ci95"]
+        assert low <= p["fooling_rate_test"] <= high and p["fooling_samples_test"] == 80
+    assert r["seeds"] == [0, 1] and len(r["across_seeds"]) == 2
+    stats = r["across_seeds"][1]["fooling_rate_test"]
+    seed_rates = [s["curve"][1]["fooling_rate_test"] for s in r["per_seed"]]
+    assert stats["mean"] == pytest.approx(sum(seed_rates) / 2) and stats["runs"] == 2
+    lines = (out / "curve.csv").read_text().splitlines()
+    assert lines[0].startswith("delta,fooling_rate_test,ci95_low") and len(lines) == 3
+    assert (out / "fooling_rate.png").stat().st_size > 1000
+    with safe_open(r["perturbation_path"], "pt") as f:
+        assert {"perturbation_0", "perturbation_pixel_1", "perturbation"} <= set(f.keys())
+
+
+def test_targeted_universal_reports_success_on_other_classes(tmp_path, lenet300_path):
+    r = results(invoke(lenet300_path, "--method", "as-k", "--target", "3", "--delta", "3",
+                       "--max-iter", "4", "--subspace-steps", "3", "--fit-samples", "40",
+                       "--eval-samples", "80", "-o", tmp_path / "t", "--json"))  # fmt: skip
+    assert r["target_class"] == 3 and r["fooling_samples_test"] < 80
+    assert r["fooling_rate_fit"] >= r["fooling_rate_fit_as"]
+
+
+def test_huge_solver_step_count_is_refused_before_any_work(tmp_path, odenet_path):
+    out = tmp_path / "bad"
+    res = invoke(odenet_path, "--method", "fgsm", "--attack-solver", "euler:100000000000",
+                 "--eval-samples", "5", "-o", out)  # fmt: skip
+    _assert_one_line_error(res, 1, "solver steps must lie in [1, 10000]", out)
+    assert "Hint:" in res.stderr
+
+
+def test_out_of_memory_under_a_solver_spec_blames_the_steps():
+    from odekit.cli.attack import _solver_memory_guard
+    from odekit.errors import UsageError
+    from odekit.methods.attacks import parse_solver_spec
+
+    spec = parse_solver_spec("euler:5000")
+    with pytest.raises(UsageError, match="--attack-solver euler:5000") as info, _solver_memory_guard((spec, None)):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+    assert "step count" in str(info.value)
+    # without a solver spec the runner's own message stays
+    with pytest.raises(MemoryError), _solver_memory_guard((None, None)):
+        raise MemoryError

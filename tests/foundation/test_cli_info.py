@@ -60,10 +60,16 @@ def test_corrupt_file(runner: CliRunner, tmp_path: Path) -> None:
     _assert_one_line_error(runner.invoke(app, ["info", str(tmp_path / "junk.pt")]))
 
 
-def test_shape_mismatch(runner: CliRunner, tmp_path: Path) -> None:
+def test_shape_mismatch_lists_each_key_on_its_own_line(runner: CliRunner, tmp_path: Path) -> None:
     torch.save(build_model("lenet300", {"num_classes": 10}).state_dict(), tmp_path / "m.pt")
-    line = _assert_one_line_error(runner.invoke(app, ["info", str(tmp_path / "m.pt"), "--arch", "lenet300", "--num-classes", "5"]))
-    assert "shape" in line
+    result = runner.invoke(app, ["info", str(tmp_path / "m.pt"), "--arch", "lenet300", "--num-classes", "5"])
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("Error: ") and "2 shape mismatches" in lines[0] and "Hint:" in lines[0]
+    assert lines[1:] == [
+        "  shape mismatch: 5.weight: checkpoint 10x100, model 5x100",
+        "  shape mismatch: 5.bias: checkpoint 10, model 5",
+    ]
 
 
 def test_unknown_architecture_lists_the_registry(runner: CliRunner, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ and the RDM instability of thesis fig. 2.1."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from odekit.ode import GRADIENT_METHODS, odeint
+from odekit.ode import GRADIENT_METHODS, InterpolationWarning, odeint
 from odekit.ode.examples import DissipativeConvField
 from odekit.ode.interp import (
     BarycentricInterpolant,
@@ -56,8 +57,8 @@ def test_registry_names():
 @pytest.mark.parametrize(
     ("solver", "kw", "tol"),
     [
-        ("dopri5", {"rtol": 1e-9, "atol": 1e-9, "cheb_nodes": 24}, 1e-6),
-        ("rk4", {"steps": 40, "cheb_nodes": 24}, 1e-6),
+        ("dopri5", {"rtol": 1e-9, "atol": 1e-9}, 1e-6),  # irdm: cheb_nodes "auto"
+        ("rk4", {"steps": 40}, 1e-6),
         ("rk2", {"steps": 100, "u": 0.7}, 1e-4),
         ("euler", {"steps": 100}, 5e-2),  # continuous adjoint vs discrete gradient: O(h)
     ],
@@ -75,6 +76,7 @@ def test_gradients_match_backprop(grad, solver, kw, tol):
 
 
 @pytest.mark.parametrize("grad", METHODS)
+@pytest.mark.filterwarnings("ignore::odekit.ode.InterpolationWarning")  # fixed N on purpose
 def test_gradcheck_float64(grad):
     torch.manual_seed(1)
     f = MLP(d=2, hidden=5).to(F64)
@@ -90,6 +92,7 @@ def test_gradcheck_float64(grad):
 
 
 @pytest.mark.parametrize("grad", ["backprop", "anode", "irdm"])
+@pytest.mark.filterwarnings("ignore::odekit.ode.InterpolationWarning")  # fixed N on purpose
 def test_gradcheck_float64_dopri5(grad):
     torch.manual_seed(2)
     f = MLP(d=2, hidden=4).to(F64)
@@ -131,9 +134,13 @@ def test_irdm_forward_costs_no_extra_evaluations():
     z0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 1.0])
     a = odeint(f, z0, t, grad="backprop", rtol=1e-6, atol=1e-6)
-    b = odeint(f, z0, t, grad="irdm", cheb_nodes=32, rtol=1e-6, atol=1e-6)
-    assert a.stats == b.stats
-    assert torch.equal(a.z.detach(), b.z.detach())
+    for cheb in (32, "auto"):
+        b = odeint(f, z0, t, grad="irdm", cheb_nodes=cheb, rtol=1e-6, atol=1e-6)
+        # irdm adds only its interpolation statistics.
+        assert a.stats == dataclasses.replace(b.stats, interp_error=None, interp_tol=None,
+                                              interp_nodes=0, interp_segments=0)
+        assert b.stats.interp_nodes > 0 and b.stats.interp_tol == 1e-6
+        assert torch.equal(a.z.detach(), b.z.detach())
 
 
 def test_anode_checkpoints_give_the_same_gradient():
@@ -287,9 +294,15 @@ def test_irdm_gradient_error_decreases_with_nodes():
     z0 = torch.randn(8, 3, dtype=F64)
     t = torch.tensor([0.0, 1.5])
     ref, _ = grads_of(f, z0, t, "backprop", rtol=1e-10, atol=1e-10)
-    errs = [rel_err(grads_of(f, z0, t, "irdm", cheb_nodes=n, rtol=1e-10, atol=1e-10)[0], ref)
-            for n in (3, 6, 12)]
+    with pytest.warns(InterpolationWarning) as caught:
+        runs = [grads_of(f, z0, t, "irdm", cheb_nodes=n, rtol=1e-10, atol=1e-10)
+                for n in (3, 6, 12)]
+    errs = [rel_err(gs, ref) for gs, _ in runs]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-7
+    # The estimate follows the same decay, and each fixed N says it misses 1e-10.
+    estimates = [st.interp_error for _, st in runs]
+    assert estimates[0] > estimates[1] > estimates[2] > 1e-10
+    assert [w.message.error for w in caught] == estimates
 
 
 # ------------------------------------------------------------------ thesis fig. 2.1

@@ -37,6 +37,13 @@ def _check_report(report: dict, out) -> dict:
         sv = layer["singular_values_normalized"]
         assert sv[0] == pytest.approx(1.0) and all(a >= b - 1e-9 for a, b in itertools.pairwise(sv))
     assert r["reload_max_abs_diff"] == 0.0
+    # agreement bounds the accuracy gap: both count the same test samples
+    assert 0.0 <= r["agreement"] <= 1.0 and r["mean_kl"] >= -1e-9
+    assert abs(r["accuracy_drop"]) <= 1.0 - r["agreement"] + 1e-9
+    latency, batch = r["latency"], r["latency"]["batch_size"]
+    assert latency["teacher"][f"median_ms_per_batch_of_{batch}"] == pytest.approx(r["teacher"]["latency_ms"])
+    assert latency["student"]["median_ms_per_sample"] == pytest.approx(r["student"]["latency_ms"] / batch)
+    assert r["latency_speedup"] == pytest.approx(r["teacher"]["latency_ms"] / r["student"]["latency_ms"])
     assert (out / "singular_values.png").stat().st_size > 1000
     assert (out / "report.md").exists()
     return r

@@ -107,7 +107,7 @@ def test_cnf_gradients_agree_across_methods() -> None:
     x = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     grads = {}
     for grad in ("backprop", "rdm", "anode", "irdm"):
-        model = _cnf({"solver": "rk4", "steps": 8, "grad": grad, "cheb_nodes": 16})
+        model = _cnf({"solver": "rk4", "steps": 8, "grad": grad})  # irdm: cheb_nodes "auto"
         loss = -model.log_prob(x).mean()
         loss.backward()
         grads[grad] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])

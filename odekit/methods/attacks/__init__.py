@@ -1,4 +1,4 @@
-"""Universal perturbations (active subspace, UAP, random), per-sample attacks (FGSM, PGD,
+"""Universal perturbations (active subspace, as+uap, as-k, UAP, random), per-sample attacks (FGSM, PGD,
 DeepFool, ADef), transfer and grey-box evaluation. Everything works in [0, 1] pixel space on a
 `PixelModel`; budgets are pixel-unit norms."""
 
@@ -6,16 +6,21 @@ from odekit.methods.attacks.adef import ADefAttack, ADefSettings, deform, t_norm
 from odekit.methods.attacks.base import (
     ATTACKS,
     Attack,
+    FixedEpsilonAttack,
+    MinimizationAttack,
     PerSampleAttack,
     PerSampleResult,
     PerSampleSettings,
     UniversalAttack,
     UniversalResult,
     UniversalSettings,
+    attack_success,
     fooling_rate,
     predict_on,
+    register_attacks,
 )
 from odekit.methods.attacks.deepfool import deepfool
+from odekit.methods.attacks.distance import L2, LINF, TNORM, Distance, distance_for
 from odekit.methods.attacks.evaluate import (
     TransferMatrix,
     evaluate_adversarial,
@@ -47,48 +52,52 @@ from odekit.methods.attacks.space import (
 )
 from odekit.methods.attacks.universal import (
     ActiveSubspaceAttack,
+    ActiveSubspaceKAttack,
+    ActiveSubspaceKSettings,
     ActiveSubspaceSettings,
+    ASUAPAttack,
+    ASUAPSettings,
     RandomAttack,
     UAPAttack,
     UAPSettings,
 )
 
 # registration order is the order of --method choices and help texts
-ATTACKS.add(
-    "active-subspace",
+register_attacks(
     ActiveSubspaceAttack,
-    "universal: recursive active-subspace direction (thesis Algorithm 4)",
-)
-ATTACKS.add(
-    "uap", UAPAttack, "universal: UAP (Moosavi-Dezfooli et al. 2017), DeepFool steps accumulated"
-)
-ATTACKS.add(
-    "random", RandomAttack, "universal baseline: Gaussian direction scaled to the budget norm"
-)
-ATTACKS.add("fgsm", FGSMAttack, "per-sample: fast gradient (sign) method, one step")
-ATTACKS.add("pgd", PGDAttack, "per-sample: projected gradient descent, random start, restarts")
-ATTACKS.add(
-    "deepfool", DeepFoolAttack, "per-sample: DeepFool minimal perturbation, restricted to eps"
-)
-ATTACKS.add(
-    "adef",
+    ASUAPAttack,
+    ActiveSubspaceKAttack,
+    UAPAttack,
+    RandomAttack,
+    FGSMAttack,
+    PGDAttack,
+    DeepFoolAttack,
     ADefAttack,
-    "per-sample: ADef adversarial deformation (smooth vector field), T-norm budget",
 )
 
 __all__ = [
     "ATTACKS",
     "BACKENDS",
+    "L2",
+    "LINF",
     "NORMS",
+    "TNORM",
     "ADefAttack",
     "ADefSettings",
+    "ASUAPAttack",
+    "ASUAPSettings",
     "ActiveSubspaceAttack",
+    "ActiveSubspaceKAttack",
+    "ActiveSubspaceKSettings",
     "ActiveSubspaceSettings",
     "Attack",
     "DeepFoolAttack",
     "DeepFoolSettings",
+    "Distance",
     "FGSMAttack",
     "FGSMSettings",
+    "FixedEpsilonAttack",
+    "MinimizationAttack",
     "PGDAttack",
     "PGDSettings",
     "PerSampleAttack",
@@ -104,9 +113,11 @@ __all__ = [
     "UniversalResult",
     "UniversalSettings",
     "apply_perturbation",
+    "attack_success",
     "check_differentiable",
     "deepfool",
     "deform",
+    "distance_for",
     "evaluate_adversarial",
     "evaluate_universal",
     "fooling_rate",
@@ -118,6 +129,7 @@ __all__ = [
     "pixel_model",
     "predict_on",
     "project",
+    "register_attacks",
     "t_norm",
     "to_model_units",
     "to_pixels",

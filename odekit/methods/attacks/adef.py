@@ -16,8 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from odekit.errors import UnsupportedModelError, UsageError
-from odekit.methods.attacks.base import PerSampleAttack, PerSampleSettings, check_positive
+from odekit.errors import UnsupportedModelError
+from odekit.methods.attacks.base import (
+    MinimizationAttack,
+    PerSampleAttack,
+    PerSampleResult,
+    PerSampleSettings,
+    check_count,
+    check_nonnegative,
+    check_positive,
+)
+from odekit.methods.attacks.distance import TNORM
 
 
 def deform(x: Tensor, tau: Tensor) -> Tensor:
@@ -44,12 +53,14 @@ def gaussian_smooth(field: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian filter on (B, K, H, W), reflect-padded; identity for sigma = 0."""
     if sigma <= 0:
         return field
-    radius = max(1, math.ceil(3 * sigma))
+    h, w = field.shape[-2:]
+    # taps beyond the image are cut below anyway: never build a longer kernel (a huge sigma
+    # would allocate 6 sigma floats)
+    radius = min(max(1, math.ceil(3 * sigma)), max(h, w))
     t = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
     kernel = torch.exp(-0.5 * (t / sigma) ** 2)
     kernel = kernel / kernel.sum()
     k = field.shape[1]
-    h, w = field.shape[-2:]
     pad_w, pad_h = min(radius, w - 1), min(radius, h - 1)
     kw = kernel[radius - pad_w : radius + pad_w + 1]
     kh = kernel[radius - pad_h : radius + pad_h + 1]
@@ -72,23 +83,23 @@ class ADefSettings(PerSampleSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise UsageError(f"steps must be an integer >= 1, got {self.steps}")
-        if self.sigma < 0:
-            raise UsageError(f"smoothing sigma must be >= 0, got {self.sigma}")
-        if self.overshoot < 0:
-            raise UsageError(f"overshoot must be >= 0, got {self.overshoot}")
-        if int(self.candidates) != self.candidates or self.candidates < 2:
-            raise UsageError(f"candidates must be an integer >= 2, got {self.candidates}")
+        check_count("steps", self.steps, 1)
+        check_nonnegative("smoothing sigma", self.sigma, "sigma is the Gaussian width in pixels")
+        check_nonnegative("overshoot", self.overshoot)
+        check_count("candidates", self.candidates, 2)
 
 
-class ADefAttack(PerSampleAttack):
+class ADefAttack(MinimizationAttack[PerSampleResult], PerSampleAttack):
+    """Runs once per call; a deformation beyond a budget's T-norm does not count there."""
+
     name = "adef"
+    summary = "per-sample: ADef adversarial deformation (smooth vector field), T-norm budget"
     settings_type = ADefSettings
+    fixed_distance = TNORM
 
-    @property
-    def norm_label(self) -> str:
-        return "T"
+    @classmethod
+    def default_budgets(cls, norm: str) -> list[float]:
+        return [1.0]  # pixels of displacement
 
     def run(
         self, model: nn.Module, x: Tensor, y: Tensor, eps: float, generator: torch.Generator

@@ -1,28 +1,43 @@
-"""Attack base classes (foolbox-3 style): the base owns bounds, clipping, projection, norms and
-bookkeeping; subclasses implement `run`. `ATTACKS` is the registry `--method` is built from."""
+"""Attack base classes in the foolbox-3 shape.
+
+Every attack is called the same way, ``attack(model, inputs, labels, epsilons)`` (`Attack.__call__`
+is final): one budget gives one result, a list of budgets one result per budget. How a sweep is
+computed is fixed by one of two bases:
+
+- `FixedEpsilonAttack`: the result depends on the budget, so it reruns per budget (FGSM, PGD,
+  UAP, as+uap, AS-k);
+- `MinimizationAttack`: runs once, at the largest budget, and each budget restricts that one
+  result: minimal perturbations are clipped to the ball (DeepFool, ADef, as foolbox 3 does),
+  budget-free directions are scaled (the active-subspace vector, random).
+
+Orthogonally, `UniversalAttack` (one vector for all inputs, fitted on ``inputs``) and
+`PerSampleAttack` (one perturbation per input) own bounds, projection and bookkeeping;
+concrete attacks implement `run`. `ATTACKS` is the registry ``--method`` is built from.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, final, overload
 
 import torch
 from torch import Tensor, nn
 
 from odekit.device import synchronize
 from odekit.errors import UsageError
-from odekit.methods.attacks.space import (
-    apply_perturbation,
-    check_in_box,
-    lp_norm,
-    lp_norms,
-    parse_norm,
-    project,
-)
+from odekit.methods.attacks.distance import Distance, distance_for
+from odekit.methods.attacks.space import apply_perturbation, check_in_box, lp_norm, parse_norm
 from odekit.progress import Progress
 from odekit.registry import Registry
+from odekit.stats import Proportion
+
+DEFAULT_DELTA = {"2": 3.0, "inf": 0.15}  # universal, pixel units
+DEFAULT_EPS = {"2": [0.5], "inf": [8 / 255]}  # RobustBench per-sample budgets, pixel units
+MAX_COUNT = 1_000_000  # iterations, passes, steps, restarts: more is a typo, not a plan
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -37,33 +52,68 @@ def predict_on(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=dev)
 
 
+def attack_success(pred: Tensor, clean: Tensor, target: int | None = None) -> Proportion:
+    """Untargeted: every sample counts and succeeds when its prediction changes. Targeted:
+    samples whose clean prediction is not ``target`` count, and succeed when predicted as it."""
+    clean = clean.to(pred.device)
+    if target is None:
+        return Proportion(int((pred != clean).sum()), len(pred))
+    counted = clean != target
+    return Proportion(int((pred[counted] == target).sum()), int(counted.sum()))
+
+
 def fooling_rate(
-    model: nn.Module, x: Tensor, v: Tensor, clean_pred: Tensor, batch_size: int = 512
+    model: nn.Module,
+    x: Tensor,
+    v: Tensor,
+    clean_pred: Tensor,
+    batch_size: int = 512,
+    target: int | None = None,
 ) -> float:
-    """Eq. 6.37: fraction of samples whose prediction changes under x + v (clipped to the box)."""
+    """Eq. 6.37: fraction of samples whose prediction changes under x + v (clipped to the box);
+    with ``target``, the fraction of the others that land on it."""
     if len(x) == 0:
         return float("nan")
     pred = predict_on(model, apply_perturbation(x, v), batch_size)
-    return float((pred != clean_pred.to(pred.device)).float().mean())
+    return attack_success(pred, clean_pred, target).rate
 
 
 def check_positive(name: str, value: float, hint: str = "") -> None:
-    if not value > 0 or value != value or value == float("inf"):
-        raise UsageError(f"{name} must be a positive finite number, got {value}", hint or None)
+    if not value > 0 or not math.isfinite(value):
+        raise UsageError(f"{name} must be a positive finite number, got {value}",
+                         hint or "give a number > 0 (not nan or inf)")  # fmt: skip
+
+
+def check_count(name: str, value: int, low: int, high: int = MAX_COUNT) -> None:
+    """An integer option in [low, high]."""
+    if isinstance(value, bool) or int(value) != value or not low <= value <= high:
+        raise UsageError(f"{name} must be an integer in [{low}, {high}], got {value}",
+                         f"give a whole number from {low} to {high}")  # fmt: skip
+
+
+def check_nonnegative(name: str, value: float, hint: str = "") -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise UsageError(f"{name} must be a finite number >= 0, got {value}",
+                         hint or "give a number >= 0 (not nan or inf)")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class UniversalSettings:
-    """Budget shared by universal attacks: ``delta`` is the norm bound in [0, 1] pixel units."""
+    """Budget shared by universal attacks: ``delta`` is the norm bound in [0, 1] pixel units
+    (the default budget of a call). With ``target`` the attack is targeted: it pushes inputs
+    towards that class, and success means landing on it."""
 
     norm: str = "2"
     delta: float = 2.0
+    target: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", parse_norm(self.norm))
         check_positive(
             "delta", self.delta, "delta is the perturbation norm bound in [0, 1] pixel units"
         )
+        if self.target is not None:
+            check_count("target class", self.target, 0, 100_000)
 
 
 @dataclass(frozen=True)
@@ -76,23 +126,12 @@ class PerSampleSettings:
         object.__setattr__(self, "norm", parse_norm(self.norm))
 
 
-class Attack(ABC):
-    """Common bookkeeping; ``name``/``kind`` identify the entry in `ATTACKS`."""
-
-    name: ClassVar[str]
-    kind: ClassVar[str]  # "universal" or "per-sample"
-    settings_type: ClassVar[type]
-    settings: Any
-
-    def __init__(self, settings: Any) -> None:
-        if not isinstance(settings, self.settings_type):
-            raise TypeError(f"{type(self).__name__} takes {self.settings_type.__name__}")
-        self.settings = settings
-
-
 @dataclass
 class UniversalResult:
-    """One universal vector (pixel units, shape of one sample) and how it was found."""
+    """One universal vector (pixel units, shape of one sample) and how it was found.
+
+    ``seconds`` is the time spent on this budget alone, ``shared_seconds`` the fit shared by
+    every budget of a sweep (zero for attacks that rerun per budget)."""
 
     v: Tensor
     fooling_rate_fit: float
@@ -100,65 +139,15 @@ class UniversalResult:
     iterations: int
     history: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    budget: float = float("nan")
+    shared_seconds: float = 0.0
 
     def norm(self, norm: str) -> float:
         return lp_norm(self.v, norm)
 
-
-class UniversalAttack(Attack):
-    """Finds one v with ||v|| <= delta that changes many predictions; subclasses implement `run`."""
-
-    kind = "universal"
-    settings_type = UniversalSettings
-
-    def __call__(
-        self,
-        model: nn.Module,
-        x_fit: Tensor,
-        *,
-        seed: int = 0,
-        batch_size: int = 256,
-        progress: Progress | None = None,
-    ) -> UniversalResult:
-        check_in_box(x_fit, "the fitting data")
-        model.eval()
-        dev = model_device(model)
-        x_fit = x_fit.to(dev)
-        clean = predict_on(model, x_fit, batch_size)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        synchronize(dev)
-        start = time.perf_counter()
-        v, iterations, history, extra = self.run(
-            model, x_fit, clean, generator, batch_size, progress
-        )
-        v = self.finalize(v.to(dev))
-        synchronize(dev)
-        seconds = time.perf_counter() - start
-        rate = fooling_rate(model, x_fit, v, clean, batch_size)
-        return UniversalResult(v.detach(), rate, seconds, iterations, history, extra)
-
-    # helpers for subclasses ---------------------------------------------------------------
-    def project(self, v: Tensor) -> Tensor:
-        """Onto the budget ball and inside [-1, 1] (no pixel moves by more than the box width)."""
-        s = self.settings
-        return project(v.clamp(-1.0, 1.0).unsqueeze(0), s.norm, s.delta).squeeze(0)
-
-    def finalize(self, v: Tensor) -> Tensor:
-        v = self.project(v)
-        assert lp_norm(v, self.settings.norm) <= self.settings.delta * (1 + 1e-5)
-        return v
-
-    @abstractmethod
-    def run(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        clean: Tensor,
-        generator: torch.Generator,
-        batch_size: int,
-        progress: Progress | None,
-    ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
-        """Return (v, iterations, fit fooling-rate history, extra report fields)."""
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds + self.shared_seconds
 
 
 @dataclass
@@ -166,65 +155,321 @@ class PerSampleResult:
     """Adversarial inputs (pixels, clipped, within budget) and their budget-norm sizes."""
 
     x_adv: Tensor
-    sizes: Tensor  # per sample, in the attack's own norm (pixel units; pixels of displacement for adef)
+    sizes: Tensor  # per sample, in the attack's distance (pixel units; pixels for the T-norm)
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class PerSampleAttack(Attack):
-    """One adversarial input per sample within budget eps; subclasses implement `run`."""
-
-    kind = "per-sample"
-    settings_type = PerSampleSettings
-    budget_name: ClassVar[str] = "eps"
+    budget: float = float("nan")
+    shared_seconds: float = 0.0
 
     @property
-    def norm_label(self) -> str:
-        return self.settings.norm
+    def total_seconds(self) -> float:
+        return self.seconds + self.shared_seconds
 
+
+R = TypeVar("R", UniversalResult, PerSampleResult)
+
+
+@dataclass
+class Job:
+    """What one call works on: the model (eval mode), inputs on its device (universal) or on
+    theirs (per-sample, moved batch by batch), labels, clean predictions."""
+
+    model: nn.Module
+    x: Tensor
+    labels: Tensor | None
+    clean: Tensor | None
+    batch_size: int
+    device: torch.device
+
+
+class Attack(ABC, Generic[R]):
+    """Common entry point and bookkeeping; ``name`` and ``summary`` identify it in `ATTACKS`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    kind: ClassVar[str]  # "universal" or "per-sample"
+    settings_type: ClassVar[type]
+    budget_name: ClassVar[str]  # "delta" or "eps"
+    reruns_per_budget: ClassVar[bool]  # set by FixedEpsilonAttack / MinimizationAttack
+    fixed_distance: ClassVar[Distance | None] = None  # a distance the attack always uses
+    settings: Any
+
+    def __init__(self, settings: Any) -> None:
+        if not isinstance(settings, self.settings_type):
+            raise TypeError(f"{type(self).__name__} takes {self.settings_type.__name__}")
+        self.settings = settings
+
+    @property
+    def distance(self) -> Distance:
+        return self.fixed_distance or distance_for(self.settings.norm)
+
+    @classmethod
+    @abstractmethod
+    def default_budgets(cls, norm: str) -> list[float]:
+        """Budgets used when the caller gives none (pixel units for ``norm``)."""
+
+    @overload
     def __call__(
         self,
         model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        eps: float,
+        inputs: Tensor,
+        labels: Tensor | None = None,
+        epsilons: float | None = None,
         *,
         seed: int = 0,
         batch_size: int = 256,
         progress: Progress | None = None,
-    ) -> PerSampleResult:
-        check_positive("eps", eps, "eps is the per-sample budget in [0, 1] pixel units")
-        check_in_box(x, "the evaluation data")
+    ) -> R: ...
+
+    @overload
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        labels: Tensor | None,
+        epsilons: Sequence[float],
+        *,
+        seed: int = 0,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> list[R]: ...
+
+    @final
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        labels: Tensor | None = None,
+        epsilons: float | Sequence[float] | None = None,
+        *,
+        seed: int = 0,
+        batch_size: int = 256,
+        progress: Progress | None = None,
+    ) -> R | list[R]:
+        """Attack ``inputs`` (pixels in [0, 1]) at one budget or each of a list of budgets.
+        Universal attacks fit their vector on ``inputs`` against the clean predictions (labels
+        are not needed); per-sample attacks need ``labels``."""
+        single = epsilons is None or isinstance(epsilons, int | float)
+        if epsilons is None:
+            budgets = [self._default_budget()]
+        elif isinstance(epsilons, int | float):
+            budgets = [float(epsilons)]
+        else:
+            budgets = [float(e) for e in epsilons]
+        if not budgets:
+            raise UsageError(f"no {self.budget_name} budget given", "pass epsilons=None for the default")
+        for eps in budgets:
+            check_positive(self.budget_name, eps, f"{self.budget_name} is in {self.distance.unit}")
+        check_in_box(inputs, "the fitting data" if self.kind == "universal" else "the evaluation data")
         model.eval()
-        dev = model_device(model)
+        job = self._prepare(model, inputs, labels, batch_size)
+        results = self._solve(job, budgets, seed, progress)
+        return results[0] if single else results
+
+    def _default_budget(self) -> float:
+        return self.default_budgets(self.distance.key)[-1]
+
+    @staticmethod
+    def _clock(device: torch.device) -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    @abstractmethod
+    def _solve(self, job: Job, budgets: list[float], seed: int, progress: Progress | None) -> list[R]:
+        """One result per budget (implemented by the two budget bases)."""
+
+    @abstractmethod
+    def _prepare(self, model: nn.Module, x: Tensor, labels: Tensor | None, batch_size: int) -> Job:
+        """Checks and set-up shared by every budget of a call."""
+
+    @abstractmethod
+    def _generate(self, job: Job, eps: float, generator: torch.Generator,
+                  progress: Progress | None) -> Any:  # fmt: skip
+        """The attack's raw output at budget ``eps``."""
+
+    @abstractmethod
+    def _restrict(self, job: Job, raw: Any, eps: float) -> R:
+        """The result at budget ``eps`` from a raw output (timed)."""
+
+    def _finish(self, job: Job, result: R) -> None:
+        """Untimed scoring after the result is made."""
+
+
+class FixedEpsilonAttack(Attack[R]):
+    """An attack whose result depends on the budget: a sweep reruns it per budget, budget i
+    with generator seed ``seed + i``."""
+
+    reruns_per_budget = True
+
+    @final
+    def _solve(self, job: Job, budgets: list[float], seed: int, progress: Progress | None) -> list[R]:
+        results = []
+        for i, eps in enumerate(budgets):
+            generator = torch.Generator(device="cpu").manual_seed(seed + i)
+            start = self._clock(job.device)
+            result = self._restrict(job, self._generate(job, eps, generator, progress), eps)
+            result.seconds = self._clock(job.device) - start
+            self._finish(job, result)
+            results.append(result)
+        return results
+
+
+class MinimizationAttack(Attack[R]):
+    """An attack run once per call, at the largest budget; each budget restricts that result
+    (clips a minimal perturbation to the ball, or scales a budget-free direction). The run is
+    ``shared_seconds`` of every result; ``seconds`` is the restriction alone."""
+
+    reruns_per_budget = False
+
+    @final
+    def _solve(self, job: Job, budgets: list[float], seed: int, progress: Progress | None) -> list[R]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        advs, sizes = [], []
-        extra: dict[str, Any] = {}
-        synchronize(dev)
-        start = time.perf_counter()
-        starts = range(0, len(x), batch_size)
-        iterator = (
-            progress.track(starts, len(starts), f"{self.name} eps={eps:.4g}")
-            if progress
-            else starts
+        start = self._clock(job.device)
+        raw = self._generate(job, max(budgets), generator, progress)
+        shared = self._clock(job.device) - start
+        results = []
+        for eps in budgets:
+            start = self._clock(job.device)
+            result = self._restrict(job, raw, eps)
+            result.seconds = self._clock(job.device) - start
+            result.shared_seconds = shared
+            self._finish(job, result)
+            results.append(result)
+        return results
+
+
+@dataclass
+class VectorFit:
+    """A universal attack's raw output: the vector found at budget ``eps``."""
+
+    v: Tensor
+    eps: float
+    iterations: int
+    history: list[float]
+    extra: dict[str, Any]
+
+
+class UniversalAttack(Attack[UniversalResult]):
+    """Finds one v with ||v|| <= delta that changes many predictions; subclasses implement `run`
+    and inherit one of the budget bases. Budget-free directions (`MinimizationAttack`) are
+    scaled from the largest budget to the others."""
+
+    kind = "universal"
+    settings_type = UniversalSettings
+    budget_name = "delta"
+
+    @classmethod
+    def default_budgets(cls, norm: str) -> list[float]:
+        return [DEFAULT_DELTA[parse_norm(norm)]]
+
+    def _default_budget(self) -> float:
+        return float(self.settings.delta)
+
+    @property
+    def target(self) -> int | None:
+        return self.settings.target
+
+    def _prepare(self, model: nn.Module, x: Tensor, labels: Tensor | None, batch_size: int) -> Job:
+        dev = model_device(model)
+        x = x.to(dev)
+        return Job(model, x, labels, predict_on(model, x, batch_size), batch_size, dev)
+
+    def _generate(self, job: Job, eps: float, generator: torch.Generator,
+                  progress: Progress | None) -> VectorFit:  # fmt: skip
+        assert job.clean is not None
+        v, iterations, history, extra = self.run(
+            job.model, job.x, job.clean, eps, generator, job.batch_size, progress
         )
+        return VectorFit(v.to(job.device), eps, iterations, history, extra)
+
+    def _restrict(self, job: Job, raw: VectorFit, eps: float) -> UniversalResult:
+        v = raw.v if eps == raw.eps else raw.v * (eps / raw.eps)
+        v = self.project(v, eps)
+        assert lp_norm(v, self.settings.norm) <= eps * (1 + 1e-5)
+        return UniversalResult(v.detach(), float("nan"), 0.0, raw.iterations, list(raw.history),
+                               dict(raw.extra), budget=eps)  # fmt: skip
+
+    def _finish(self, job: Job, result: UniversalResult) -> None:
+        assert job.clean is not None
+        result.fooling_rate_fit = self.success_rate(job.model, job.x, result.v, job.clean,
+                                                    job.batch_size)  # fmt: skip
+
+    # helpers for subclasses ---------------------------------------------------------------
+    def project(self, v: Tensor, eps: float) -> Tensor:
+        """Onto the budget ball and inside [-1, 1] (no pixel moves by more than the box width)."""
+        return self.distance.project(v.clamp(-1.0, 1.0).unsqueeze(0), eps).squeeze(0)
+
+    def success_rate(self, model: nn.Module, x: Tensor, v: Tensor, clean: Tensor,
+                     batch_size: int) -> float:  # fmt: skip
+        """Fooling rate of v on x (targeted success rate with a target)."""
+        return fooling_rate(model, x, v, clean, batch_size, self.target)
+
+    @abstractmethod
+    def run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        generator: torch.Generator,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
+        """Return (v, iterations, fit fooling-rate history, extra report fields) at budget eps."""
+
+
+@dataclass
+class BatchAttempt:
+    x: Tensor
+    x_adv: Tensor
+    size: Tensor | None
+
+
+class PerSampleAttack(Attack[PerSampleResult]):
+    """One adversarial input per sample within budget eps; subclasses implement `run` and
+    inherit one of the budget bases."""
+
+    kind = "per-sample"
+    settings_type = PerSampleSettings
+    budget_name = "eps"
+
+    @classmethod
+    def default_budgets(cls, norm: str) -> list[float]:
+        return list(DEFAULT_EPS[parse_norm(norm)])
+
+    def _prepare(self, model: nn.Module, x: Tensor, labels: Tensor | None, batch_size: int) -> Job:
+        if labels is None or len(labels) != len(x):
+            raise UsageError(f"{self.name} needs one label per input", "pass labels of shape (N,)")
+        return Job(model, x, labels, None, batch_size, model_device(model))
+
+    def _generate(self, job: Job, eps: float, generator: torch.Generator,
+                  progress: Progress | None) -> list[BatchAttempt]:  # fmt: skip
+        assert job.labels is not None
+        starts = range(0, len(job.x), job.batch_size)
+        iterator = (
+            progress.track(starts, len(starts), f"{self.name} eps={eps:.4g}") if progress else starts
+        )
+        attempts = []
         for i in iterator:
-            xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
-            x_adv, size = self.run(model, xb, yb, eps, generator)
-            x_adv, size = self.restrict(xb, x_adv.detach(), eps, size)
-            advs.append(x_adv)
-            sizes.append(size)
-        synchronize(dev)
-        seconds = time.perf_counter() - start
-        return PerSampleResult(torch.cat(advs), torch.cat(sizes), seconds, extra)
+            xb = job.x[i : i + job.batch_size].to(job.device)
+            yb = job.labels[i : i + job.batch_size].to(job.device)
+            x_adv, size = self.run(job.model, xb, yb, eps, generator)
+            attempts.append(BatchAttempt(xb, x_adv.detach(), size))
+        return attempts
+
+    def _restrict(self, job: Job, raw: list[BatchAttempt], eps: float) -> PerSampleResult:
+        pairs = [self.restrict(a.x, a.x_adv, eps, a.size) for a in raw]
+        x_adv = torch.cat([p[0] for p in pairs]) if pairs else job.x[:0]
+        sizes = torch.cat([p[1] for p in pairs]) if pairs else torch.empty(0)
+        return PerSampleResult(x_adv, sizes, 0.0, {}, budget=eps)
 
     def restrict(
         self, x: Tensor, x_adv: Tensor, eps: float, size: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """Clip to the box and project onto the eps ball (minimal-norm attacks may overshoot)."""
-        delta = project(x_adv.clamp(0.0, 1.0) - x, self.settings.norm, eps)
+        delta = self.distance.project(x_adv.clamp(0.0, 1.0) - x, eps)
         x_adv = apply_perturbation(x, delta)
-        return x_adv, lp_norms(x_adv - x, self.settings.norm)
+        return x_adv, self.distance.norms(x_adv - x)
 
     @abstractmethod
     def run(
@@ -233,4 +478,11 @@ class PerSampleAttack(Attack):
         """Return (x_adv, per-sample size or None to measure it in the lp norm)."""
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack method")
+ATTACKS: Registry[type[Attack[Any]]] = Registry("attack method")
+
+
+def register_attacks(*classes: type[Attack[Any]]) -> None:
+    """Add attack classes to `ATTACKS` under their own ``name`` and ``summary`` (in order: the
+    order of ``--method`` choices and help texts)."""
+    for cls in classes:
+        ATTACKS.add(cls.name, cls, cls.summary)

@@ -33,12 +33,15 @@ def deepfool(
     overshoot: float = 0.02,
     candidates: int = 10,
     labels: Tensor | None = None,
+    target: Tensor | None = None,
 ) -> Tensor:
     """Minimal perturbation r (same shape as x, not clipped) with pred(x + r) != ref.
 
     ``ref`` is the class to move away from (the clean prediction); with ``labels`` a sample
     also counts as done once it is misclassified (robust-accuracy criterion). Candidate
-    classes are the top-``candidates`` logits at the start, as in foolbox.
+    classes are the top-``candidates`` logits at the start, as in foolbox. With ``target``
+    (one class per sample) the only candidate is the target and a sample is done once it is
+    predicted as it (targeted DeepFool).
     """
     x = x.detach()
     with torch.no_grad():
@@ -46,13 +49,16 @@ def deepfool(
     k = min(candidates, logits0.shape[1])
     order = logits0.argsort(1, descending=True)
     # every class but ref, ranked by logit (ref first is dropped)
-    others = torch.stack([row[row != r][: k - 1] for row, r in zip(order, ref, strict=True)])
+    if target is not None:
+        others = target.view(-1, 1).to(x.device)
+    else:
+        others = torch.stack([row[row != r][: k - 1] for row, r in zip(order, ref, strict=True)])
     total = torch.zeros_like(x)
     x_cur = x
     for _ in range(steps):
         logits, f, g = _candidate_grads(model, x_cur, ref, others)
         pred = logits.argmax(1)
-        done = pred != ref
+        done = pred != ref if target is None else pred == target.to(pred.device)
         if labels is not None:
             done |= pred != labels
         if bool(done.all()):

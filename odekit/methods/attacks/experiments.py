@@ -19,15 +19,21 @@ from odekit.io.datasets import Dataset
 from odekit.methods.attacks.base import (
     PerSampleAttack,
     UniversalAttack,
-    fooling_rate,
+    attack_success,
     predict_on,
 )
+from odekit.methods.attacks.distance import Distance
 from odekit.methods.attacks.evaluate import (
     evaluate_adversarial,
     evaluate_universal,
     transfer_matrix,
 )
-from odekit.methods.attacks.figures import curve_figure, examples_figure, matrix_figure
+from odekit.methods.attacks.figures import (
+    curve_figure,
+    examples_figure,
+    matrix_figure,
+    sweep_figure,
+)
 from odekit.methods.attacks.space import (
     apply_perturbation,
     check_differentiable,
@@ -36,6 +42,7 @@ from odekit.methods.attacks.space import (
     to_pixels,
 )
 from odekit.progress import Progress
+from odekit.stats import spread, wilson_interval
 
 N_EXAMPLES = 6
 
@@ -75,6 +82,10 @@ def fit_inputs(data: Dataset, samples: int, seed: int) -> Tensor:
     return to_pixels(data.train.subset(samples, seed=seed).x, data, "the fitting data")
 
 
+def _ci(successes: int, n: int) -> list[float]:
+    return list(wilson_interval(successes, n))
+
+
 def universal_experiment(
     attack: UniversalAttack,
     attack_model: nn.Module,
@@ -86,50 +97,87 @@ def universal_experiment(
     fit_samples: int,
     eval_samples: int | None,
     provenance: dict[str, Any],
+    budgets: list[float] | None = None,
 ) -> AttackRun:
-    """Fit a universal vector on `fit_data` with `attack_model`, score it on `eval_model`."""
+    """Fit a universal vector on `fit_data` with `attack_model`, score it on `eval_model`, at
+    each budget (default: the settings' delta). A sweep fits budget-free directions once."""
     s = attack.settings
+    dist = attack.distance
+    budgets = [float(s.delta)] if budgets is None else list(budgets)
+    target = attack.target
     x_fit = fit_inputs(fit_data, fit_samples, score.seed)
     x_test, y_test = eval_inputs(target_data, eval_samples, score.seed, score.device)
     check_differentiable(attack_model, x_fit[:2].to(score.device))
-    result = attack(attack_model, x_fit, seed=score.seed, batch_size=score.batch_size,
-                    progress=score.progress)
-    v, bs = result.v, score.batch_size
+    fits = attack(attack_model, x_fit, None, budgets, seed=score.seed,
+                  batch_size=score.batch_size, progress=score.progress)  # fmt: skip
+    bs = score.batch_size
     x_fit_dev = x_fit.to(score.device)
-    fit_rate = fooling_rate(eval_model, x_fit_dev, v, predict_on(eval_model, x_fit_dev, bs), bs)
-    test_eval = evaluate_universal(eval_model, x_test, y_test, v, bs)
-    v_model = to_model_units(v, target_data)
-    effective = (apply_perturbation(x_test, v) - x_test).flatten(1)
-    eff_norm = effective.norm(dim=1) if s.norm == "2" else effective.abs().amax(dim=1)
+    clean_fit = predict_on(eval_model, x_fit_dev, bs)
+    curve: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
+    test_eval: dict[str, float] = {}
+    for i, (eps, result) in enumerate(zip(budgets, fits, strict=True)):
+        v = result.v
+        fit = attack_success(predict_on(eval_model, apply_perturbation(x_fit_dev, v), bs),
+                             clean_fit, target)  # fmt: skip
+        test_eval = evaluate_universal(eval_model, x_test, y_test, v, bs, target)
+        v_model = to_model_units(v, target_data)
+        effective = dist.norms(apply_perturbation(x_test, v) - x_test)
+        point: dict[str, Any] = {
+            "delta": eps,
+            "fooling_rate_fit": fit.rate,
+            "fooling_rate_fit_ci95": list(fit.ci95),
+            "fooling_rate_test": test_eval["fooling_rate"],
+            "fooling_rate_test_ci95": _ci(int(test_eval["fooled"]), int(test_eval["fooling_n"])),
+            "fooling_samples_test": int(test_eval["fooling_n"]),
+            "robust_accuracy": test_eval["robust_accuracy"],
+            "robust_accuracy_ci95": _ci(int(test_eval["robust_correct"]), int(test_eval["n"])),
+            "norm_pixel": lp_norm(v, s.norm),
+            "norm_model": lp_norm(v_model, s.norm),
+            "mean_effective_norm_pixel": float(effective.mean()),
+            "seconds": result.seconds,
+            "total_seconds": result.total_seconds,
+        }
+        if score.transfer:
+            point["source_fooling_rate_fit"] = result.fooling_rate_fit
+            point["source_fooling_rate_test"] = evaluate_universal(
+                attack_model, x_test, y_test, v, bs, target
+            )["fooling_rate"]
+        curve.append(point)
+        if len(budgets) > 1:
+            tensors[f"perturbation_{i}"], tensors[f"perturbation_pixel_{i}"] = v_model, v
+    last, v = fits[-1], fits[-1].v
+    tensors["perturbation"], tensors["perturbation_pixel"] = to_model_units(v, target_data), v
+    fit_seconds = last.shared_seconds
     results: dict[str, Any] = {
         "method": attack.name,
         "norm": s.norm,
-        "delta": s.delta,
+        "target_class": target,
         "clean_accuracy": test_eval["clean_accuracy"],
-        "robust_accuracy": test_eval["robust_accuracy"],
-        "fooling_rate_fit": fit_rate,
-        "fooling_rate_test": test_eval["fooling_rate"],
-        "seconds": result.seconds,
-        "norm_pixel": lp_norm(v, s.norm),
-        "norm_model": lp_norm(v_model, s.norm),
-        "mean_effective_norm_pixel": float(eff_norm.mean()),
+        "clean_accuracy_ci95": _ci(int(test_eval["clean_correct"]), int(test_eval["n"])),
         "fit_samples": len(x_fit),
         "test_samples": len(x_test),
-        "iterations": result.iterations,
-        "history_fit": result.history,
+        "iterations": last.iterations,
+        "history_fit": last.history,
         "mode": score.mode,
-        **result.extra,
+        "budget_handling": "fitted once, scaled per budget" if not attack.reruns_per_budget
+        else "refitted per budget",
+        **last.extra,
     }
-    if score.transfer:
-        results["source_fooling_rate_fit"] = result.fooling_rate_fit
-        results["source_fooling_rate_test"] = evaluate_universal(
-            attack_model, x_test, y_test, v, bs
-        )["fooling_rate"]
+    # one budget: scalars as always; a sweep: one list entry per budget (and the curve rows)
+    for key in curve[0]:
+        values = [p[key] for p in curve]
+        results[key] = values[0] if len(curve) == 1 else values
+    results["seconds"] = fit_seconds + sum(p["seconds"] for p in curve)
+    results["fit_seconds"] = fit_seconds
+    results["curve"] = curve
     metadata = {
         "method": attack.name,
         "norm": s.norm,
-        "delta": s.delta,
-        "units": "perturbation: model-input units; perturbation_pixel: [0,1] pixels",
+        "delta": results["delta"],
+        "target_class": target,
+        "units": "perturbation: model-input units; perturbation_pixel: [0,1] pixels"
+        + ("; perturbation_<i>: budget i of delta" if len(budgets) > 1 else ""),
         "norm_pixel": results["norm_pixel"],
         "norm_model": results["norm_model"],
         **provenance,
@@ -141,14 +189,14 @@ def universal_experiment(
     x_ex = x_test[:k]
     x_adv = apply_perturbation(x_ex, v)
     before, after = predict_on(eval_model, x_ex).tolist(), predict_on(eval_model, x_adv).tolist()
+    what = "targeted success" if target is not None else "test fooling rate"
     title = (
-        f"{attack.name} (l{s.norm}, delta={s.delta:g} px): test fooling rate "
-        f"{100 * results['fooling_rate_test']:.1f}%"
+        f"{attack.name} ({dist.label}, delta={budgets[-1]:g} px): {what} "
+        f"{100 * curve[-1]['fooling_rate_test']:.1f}%"
     )
     figure = examples_figure(x_ex, x_adv, before, after, title, vector=v,
                              vector_title="v (pixels)")
-    return AttackRun(results, {"perturbation": v_model, "perturbation_pixel": v}, metadata,
-                     {"attack.png": figure})
+    return AttackRun(results, tensors, metadata, {"attack.png": figure})
 
 
 def per_sample_experiment(
@@ -162,24 +210,27 @@ def per_sample_experiment(
     eval_samples: int | None,
     provenance: dict[str, Any],
 ) -> AttackRun:
-    """Attack held-out samples at every budget; the robust-accuracy curve and examples."""
+    """Attack held-out samples at every budget (minimization attacks run once and are clipped
+    per budget); the robust-accuracy curve and examples."""
     x, y = eval_inputs(target_data, eval_samples, score.seed, score.device)
     check_differentiable(attack_model, x[:2])
     bs = score.batch_size
-    curve, tensors = [], {}
-    seconds = 0.0
-    clean_acc = evaluate_adversarial(eval_model, x, y, x, bs)["clean_accuracy"]
-    last_adv = x
-    for i, eps in enumerate(budgets):
-        res = attack(attack_model, x, y, eps, seed=score.seed + i, batch_size=bs,
-                     progress=score.progress)
-        seconds += res.seconds
+    dist = attack.distance
+    curve: list[dict[str, Any]] = []
+    tensors: dict[str, Tensor] = {}
+    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs)
+    runs = attack(attack_model, x, y, budgets, seed=score.seed, batch_size=bs,
+                  progress=score.progress)  # fmt: skip
+    for i, (eps, res) in enumerate(zip(budgets, runs, strict=True)):
         scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs)
-        point = {
+        point: dict[str, Any] = {
             "eps": eps,
             "robust_accuracy": scores["robust_accuracy"],
+            "robust_accuracy_ci95": _ci(int(scores["robust_correct"]), int(scores["n"])),
             "fooling_rate": scores["fooling_rate"],
+            "fooling_rate_ci95": _ci(int(scores["fooled"]), int(scores["fooling_n"])),
             "seconds": res.seconds,
+            "total_seconds": res.total_seconds,
             "max_size": float(res.sizes.max()),
             "mean_size": float(res.sizes.mean()),
         }
@@ -189,29 +240,32 @@ def per_sample_experiment(
             )["robust_accuracy"]
         curve.append(point)
         tensors[f"eps_{i}"] = res.x_adv - x
-        last_adv = res.x_adv
-    deform = attack.name == "adef"
-    unit = "pixels of displacement (T-norm)" if deform else "[0,1] pixel units"
+    last_adv = runs[-1].x_adv
+    shared = runs[-1].shared_seconds
     results: dict[str, Any] = {
         "method": attack.name,
-        "norm": attack.norm_label,
+        "norm": dist.key,
         "eps": budgets,
-        "eps_units": unit,
+        "eps_units": dist.unit,
         "backend": getattr(attack.settings, "backend", "torch"),
-        "clean_accuracy": clean_acc,
+        "clean_accuracy": clean_eval["clean_accuracy"],
+        "clean_accuracy_ci95": _ci(int(clean_eval["clean_correct"]), int(clean_eval["n"])),
         "robust_accuracy": [p["robust_accuracy"] for p in curve],
         "fooling_rate_fit": None,
         "fooling_rate_test": [p["fooling_rate"] for p in curve],
-        "seconds": seconds,
+        "seconds": shared + sum(p["seconds"] for p in curve),
+        "fit_seconds": shared,
+        "budget_handling": "run once, clipped per budget" if not attack.reruns_per_budget
+        else "rerun per budget",
         "test_samples": len(x),
         "curve": curve,
         "mode": score.mode,
     }
     metadata = {
         "method": attack.name,
-        "norm": attack.norm_label,
+        "norm": dist.key,
         "eps": budgets,
-        "units": f"pixel-space x_adv - x; eps in {unit}",
+        "units": f"pixel-space x_adv - x; eps in {dist.unit}",
         **provenance,
         "data": target_data.describe(),
         "test_indices_seed": score.seed,
@@ -219,15 +273,83 @@ def per_sample_experiment(
     k = min(N_EXAMPLES, len(x))
     before = predict_on(eval_model, x[:k]).tolist()
     after = predict_on(eval_model, last_adv[:k]).tolist()
-    title = (f"{attack.name} ({attack.norm_label}, eps={budgets[-1]:.4g}): robust accuracy "
+    title = (f"{attack.name} ({dist.key}, eps={budgets[-1]:.4g}): robust accuracy "
              f"{100 * curve[-1]['robust_accuracy']:.1f}%")
-    xlabel = "eps (T-norm, pixels)" if deform else f"eps (l{attack.norm_label}, [0,1] pixel units)"
+    xlabel = f"eps ({dist.label}, {dist.unit})"
     figures = {
         "attack.png": examples_figure(x[:k], last_adv[:k], before, after, title),
-        "robust_accuracy.png": curve_figure(budgets, results["robust_accuracy"], clean_acc,
+        "robust_accuracy.png": curve_figure(budgets, results["robust_accuracy"],
+                                            clean_eval["clean_accuracy"],
                                             f"{attack.name}: robust accuracy", xlabel),
     }
     return AttackRun(results, tensors, metadata, figures)
+
+
+def combine_seeds(runs: list[AttackRun], seeds: list[int]) -> dict[str, Any]:
+    """Mean and spread over runs that differ only in their seed: per budget (the rows of
+    ``curve``) for the test (and fit) fooling rate, robust accuracy and seconds; and each
+    seed's own curve."""
+    curve0 = runs[0].results["curve"]
+    universal = "delta" in curve0[0]
+    budget_key = "delta" if universal else "eps"
+    keys = {
+        "fooling_rate_test": "fooling_rate_test" if universal else "fooling_rate",
+        "robust_accuracy": "robust_accuracy",
+        "total_seconds": "total_seconds",
+    }
+    if universal:
+        keys["fooling_rate_fit"] = "fooling_rate_fit"
+    across = [
+        {budget_key: point[budget_key],
+         **{name: spread([r.results["curve"][i][src] for r in runs]) for name, src in keys.items()}}
+        for i, point in enumerate(curve0)
+    ]  # fmt: skip
+    per_seed = [
+        {"seed": seed, "curve": r.results["curve"], "seconds": r.results["seconds"]}
+        for seed, r in zip(seeds, runs, strict=True)
+    ]
+    return {"seeds": seeds, "across_seeds": across, "per_seed": per_seed}
+
+
+def curve_csv(results: dict[str, Any]) -> str:
+    """The per-budget rows of a report as CSV (one line per budget; over seeds, their mean and
+    standard deviation too)."""
+    curve = results["curve"]
+    budget_key = "delta" if "delta" in curve[0] else "eps"
+    rate_key = "fooling_rate_test" if budget_key == "delta" else "fooling_rate"
+    ci_key = f"{rate_key}_ci95"
+    header = [budget_key, rate_key, "ci95_low", "ci95_high", "robust_accuracy", "seconds",
+              "total_seconds"]  # fmt: skip
+    across = results.get("across_seeds")
+    if across:
+        header += ["fooling_rate_test_mean", "fooling_rate_test_std", "seeds"]
+    lines = [",".join(header)]
+    for i, p in enumerate(curve):
+        row = [p[budget_key], p[rate_key], *p[ci_key], p["robust_accuracy"], p["seconds"],
+               p["total_seconds"]]  # fmt: skip
+        if across:
+            stats = across[i]["fooling_rate_test"]
+            row += [stats["mean"], stats["std"], stats["runs"]]
+        lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plot(results: dict[str, Any], distance: Distance) -> Figure:
+    """Fooling rate against the budget (``curve`` rows; error bars over seeds if present)."""
+    curve = results["curve"]
+    budget_key = "delta" if "delta" in curve[0] else "eps"
+    rate_key = "fooling_rate_test" if budget_key == "delta" else "fooling_rate"
+    across = results.get("across_seeds")
+    return sweep_figure(
+        [p[budget_key] for p in curve],
+        [p[rate_key] for p in curve],
+        [p[f"{rate_key}_ci95"][0] for p in curve],
+        [p[f"{rate_key}_ci95"][1] for p in curve],
+        f"{results['method']}: fooling rate vs budget",
+        f"{budget_key} ({distance.label}, {distance.unit})",
+        fit_rates=[p["fooling_rate_fit"] for p in curve] if budget_key == "delta" else None,
+        spread=[r["fooling_rate_test"]["std"] for r in across] if across else None,
+    )
 
 
 def matrix_experiment(
@@ -251,20 +373,22 @@ def matrix_experiment(
 
     def generate(source: nn.Module) -> Tensor:
         if isinstance(attack, UniversalAttack):
-            res = attack(source, x_fit, seed=score.seed, batch_size=bs, progress=score.progress)
-            seconds.append(res.seconds)
+            res = attack(source, x_fit, None, budget, seed=score.seed, batch_size=bs,
+                         progress=score.progress)  # fmt: skip
+            seconds.append(res.total_seconds)
             return apply_perturbation(x, res.v)
         res_ps = attack(source, x, y, budget, seed=score.seed, batch_size=bs,
                         progress=score.progress)
-        seconds.append(res_ps.seconds)
+        seconds.append(res_ps.total_seconds)
         return res_ps.x_adv
 
     table = transfer_matrix(sources, targets, generate, x, y, bs)
     names = [name for name, _ in targets]
-    clean = [evaluate_adversarial(model, x, y, x, bs)["clean_accuracy"] for _, model in targets]
+    clean_evals = [evaluate_adversarial(model, x, y, x, bs) for _, model in targets]
+    clean = [e["clean_accuracy"] for e in clean_evals]
     universal = isinstance(attack, UniversalAttack)
     budget_key = "delta" if universal else "eps"
-    norm = attack.norm_label if isinstance(attack, PerSampleAttack) else attack.settings.norm
+    norm = attack.distance.key
     results: dict[str, Any] = {
         "method": attack.name,
         "norm": norm,
@@ -274,6 +398,9 @@ def matrix_experiment(
             "orientation": "rows are sources (generated on), columns are targets (evaluated on)",
         },
         "clean_accuracy": dict(zip(names, clean, strict=True)),
+        "clean_accuracy_ci95": {
+            n: _ci(int(e["clean_correct"]), int(e["n"])) for n, e in zip(names, clean_evals, strict=True)
+        },
         "seconds": sum(seconds),
         "seconds_per_source": seconds,
         "test_samples": len(x),

@@ -104,3 +104,39 @@ def matrix_figure(names: Sequence[str], values: Sequence[Sequence[float]], title
     fig.colorbar(im, ax=ax, label="fooling rate")
     ax.set_title(title, fontsize=10)
     return fig
+
+
+def sweep_figure(
+    budgets: Sequence[float],
+    rates: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    title: str,
+    xlabel: str,
+    fit_rates: Sequence[float] | None = None,
+    spread: Sequence[float] | None = None,
+) -> Figure:
+    """Fooling rate against the budget with its Wilson 95% band; optionally the fit-set curve
+    and, over several seeds, error bars of one standard deviation."""
+    order = np.argsort(np.asarray(budgets, dtype=float))
+    b = np.asarray(budgets, dtype=float)[order]
+    fig = Figure(figsize=(5.5, 3.8))
+    ax = fig.subplots()
+    r = np.asarray(rates, dtype=float)[order]
+    ax.fill_between(b, np.asarray(lows)[order], np.asarray(highs)[order], alpha=0.2,
+                    label="test, Wilson 95%")  # fmt: skip
+    if spread is not None:
+        ax.errorbar(b, r, yerr=np.asarray(spread, dtype=float)[order], marker="o", capsize=3,
+                    label="test (mean, std over seeds)")  # fmt: skip
+    else:
+        ax.plot(b, r, marker="o", label="test")
+    if fit_rates is not None:
+        ax.plot(b, np.asarray(fit_rates, dtype=float)[order], marker="s", linestyle="--",
+                label="fit")  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fooling rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return fig

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UsageError
-from odekit.methods.attacks.base import PerSampleAttack, PerSampleSettings, check_positive
+from odekit.methods.attacks.base import (
+    FixedEpsilonAttack,
+    MinimizationAttack,
+    PerSampleAttack,
+    PerSampleResult,
+    PerSampleSettings,
+    check_count,
+    check_nonnegative,
+    check_positive,
+)
 from odekit.methods.attacks.deepfool import deepfool
 from odekit.methods.attacks.space import lp_norms, project
 
@@ -63,8 +72,9 @@ class FGSMSettings(PerSampleSettings):
         object.__setattr__(self, "backend", _check_backend(self.backend))
 
 
-class FGSMAttack(PerSampleAttack):
+class FGSMAttack(FixedEpsilonAttack[PerSampleResult], PerSampleAttack):
     name = "fgsm"
+    summary = "per-sample: fast gradient (sign) method, one step"
     settings_type = FGSMSettings
 
     def run(
@@ -95,12 +105,11 @@ class PGDSettings(PerSampleSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "backend", _check_backend(self.backend))
-        if self.steps is not None and (int(self.steps) != self.steps or self.steps < 1):
-            raise UsageError(f"steps must be an integer >= 1, got {self.steps}")
+        if self.steps is not None:
+            check_count("steps", self.steps, 1)
         if self.rel_stepsize is not None:
             check_positive("rel-stepsize", self.rel_stepsize)
-        if int(self.restarts) != self.restarts or self.restarts < 1:
-            raise UsageError(f"restarts must be an integer >= 1, got {self.restarts}")
+        check_count("restarts", self.restarts, 1)
 
     @property
     def n_steps(self) -> int:
@@ -123,8 +132,9 @@ def _random_in_ball(x: Tensor, norm: str, eps: float, generator: torch.Generator
     return (direction * radius).reshape(x.shape).to(x.device)
 
 
-class PGDAttack(PerSampleAttack):
+class PGDAttack(FixedEpsilonAttack[PerSampleResult], PerSampleAttack):
     name = "pgd"
+    summary = "per-sample: projected gradient descent, random start, restarts"
     settings_type = PGDSettings
 
     def _once(
@@ -173,16 +183,16 @@ class DeepFoolSettings(PerSampleSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "backend", _check_backend(self.backend))
-        if int(self.steps) != self.steps or self.steps < 1:
-            raise UsageError(f"steps must be an integer >= 1, got {self.steps}")
-        if int(self.candidates) != self.candidates or self.candidates < 2:
-            raise UsageError(f"candidates must be an integer >= 2, got {self.candidates}")
-        if self.overshoot < 0:
-            raise UsageError(f"overshoot must be >= 0, got {self.overshoot}")
+        check_count("steps", self.steps, 1)
+        check_count("candidates", self.candidates, 2)
+        check_nonnegative("overshoot", self.overshoot)
 
 
-class DeepFoolAttack(PerSampleAttack):
+class DeepFoolAttack(MinimizationAttack[PerSampleResult], PerSampleAttack):
+    """Runs once per call (a minimal perturbation); each budget clips it to its ball."""
+
     name = "deepfool"
+    summary = "per-sample: DeepFool minimal perturbation, restricted to eps"
     settings_type = DeepFoolSettings
 
     def run(

@@ -8,12 +8,17 @@ every `odekit.ode.ODEBlock` of a model; other settings (gradient method, t1, tol
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
 from odekit.errors import UnsupportedModelError, UsageError
 from odekit.ode import SOLVERS, ODEBlock
+
+# fixed steps per ODE block an attack may ask for: the gradient keeps every step's states, so
+# memory grows with steps x batch; 10,000 is the adaptive solvers' own step limit
+MAX_SOLVER_STEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,14 @@ def parse_solver_spec(text: str) -> SolverSpec:
         raise UsageError(
             f"fixed-step solver '{spec.name}' needs a number of steps in '{text}'", hint
         )
+    if steps is not None and not 1 <= steps <= MAX_SOLVER_STEPS:
+        raise UsageError(
+            f"solver steps must lie in [1, {MAX_SOLVER_STEPS}], got {steps} in '{text}'",
+            "memory for the gradient grows with the step count; a few to a few hundred "
+            "steps are typical",
+        )
+    if u is not None and not math.isfinite(u):
+        raise UsageError(f"the solver parameter u must be finite, got {u} in '{text}'", hint)
     return SolverSpec(spec.name, steps, u)
 
 

@@ -1,4 +1,6 @@
-"""Universal perturbations: recursive active subspace (thesis Algorithm 4), UAP, random."""
+"""Universal perturbations: recursive active subspace (thesis Algorithm 4), its two refinements
+(as+uap: UAP passes started from the AS vector; as-k: the best vector of the top-k active
+subspace), UAP, random. Every one can be targeted (``target``)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import NumericalError, UsageError
 from odekit.linalg import dominant_direction
 from odekit.methods.attacks.base import (
+    FixedEpsilonAttack,
+    Job,
+    MinimizationAttack,
     UniversalAttack,
+    UniversalResult,
     UniversalSettings,
+    VectorFit,
+    check_count,
+    check_nonnegative,
     check_positive,
-    fooling_rate,
     predict_on,
 )
 from odekit.methods.attacks.deepfool import deepfool
@@ -22,10 +31,24 @@ from odekit.methods.attacks.space import apply_perturbation, scale_to
 from odekit.progress import Progress, silent_if_none
 from odekit.streaming import per_sample_input_grads
 
+Fit = tuple[Tensor, int, list[float], dict[str, Any]]
+MAX_STEP = 1e6  # pixel units: far beyond any [0, 1] box diagonal of a real input
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or int(value) != value or value < low:
-        raise UsageError(f"{name} must be an integer >= {low}, got {value}")
+
+def _input_grads(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int) -> Tensor:
+    """Per-sample cross-entropy input gradients against ``labels``, flattened (N, D)."""
+    return torch.cat([
+        per_sample_input_grads(model, x[i : i + batch_size], labels[i : i + batch_size])
+        .reshape(min(batch_size, len(x) - i), -1)
+        for i in range(0, len(x), batch_size)
+    ])  # fmt: skip
+
+
+def _not_yet(pred: Tensor, clean: Tensor, target: int | None) -> Tensor:
+    """Samples still to fool: prediction unchanged, or (targeted) not on the target yet."""
+    if target is None:
+        return pred == clean
+    return (pred != target) & (clean != target)
 
 
 @dataclass(frozen=True)
@@ -33,44 +56,65 @@ class ActiveSubspaceSettings(UniversalSettings):
     """Algorithm 4. ``s0`` (pixel units) defaults to 2*delta, the ball's diameter; the thesis
     code starts at delta^2 and halves 10 times (gamma = 0.5, ``backtrack`` = 10). It stops after
     more than ``alpha`` = 10 failed line searches, or (as the thesis code does) more than
-    ``alpha`` iterations without a new best attack ratio."""
+    ``alpha`` iterations without a new best attack ratio. In a sweep, each budget below the
+    largest continues the scaled vector for ``sweep_refine`` more iterations (0: scaling only)."""
 
     s0: float | None = None
     gamma: float = 0.5
     backtrack: int = 10
     alpha: int = 10
     max_iter: int = 100
+    sweep_refine: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_count("sweep-refine", self.sweep_refine, 0)
         if self.s0 is not None:
             check_positive("s0", self.s0, "s0 is the first step length tried, in pixel units")
+            if self.s0 > MAX_STEP:
+                # float32 would turn such a step into inf (and inf * 0 into NaN)
+                raise UsageError(f"s0 must be at most {MAX_STEP:g}, got {self.s0:g}",
+                                 "any step beyond the ball's diameter is projected back anyway")
         if not 0.0 < self.gamma < 1.0:
             raise UsageError(
                 f"gamma must lie in (0, 1), got {self.gamma}", "the thesis uses gamma = 0.5"
             )
-        _check_int("backtrack", self.backtrack, 1)
-        _check_int("alpha", self.alpha, 0)
-        _check_int("max-iter", self.max_iter, 1)
+        check_count("backtrack", self.backtrack, 1)
+        check_count("alpha", self.alpha, 0)
+        check_count("max-iter", self.max_iter, 1)
 
     @property
     def first_step(self) -> float:
-        return self.s0 if self.s0 is not None else 2.0 * self.delta
+        return self.first_step_at(self.delta)
+
+    def first_step_at(self, eps: float) -> float:
+        return self.s0 if self.s0 is not None else 2.0 * eps
 
 
-class ActiveSubspaceAttack(UniversalAttack):
+class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack):
+    """A sweep fits the AS vector once, at the largest budget, and scales it to the others.
+    The vector is not quite budget-free (a fit at a smaller budget ends elsewhere), so each
+    smaller budget then runs ``sweep_refine`` warm-started iterations, which never lose fit
+    samples and cost a fraction of a fit."""
+
     name = "active-subspace"
+    summary = "universal: recursive active-subspace direction (thesis Algorithm 4)"
     settings_type = ActiveSubspaceSettings
+
+    def _restrict(self, job: Job, raw: VectorFit, eps: float) -> UniversalResult:
+        result = super()._restrict(job, raw, eps)
+        refine = self.settings.sweep_refine
+        if eps < raw.eps and refine > 0:
+            assert job.clean is not None
+            v, iterations, _, _ = self.iterate(job.model, job.x, job.clean, eps, result.v, refine,
+                                               job.batch_size)  # fmt: skip
+            result.v = self.project(v, eps).detach()
+            result.extra["sweep_refine_iterations"] = iterations
+        return result
 
     def _direction(self, model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
         """Dominant eigenvector of E[grad c grad c^T] with c = cross-entropy against ``target``."""
-        grads = [
-            per_sample_input_grads(
-                model, x[i : i + batch_size], target[i : i + batch_size]
-            ).reshape(min(batch_size, len(x) - i), -1)
-            for i in range(0, len(x), batch_size)
-        ]
-        d = dominant_direction(torch.cat(grads)).reshape(x.shape[1:])
+        d = dominant_direction(_input_grads(model, x, target, batch_size)).reshape(x.shape[1:])
         # the steepest unit step of the chosen norm along d
         return d if self.settings.norm == "2" else d.sign()
 
@@ -79,34 +123,52 @@ class ActiveSubspaceAttack(UniversalAttack):
         model: nn.Module,
         x: Tensor,
         clean: Tensor,
+        eps: float,
         generator: torch.Generator,
         batch_size: int,
         progress: Progress | None,
-    ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
+    ) -> Fit:
+        v0 = torch.zeros_like(x[0])
+        return self.iterate(model, x, clean, eps, v0, self.settings.max_iter, batch_size, progress)
+
+    def iterate(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        v0: Tensor,
+        max_iter: int,
+        batch_size: int,
+        progress: Progress | None = None,
+    ) -> Fit:
+        """Algorithm 4 from ``v0`` (zero: the thesis' start) for at most ``max_iter`` iterations;
+        the result never fools fewer fit samples than ``v0``."""
         s = self.settings
-        v = torch.zeros_like(x[0])
-        ratio = 0.0
-        best_v, best_ratio = v.clone(), 0.0
+        v = v0
+        ratio = self.success_rate(model, x, v, clean, batch_size) if bool(v0.any()) else 0.0
+        best_v, best_ratio = v.clone(), ratio
         failures, stale, iterations = 0, 0, 0
         history: list[float] = []
         bar = silent_if_none(progress)
-        for _ in bar.track(range(s.max_iter), s.max_iter, "active-subspace"):
+        for _ in bar.track(range(max_iter), max_iter, "active-subspace"):
             iterations += 1
             pred = predict_on(model, apply_perturbation(x, v), batch_size)
-            keep = pred == clean
+            keep = _not_yet(pred, clean, self.target)
             if not bool(keep.any()):
                 break
+            labels = clean[keep] if self.target is None else torch.full_like(clean[keep], self.target)
             try:
-                d = self._direction(model, apply_perturbation(x[keep], v), clean[keep], batch_size)
+                d = self._direction(model, apply_perturbation(x[keep], v), labels, batch_size)
             except NumericalError:
                 break  # zero gradients everywhere (saturated softmax): nothing left to follow
             accepted = False
-            step = s.first_step
+            step = s.first_step_at(eps)
             cand_v, cand_ratio = v, ratio
             for _i in range(s.backtrack):
-                v_pos, v_neg = self.project(v + step * d), self.project(v - step * d)
-                r_pos = fooling_rate(model, x, v_pos, clean, batch_size)
-                r_neg = fooling_rate(model, x, v_neg, clean, batch_size)
+                v_pos, v_neg = self.project(v + step * d, eps), self.project(v - step * d, eps)
+                r_pos = self.success_rate(model, x, v_pos, clean, batch_size)
+                r_neg = self.success_rate(model, x, v_neg, clean, batch_size)
                 cand_v, cand_ratio = (v_pos, r_pos) if r_pos >= r_neg else (v_neg, r_neg)
                 if cand_ratio > ratio:
                     accepted = True
@@ -143,18 +205,19 @@ class UAPSettings(UniversalSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("max-passes", self.max_passes, 1)
-        _check_int("deepfool steps", self.df_steps, 1)
-        _check_int("candidates", self.candidates, 2)
-        _check_int("chunk", self.chunk, 1)
+        check_count("max-passes", self.max_passes, 1)
+        check_count("deepfool steps", self.df_steps, 1)
+        check_count("candidates", self.candidates, 2)
+        check_count("chunk", self.chunk, 1)
         if not 0.0 < self.target_fooling <= 1.0:
-            raise UsageError(f"target-fooling must lie in (0, 1], got {self.target_fooling}")
-        if self.overshoot < 0:
-            raise UsageError(f"overshoot must be >= 0, got {self.overshoot}")
+            raise UsageError(f"target-fooling must lie in (0, 1], got {self.target_fooling}",
+                             "it is the fit fooling rate at which UAP stops, e.g. 0.8")
+        check_nonnegative("overshoot", self.overshoot)
 
 
-class UAPAttack(UniversalAttack):
+class UAPAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack):
     name = "uap"
+    summary = "universal: UAP (Moosavi-Dezfooli et al. 2017), DeepFool steps accumulated"
     settings_type = UAPSettings
 
     def run(
@@ -162,62 +225,236 @@ class UAPAttack(UniversalAttack):
         model: nn.Module,
         x: Tensor,
         clean: Tensor,
+        eps: float,
         generator: torch.Generator,
         batch_size: int,
         progress: Progress | None,
-    ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
+    ) -> Fit:
+        v0 = torch.zeros_like(x[0])
+        best_v, passes, history, raw = self.passes(
+            model, x, clean, eps, generator, batch_size, progress, v0, self.settings.max_passes
+        )
+        return best_v, passes, history, {"pass_fooling_rates_raw": raw}
+
+    def one_pass(self, model: nn.Module, x: Tensor, clean: Tensor, eps: float, v: Tensor,
+                 generator: torch.Generator, batch_size: int) -> Tensor:  # fmt: skip
+        """One UAP pass over ``x`` in a seeded order, from ``v``."""
         s = self.settings
-        v = torch.zeros_like(x[0])
-        best_v, best_rate = v.clone(), 0.0
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        target = self.target
+        # small chunks keep UAP's sequential character (v changes between chunks) while
+        # batching DeepFool; already-fooled samples are skipped (the reference code did not)
+        for start in range(0, len(x), s.chunk):
+            idx = order[start : start + s.chunk]
+            xv = apply_perturbation(x[idx], v)
+            pred = predict_on(model, xv, batch_size)
+            todo = _not_yet(pred, clean[idx], target)
+            if not bool(todo.any()):
+                continue
+            ref = clean[idx][todo]
+            goal = None if target is None else torch.full_like(ref, target)
+            r = deepfool(model, xv[todo], ref, norm=s.norm, steps=s.df_steps,
+                         overshoot=s.overshoot, candidates=s.candidates, target=goal)  # fmt: skip
+            with torch.no_grad():
+                after = predict_on(model, apply_perturbation(xv[todo], r), batch_size)
+            fooled = ~_not_yet(after, ref, target)
+            for dr in r[fooled]:
+                v = self.project(v + dr, eps)
+        return v
+
+    def passes(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        generator: torch.Generator,
+        batch_size: int,
+        progress: Progress | None,
+        v0: Tensor,
+        max_passes: int,
+        patience: int | None = None,
+    ) -> tuple[Tensor, int, list[float], list[float]]:
+        """Up to ``max_passes`` passes from ``v0`` (fewer after ``patience`` rejected passes in
+        a row); returns (best v, passes, best-rate history, raw per-pass rates). The best vector
+        never fools fewer fit samples than ``v0``."""
+        s = self.settings
+        rejected = 0
+        v = self.project(v0, eps)
+        best_v, best_rate = v.clone(), self.success_rate(model, x, v, clean, batch_size)
         history: list[float] = []
         raw: list[float] = []
         passes = 0
         bar = silent_if_none(progress)
-        for _ in bar.track(range(s.max_passes), s.max_passes, "uap passes"):
+        for _ in bar.track(range(max_passes), max_passes, f"{self.name} passes"):
+            if best_rate >= s.target_fooling:
+                break
             passes += 1
-            order = torch.randperm(len(x), generator=generator).to(x.device)
-            # small chunks keep UAP's sequential character (v changes between chunks) while
-            # batching DeepFool; already-fooled samples are skipped (the reference code did not)
-            for start in range(0, len(x), s.chunk):
-                idx = order[start : start + s.chunk]
-                xv = apply_perturbation(x[idx], v)
-                pred = predict_on(model, xv, batch_size)
-                todo = pred == clean[idx]
-                if not bool(todo.any()):
-                    continue
-                r = deepfool(
-                    model,
-                    xv[todo],
-                    clean[idx][todo],
-                    norm=s.norm,
-                    steps=s.df_steps,
-                    overshoot=s.overshoot,
-                    candidates=s.candidates,
-                )
-                with torch.no_grad():
-                    fooled = (
-                        predict_on(model, apply_perturbation(xv[todo], r), batch_size)
-                        != clean[idx][todo]
-                    )
-                for dr in r[fooled]:
-                    v = self.project(v + dr)
-            rate = fooling_rate(model, x, v, clean, batch_size)
+            v = self.one_pass(model, x, clean, eps, v, generator, batch_size)
+            rate = self.success_rate(model, x, v, clean, batch_size)
             raw.append(rate)
             # projected accumulation can undo earlier passes; a pass that lowers the fit fooling
             # rate is rejected (the next pass restarts from the best vector with a new order)
             if rate >= best_rate:
-                best_v, best_rate = v.clone(), rate
+                best_v, best_rate, rejected = v.clone(), rate, 0
             else:
-                v = best_v.clone()
+                v, rejected = best_v.clone(), rejected + 1
             history.append(best_rate)
             bar.update(fooling=round(best_rate, 4))
-            if best_rate >= s.target_fooling:
+            if patience is not None and rejected >= patience:
                 break
-        return best_v, passes, history, {"pass_fooling_rates_raw": raw}
+        return best_v, passes, history, raw
 
 
-class RandomAttack(UniversalAttack):
+@dataclass(frozen=True)
+class ASUAPSettings(ActiveSubspaceSettings, UAPSettings):
+    """Active subspace (its settings) then UAP passes (its settings) started from the AS vector
+    and from its sign-flipped twin: one pass each, the better start continues (until two passes
+    in a row are rejected)."""
+
+
+class ASUAPAttack(UAPAttack):
+    name = "as+uap"
+    summary = "universal: UAP passes started from the active-subspace vector (and its negative)"
+    settings_type = ASUAPSettings
+
+    def run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        generator: torch.Generator,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> Fit:
+        s = self.settings
+        v_as, as_iters, _, _ = ActiveSubspaceAttack(s).run(
+            model, x, clean, eps, generator, batch_size, progress
+        )
+        rate_as = self.success_rate(model, x, v_as, clean, batch_size)
+        starts = []
+        for sign in (1.0, -1.0):
+            v, n, _, _ = self.passes(model, x, clean, eps, generator, batch_size, None,
+                                        sign * v_as, 1)  # fmt: skip
+            starts.append((self.success_rate(model, x, v, clean, batch_size), sign, v, n))
+        rate, sign, v, first = max(starts, key=lambda t: (t[0], t[1]))
+        # passes from a good start are often all rejected: stop after two in a row
+        best_v, more, history, _ = self.passes(
+            model, x, clean, eps, generator, batch_size, progress, v, s.max_passes - 1, patience=2
+        )
+        extra = {"active_subspace_iterations": as_iters, "fooling_rate_fit_as": rate_as,
+                 "start_sign": sign, "fooling_rate_fit_after_first_pass": rate}  # fmt: skip
+        return best_v, first + more, [rate_as, rate, *history], extra
+
+
+@dataclass(frozen=True)
+class ActiveSubspaceKSettings(ActiveSubspaceSettings):
+    """Active subspace, then the best vector of the k-dimensional subspace spanned by the AS
+    vector and the top k-1 active directions at it, found by ``subspace_steps`` normalised
+    gradient steps on the fit set's mean loss (capped cross-entropy, see `_capped_loss`)."""
+
+    k: int = 16
+    subspace_steps: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("k", self.k, 1, 1000)
+        check_count("subspace-steps", self.subspace_steps, 0)
+
+
+def _capped_loss(logits: Tensor, clean: Tensor, target: int | None, cap: float = 1.0) -> Tensor:
+    """Per-sample loss to maximise: cross-entropy of the clean class, capped so samples already
+    fooled stop pulling (the cap sits near the decision boundary); targeted, minus the
+    cross-entropy of the target, capped once the target is likely."""
+    if target is None:
+        return F.cross_entropy(logits, clean, reduction="none").clamp(max=cap)
+    goal = torch.full_like(clean, target)
+    ce = F.cross_entropy(logits, goal, reduction="none").clamp(min=cap / 2)
+    return -ce * (clean != target)
+
+
+class ActiveSubspaceKAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack):
+    name = "as-k"
+    summary = "universal: best vector of the top-k active subspace (projected gradient steps)"
+    settings_type = ActiveSubspaceKSettings
+
+    def _basis(self, model: nn.Module, x: Tensor, clean: Tensor, v: Tensor,
+               batch_size: int) -> Tensor:  # fmt: skip
+        """Orthonormal (D, k') basis: v first, then the top active directions at x + v."""
+        k = self.settings.k
+        columns = [v.flatten() / v.norm()] if float(v.norm()) > 0 else []
+        pred = predict_on(model, apply_perturbation(x, v), batch_size)
+        keep = _not_yet(pred, clean, self.target)
+        if k > len(columns) and bool(keep.any()):
+            labels = clean[keep] if self.target is None else torch.full_like(clean[keep], self.target)
+            grads = _input_grads(model, apply_perturbation(x[keep], v), labels, batch_size)
+            if bool(torch.isfinite(grads).all()) and float(grads.abs().max()) > 0:
+                _, _, vh = torch.linalg.svd(grads.double(), full_matrices=False)
+                columns += list(vh[: k - len(columns)].to(v.dtype))
+        if not columns:
+            raise NumericalError("no active direction to search in (all gradients are zero)")
+        q, _ = torch.linalg.qr(torch.stack(columns, 1))
+        return q
+
+    def _loss_grad(self, model: nn.Module, x: Tensor, clean: Tensor, v: Tensor,
+                   batch_size: int) -> Tensor:  # fmt: skip
+        vr = v.detach().requires_grad_(True)
+        total = torch.zeros((), device=v.device)
+        with torch.enable_grad():
+            for i in range(0, len(x), batch_size):
+                logits = model(apply_perturbation(x[i : i + batch_size], vr))
+                total = total + _capped_loss(logits, clean[i : i + batch_size], self.target).sum()
+            (g,) = torch.autograd.grad(total / len(x), vr)
+        return g
+
+    def run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        clean: Tensor,
+        eps: float,
+        generator: torch.Generator,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> Fit:
+        s = self.settings
+        v_as, as_iters, _, _ = ActiveSubspaceAttack(s).run(
+            model, x, clean, eps, generator, batch_size, progress
+        )
+        rate_as = self.success_rate(model, x, v_as, clean, batch_size)
+        best_v, best_rate = v_as, rate_as
+        history = [rate_as]
+        try:
+            basis = self._basis(model, x, clean, v_as, batch_size)
+        except NumericalError:
+            return v_as, as_iters, history, {"fooling_rate_fit_as": rate_as, "subspace_dim": 0}
+        c = basis.T @ v_as.flatten()
+        bar = silent_if_none(progress)
+        for t in bar.track(range(s.subspace_steps), s.subspace_steps, "as-k steps"):
+            g = basis.T @ self._loss_grad(model, x, clean, (basis @ c).view_as(v_as),
+                                          batch_size).flatten()  # fmt: skip
+            if float(g.norm()) == 0.0:
+                break
+            # normalised ascent in coefficient space, step shrinking from eps/4 to eps/40
+            step = eps * (0.25 - 0.225 * t / max(s.subspace_steps - 1, 1))
+            v = self.project((basis @ (c + step * g / g.norm())).view_as(v_as), eps)
+            c = basis.T @ v.flatten()
+            rate = self.success_rate(model, x, v, clean, batch_size)
+            history.append(rate)
+            if rate > best_rate:
+                best_v, best_rate = v.clone(), rate
+            bar.update(fooling=round(best_rate, 4))
+        extra = {"fooling_rate_fit_as": rate_as, "subspace_dim": int(basis.shape[1]),
+                 "active_subspace_iterations": as_iters}  # fmt: skip
+        return best_v, as_iters + s.subspace_steps, history, extra
+
+
+class RandomAttack(MinimizationAttack[UniversalResult], UniversalAttack):
+    """A Gaussian direction, drawn once and scaled to every budget."""
+
     name = "random"
+    summary = "universal baseline: Gaussian direction scaled to the budget norm"
     settings_type = UniversalSettings
 
     def run(
@@ -225,10 +462,11 @@ class RandomAttack(UniversalAttack):
         model: nn.Module,
         x: Tensor,
         clean: Tensor,
+        eps: float,
         generator: torch.Generator,
         batch_size: int,
         progress: Progress | None,
-    ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
+    ) -> Fit:
         g = torch.randn(x.shape[1:], generator=generator).to(x.device)
-        v = scale_to(g.unsqueeze(0), self.settings.norm, self.settings.delta).squeeze(0)
-        return v, 1, [fooling_rate(model, x, v, clean, batch_size)], {}
+        v = scale_to(g.unsqueeze(0), self.settings.norm, eps).squeeze(0)
+        return v, 1, [self.success_rate(model, x, v, clean, batch_size)], {}

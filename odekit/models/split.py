@@ -1,0 +1,165 @@
+"""Split a model's graph after a compute layer into a pre-model and a post-model.
+
+The cut is placed after the layer's node and the parameter-free / normalisation ops that only
+it feeds (BatchNorm, activation, pooling, residual sum whose other input is already computed).
+Everything computed up to there that later nodes still read is the cut's *frontier*: usually
+one tensor, but inside a residual block also the block input the skip connection carries.
+The pre-model returns the frontier (one tensor as it is, several flattened and concatenated);
+the post-model takes that and runs the rest of the graph, so ``post(pre(x)) == model(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from odekit.errors import LayerSelectionError, UnsupportedModelError
+from odekit.models.graph import probe_batch, run_node, trace_graph
+from odekit.models.layers import COMPUTE_TYPES, LayerInfo, ModelSummary, layer_table
+
+
+@dataclass(frozen=True)
+class GraphCut:
+    """The end node of a cut and its frontier (graph nodes, in order, with per-sample shapes)."""
+
+    layer: LayerInfo
+    end: str
+    frontier: list[str]
+    shapes: list[list[int]]
+
+    @property
+    def features(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def out_shape(self) -> list[int]:
+        return list(self.shapes[0]) if len(self.shapes) == 1 else [self.features]
+
+
+class GraphSplitter:
+    """A traced model (``odekit.models.graph.trace_graph``) that can be cut at any compute layer."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | list[int], what: str = "ASNet") -> None:
+        self.input_shape = tuple(input_shape)
+        self.gm = trace_graph(model, self.input_shape, what=what)
+        self.summary: ModelSummary = layer_table(self.gm, self.input_shape)
+        self.nodes = list(self.gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.values = self._probe()
+
+    def _probe(self) -> dict[fx.Node, Any]:
+        modules = dict(self.gm.named_modules())
+        env: dict[fx.Node, Any] = {}
+        with torch.no_grad():
+            for node in self.nodes:
+                if node.op == "placeholder":
+                    env[node] = probe_batch(self.gm, self.input_shape, 2)
+                elif node.op != "output":
+                    env[node] = run_node(node, env, self.gm, modules)
+        return env
+
+    def _is_compute(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.gm.get_submodule(str(node.target)), COMPUTE_TYPES)
+
+    def layer_node(self, layer: LayerInfo) -> fx.Node:
+        for node in self.nodes:
+            if node.op == "call_module" and str(node.target) == layer.name:
+                return node
+        raise UnsupportedModelError(f"layer {layer.index} ('{layer.name}') is not a node of the traced graph")
+
+    def end_node(self, layer: LayerInfo) -> fx.Node:
+        """The layer's node extended through the ops that only it feeds."""
+        end = self.layer_node(layer)
+        while len(end.users) == 1:
+            user = next(iter(end.users))
+            if user.op in ("output", "placeholder") or self._is_compute(user):
+                break
+            others = [n for n in user.all_input_nodes if n is not end and n.op != "get_attr"]
+            if any(self.order[n] > self.order[end] for n in others):
+                break
+            if not isinstance(self.values.get(user), Tensor):
+                break
+            end = user
+        return end
+
+    def cut_at(self, layer: LayerInfo, end: fx.Node | None = None) -> GraphCut:
+        end = end if end is not None else self.end_node(layer)
+        limit = self.order[end]
+        frontier = []
+        for node in self.nodes[: limit + 1]:
+            if node.op == "get_attr":
+                continue
+            if any(self.order[u] > limit for u in node.users):
+                frontier.append(node)
+        for node in frontier:
+            value = self.values.get(node)
+            if not isinstance(value, Tensor) or value.dim() < 1 or value.shape[0] != 2:
+                raise UnsupportedModelError(
+                    f"the cut after layer {layer.index} ('{layer.name}') would pass '{node.name}' "
+                    f"({type(value).__name__}, not a per-sample tensor) to the post-model",
+                    "cut at another layer",
+                )
+        if not frontier:
+            raise LayerSelectionError(f"nothing follows layer {layer.index}", "cut at an earlier layer")
+        return GraphCut(
+            layer, end.name, [n.name for n in frontier], [list(self.values[n].shape[1:]) for n in frontier]
+        )
+
+    def cut_by_name(self, layer: LayerInfo, end: str) -> GraphCut:
+        if end not in self.by_name:
+            raise UnsupportedModelError(f"node '{end}' is not in the traced graph of the teacher")
+        return self.cut_at(layer, self.by_name[end])
+
+    def pre_model(self, cut: GraphCut) -> fx.GraphModule:
+        """Input -> frontier (one tensor, or the flattened tensors concatenated)."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        limit = self.order[self.by_name[cut.end]]
+        for node in self.nodes[: limit + 1]:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        outs = [env[self.by_name[name]] for name in cut.frontier]
+        if len(outs) == 1:
+            graph.output(outs[0])
+        else:
+            flat = [graph.call_method("flatten", (o, 1)) for o in outs]
+            graph.output(graph.call_function(torch.cat, (flat, 1)))
+        return _module(self.gm, graph)
+
+    def post_model(self, cut: GraphCut) -> fx.GraphModule:
+        """Frontier (as the pre-model returns it) -> the model output."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        z = graph.placeholder("z")
+        limit = self.order[self.by_name[cut.end]]
+        if len(cut.frontier) == 1:
+            env[self.by_name[cut.frontier[0]]] = z
+        else:
+            start = 0
+            for name, shape in zip(cut.frontier, cut.shapes, strict=True):
+                size = math.prod(shape)
+                part = graph.call_method("narrow", (z, 1, start, size))
+                env[self.by_name[name]] = graph.call_method("reshape", (part, (-1, *shape)))
+                start += size
+        for node in self.nodes:
+            if node.op == "get_attr":
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            elif self.order[node] > limit:
+                if node.op == "output":
+                    graph.output(fx.node.map_arg(node.args[0], lambda n: env[n]))
+                    break
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        return _module(self.gm, graph)
+
+
+def _module(root: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
+    gm = fx.GraphModule(root, graph)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()
