@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from odekit.io.checkpoints import load_model, save_model
 from odekit.io.datasets import dataset_for_model
+from odekit.io.integrity import DIGEST_KEY, tensor_digest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -29,11 +32,16 @@ def _rank_dirs(tmp_path: Path, poison_rank1: bool) -> list[Path]:
     for rank in range(2):
         folder = tmp_path / f"rank{rank}"
         folder.mkdir()
-        model = loaded.model
-        if rank == 1 and poison_rank1:
-            with torch.no_grad():
-                next(model.parameters())[0, 0] = float("nan")
-        save_model(folder / "model.safetensors", model, loaded.meta)
+        path = folder / "model.safetensors"
+        save_model(path, loaded.model, loaded.meta)
+        if rank == 1 and poison_rank1:  # save_model refuses NaN: edit the written file instead
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            first = next(k for k, v in tensors.items() if v.is_floating_point() and v.dim() == 2)
+            tensors[first][0, 0] = float("nan")
+            metadata[DIGEST_KEY] = tensor_digest(tensors)  # a consistent file, just a bad weight
+            save_file(tensors, str(path), metadata=metadata)
         dirs.append(folder)
     return dirs
 
