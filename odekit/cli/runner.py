@@ -198,6 +198,8 @@ def run_command(
             plain = plain_progress(err_console.is_terminal) if dist.is_main else None
             transaction = OutputTransaction(out_dir, common.force or not dist.is_main)
             dist.add_cleanup(lambda: _abort(transaction))
+            if private_dir is not None:  # also when a peer's failure forces the exit
+                dist.add_cleanup(lambda: shutil.rmtree(private_dir, ignore_errors=True))
             ctx = CommandContext(
                 command=command,
                 device=device,

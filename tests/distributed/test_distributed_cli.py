@@ -48,9 +48,11 @@ def _rank_dirs(tmp_path: Path, poison_rank1: bool) -> list[Path]:
 
 @pytest.mark.slow
 def test_fault_on_rank_one_exits_both_and_writes_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
     run = spawn_ranks(
-        [*REDUCE, "--out", str(out)], world=2, timeout=120, cwds=_rank_dirs(tmp_path, True)
+        [*REDUCE, "--out", str(out)], world=2, timeout=120, cwds=_rank_dirs(tmp_path, True),
+        extra_env={"TMPDIR": str(scratch)},
     )
     assert run.returncodes == [1, 1], run.stderr
     assert max(run.ended_at) - min(run.ended_at) < 60  # the healthy rank follows the failed one
@@ -58,6 +60,8 @@ def test_fault_on_rank_one_exits_both_and_writes_nothing(tmp_path: Path) -> None
     assert len(errors) == 1 and errors[0].startswith("Error: rank 1: "), run.stderr
     assert "NaN" in errors[0]
     assert not out.exists() or not any(out.iterdir())
+    assert not list(scratch.glob("odekit-rank*"))  # rank 1's private folder is gone too
+    assert not any(p.name.startswith(".out.odekit") for p in tmp_path.iterdir())  # no staging, no lock
 
 
 @pytest.mark.slow
