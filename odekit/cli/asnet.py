@@ -226,13 +226,15 @@ def asnet_command(
         analyses: list[LayerAnalysis] = []
         if analyze:
             chain = cut_model(loaded.model, shape)
-            analyses = analyze_layers(chain, layers, dataset, sub, ctx.device, logreg=baselines, progress=ctx.progress)
+            analyses = analyze_layers(
+                chain, layers, dataset, sub, ctx.device, logreg=baselines, progress=ctx.progress, dist=ctx.dist
+            )
             results["layers"] = [a.to_dict() for a in analyses]
             tables.append(_layer_table(analyses))
         if settings is not None and model_path is not None:
             built = build_asnet_from_teacher(
                 loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, ctx.device,
-                progress=ctx.progress, log=ctx.log,
+                progress=ctx.progress, log=ctx.log, dist=ctx.dist,
             )  # fmt: skip
             for warning in built.warnings:
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
@@ -276,7 +278,7 @@ def asnet_command(
         )
         return CommandOutput(results=results, tables=tables, headline=headline)
 
-    run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+    run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
 
 def _fidelity_and_latency(

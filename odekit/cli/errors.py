@@ -19,31 +19,41 @@ def os_error_line(exc: OSError) -> str:
     return f"{reason}{where}. Hint: {os_error_hint(exc)}"
 
 
-def report_exception(exc: BaseException, debug: bool) -> int:
-    """Print one line for ``exc`` on stderr and return the exit code (re-raise with --debug)."""
+def exception_line(exc: BaseException) -> tuple[str, int] | None:
+    """The one-line message and exit code of a known kind of error (None: unexpected)."""
     if isinstance(exc, OdekitError):
-        line, code = exc.one_line(), exc.exit_code
-    elif isinstance(exc, KeyboardInterrupt):
+        return exc.one_line(), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
         signum = getattr(exc, "signum", 2)
         line = "interrupted" if signum == 2 else f"interrupted by {exc} (signal {signum})"
-        code = 128 + signum
-    elif isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
-        line, code = "out of memory. Hint: lower --batch-size or the number of samples, or use another --device", 1
-    elif isinstance(exc, OSError):
-        line, code = os_error_line(exc), 1
-    else:
+        return line, 128 + signum
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return "out of memory. Hint: lower --batch-size or the number of samples, or use another --device", 1
+    if isinstance(exc, OSError):
+        return os_error_line(exc), 1
+    return None
+
+
+def unexpected_line(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"unexpected {type(exc).__name__}: {first}. Hint: rerun with --debug for the traceback and report it"
+
+
+def report_exception(exc: BaseException, debug: bool, prefix: str = "") -> int:
+    """Print one line for ``exc`` on stderr and return the exit code (re-raise with --debug).
+    ``prefix`` goes after "Error: " (e.g. "rank 1: " in a multi-process run)."""
+    known = exception_line(exc)
+    if known is None:
         if debug:
             raise exc
-        first = str(exc).splitlines()[0][:300] if str(exc) else ""
-        line = f"unexpected {type(exc).__name__}: {first}. Hint: rerun with --debug for the traceback and report it"
-        code = 1
+        known = (unexpected_line(exc), 1)
+    line, code = known
     if debug and not isinstance(exc, KeyboardInterrupt):
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    print(f"Error: {line}", file=sys.stderr)
+    print(f"Error: {prefix}{line}", file=sys.stderr)
     return code
-
 
 
 @contextlib.contextmanager

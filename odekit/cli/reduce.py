@@ -39,7 +39,7 @@ from odekit.io.exported import load_exported, save_exported
 from odekit.io.preprocessing import Preprocessing
 from odekit.linalg.rank import RANK_RULES
 from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
-from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
+from odekit.methods.ron import RON_ARCH, RonLayerReport, RonResult, RonSettings, build_student
 from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.registry import ARCHITECTURES
 from odekit.writers.plots import new_figure, save_figure
@@ -212,9 +212,10 @@ def reduce_command(
             settings,
             ctx.device,
             progress=ctx.progress,
+            dist=ctx.dist,
         )
         student = result.student.to(ctx.device).eval()
-        acc_before = accuracy(student, dataset.test, device=ctx.device)
+        acc_before = accuracy(student, dataset.test, device=ctx.device, dist=ctx.dist)
         history: list[dict[str, float]] = []
         if finetune > 0:
             hist = train_classifier(
@@ -224,13 +225,14 @@ def reduce_command(
                 ctx.device,
                 teacher=teacher if beta > 0 else None,
                 progress=ctx.progress,
+                dist=ctx.dist,
             )
             history = hist.epochs
         student.eval()
         student_stats = _stats(student, dataset, shape, example, ctx)
         student_stats["accuracy_before_finetune"] = acc_before
         # issue 11: fidelity to the teacher, and latency timed teacher/student interleaved
-        fidelity = agreement(teacher, student, dataset.test, device=ctx.device)
+        fidelity = agreement(teacher, student, dataset.test, device=ctx.device, dist=ctx.dist)
         latency = compare_latency(teacher, student, example, ctx.device)
         teacher_stats["latency_ms"] = statistics.median(latency.teacher_ms)
         student_stats["latency_ms"] = statistics.median(latency.student_ms)
@@ -278,6 +280,7 @@ def reduce_command(
             "layers": [_layer_json(layer) for layer in result.layers],
             "modified_layers": f"{result.first_layer}-{result.last_layer}",
             "samples": result.n_samples,
+            "distributed": _distributed_json(ctx, result),
             "finetune_history": history,
             "reload_max_abs_diff": reload_diff,
             "student_checkpoint": str(student_path),
@@ -326,7 +329,7 @@ def reduce_command(
         ]
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
-    run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
+    run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
 
 def _write_student(
@@ -350,10 +353,19 @@ def _stats(
 ) -> dict[str, Any]:
     cost = model_cost(model, shape)
     return {
-        "accuracy": accuracy(model, dataset.test, device=ctx.device),
+        "accuracy": accuracy(model, dataset.test, device=ctx.device, dist=ctx.dist),
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
+    }
+
+
+def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:
+    """World size, backend, this (main) rank's streaming rate and each layer's sketch merge."""
+    return {
+        **ctx.dist.describe(),
+        "stream_rank0": result.throughput.to_dict() if result.throughput else None,
+        "sketch_merges": [m.to_dict() for m in result.merges],
     }
 
 

@@ -7,6 +7,11 @@ report.json + report.md there, refuses models or vectors holding NaN/inf, then i
 whole set in --out at once. On failure, SIGINT, SIGTERM or SIGHUP it removes the staging
 folder, leaving --out as it was, and maps the error to an exit code (130 for Ctrl-C).
 Third-party warnings are captured and shown only with --debug.
+
+Under torchrun (issue 15) every rank runs the body on its share of the work (``ctx.dist``);
+only rank 0 locks --out, writes and prints; the other ranks stage into a private temporary
+folder that is deleted. A failing rank prints its one line and tells the others, and every rank
+exits with status 1 within seconds, leaving --out as it was.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -30,10 +37,18 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
-from odekit.cli.errors import captured_warnings, report_exception
+from odekit.cli.errors import captured_warnings, exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress, plain_progress
 from odekit.device import resolve_device, set_threads
+from odekit.distributed import (
+    Distributed,
+    LaunchEnv,
+    PeerFailedError,
+    init_distributed,
+    read_launch_env,
+)
+from odekit.distributed import current as current_dist
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.guards import check_staged_tensors
@@ -83,6 +98,7 @@ class CommandContext:
     inputs: dict[str, Any]
     params: dict[str, Any]
     transaction: OutputTransaction | None = None
+    dist: Distributed = field(default_factory=current_dist)  # issue 15: this rank of a torchrun launch
 
     def path(self, name: str) -> Path:
         """Claim output ``name``: fails now, before any work, if --out holds it (without --force).
@@ -172,23 +188,46 @@ def run_command(
     params: dict[str, Any],
     body: Callable[[CommandContext], CommandOutput],
     run_name: str | None = None,
+    distributed: bool = False,
 ) -> None:
-    """Run a subcommand body under the shared life cycle; exits through `typer.Exit`."""
+    """Run a subcommand body under the shared life cycle; exits through `typer.Exit`.
+
+    ``distributed``: the body shards its work over the ranks of a torchrun launch (through
+    ``ctx.dist``); other commands refuse to run on several ranks."""
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
     transaction: OutputTransaction | None = None
+    dist: Distributed | None = None
+    launch: LaunchEnv | None = None
+    private_dir: Path | None = None
     try:
         with signals_raise(), captured_warnings(common.debug):
             check_option_values({"seed": common.seed, **params})
             device = resolve_device(common.device)
             threads = set_threads(common.threads)
+            launch = read_launch_env()
+            if launch.distributed and not distributed:
+                raise UsageError(
+                    f"odekit {command} does not split its work over ranks ({launch.world_size} were launched)",
+                    "run it as one process, without torchrun",
+                )
+            dist = init_distributed(device, launch)
+            device = dist.device
             seed_everything(common.seed)
             out_dir = common.out if common.out is not None else default_out_dir(command, run_name)
-            use_bars = not common.json and err_console.is_terminal
+            if not dist.is_main:
+                # only rank 0 locks and fills --out; the others stage into a private folder
+                private_dir = Path(tempfile.mkdtemp(prefix=f"odekit-rank{dist.rank}-"))
+                out_dir = private_dir / "out"  # its lock and staging stay inside private_dir
+                err_console = Console(file=sys.stderr, quiet=True)
+            use_bars = not common.json and err_console.is_terminal and dist.is_main
             progress_impl = RichProgress(err_console) if use_bars else None
-            plain = plain_progress(err_console.is_terminal)
-            transaction = OutputTransaction(out_dir, common.force)
+            plain = plain_progress(err_console.is_terminal) if dist.is_main else None
+            transaction = OutputTransaction(out_dir, common.force or not dist.is_main)
+            dist.add_cleanup(lambda: _abort(transaction))
+            if private_dir is not None:  # also when a peer's failure forces the exit
+                dist.add_cleanup(lambda: shutil.rmtree(private_dir, ignore_errors=True))
             ctx = CommandContext(
                 command=command,
                 device=device,
@@ -200,6 +239,7 @@ def run_command(
                 inputs=dict(inputs),
                 params=dict(params),
                 transaction=transaction,
+                dist=dist,
             )
             transaction.begin()
             ctx.path("report.json")
@@ -222,10 +262,17 @@ def run_command(
                 seconds=time.perf_counter() - start,
                 markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
                 outputs=transaction.staged_names(),
+                world_size=dist.world_size,
+                backend=dist.describe()["backend"],
             )
-            report.write(transaction.staging, force=False)
-            check_staged_tensors(transaction.staging, command)
-            transaction.commit()
+            if dist.is_main:
+                report.write(transaction.staging, force=False)
+                check_staged_tensors(transaction.staging, command)
+            dist.close()  # every rank got here: nothing failed anywhere
+            if dist.is_main:
+                transaction.commit()
+            else:
+                _abort(transaction)
             if plain is not None:
                 print(f"[odekit] {command}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     except (typer.Exit, typer.Abort):
@@ -235,8 +282,18 @@ def run_command(
         _abort(transaction)
         if isinstance(exc, OdekitError) and transaction is not None:  # name files where they would be
             exc.message = exc.message.replace(str(transaction.staging), str(transaction.out_dir))
+        if dist is not None and dist.active:
+            _end_failed_rank(dist, exc, common.debug, private_dir)
+        if launch is not None and launch.rank > 0:  # the same error on every rank: rank 0 says it
+            known = exception_line(exc)
+            raise typer.Exit(known[1] if known else 1) from None
         code = report_exception(exc, common.debug)
         raise typer.Exit(code) from None
+    finally:
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+    if dist is not None and not dist.is_main:
+        return
     if common.json:
         print(report.to_json())
         return
@@ -245,6 +302,29 @@ def run_command(
     for table in output.tables:
         out_console.print(table.to_rich())
     out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)
+
+
+def _end_failed_rank(dist: Distributed, exc: BaseException, debug: bool, private_dir: Path | None) -> NoReturn:
+    """A rank of a multi-process run failed: tell the others, print its line, exit at once
+    (tearing the process group down could wait on the broken peers).
+
+    A peer's failure (`PeerFailedError`) exits 1 silently: the failing rank printed it."""
+    if private_dir is not None:
+        shutil.rmtree(private_dir, ignore_errors=True)
+    # torchrun's agent stops the healthy ranks with SIGTERM once one failed: that is no news
+    signalled = isinstance(exc, KeyboardInterrupt) and getattr(exc, "signum", 2) != 2
+    if isinstance(exc, PeerFailedError) or (signalled and dist.posted_failure(wait_s=2.0)):
+        dist.exit_after_failure(1)
+    known = exception_line(exc)
+    dist.fail(known[0] if known else unexpected_line(exc))
+    code = 1
+    try:
+        code = report_exception(exc, debug, prefix=f"rank {dist.rank}: ")
+    except BaseException:  # --debug re-raises unexpected errors: show the traceback instead
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    dist.exit_after_failure(code)
 
 
 def _abort(transaction: OutputTransaction | None) -> None:

@@ -393,7 +393,7 @@ def train_ode_command(
         set_solver(net, config)
         args["solver"] = config.to_dict()
         ctx.inputs["data"] = {**dataset.describe(), "normalization": dataset.normalization()}
-        result = train_ode_classifier(net, dataset, settings, regime, ctx.device, progress=ctx.progress)
+        result = train_ode_classifier(net, dataset, settings, regime, ctx.device, progress=ctx.progress, dist=ctx.dist)
         meta = ode_checkpoint_meta(
             arch, args, num_classes=dataset.num_classes, input_shape=list(dataset.input_shape),
             normalization=dataset.normalization(), dataset=dataset.describe(), config=config, regime=regime,
@@ -419,6 +419,11 @@ def train_ode_command(
             net = build_model(arch, {**args, "solver": config.to_dict()})
         if name.strip().lower() not in TOY_DATASETS:
             raise UsageError(f"'{name}' is not a 2-D toy data set", f"choose one of {', '.join(TOY_DATASETS.names())}")
+        if ctx.dist.world_size > 1:
+            raise UsageError(
+                f"--task density trains on one process ({ctx.dist.world_size} ranks were launched)",
+                "run density tasks without torchrun; --task classify runs data-parallel",
+            )
         toy = load_toy(name, train_samples, test_samples, seed)
         assert isinstance(net, CNF)  # arch 'cnf' builds one
         set_solver(net, config)
@@ -435,7 +440,7 @@ def train_ode_command(
         _plot_curves(curves_path, result.history, "density", ctx.force)
         return _output("density", arch, args, net, config, result, toy.name, model_path, [curves_path, density_path])
 
-    run_command("train-ode", common, inputs={}, params=params, body=body, run_name=task)
+    run_command("train-ode", common, inputs={}, params=params, body=body, run_name=task, distributed=True)
 
 
 def _output(

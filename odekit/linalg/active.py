@@ -11,9 +11,10 @@ import math
 import torch
 from torch import Tensor
 
+from odekit.distributed import Distributed
 from odekit.errors import NumericalError, UsageError
 
-__all__ = ["active_count", "dominant_direction"]
+__all__ = ["active_count", "dominant_direction", "dominant_direction_across_ranks"]
 
 
 def active_count(singular_values: Tensor, eps: float, form: str = "eq6.17") -> int:
@@ -72,6 +73,28 @@ def dominant_direction(grads: Tensor, iters: int | None = None, seed: int = 0) -
             if nrm == 0.0 or not math.isfinite(nrm):
                 break
             v = w / nrm
+    k = int(torch.argmax(v.abs()))
+    if float(v[k]) < 0:
+        v = -v
+    return v.to(grads.dtype)
+
+
+def dominant_direction_across_ranks(grads: Tensor, dist: Distributed) -> Tensor:
+    """`dominant_direction` of the gradients of every rank stacked (issue 15).
+
+    Exact: the (D, D) Gram matrices G_k^T G_k are summed over the ranks and the top eigenvector
+    of the sum is taken (the top right singular vector of the stacked G), with the same sign
+    rule. A rank may hold no gradients (an empty (0, D) matrix). World 1: `dominant_direction`."""
+    if dist.world_size == 1:
+        return dominant_direction(grads)
+    g = (grads.flatten(1) if grads.dim() > 1 else grads.unsqueeze(0)).to(torch.float64)
+    if not bool(torch.isfinite(g).all()):
+        raise NumericalError("gradients hold NaN or inf", "check the model and the loss")
+    gram = dist.all_reduce_sum(g.T @ g)
+    if float(gram.abs().max()) == 0.0:
+        raise NumericalError("all gradients are zero; there is no dominant direction")
+    _, vecs = torch.linalg.eigh(gram)
+    v = vecs[:, -1]
     k = int(torch.argmax(v.abs()))
     if float(v[k]) < 0:
         v = -v

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import LayerSelectionError, NumericalError, UnsupportedModelError, UsageError
 from odekit.io.datasets import Dataset, Split
 from odekit.linalg import FrequentDirections, active_count, energy_rank
+from odekit.linalg.sketch import merge_across_ranks
 from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
 from odekit.methods.pce import MAX_BASIS, PCEFit, PCELayer, basis_size, fit_pce
 from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
@@ -438,14 +440,21 @@ def active_subspace(
     keep: int | None = None,
     progress: Progress | None = None,
     on_batch: Callable[[Tensor, Tensor], None] | None = None,
+    dist: Distributed | None = None,
 ) -> ActiveSubspace:
     """Algorithm 3: stream per-sample gradients of c_l through a frequent-directions sketch.
 
     ``keep`` right singular vectors are returned (default: as many as the sketch holds);
     ``on_batch(activations, labels)`` sees every batch's pre-model output (for baselines).
+    ``dist`` (several ranks): each rank streams its shard of the samples, the sketches are
+    merged on rank 0, whose singular vectors (and the summed statistics) every rank receives.
     """
     start = time.perf_counter()
     sub, total = _train_batches(split, settings)
+    if dist is not None and dist.world_size > 1:
+        part = dist.shard(len(sub))
+        sub = Split(sub.x[part.start : part.stop], sub.y[part.start : part.stop])
+        total = sub.num_batches(settings.batch_size)
     fd = FrequentDirections(cut.features, settings.sketch_size, device=device)
     act_sum = torch.zeros(cut.features, dtype=torch.float64, device=device)
     labels = iter(sub.batches(settings.batch_size))
@@ -459,6 +468,8 @@ def active_subspace(
         act_sum += a.double().sum(0)
         if on_batch is not None:
             on_batch(a, next(labels)[1])
+    if dist is not None and dist.world_size > 1:
+        return _merged_subspace(fd, act_sum, cut.features, keep, dist, start)
     if fd.n_rows == 0:
         raise NumericalError("no samples reached the gradient sketch", "use a non-empty training split")
     limit = min(fd.sketch_size, cut.features)
@@ -472,6 +483,32 @@ def active_subspace(
         covariance_error=fd.covariance_error_bound(),
         n_samples=fd.n_rows,
         mean_activation=act_sum / fd.n_rows,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _merged_subspace(
+    fd: FrequentDirections, act_sum: Tensor, features: int, keep: int | None, dist: Distributed, start: float
+) -> ActiveSubspace:
+    """Merge the ranks' gradient sketches on rank 0; every rank gets its singular structure."""
+    act_sum = dist.all_reduce_sum(act_sum)
+    merged, merge = merge_across_ranks(fd, dist)
+    if merge.n_rows == 0:
+        raise NumericalError("no samples reached the gradient sketch", "use a non-empty training split")
+    limit = min(fd.sketch_size, features)
+    k = min(keep or limit, limit)
+    found: dict[str, Tensor] = {}
+    if merged is not None:
+        _, v = merged.right_singular(k)
+        found = {"s": merged.singular_values(), "v": v, "energy": torch.tensor([merged.frobenius_sq])}
+    got = dist.broadcast_tensors(found)
+    return ActiveSubspace(
+        singular_values=got["s"].cpu(),
+        V=got["v"],
+        total_energy=float(got["energy"][0]),
+        covariance_error=merge.covariance_error_bound,
+        n_samples=merge.n_rows,
+        mean_activation=act_sum / merge.n_rows,
         seconds=time.perf_counter() - start,
     )
 
@@ -551,9 +588,13 @@ def analyze_layers(
     device: torch.device,
     logreg: bool = True,
     progress: Progress | None = None,
+    dist: Distributed | None = None,
 ) -> list[LayerAnalysis]:
-    """Active-neuron count, spectrum and LR-on-features accuracy for each chosen layer."""
+    """Active-neuron count, spectrum and LR-on-features accuracy for each chosen layer.
+    ``dist`` (several ranks): sharded gradient sketches; the logistic regression (scikit-learn,
+    all features in one process) is skipped."""
     progress = silent_if_none(progress)
+    logreg = logreg and (dist is None or dist.world_size == 1)
     indices = chain.analysable_layers()
     if layers:
         indices = [layer.index for layer in resolve_layers(layers, chain.summary)]
@@ -569,7 +610,7 @@ def analyze_layers(
                 labs.append(y.cpu().numpy())
 
         sub = active_subspace(chain, cut, data.train, settings, device, keep=1, progress=progress,
-                              on_batch=keep if logreg else None)  # fmt: skip
+                              on_batch=keep if logreg else None, dist=dist)  # fmt: skip
         acc, n_lr = None, 0
         if logreg:
             xt, yt = _collect(data.test, chain.pre_model(cut), settings.batch_size, device)
@@ -672,12 +713,18 @@ class Head:
         return float((pred == labels).float().mean())
 
 
-def fit_head(z: Tensor, logits: Tensor, degree: int, ridge: float) -> Head:
-    """Standardise z with its own statistics and fit a degree-p PCE to the logits (eq. 6.20)."""
-    mu = z.mean(0)
-    sigma = z.std(0, unbiased=False).clamp_min(1e-8)
+def fit_head(z: Tensor, logits: Tensor, degree: int, ridge: float, dist: Distributed | None = None) -> Head:
+    """Standardise z with its own statistics and fit a degree-p PCE to the logits (eq. 6.20).
+    ``dist``: z and logits are this rank's shard; statistics and normal equations are summed."""
+    if dist is not None and dist.world_size > 1:
+        n = dist.sum_numbers(z.shape[0])[0]
+        mu = dist.all_reduce_sum(z.sum(0)) / n
+        sigma = (dist.all_reduce_sum((z - mu).pow(2).sum(0)) / n).sqrt().clamp_min(1e-8)
+    else:
+        mu = z.mean(0)
+        sigma = z.std(0, unbiased=False).clamp_min(1e-8)
     pce = PCELayer(z.shape[1], degree, logits.shape[1]).double()
-    fit = fit_pce(pce, _chunks((z - mu) / sigma, logits), ridge=ridge)
+    fit = fit_pce(pce, _chunks((z - mu) / sigma, logits), ridge=ridge, dist=dist)
     return Head(mu, sigma, pce, fit)
 
 
@@ -746,8 +793,13 @@ def build_asnet_from_teacher(
     device: torch.device,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    dist: Distributed | None = None,
 ) -> ASNetResult:
-    """Algorithm 2 end to end, with the thesis fig. 6.5b baselines at the same r."""
+    """Algorithm 2 end to end, with the thesis fig. 6.5b baselines at the same r.
+
+    ``dist`` (several ranks): gradients, projections, the PCE fit, evaluation and fine-tuning
+    are sharded over the ranks (sums all-reduced, sketches merged); the baselines, which fit
+    scikit-learn models on all features at once, are skipped."""
     progress = silent_if_none(progress)
     say = log or (lambda _m: None)
     registered = is_registered_teacher(teacher_arch)
@@ -765,7 +817,7 @@ def build_asnet_from_teacher(
             f"use --rank <= {cut.features}",
         )
     say(f"cut at layer {cut.index} ({cut.name}): n_l = {cut.features}; streaming per-sample gradients")
-    subspace = active_subspace(chain, cut, data.train, sub_settings, device, progress=progress)
+    subspace = active_subspace(chain, cut, data.train, sub_settings, device, progress=progress, dist=dist)
     n_active = subspace.active_neurons(sub_settings.eps)
     limit = min(sub_settings.sketch_size, cut.features, subspace.n_samples)
     if requested is None:
@@ -788,15 +840,21 @@ def build_asnet_from_teacher(
     pre = chain.pre_model(cut)
     post = chain.post_model(cut)
     fit_split = data.train.subset(sub_settings.samples, seed=sub_settings.seed)
+    parallel = dist is not None and dist.world_size > 1
+    if parallel and dist is not None:
+        part = dist.shard(len(fit_split))
+        fit_split = Split(fit_split.x[part.start : part.stop], fit_split.y[part.start : part.stop])
+        if settings.baselines:
+            notes.append(f"baselines skipped: they fit scikit-learn models on all features in one process ({dist.world_size} ranks)")
     bs = sub_settings.batch_size
     say(f"rank r = {rank} ({rank_rule}); fitting the degree-{settings.degree} PCE ({basis_size(rank, settings.degree)} basis functions)")
-    pca_fd = FrequentDirections(cut.features, sub_settings.sketch_size, device=device) if settings.baselines else None
+    pca_fd = FrequentDirections(cut.features, sub_settings.sketch_size, device=device) if settings.baselines and not parallel else None
     mean = subspace.mean_activation.to(device)
-    keep = LOGREG_MAX_SAMPLES if settings.baselines else 0
+    keep = LOGREG_MAX_SAMPLES if pca_fd is not None else 0
     train = project(pre, fit_split, {"as": (V, None)}, bs, device, post=post, sketch=pca_fd, center=mean, keep_features=keep)
     assert train.logits is not None
     num_classes = int(train.logits.shape[1])  # the teacher's outputs, which may exceed the data's classes
-    head = fit_head(train.z["as"], train.logits, settings.degree, settings.ridge)
+    head = fit_head(train.z["as"], train.logits, settings.degree, settings.ridge, dist=dist)
     notes += head.fit.warnings
 
     asnet = ASNet(copy.deepcopy(pre), cut.features, rank, settings.degree, num_classes).to(device)
@@ -804,9 +862,9 @@ def build_asnet_from_teacher(
     with torch.no_grad():
         asnet.pce.linear.weight.copy_(head.pce.linear.weight)
     asnet.eval()
-    acc_before = accuracy(asnet, data.test, device=device)
+    acc_before = accuracy(asnet, data.test, device=device, dist=dist)
 
-    teacher_acc = accuracy(teacher, data.test, device=device)
+    teacher_acc = accuracy(teacher, data.test, device=device, dist=dist)
     baselines: dict[str, Any] = {"as_pce": acc_before}
     if pca_fd is not None:
         say("baselines: PCA+PCE, AS+LR, PCA+LR and LR on all n_l features")
@@ -823,9 +881,10 @@ def build_asnet_from_teacher(
             asnet, data, train_settings, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
             progress=progress,
             lr_overrides={asnet.active: settings.head_lr, asnet.pce: settings.head_lr} if settings.head_lr else None,
+            dist=dist,
         )  # fmt: skip
     asnet.eval()
-    acc_after = accuracy(asnet, data.test, device=device) if history is not None else acc_before
+    acc_after = accuracy(asnet, data.test, device=device, dist=dist) if history is not None else acc_before
 
     teacher_cost = _cost(teacher, input_shape)
     asnet_cost = _cost(asnet, input_shape)

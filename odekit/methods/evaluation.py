@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from odekit.device import synchronize
+from odekit.distributed import Distributed
 from odekit.io.datasets import Split
 from odekit.models.layers import total_flops
 
@@ -22,11 +23,23 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512, device: to
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy in [0, 1]."""
+def accuracy(
+    model: nn.Module,
+    split: Split,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    dist: Distributed | None = None,
+) -> float:
+    """Top-1 accuracy in [0, 1]. ``dist``: each rank predicts its shard, counts are summed."""
     if len(split) == 0:
         return float("nan")
-    return float((predict(model, split.x, batch_size, device) == split.y).float().mean())
+    if dist is not None and dist.world_size > 1:
+        part = dist.shard(len(split))
+        hits = predict(model, split.x[part.start : part.stop], batch_size, device) == split.y[part.start : part.stop]
+        correct, total = dist.sum_numbers(float(hits.sum()), float(hits.numel()))
+        return correct / total
+    hits = predict(model, split.x, batch_size, device) == split.y
+    return float(hits.sum()) / hits.numel()
 
 
 @torch.no_grad()
@@ -73,19 +86,29 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> Mo
 
 @torch.no_grad()
 def agreement(
-    teacher: nn.Module, student: nn.Module, split: Split, batch_size: int = 512, device: torch.device | str = "cpu"
+    teacher: nn.Module,
+    student: nn.Module,
+    split: Split,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
-    """Fraction of equal top-1 predictions and mean KL(teacher || student) in nats over ``split``."""
+    """Fraction of equal top-1 predictions and mean KL(teacher || student) in nats over ``split``.
+    ``dist``: each rank compares its shard; the sums are all-reduced."""
     teacher.to(device).eval()
     student.to(device).eval()
     equal, kl_sum, n = 0, 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x = split.x[start : start + batch_size].to(device)
+    part = dist.shard(len(split)) if dist is not None else range(len(split))
+    for start in range(part.start, part.stop, batch_size):
+        x = split.x[start : min(start + batch_size, part.stop)].to(device)
         log_p = torch.log_softmax(teacher(x).double(), dim=1)
         log_q = torch.log_softmax(student(x).double(), dim=1)
         equal += int((log_p.argmax(1) == log_q.argmax(1)).sum())
         kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
         n += x.shape[0]
+    if dist is not None and dist.world_size > 1:
+        equal_sum, kl_sum, n_sum = dist.sum_numbers(equal, kl_sum, n)
+        equal, n = int(equal_sum), int(n_sum)
     if n == 0:
         return {"agreement": float("nan"), "mean_kl": float("nan"), "samples": 0}
     return {"agreement": equal / n, "mean_kl": kl_sum / n, "samples": n}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import NumericalError, UsageError
 from odekit.io.checkpoints import ModelMeta
 from odekit.io.datasets import Dataset, Split
@@ -253,9 +254,23 @@ def _check_loss(loss: Tensor, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, split: Split, device: torch.device, batch_size: int = 512) -> dict[str, float]:
-    """Test accuracy, cross-entropy and forward NFE per batch with the blocks' current solver."""
+def evaluate_classifier(
+    model: nn.Module, split: Split, device: torch.device, batch_size: int = 512, dist: Distributed | None = None
+) -> dict[str, float]:
+    """Test accuracy, cross-entropy and forward NFE per batch with the blocks' current solver.
+    ``dist``: each rank evaluates its shard of ``split``; the sums are all-reduced."""
     model.eval()
+    if dist is not None and dist.world_size > 1:
+        part = dist.shard(len(split))
+        shard = Split(split.x[part.start : part.stop], split.y[part.start : part.stop])
+        local = evaluate_classifier(model, shard, device, batch_size)
+        n_local, n_batches = len(shard), shard.num_batches(batch_size)
+        correct, loss, nfe, batches = dist.sum_numbers(
+            local["test_accuracy"] * n_local, local["test_loss"] * n_local,
+            local["nfe_per_forward"] * n_batches, n_batches,
+        )  # fmt: skip
+        n = max(len(split), 1)
+        return {"test_accuracy": correct / n, "test_loss": loss / n, "nfe_per_forward": nfe / max(batches, 1)}
     correct, loss, nfe, batches = 0, 0.0, 0, 0
     for x, y in split.batches(batch_size, device):
         logits = model(x)
@@ -303,7 +318,7 @@ class _Loop:
     """Shared bookkeeping: optimizer, regime draws, NFE/time averages, evaluation records."""
 
     def __init__(self, model: nn.Module, s: ODETrainSettings, regime: RegimeSettings, total: int,
-                 progress: Progress | None) -> None:  # fmt: skip
+                 progress: Progress | None, dist: Distributed | None = None) -> None:  # fmt: skip
         blocks = ode_blocks(model)
         if not blocks:
             raise UsageError("the model has no ODE block", "train-ode trains odenet4, odenet10 or cnf models")
@@ -316,8 +331,11 @@ class _Loop:
         self.nfe_f = self.nfe_b = 0
         self.window: list[float] = []
         self.seconds = 0.0
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
 
-    def step(self, loss_fn: Callable[[], Tensor], step: int) -> float:
+    def step(self, loss_fn: Callable[[], Tensor], step: int, share: float = 1.0) -> float:
+        """One optimizer step. ``share``: this rank's fraction of the global batch; with several
+        ranks the gradients are weighted by it and summed, i.e. those of the whole batch."""
         u, ensemble = self.sampler.draw()
         set_u(self.model, u, ensemble)
         self.model.train()
@@ -326,6 +344,13 @@ class _Loop:
         _check_loss(loss, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dist is not None:  # one all-reduce of every gradient, flattened
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            summed = self.dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]) * share)
+            offset = 0
+            for g in grads:
+                g.copy_(summed[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
         self.optimizer.step()
         self.scheduler.step()
         self.seconds += time.perf_counter() - start
@@ -384,16 +409,25 @@ def train_ode_classifier(
     *,
     progress: Progress | None = None,
     stop_when: StopRule | None = None,
+    dist: Distributed | None = None,
 ) -> ODETrainResult:
     """Train an ODENet in place with cross-entropy; evaluates on the test split every epoch.
 
     ``stop_when(record)`` ends training early (benchmarks: time to a target accuracy).
+    ``dist`` (several ranks): data parallel; every rank draws the same seeded batch, takes its
+    shard of it, and the gradients are summed with weights (those of the whole batch), so the
+    run follows the single-process one up to floating-point summation order.
     """
+    if dist is not None and settings.batch_size < dist.world_size:
+        raise UsageError(
+            f"--batch-size {settings.batch_size} cannot be split over {dist.world_size} ranks",
+            f"use --batch-size >= {dist.world_size}",
+        )
     model.to(device)
     n = len(data.train)
     per_epoch = data.train.num_batches(settings.batch_size)
     total = settings.total_steps(per_epoch, default_epochs=10)
-    loop = _Loop(model, settings, regime, total, progress)
+    loop = _Loop(model, settings, regime, total, progress, dist)
     generator = torch.Generator().manual_seed(settings.seed)
     test = data.test.subset(settings.eval_samples, settings.seed)
     batches = _batches(n, settings.batch_size, generator)
@@ -402,16 +436,20 @@ def train_ode_classifier(
         _, idx, last = next(batches)
         x = data.train.x[idx]
         if settings.augment and x.ndim == 4:
-            x = augment_images(x, generator)
-        x, y = x.to(device), data.train.y[idx].to(device)
+            x = augment_images(x, generator)  # before sharding: the generator stays in step
+        y, share = data.train.y[idx], 1.0
+        if dist is not None and dist.world_size > 1:
+            part = dist.shard(len(idx))
+            x, y, share = x[part.start : part.stop], y[part.start : part.stop], len(part) / len(idx)
+        x, y = x.to(device), y.to(device)
 
         def loss_fn(x: Tensor = x, y: Tensor = y) -> Tensor:
             return F.cross_entropy(model(x), y)
 
-        loop.step(loss_fn, step)
+        loop.step(loss_fn, step, share)
         steps_done = step
         if last or step == total:
-            rec = loop.record(step, step / per_epoch, evaluate_classifier(model, test, device))
+            rec = loop.record(step, step / per_epoch, evaluate_classifier(model, test, device, dist=dist))
             if stop_when is not None and stop_when(rec):
                 stopped = True
                 break

@@ -16,6 +16,7 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import NumericalError, UsageError
 
 MAX_BASIS = 20_000  # the Gram matrix is MAX_BASIS^2 doubles (3.2 GB); beyond that use a lower r or p
@@ -148,6 +149,7 @@ def fit_pce(
     batches: Iterable[tuple[Tensor, Tensor]],
     ridge: float = 0.0,
     rcond: float = 1e-10,
+    dist: Distributed | None = None,
 ) -> PCEFit:
     """Set ``layer``'s coefficients to the least-squares fit of targets y from inputs z.
 
@@ -156,6 +158,8 @@ def fit_pce(
     The solve is an eigendecomposition of the Gram matrix that drops eigenvalues below
     ``rcond`` x the largest, i.e. the minimum-norm solution when there are fewer samples than
     basis functions. Warns (in ``PCEFit.warnings``) when m < 2 x n_basis (thesis ch. 6.3.5).
+    ``dist``: each rank streams its own shard; the normal equations are summed over ranks
+    before the solve, so every rank gets the fit of the whole data set.
     """
     if ridge < 0:
         raise UsageError(f"ridge must be >= 0, got {ridge}")
@@ -173,6 +177,10 @@ def fit_pce(
         rhs += phi.T @ y64
         y_sq += float(y64.pow(2).sum())
         m += z.shape[0]
+    if dist is not None and dist.world_size > 1:
+        gram, rhs = dist.all_reduce_sum(gram), dist.all_reduce_sum(rhs)
+        y_sq, m_sum = dist.sum_numbers(y_sq, m)
+        m = int(m_sum)
     if m == 0:
         raise NumericalError("no samples to fit the polynomial chaos expansion", "give a non-empty data set")
     if not bool(torch.isfinite(gram).all()):

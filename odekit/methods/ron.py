@@ -38,14 +38,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import LayerSelectionError, NumericalError, UnsupportedModelError, UsageError
 from odekit.linalg.maxvol import rect_maxvol, rect_maxvol_error_factor
 from odekit.linalg.rank import RankContext, RankSpec, parse_rank_spec, select_rank
-from odekit.linalg.sketch import FrequentDirections
+from odekit.linalg.sketch import FrequentDirections, SketchMerge, merge_across_ranks
 from odekit.models.graph import ACTIVATION_TARGETS, AFFINE_TARGETS, run_node, runnable, trace_graph
 from odekit.models.layers import layer_table, resolve_layers
 from odekit.models.registry import build_model, register_arch
 from odekit.progress import Progress, silent_if_none
+from odekit.streaming.throughput import StageThroughput, ThroughputMeter, measure_matmul_peak
 
 __all__ = [
     "RON_ARCH",
@@ -875,6 +877,9 @@ class RonResult:
     n_samples: int
     first_layer: int
     last_layer: int
+    # issue 15: the activation-streaming stage's rate on this rank, and each state's merge
+    throughput: StageThroughput | None = None
+    merges: list[SketchMerge] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[int]:
@@ -904,10 +909,14 @@ def build_student(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     n_samples: int | None = None,
+    dist: Distributed | None = None,
 ) -> RonResult:
     """Algorithm 1: stream the region's activations, choose ranks, sample rows, build weights.
 
     ``samples``: a (N, *input_shape) tensor or an iterable of input batches (model-input units).
+    ``dist`` (several ranks): each rank streams its shard of a tensor ``samples`` (an iterable
+    is taken as this rank's shard, ``n_samples`` as the total), the sketches are merged on rank
+    0, which chooses ranks and maxvol rows and broadcasts them; every rank gets the same student.
     """
     progress = silent_if_none(progress)
     device = torch.device(device)
@@ -920,8 +929,10 @@ def build_student(
         if settings.samples is not None:
             data = data[: settings.samples]
         n_total = int(data.shape[0])
+        if dist is not None:
+            data = data[dist.shard(n_total).start : dist.shard(n_total).stop]
         batches: Iterable[Tensor] = (
-            data[i : i + settings.batch_size] for i in range(0, n_total, settings.batch_size)
+            data[i : i + settings.batch_size] for i in range(0, data.shape[0], settings.batch_size)
         )
     else:
         batches = samples
@@ -974,6 +985,8 @@ def build_student(
     targets = {st.out: st.index for st in region.states}
     last = region.y_out
     seen = 0
+    # the stage: streaming this rank's shard plus merging the sketches across ranks
+    meter = ThroughputMeter("stream activations + merge sketches", device).start()
     with torch.no_grad():
         for xb in progress.track(
             batches,
@@ -993,6 +1006,9 @@ def build_student(
                 if node is last:
                     break
             seen += int(xb.shape[0])
+    meter.add(seen)
+    if dist is not None and dist.world_size > 1:
+        seen = int(dist.sum_numbers(seen)[0])
     if seen == 0:
         raise NumericalError(
             "no samples were streamed", "pass training data with at least one sample"
@@ -1002,7 +1018,15 @@ def build_student(
     bases: dict[int, Tensor] = {}
     rows: dict[int, Tensor] = {}
     reports: list[RonLayerReport] = []
+    merges: list[SketchMerge] = []
     for st in region.states:
+        merged, merge = merge_across_ranks(sketches[st.index], dist) if dist else (None, None)
+        if merge is not None:
+            merges.append(merge)
+            sketches[st.index] = merged  # type: ignore[assignment]  # None off rank 0
+    meter.stop()
+    # rank selection and maxvol run once (rank 0) on the merged sketch, then are broadcast
+    for st in region.states if dist is None or dist.is_main else []:
         fd = sketches[st.index]
         d = state_dims[st.index]
         sv = fd.singular_values()
@@ -1047,6 +1071,14 @@ def build_student(
                 residual_energy=max(0.0, 1.0 - kept / max(fd.frobenius_sq, 1e-300)),
             )
         )
+
+    if dist is not None and dist.world_size > 1:
+        reports = dist.broadcast_object(reports)
+        bases, rows = _broadcast_by_state(dist, bases), _broadcast_by_state(dist, rows)
+    stream_rate = meter.result(
+        _stream_flops(teacher, input_shape, region.last_layer),
+        measure_matmul_peak(device, next(teacher.parameters()).dtype),
+    )
 
     # ---- weights (float64, then the teacher's dtype)
     work = copy.deepcopy(gm).to(device=device, dtype=torch.float64).eval()
@@ -1169,7 +1201,25 @@ def build_student(
             out_linear = cast(nn.Linear, student.out_map)
             out_linear.weight.copy_(out_map.to(out_linear.weight.dtype))
     student = student.to(device=device, dtype=dtype).eval()
-    return RonResult(student, args, reports, seen, region.first_layer, region.last_layer)
+    return RonResult(
+        student, args, reports, seen, region.first_layer, region.last_layer, stream_rate, merges
+    )
+
+
+def _broadcast_by_state(dist: Distributed, tensors: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Rank 0's per-state tensors (bases, maxvol rows) on every rank."""
+    received = dist.broadcast_tensors({str(k): v for k, v in tensors.items()})
+    return {int(k): v for k, v in received.items()}
+
+
+def _stream_flops(teacher: nn.Module, input_shape: tuple[int, ...], last_layer: int) -> float:
+    """FLOPs per sample of the teacher's compute layers up to the streamed region's end."""
+    param = next(iter(teacher.parameters()), None)
+    probe = (
+        teacher if param is None or param.dtype == torch.float32 else copy.deepcopy(teacher).float()
+    )
+    table = layer_table(probe, tuple(input_shape))
+    return float(sum(layer.flops for layer in table.layers if layer.index <= last_layer))
 
 
 def _sub_state(gm: fx.GraphModule, sub: fx.GraphModule) -> dict[str, Tensor]:

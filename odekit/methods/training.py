@@ -6,6 +6,7 @@ as thesis ch. 6 uses for ASNet (beta = 0.1).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from odekit.distributed import Distributed
 from odekit.errors import NumericalError, UsageError
 from odekit.io.datasets import Dataset
 from odekit.methods.evaluation import accuracy
@@ -99,15 +101,26 @@ def train_classifier(
     after_step: Callable[[nn.Module, Callable[[torch.Tensor], float]], None] | None = None,
     progress: Progress | None = None,
     lr_overrides: Mapping[nn.Module, float] | None = None,
+    dist: Distributed | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data.train``; test accuracy after every epoch.
 
     ``lr_overrides`` gives the parameters of some modules their own learning rate (the
     schedule scales every group alike). ``after_step(model, lr_of)`` runs after each optimizer
     step (e.g. an L1 proximal step); ``lr_of(parameter)`` is that parameter's current rate.
+    ``dist`` (several ranks): data-parallel training (DistributedDataParallel); every rank draws
+    the same seeded batch order and takes every world_size-th batch (the same number on each
+    rank), gradients are averaged, losses and test accuracy are reduced over the ranks.
     """
     progress = silent_if_none(progress)
     model.to(device)
+    parallel = dist is not None and dist.world_size > 1
+    net: nn.Module = model
+    if parallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    world, rank = (dist.world_size, dist.rank) if dist is not None and parallel else (1, 0)
     if teacher is not None:
         teacher.to(device).eval()
     optimizer = _optimizer(model, settings, lr_overrides)
@@ -116,7 +129,13 @@ def train_classifier(
     def lr_of(param: torch.Tensor) -> float:
         return float(optimizer.param_groups[group_of.get(id(param), 0)]["lr"])
 
-    steps = max(1, settings.epochs * data.train.num_batches(settings.batch_size))
+    per_epoch = data.train.num_batches(settings.batch_size) // world
+    if per_epoch == 0:
+        raise UsageError(
+            f"{data.train.num_batches(settings.batch_size)} batches cannot feed {world} ranks",
+            "use fewer ranks or a smaller batch size",
+        )
+    steps = max(1, settings.epochs * per_epoch)
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         if settings.schedule == "cosine"
@@ -127,8 +146,9 @@ def train_classifier(
     for epoch in progress.track(range(settings.epochs), settings.epochs, "training"):
         model.train()
         total, seen = 0.0, 0
-        for x, y in data.train.batches(settings.batch_size, device, shuffle=True, generator=generator):
-            logits = model(x)
+        batches = data.train.batches(settings.batch_size, device, shuffle=True, generator=generator)
+        for x, y in itertools.islice(batches, rank, per_epoch * world, world):
+            logits = net(x)
             teacher_logits = None
             if teacher is not None and settings.beta > 0:
                 with torch.no_grad():
@@ -147,7 +167,11 @@ def train_classifier(
             total += float(loss.detach()) * len(y)
             seen += len(y)
         model.eval()
-        record = {"epoch": epoch + 1, "loss": total / max(seen, 1), "test_accuracy": accuracy(model, data.test, device=device)}
+        if parallel and dist is not None:
+            total, seen_all = dist.sum_numbers(total, seen)
+            seen = int(seen_all)
+        test_acc = accuracy(model, data.test, device=device, dist=dist)
+        record = {"epoch": epoch + 1, "loss": total / max(seen, 1), "test_accuracy": test_acc}
         history.epochs.append(record)
         progress.update(loss=record["loss"], acc=record["test_accuracy"])
     model.eval()

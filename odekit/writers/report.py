@@ -51,6 +51,8 @@ class Report:
     threads: int | None = None
     outputs: list[str] = field(default_factory=list)
     markdown_sections: list[tuple[str, str]] = field(default_factory=list)
+    world_size: int = 1  # ranks of a torchrun launch (issue 15)
+    backend: str | None = None  # their torch.distributed backend (None for one process)
 
     def to_dict(self) -> dict[str, Any]:
         return to_jsonable(
@@ -62,6 +64,8 @@ class Report:
                 "results": self.results,
                 "device": self.device,
                 "threads": self.threads,
+                "world_size": self.world_size,
+                "backend": self.backend,
                 "seconds": round(self.seconds, 4),
                 "outputs": self.outputs,
             }

@@ -40,7 +40,11 @@ def test_json_output_is_the_report(tmp_path: Path) -> None:
     printed = json.loads(result.stdout)
     stored = json.loads((tmp_path / "o" / "report.json").read_text())
     assert printed == stored
-    assert set(printed) == {"command", "odekit_version", "inputs", "params", "results", "device", "threads", "seconds", "outputs"}
+    assert set(printed) == {
+        "command", "odekit_version", "inputs", "params", "results", "device", "threads", "world_size", "backend",
+        "seconds", "outputs",
+    }  # fmt: skip
+    assert (printed["world_size"], printed["backend"]) == (1, None)
     assert printed["outputs"] == ["report.json", "report.md", "artifact.txt"]
     assert printed["results"] == {"answer": 42, "ratio": None}  # NaN becomes null: strict JSON
     assert "| 1 | 2.5 |" in (tmp_path / "o" / "report.md").read_text()

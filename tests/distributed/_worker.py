@@ -1,0 +1,161 @@
+"""One rank of a multi-process test run (started by tests/distributed with torchrun's variables).
+
+``python _worker.py <scenario> <out_dir>``; rank 0 writes ``<out_dir>/result.pt``.
+Scenarios: ``merge`` (sketch merge, least squares, PCE fit, broadcasts), ``fault`` (rank 1
+fails while rank 0 waits in a collective), ``crash`` (rank 1 dies without a word).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from odekit.distributed import PeerFailedError, init_distributed
+from odekit.errors import NumericalError, OdekitError
+from odekit.linalg.active import dominant_direction_across_ranks
+from odekit.linalg.sketch import FrequentDirections, merge_across_ranks
+from odekit.methods.pce import PCELayer, fit_pce
+
+N, D, ELL, BATCH = 600, 40, 12, 50
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_matrix() -> torch.Tensor:
+    """Rows with a decaying spectrum, the same on every rank."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.tensor([10.0, 7.0, 5.0]), torch.logspace(0, -2, D - 3)]).double()
+    return torch.randn(N, D, generator=gen, dtype=torch.float64) * scales
+
+
+def regression(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = (z[:, :1] ** 2 - z[:, 1:2] * z[:, 2:3] + 0.1 * torch.randn(n, 1, generator=gen, dtype=torch.float64))
+    return z, y
+
+
+def merge(dist, out: Path) -> None:
+    a = test_matrix()
+    mine = a[dist.shard(N).start : dist.shard(N).stop]
+    fd = FrequentDirections(D, ELL)
+    for i in range(0, mine.shape[0], BATCH):
+        fd.update(mine[i : i + BATCH])
+    merged, info = merge_across_ranks(fd, dist)
+    # least squares from all-reduced normal equations
+    z, y = regression(N)
+    zs, ys = z[dist.shard(N).start : dist.shard(N).stop], y[dist.shard(N).start : dist.shard(N).stop]
+    x = torch.cat([zs, torch.ones(zs.shape[0], 1, dtype=torch.float64)], 1)
+    gram, rhs = dist.all_reduce_sum(x.T @ x), dist.all_reduce_sum(x.T @ ys)
+    coef = torch.linalg.solve(gram, rhs)
+    layer = PCELayer(3, 2, 1).double()
+    fit = fit_pce(layer, [(zs, ys)], dist=dist)
+    count, total = dist.sum_numbers(zs.shape[0], float(ys.sum()))
+    # gradients split between the first and the last rank (any rank between holds none)
+    half = N // 2
+    last = dist.world_size - 1
+    grads = a[:half] if dist.rank == 0 else a[half:] if dist.rank == last else a[:0]
+    direction = dominant_direction_across_ranks(grads, dist)
+    # rank 0 picks, everyone receives
+    picked = dist.broadcast(torch.arange(5) * 7 if dist.is_main else None)
+    ranks = dist.broadcast_object({"ranks": [3, 1]} if dist.is_main else None)
+    if dist.is_main:
+        assert merged is not None
+        torch.save(
+            {
+                "sketch": merged.sketch,
+                "delta": merged.delta,
+                "n_rows": merged.n_rows,
+                "frobenius_sq": merged.frobenius_sq,
+                "merge": info.to_dict(),
+                "coef": coef,
+                "pce": layer.linear.weight.detach().clone(),
+                "pce_samples": fit.n_samples,
+                "count": count,
+                "mean": total / count,
+                "picked": picked,
+                "direction": direction,
+                "ranks": ranks,
+                "world": dist.world_size,
+            },
+            out / "result.pt",
+        )
+
+
+def ron_student(dist, samples: int = 600):
+    """RON on the shipped LeNet-300-100, layers 1-2, from the first ``samples`` training
+    inputs (sharded over the ranks when ``dist`` has several)."""
+    from odekit.io.checkpoints import load_model
+    from odekit.io.datasets import dataset_for_model
+    from odekit.methods.ron import RonSettings, build_student
+
+    loaded = load_model(ROOT / "checkpoints" / "lenet300_digits.safetensors")
+    data = dataset_for_model(
+        loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset
+    )
+    settings = RonSettings(layers="1-2", rank="32,24", sketch_size=64, batch_size=100)
+    result = build_student(
+        loaded.model, loaded.meta.arch, loaded.meta.args, data.input_shape,
+        data.train.x[:samples], settings, dist=dist,
+    )
+    with torch.no_grad():
+        predictions = result.student.eval()(data.test.x).argmax(1)
+    return result, predictions
+
+
+def ron(dist, out: Path) -> None:
+    result, predictions = ron_student(dist)
+    if dist.is_main:
+        torch.save(
+            {
+                "predictions": predictions,
+                "ranks": result.ranks,
+                "n_samples": result.n_samples,
+                "covariance_error": [layer.covariance_error for layer in result.layers],
+                "merge_bounds": [m.covariance_error_bound for m in result.merges],
+                "stream_samples": result.throughput.samples if result.throughput else -1,
+            },
+            out / "result.pt",
+        )
+
+
+def fault(dist, out: Path) -> None:
+    if dist.rank == 1:
+        time.sleep(0.5)
+        raise NumericalError("injected fault on purpose", "this is a test")
+    # rank 0 waits for a peer that never comes: only the abort can end this
+    dist.all_reduce_sum(torch.ones(3))
+    (out / "rank0-finished").write_text("should not happen")
+
+
+def crash(dist, out: Path) -> None:
+    if dist.rank == 1:
+        time.sleep(0.5)
+        os._exit(3)
+    dist.all_reduce_sum(torch.ones(3))
+    (out / "rank0-finished").write_text("should not happen")
+
+
+def main() -> int:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    device = torch.device(os.environ.get("WORKER_DEVICE", "cpu"))
+    dist = init_distributed(device, stale_s=float(os.environ.get("STALE_S", "20")))
+    dist.add_cleanup(lambda: (out / f"cleanup-{dist.rank}").write_text("forced"))
+    try:
+        {"merge": merge, "ron": ron, "fault": fault, "crash": crash}[scenario](dist, out)
+        dist.close()
+    except PeerFailedError:
+        dist.exit_after_failure(1)
+    except Exception as exc:
+        line = exc.one_line() if isinstance(exc, OdekitError) else f"{type(exc).__name__}: {exc}"
+        dist.fail(line)
+        print(f"Error: rank {dist.rank}: {line}", file=sys.stderr)
+        dist.exit_after_failure(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
