@@ -21,6 +21,7 @@ test-slow:
 lint:
 	$(VENV)/bin/ruff check odekit tests benchmarks scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
 
 docs:
 	$(VENV)/bin/python -m odekit.cli.docs > docs/cli.md
