@@ -185,7 +185,9 @@ def test_resnet18_loads_and_attacks_in_every_format(foreign_resnet, fmt, tmp_pat
         assert float((_load(foreign_resnet, fmt).model(x) - _reference_logits(foreign_resnet, x)).abs().max()) < 1e-4
     report, _ = _attack(foreign_resnet, fmt, tmp_path / "a", "--normalize", "none", "--eval-samples", "60")
     assert report["results"]["norm_pixel"] <= 2.0 + 1e-4
-    assert report["results"]["robust_accuracy"] <= report["results"]["clean_accuracy"]
+    # The ResNet-18 is untrained (chance level), so accuracy may move either way under the
+    # perturbation; what must hold is that the perturbation changes predictions.
+    assert report["results"]["fooling_rate_test"] > 0.0
 
 
 def test_torchvision_builder_with_num_classes(tmp_path):
