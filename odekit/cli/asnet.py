@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import statistics
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -34,29 +32,19 @@ from odekit.cli.options import (
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
-from odekit.io.checkpoints import save_model
-from odekit.io.datasets import Dataset
-from odekit.io.exported import save_exported
 from odekit.io.preprocessing import Preprocessing
-from odekit.methods.asnet import (
-    ASNetSettings,
-    LayerAnalysis,
-    SubspaceSettings,
-    analyze_layers,
-    build_asnet_from_teacher,
-    cut_model,
-    default_sketch_size,
-    is_registered_teacher,
-    parse_rank,
-)
-from odekit.methods.evaluation import agreement, compare_latency
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    import torch
+
+    from odekit.io.datasets import Dataset
+    from odekit.methods.asnet import LayerAnalysis
 
 EPILOG = """Examples:
 
   odekit asnet checkpoints/vgg11_digits.safetensors --analyze
 
-  odekit asnet checkpoints/vgg11_digits.safetensors --analyze --layers 3-8 --eps 0.05
+  odekit asnet checkpoints/vgg11_digits.safetensors --analyze --layers 3-8 --energy-tol 0.05
 
   odekit asnet checkpoints/vgg11_digits.safetensors --cut 4 --rank 10 --finetune 5 -o runs/asnet4
 
@@ -64,7 +52,7 @@ EPILOG = """Examples:
 
   odekit attack runs/asnet4/asnet.safetensors ...   (the ASNet is an ordinary odekit checkpoint)
 
---analyze: per layer, n_l, the number of active neurons (eq. 6.17 at --eps), the gradient
+--analyze: per layer, n_l, the number of active neurons (eq. 6.17 at --energy-tol), the gradient
 singular-value spectrum (spectrum.png, thesis fig. 6.5a) and logistic regression on the layer's
 features. --cut L: ASNet = layers 1..L (with the BN/activation/pooling after L) + active-subspace
 layer + degree-p Hermite PCE fitted to the teacher's logits, then optional distillation
@@ -110,7 +98,12 @@ def asnet_command(
         ),
     ] = None,
     eps: Annotated[
-        float, typer.Option("--eps", help="Energy threshold of the active-neuron count (eq. 6.17).", rich_help_panel=ANALYSIS)
+        float, typer.Option(
+            "--energy-tol",
+            help="Active-neuron threshold: the smallest r with ||(s_1..s_r)|| >= (1 - F) ||s|| on the sketch's "
+            "singular values (eq. 6.17; --rank auto uses it).",
+            rich_help_panel=ANALYSIS,
+        )
     ] = 0.05,
     degree: Annotated[int, typer.Option("--degree", help="PCE polynomial degree p.", rich_help_panel=ASNET)] = 2,
     sketch_size: Annotated[
@@ -125,8 +118,8 @@ def asnet_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            "--samples",
-            help="Training samples for gradients and the PCE fit [default: all].",
+            "--fit-samples",
+            help="Training samples for gradients and the PCE fit (seeded subset) [default: all].",
             show_default=False,
             rich_help_panel=ANALYSIS,
         ),
@@ -181,6 +174,21 @@ def asnet_command(
     threads: ThreadsOpt = None,
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
+    from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.io.checkpoints import save_model
+    from odekit.io.exported import save_exported
+    from odekit.methods.asnet import (
+        ASNetSettings,
+        SubspaceSettings,
+        analyze_layers,
+        build_asnet_from_teacher,
+        cut_model,
+        default_sketch_size,
+        is_registered_teacher,
+        parse_rank,
+    )
+    from odekit.writers.plots import save_figure
+
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     analyze = analyze or layers is not None
@@ -283,6 +291,8 @@ def _fidelity_and_latency(
     teacher: torch.nn.Module, student: torch.nn.Module, dataset: Dataset, batch_size: int, timed: bool, device: torch.device
 ) -> dict[str, Any]:
     """Issue 11: top-1 agreement and mean KL on the test split; latency timed teacher/ASNet interleaved."""
+    from odekit.methods.evaluation import agreement, compare_latency
+
     out: dict[str, Any] = agreement(teacher, student, dataset.test, device=device)
     out.pop("samples")
     if timed:
@@ -347,6 +357,8 @@ def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
 
 
 def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
+    from odekit.writers.plots import new_figure
+
     fig, axes = new_figure(1, 1, (6.5, 4.2))
     ax = axes[0][0]
     for a in analyses:
@@ -368,6 +380,8 @@ def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
 
 
 def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) -> Any:
+    from odekit.writers.plots import new_figure
+
     with_lr = [a for a in analyses if a.logreg_accuracy is not None]
     panels = int(bool(with_lr)) + int("baselines" in results)
     fig, axes = new_figure(max(panels, 1), 1, (5.5, 4.0))

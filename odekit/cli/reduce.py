@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data, require_python_module
+from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -34,15 +33,13 @@ from odekit.cli.options import (
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.io.checkpoints import ModelMeta, load_model, save_model
-from odekit.io.exported import load_exported, save_exported
 from odekit.io.preprocessing import Preprocessing
-from odekit.linalg.rank import RANK_RULES
-from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
-from odekit.methods.ron import RON_ARCH, RonLayerReport, RonSettings, build_student
-from odekit.methods.training import TrainSettings, train_classifier
-from odekit.models.registry import ARCHITECTURES
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    import torch
+
+    from odekit.io.checkpoints import ModelMeta
+    from odekit.methods.ron import RonLayerReport
 
 EPILOG = """Examples:
 
@@ -66,7 +63,7 @@ FLOPs are 2 x multiply-adds per sample; latency is the median of timed forward p
 batch of --latency-batch test inputs after warm-up, on --device.
 """
 
-EPILOG = EPILOG.format(rules="; ".join(f"{e.name}: {e.description}" for e in RANK_RULES))
+EPILOG = EPILOG.format(rules=help_line(RANK_RULE_HELP))
 
 RON = "RON options"
 
@@ -102,8 +99,8 @@ def reduce_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            "--samples",
-            help="Training samples streamed for the SVDs [default: all].",
+            "--fit-samples",
+            help="Training samples streamed for the SVDs (seeded subset) [default: all].",
             show_default=False,
             rich_help_panel=RON,
         ),
@@ -166,6 +163,15 @@ def reduce_command(
     threads: ThreadsOpt = None,
 ) -> None:
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
+    import torch
+
+    from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.methods.evaluation import accuracy, agreement, compare_latency
+    from odekit.methods.ron import RON_ARCH, RonSettings, build_student
+    from odekit.methods.training import TrainSettings, train_classifier
+    from odekit.models.registry import ARCHITECTURES
+    from odekit.writers.plots import save_figure
+
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
@@ -333,6 +339,9 @@ def _write_student(
     path: Path, student: torch.nn.Module, meta: ModelMeta, shape: tuple[int, ...], registered: bool, ctx: CommandContext
 ) -> torch.nn.Module:
     """Write the student (safetensors + metadata, or a .pt2 program) and read it back."""
+    from odekit.io.checkpoints import load_model, save_model
+    from odekit.io.exported import load_exported, save_exported
+
     if registered:
         save_model(path, student, meta, force=ctx.force)
         return load_model(path).model.to(ctx.device).eval()
@@ -348,6 +357,8 @@ def _stats(
     example: torch.Tensor,
     ctx: CommandContext,
 ) -> dict[str, Any]:
+    from odekit.methods.evaluation import accuracy, model_cost
+
     cost = model_cost(model, shape)
     return {
         "accuracy": accuracy(model, dataset.test, device=ctx.device),
@@ -364,6 +375,8 @@ def _layer_json(layer: RonLayerReport) -> dict[str, Any]:
 
 
 def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) -> Any:
+    from odekit.writers.plots import new_figure
+
     fig, axes = new_figure(1, 1, (6.5, 4.2))
     ax = axes[0][0]
     for layer in layers:

@@ -19,10 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -31,12 +29,12 @@ from odekit import __version__
 from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress, plain_progress
-from odekit.device import resolve_device, set_threads
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
-from odekit.writers.guards import check_staged_tensors
-from odekit.writers.report import Report, markdown_table
 from odekit.writers.transaction import OutputTransaction, signals_raise
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help (issue 12)
+    import torch
 
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
@@ -108,6 +106,9 @@ def default_out_dir(command: str, name: str | None) -> Path:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -146,6 +147,10 @@ def run_command(
     run_name: str | None = None,
 ) -> None:
     """Run a subcommand body under the shared life cycle; exits through `typer.Exit`."""
+    from odekit.device import resolve_device, set_threads
+    from odekit.writers.guards import check_staged_tensors
+    from odekit.writers.report import Report, markdown_table
+
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -35,13 +34,9 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
-from odekit.methods.smoothness import (
-    SmoothnessResult,
-    SmoothnessSettings,
-    smoothness_check,
-    training_config,
-)
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    from odekit.methods.smoothness import SmoothnessResult
 
 CRITERION = "Criterion options"
 
@@ -75,6 +70,8 @@ def _steps(text: str) -> tuple[int, ...]:
 
 
 def _plot(path: Path, result: SmoothnessResult, title: str, force: bool) -> None:
+    from odekit.writers.plots import new_figure, save_figure
+
     fig, axes = new_figure(1, 1, (6.0, 4.2))
     ax = axes[0][0]
     styles = {"euler": "o-", "rk2": "s--", "rk4": "^:"}
@@ -100,7 +97,7 @@ def smoothness_command(
     steps: Annotated[str, typer.Option("--steps", help="Step counts n to test with each solver.", rich_help_panel=CRITERION)] = "2,4,8,16,32",
     u: Annotated[float, typer.Option("--u", help="RK2(u) parameter of the rk2 test solver, in (0, 1].", rich_help_panel=CRITERION)] = 0.5,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy drop (fraction) still counted as 'holds'.", rich_help_panel=CRITERION)] = 0.01,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Test samples to use (seeded subset) [all].", show_default=False)] = None,
+    samples: Annotated[int | None, typer.Option("--eval-samples", min=1, help="Test samples to use (seeded subset) [all].", show_default=False)] = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = 512,
@@ -121,6 +118,9 @@ def smoothness_command(
     threads: ThreadsOpt = None,
 ) -> None:  # fmt: skip
     """Does accuracy hold when the test solver is stronger than the training one? (thesis 3.3.2)"""
+    from odekit.cli.common import load_checkpoint, load_data
+    from odekit.methods.smoothness import SmoothnessSettings, smoothness_check, training_config
+
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params = {"solvers": solvers, "steps": steps, "u": u, "tolerance": tolerance, "samples": samples,

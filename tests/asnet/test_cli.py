@@ -98,7 +98,7 @@ def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
         (["--cut", "2", "--rank", "zero"], 1, "--rank"),
         (["--cut", "2", "--sparse"], 1, "--finetune"),
         (["--cut", "2", "--finetune", "1", "--head-lr", "0"], 1, "--head-lr"),
-        (["--cut", "2", "--eps", "1.5"], 1, "--eps"),
+        (["--cut", "2", "--energy-tol", "1.5"], 1, "got 1.5"),
         (["--cut", "3"], 1, "last compute layer"),
         (["--cut", "2", "--rank", "500"], 1, "exceeds"),
         (["--cut", "2", "--degree", "two"], 2, "Usage"),  # the parser's own type error
@@ -106,7 +106,7 @@ def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
 )
 def test_user_errors_give_one_line_and_no_output(checkpoints_dir, tmp_path, args, code, text) -> None:
     out = tmp_path / "err"
-    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), *args, "--samples", "50", "-o", str(out)])
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), *args, "--fit-samples", "50", "-o", str(out)])
     assert result.exit_code == code, result.stderr
     assert text in result.stderr and "Traceback" not in result.stderr
     if code == 1:  # odekit's own errors: one line; exit 2 is Typer's parser (its own box)
