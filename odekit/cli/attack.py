@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -137,6 +137,20 @@ def _write_tensors(
     state = {k: v.detach().cpu().float().clone().contiguous() for k, v in tensors.items()}
     meta = {"odekit_attack": json.dumps(metadata, sort_keys=True), "format": "pt"}
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta), force)
+
+
+def _drop_unused_params(params: dict[str, Any], plan: AttackPlan, options: dict[str, Any]) -> None:
+    """Keep in the report only the options the chosen method uses (issue 12): an active-subspace run
+    lists no --max-passes or --sigma, and no budget option left at null next to the resolved one."""
+    attack = plan.attack
+    used = {f.name for f in fields(attack.settings_type)}
+    if attack.fixed_distance is not None:
+        used.discard("norm")  # adef's T-norm, whatever --norm says
+    for key in options:
+        if key not in used or params.get(key) is None:
+            params.pop(key, None)
+    if not plan.universal:
+        params.pop("fit_samples", None)
 
 
 def _fmt(value: float) -> str:
@@ -710,6 +724,7 @@ def attack_command(
             "eps": parse_budgets(eps, "--eps") if eps is not None else None,
         }  # fmt: skip
         base_plan = build_plan(method, options)  # validates options before loading
+        _drop_unused_params(ctx.params, base_plan, options)
         seed_list = parse_seeds(seeds) if seeds is not None else [ctx.seed]
         budget_option = f"--{base_plan.attack.budget_name}"
 

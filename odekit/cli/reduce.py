@@ -165,7 +165,7 @@ def reduce_command(
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
     import torch
 
-    from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.cli.common import accuracy_text, load_checkpoint, load_data, require_python_module
     from odekit.methods.evaluation import accuracy, agreement, compare_latency
     from odekit.methods.ron import RON_ARCH, RonSettings, build_student
     from odekit.methods.training import TrainSettings, train_classifier
@@ -306,18 +306,18 @@ def reduce_command(
         )  # fmt: skip
         summary = ResultTable(
             "Teacher vs student (FLOPs = 2 x MACs per sample)",
-            ["model", "accuracy", "FLOPs", "params", "latency ms"],
+            ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
             [
                 [
                     "teacher",
-                    teacher_stats["accuracy"],
+                    accuracy_text(teacher_stats["accuracy"], teacher_stats["accuracy_n"]),
                     teacher_stats["flops"],
                     teacher_stats["params"],
                     teacher_stats["latency_ms"],
                 ],
                 [
                     "student",
-                    student_stats["accuracy"],
+                    accuracy_text(student_stats["accuracy"], student_stats["accuracy_n"]),
                     student_stats["flops"],
                     student_stats["params"],
                     student_stats["latency_ms"],
@@ -330,6 +330,11 @@ def reduce_command(
             f"{100 * acc_before:.2f}%), agreement {100 * fidelity['agreement']:.2f}%, {flop_reduction:.2f}x fewer FLOPs, "
             f"latency {speedup:.2f}x faster"
         ]
+        clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
+        if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
+            ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
+                    "the sketch, not the data, bounded them (raise --sketch-size to let the rank rule decide)")
+            headline.append(f"ranks clipped by --sketch-size: {', '.join(clipped)}")
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
@@ -357,11 +362,14 @@ def _stats(
     example: torch.Tensor,
     ctx: CommandContext,
 ) -> dict[str, Any]:
+    from odekit.cli.common import accuracy_fields
     from odekit.methods.evaluation import accuracy, model_cost
 
     cost = model_cost(model, shape)
+    acc = accuracy(model, dataset.test, device=ctx.device)
     return {
-        "accuracy": accuracy(model, dataset.test, device=ctx.device),
+        "accuracy": acc,
+        **accuracy_fields(acc, len(dataset.test)),
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
@@ -371,7 +379,16 @@ def _stats(
 def _layer_json(layer: RonLayerReport) -> dict[str, Any]:
     d = layer.to_dict()
     d["singular_values_normalized"] = d.pop("singular_values")
+    d["rank_at_sketch_limit"] = _at_sketch_limit(layer)
     return d
+
+
+def _at_sketch_limit(layer: RonLayerReport) -> bool:
+    """The rank uses every direction a full sketch smaller than the layer holds: --sketch-size, not the
+    data, bounded it (a frequent-directions sketch of l rows keeps at most l - 1 nonzero directions)."""
+    rows = len(layer.singular_values)
+    nonzero = sum(v > 1e-12 for v in layer.singular_values)
+    return rows < layer.dim and nonzero >= rows - 1 and layer.rank >= nonzero
 
 
 def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) -> Any:

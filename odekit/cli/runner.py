@@ -149,7 +149,7 @@ def run_command(
     """Run a subcommand body under the shared life cycle; exits through `typer.Exit`."""
     from odekit.device import resolve_device, set_threads
     from odekit.writers.guards import check_staged_tensors
-    from odekit.writers.report import Report, markdown_table
+    from odekit.writers.report import ARRAYS_NAME, Report, markdown_table
 
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
@@ -199,6 +199,9 @@ def run_command(
                 markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
                 outputs=transaction.staged_names(),
             )
+            if report.long_arrays():  # report.md links them instead of listing thousands of numbers
+                ctx.path(ARRAYS_NAME)
+                report.outputs = [*report.outputs, ARRAYS_NAME]
             report.write(transaction.staging, force=False)
             check_staged_tensors(transaction.staging, command)
             transaction.commit()
