@@ -246,6 +246,7 @@ def asnet_command(
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
             res = built.results
             res.update(_fidelity_and_latency(loaded.model, built.model, dataset, batch_size, latency, ctx.device))
+            _add_accuracy_intervals(res, len(dataset.test))
             step = {
                 "command": "asnet",
                 "cut": res["cut"]["index"],
@@ -320,26 +321,38 @@ def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
     )
 
 
+def _add_accuracy_intervals(res: dict[str, Any], n: int) -> None:
+    """Issue 12: the teacher's and the ASNet's test accuracy carry n and a Wilson 95% interval."""
+    from odekit.cli.common import accuracy_fields
+
+    for key in ("teacher", "asnet"):
+        res[key].update(accuracy_fields(res[key]["accuracy"], n))
+
+
 def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
+    from odekit.cli.common import accuracy_text
+
     split, teacher, asnet = res["split"], res["teacher"], res["asnet"]
     post = split["teacher_post_model"]
+    teacher_accuracy = accuracy_text(teacher["accuracy"], teacher["accuracy_n"])
+    asnet_accuracy = accuracy_text(asnet["accuracy"], asnet["accuracy_n"])
     rows = [
-        ["teacher", teacher["accuracy"], teacher["storage_mb"], teacher["flops"], teacher["params"], "-", "-"],
+        ["teacher", teacher_accuracy, teacher["storage_mb"], teacher["flops"], teacher["params"], "-", "-"],
         ["teacher post-model", "-", post["storage_mb"], post["flops"], post["params"], "-", "-"],
         ["ASNet pre-model", "-", split["pre_model"]["storage_mb"], split["pre_model"]["flops"], split["pre_model"]["params"], "-", "-"],
         ["ASNet AS+PCE", "-", split["as_pce"]["storage_mb"], split["as_pce"]["flops"], split["as_pce"]["params"],
          split["post_storage_reduction"], split["post_flop_reduction"]],
-        ["ASNet overall", asnet["accuracy"], asnet["storage_mb"], asnet["flops"], asnet["params"],
+        ["ASNet overall", asnet_accuracy, asnet["storage_mb"], asnet["flops"], asnet["params"],
          res["storage_reduction"], res["flop_reduction"]],
     ]  # fmt: skip
     if "nonzero_params" in asnet:
-        rows.append(["ASNet-s (non-zeros)", asnet["accuracy"], asnet["storage_mb_nonzero"], asnet["flops_nonzero"],
+        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, asnet["storage_mb_nonzero"], asnet["flops_nonzero"],
                      asnet["nonzero_params"], teacher["storage_mb"] / max(asnet["storage_mb_nonzero"], 1e-12),
                      teacher["flops"] / max(asnet["flops_nonzero"], 1)])  # fmt: skip
     tables = [
         ResultTable(
             "Storage and FLOPs (thesis table 6.2 layout; FLOPs = 2 x MACs)",
-            ["part", "accuracy", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
+            ["part", "accuracy [Wilson 95%] n", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
             rows,
         )
     ]

@@ -29,6 +29,7 @@ from odekit import __version__
 from odekit.cli.errors import captured_warnings, report_exception
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress, plain_progress
+from odekit.cli.vocabulary import DEPRECATED
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
 from odekit.writers.transaction import OutputTransaction, signals_raise
@@ -114,10 +115,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_option_values(params: dict[str, Any]) -> None:
+def check_option_values(params: dict[str, Any], command: str = "") -> None:
     """Every numeric option is finite and fits 64 bits, whatever command parsed it."""
+    renamed = DEPRECATED.get(command, {})  # a report key may keep an option's old name
     for key, value in params.items():
         option = f"--{key.replace('_', '-')}"
+        option = renamed.get(option, option)
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{option} {value} is not a finite number", f"give {option} a finite value")
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
@@ -157,7 +160,7 @@ def run_command(
     transaction: OutputTransaction | None = None
     try:
         with signals_raise(), captured_warnings(common.debug):
-            check_option_values({"seed": common.seed, **params})
+            check_option_values({"seed": common.seed, **params}, command)
             device = resolve_device(common.device)
             threads = set_threads(common.threads)
             seed_everything(common.seed)

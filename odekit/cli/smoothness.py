@@ -142,7 +142,7 @@ def smoothness_command(
         train_text = f"{train['solver']} n={train['steps']}" if train.get("steps") else f"{train['solver']} rtol={train['rtol']:g}"
         verdict = "SMOOTH" if result.smooth else "NOT SMOOTH"
         headline = [
-            f"{checkpoint.name}: {verdict} by the (S, n)-criterion. Training solver {train_text}: accuracy "
+            f"{checkpoint.name}: {verdict} by the (S, n)-criterion on {len(split)} test images. Training solver {train_text}: accuracy "
             f"{result.training_accuracy:.4f} at {result.training_nfe:g} NFE; worst stronger solver "
             f"{result.worst['solver']} n={result.worst['n']}: {result.worst['accuracy']:.4f}" if result.worst else "",
             f"Rule: {result.rule}",

@@ -47,6 +47,10 @@ def test_vgg_asnet_end_to_end(checkpoints_dir, tmp_path) -> None:
     assert loaded.meta.history[-1]["command"] == "asnet"
     data = load_dataset("digits", input_shape=loaded.meta.input_shape, normalization=loaded.meta.normalization)
     assert accuracy(loaded.model, data.test) == pytest.approx(r["asnet"]["accuracy"], abs=1e-6)
+    for key in ("teacher", "asnet"):  # issue 12: n and a Wilson 95% interval
+        low, high = r[key]["accuracy_ci95"]
+        assert r[key]["accuracy_n"] == len(data.test) and low <= r[key]["accuracy"] <= high
+    assert f"n={len(data.test)}" in (out / "report.md").read_text()
     info = CliRunner().invoke(app, ["info", str(out / "asnet.safetensors"), "--json"])
     assert info.exit_code == 0 and json.loads(info.stdout)["params"] == r["asnet"]["params"]
     attack = CliRunner().invoke(app, ["attack", str(out / "asnet.safetensors"), "--method", "fgsm", "--eps", "8/255",

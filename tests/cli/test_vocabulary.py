@@ -58,3 +58,9 @@ def test_help_shows_new_spellings_a_clean_usage_line_and_no_bool_placeholder(com
 def test_delta_help_names_the_norm_and_its_units() -> None:
     text = runner.invoke(app, ["attack", "--help"], env={"COLUMNS": "400"}).stdout
     assert "l2 or linf norm ||v||" in text and "[0, 1]-pixel units" in text and "3.0 for l2" in text
+
+
+def test_range_errors_name_the_new_spelling() -> None:
+    result = runner.invoke(app, ["reduce", MISSING, "--layers", "1-2", "--fit-samples", str(2**64)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --fit-samples 18446744073709551616") and "--samples" not in result.stderr
