@@ -275,7 +275,7 @@ def asnet_command(
             )
         results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(eps) for a in analyses}
         results.setdefault("warnings", [])
-        save_figure(_spectrum_figure(analyses, eps), spectrum_path, force=ctx.force)
+        save_figure(_spectrum_figure(analyses, eps, results.get("cut")), spectrum_path, force=ctx.force)
         if baselines_path is not None:
             save_figure(_baselines_figure(analyses, results), baselines_path, force=ctx.force)
         headline.append(
@@ -369,7 +369,7 @@ def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
     return tables
 
 
-def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
+def _spectrum_figure(analyses: list[LayerAnalysis], eps: float, cut: dict[str, Any] | None = None) -> Any:
     from odekit.writers.plots import new_figure
 
     fig, axes = new_figure(1, 1, (6.5, 4.2))
@@ -383,9 +383,13 @@ def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
         ax.semilogy(range(1, s.numel() + 1), (s / s[0]).numpy(), label=f"layer {a.cut.index} (n={a.cut.features}, active {k})")
         if k <= s.numel():
             ax.plot([k], [float(s[k - 1] / s[0])], "o", color=ax.lines[-1].get_color())
+        r = int(cut["rank"]) if cut is not None and cut.get("index") == a.cut.index else 0
+        if 1 <= r <= s.numel():  # issue 12: the rank the ASNet really uses
+            ax.plot([r], [float(s[r - 1] / s[0])], "x", markersize=10, color=ax.lines[-1].get_color(),
+                    label=f"ASNet rank r = {r}")  # fmt: skip
     ax.set_xlabel("index i")
     ax.set_ylabel("sigma_i / sigma_1 (gradient sketch)")
-    ax.set_title(f"Active-subspace spectrum (dots: active neurons at eps = {eps})")
+    ax.set_title(f"Active-subspace spectrum (dots: active neurons at --energy-tol {eps}; x: r used)", fontsize=10)
     if analyses:
         ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
@@ -396,6 +400,8 @@ def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) ->
     from odekit.writers.plots import new_figure
 
     with_lr = [a for a in analyses if a.logreg_accuracy is not None]
+    n = results.get("teacher", {}).get("accuracy_n")
+    on = f" (n = {n} test images)" if n else ""
     panels = int(bool(with_lr)) + int("baselines" in results)
     fig, axes = new_figure(max(panels, 1), 1, (5.5, 4.0))
     col = 0
@@ -404,8 +410,8 @@ def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) ->
         ax.bar([str(a.cut.index) for a in with_lr], [100 * float(a.logreg_accuracy or 0) for a in with_lr], color="tab:red")
         ax.set_xlabel("cut layer")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Logistic regression on layer features")
-        ax.set_ylim(max(0.0, min(100 * float(a.logreg_accuracy or 0) for a in with_lr) - 10), 100)
+        ax.set_title(f"Logistic regression on layer features{on}", fontsize=10)
+        ax.set_ylim(0, 100)  # a full axis: bars cut at 87% exaggerate small gaps
         col += 1
     if "baselines" in results:
         ax = axes[0][col]
@@ -415,8 +421,9 @@ def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) ->
         values = [100 * float(base[k]) for k in keys]
         ax.bar([labels[k] for k in keys], values, color=["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"][: len(keys)])
         ax.axhline(100 * results["teacher"]["accuracy"], color="black", linestyle="--", label="teacher")
-        ax.set_ylim(max(0.0, min(values) - 10), 100)
+        ax.set_ylim(0, 112)  # headroom above 100% keeps the legend off the bars
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Cut {results['cut']['index']}, r = {results['cut']['rank']}, no fine-tuning")
-        ax.legend()
+        ax.set_title(f"Cut {results['cut']['index']}, r = {results['cut']['rank']}, no fine-tuning{on}", fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
     return fig

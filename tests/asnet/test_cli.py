@@ -162,3 +162,17 @@ def test_vgg_goal_five_times_smaller_within_two_points(checkpoints_dir, tmp_path
     assert r["accuracy_drop_points"] <= 2
     assert r["baselines"]["as_pce"] >= r["baselines"]["pca_pce"] - 0.01
     assert r["latency_ms"]["asnet_ms_batch1"] > 0
+
+
+def test_baselines_figure_states_n_and_starts_at_zero() -> None:
+    """issue 12: the bars share a 0-100% axis and the title names the test images behind them."""
+    import matplotlib.pyplot as plt
+
+    from odekit.cli.asnet import _baselines_figure
+
+    results = {"baselines": {"as_pce": 0.93, "pca_pce": 0.9}, "teacher": {"accuracy": 0.97, "accuracy_n": 360},
+               "cut": {"index": 2, "rank": 10}}  # fmt: skip
+    fig = _baselines_figure([], results)
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] >= 100.0 and "n = 360 test images" in ax.get_title()
+    plt.close(fig)
