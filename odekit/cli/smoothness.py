@@ -69,7 +69,10 @@ def _steps(text: str) -> tuple[int, ...]:
         raise UsageError(f"cannot read --steps '{text}'", "give comma-separated positive integers, e.g. 2,4,8,16") from None
 
 
-def _plot(path: Path, result: SmoothnessResult, title: str, force: bool) -> None:
+def _plot(path: Path, result: SmoothnessResult, title: str, force: bool, tolerance: float, n: int) -> None:
+    """Accuracy against NFE per test solver, with Wilson 95% bars over the n test images and the
+    threshold (training accuracy - tolerance) that stronger configurations must stay above."""
+    from odekit.stats import wilson_interval
     from odekit.writers.plots import new_figure, save_figure
 
     fig, axes = new_figure(1, 1, (6.0, 4.2))
@@ -77,15 +80,23 @@ def _plot(path: Path, result: SmoothnessResult, title: str, force: bool) -> None
     styles = {"euler": "o-", "rk2": "s--", "rk4": "^:"}
     for solver in dict.fromkeys(g["solver"] for g in result.grid):
         rows = [g for g in result.grid if g["solver"] == solver]
-        ax.plot([g["nfe"] for g in rows], [g["accuracy"] for g in rows], styles.get(solver, "o-"), label=f"test: {solver}")
+        accuracies = [g["accuracy"] for g in rows]
+        bounds = [wilson_interval(round(a * n), n) for a in accuracies]
+        bars = [[a - low for a, (low, _) in zip(accuracies, bounds, strict=True)],
+                [high - a for a, (_, high) in zip(accuracies, bounds, strict=True)]]  # fmt: skip
+        ax.errorbar([g["nfe"] for g in rows], accuracies, yerr=bars, fmt=styles.get(solver, "o-"), capsize=3,
+                    label=f"test: {solver}")  # fmt: skip
     train = result.training_solver
     label = f"training: {train['solver']}" + (f" n={train['steps']}" if train.get("steps") else "")
     ax.axhline(result.training_accuracy, color="gray", lw=0.8)
+    ax.axhline(result.training_accuracy - tolerance, color="tab:red", lw=0.8, ls="--",
+               label=f"threshold: training - {tolerance:g}")  # fmt: skip
     ax.plot([result.training_nfe], [result.training_accuracy], "k*", ms=12, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("f evaluations per forward pass (NFE)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion")
+    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion, "
+                 f"n = {n} test images (bars: Wilson 95%)", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path, force)
@@ -136,7 +147,7 @@ def smoothness_command(
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         split = dataset.test.subset(samples, seed)
         result = smoothness_check(loaded.model, split, settings, ctx.device, progress=ctx.progress)
-        _plot(plot_path, result, checkpoint.name, ctx.force)
+        _plot(plot_path, result, checkpoint.name, ctx.force, tolerance, len(split))
         results = {**result.to_dict(), "samples": len(split), "tolerance": tolerance, "plot": str(plot_path)}
         train = result.training_solver
         train_text = f"{train['solver']} n={train['steps']}" if train.get("steps") else f"{train['solver']} rtol={train['rtol']:g}"
