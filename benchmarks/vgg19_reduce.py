@@ -118,7 +118,7 @@ def run_reduce(
            "--layers", "7-16", "--data", "digits32.npz", "--normalize", "none", "--finetune", str(finetune),
            "--device", "cpu", "-o", str(out), "--force", "--json"]  # fmt: skip
     if samples is not None:
-        cmd += ["--samples", str(samples)]
+        cmd += ["--fit-samples", str(samples)]
     if lr is not None:
         cmd += ["--lr", str(lr)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--width-div", type=int, default=None, help="divide VGG-19's channels by this [1; quick 8]")
     parser.add_argument("--epochs", type=int, default=None, help="teacher training epochs [3]")
     parser.add_argument("--train-samples", type=int, default=None, help="teacher training samples [all]")
-    parser.add_argument("--samples", type=int, default=None, help="reduce --samples [odekit's default]")
+    parser.add_argument("--samples", type=int, default=None, help="reduce --fit-samples [odekit's default]")
     parser.add_argument("--formats", default="pickle,export", help="which saves to reduce: pickle,export")
     parser.add_argument("--finetune-lr", type=float, default=None, help="reduce --lr [odekit's default]")
     parser.add_argument("--reuse", action="store_true", help="reuse vgg19.pt/.pt2 already in --out (no training)")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer._click.core import (  # Typer 0.29 vendors click: its classes, not click's
+    Context,
+    Parameter,
+)
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from odekit import __version__
 from odekit.cli.asnet import EPILOG as ASNET_EPILOG
@@ -20,6 +25,43 @@ from odekit.cli.smoothness import EPILOG as SMOOTHNESS_EPILOG
 from odekit.cli.smoothness import smoothness_command
 from odekit.cli.train_ode import EPILOG as TRAIN_ODE_EPILOG
 from odekit.cli.train_ode import train_ode_command
+from odekit.cli.vocabulary import rewrite_deprecated
+
+
+class _FlagOption(TyperOption):
+    """A boolean flag: its help row shows no `<bool>` value placeholder (it takes no value)."""
+
+    def display_type_rich(self, ctx: Context) -> str | None:
+        return None
+
+
+class OdekitCommand(TyperCommand):
+    """Usage lines name arguments as `CHECKPOINT` (Typer writes `{checkpoint}`); flags show no value type."""
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name or "").upper()
+                name = name if param.required else f"[{name}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and not isinstance(param, _FlagOption):
+                param.__class__ = _FlagOption
+        return params
+
+
+class OdekitGroup(TyperGroup):
+    """Accepts a command's deprecated option spellings (odekit.cli.vocabulary) with a note on stderr."""
+
+    def resolve_command(self, ctx: Context, args: list[str]) -> tuple[Any, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        return name, command, rewrite_deprecated(name or "", rest)
+
 
 app = typer.Typer(
     name="odekit",
@@ -28,6 +70,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     rich_markup_mode="markdown",
+    cls=OdekitGroup,
 )
 
 COMMANDS = [
@@ -39,7 +82,7 @@ COMMANDS = [
     ("attack", attack_command, ATTACK_EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
-    app.command(_name, epilog=_epilog)(_function)  # type: ignore[type-var]
+    app.command(_name, epilog=_epilog, cls=OdekitCommand)(_function)  # type: ignore[type-var]
 
 
 def _version(value: bool) -> None:

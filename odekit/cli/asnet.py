@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import statistics
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data, require_python_module
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -34,29 +32,19 @@ from odekit.cli.options import (
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
-from odekit.io.checkpoints import save_model
-from odekit.io.datasets import Dataset
-from odekit.io.exported import save_exported
 from odekit.io.preprocessing import Preprocessing
-from odekit.methods.asnet import (
-    ASNetSettings,
-    LayerAnalysis,
-    SubspaceSettings,
-    analyze_layers,
-    build_asnet_from_teacher,
-    cut_model,
-    default_sketch_size,
-    is_registered_teacher,
-    parse_rank,
-)
-from odekit.methods.evaluation import agreement, compare_latency
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    import torch
+
+    from odekit.io.datasets import Dataset
+    from odekit.methods.asnet import LayerAnalysis
 
 EPILOG = """Examples:
 
   odekit asnet checkpoints/vgg11_digits.safetensors --analyze
 
-  odekit asnet checkpoints/vgg11_digits.safetensors --analyze --layers 3-8 --eps 0.05
+  odekit asnet checkpoints/vgg11_digits.safetensors --analyze --layers 3-8 --energy-tol 0.05
 
   odekit asnet checkpoints/vgg11_digits.safetensors --cut 4 --rank 10 --finetune 5 -o runs/asnet4
 
@@ -64,7 +52,7 @@ EPILOG = """Examples:
 
   odekit attack runs/asnet4/asnet.safetensors ...   (the ASNet is an ordinary odekit checkpoint)
 
---analyze: per layer, n_l, the number of active neurons (eq. 6.17 at --eps), the gradient
+--analyze: per layer, n_l, the number of active neurons (eq. 6.17 at --energy-tol), the gradient
 singular-value spectrum (spectrum.png, thesis fig. 6.5a) and logistic regression on the layer's
 features. --cut L: ASNet = layers 1..L (with the BN/activation/pooling after L) + active-subspace
 layer + degree-p Hermite PCE fitted to the teacher's logits, then optional distillation
@@ -110,7 +98,12 @@ def asnet_command(
         ),
     ] = None,
     eps: Annotated[
-        float, typer.Option("--eps", help="Energy threshold of the active-neuron count (eq. 6.17).", rich_help_panel=ANALYSIS)
+        float, typer.Option(
+            "--energy-tol",
+            help="Active-neuron threshold: the smallest r with ||(s_1..s_r)|| >= (1 - F) ||s|| on the sketch's "
+            "singular values (eq. 6.17; --rank auto uses it).",
+            rich_help_panel=ANALYSIS,
+        )
     ] = 0.05,
     degree: Annotated[int, typer.Option("--degree", help="PCE polynomial degree p.", rich_help_panel=ASNET)] = 2,
     sketch_size: Annotated[
@@ -125,8 +118,8 @@ def asnet_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            "--samples",
-            help="Training samples for gradients and the PCE fit [default: all].",
+            "--fit-samples",
+            help="Training samples for gradients and the PCE fit (seeded subset) [default: all].",
             show_default=False,
             rich_help_panel=ANALYSIS,
         ),
@@ -181,6 +174,21 @@ def asnet_command(
     threads: ThreadsOpt = None,
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
+    from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.io.checkpoints import save_model
+    from odekit.io.exported import save_exported
+    from odekit.methods.asnet import (
+        ASNetSettings,
+        SubspaceSettings,
+        analyze_layers,
+        build_asnet_from_teacher,
+        cut_model,
+        default_sketch_size,
+        is_registered_teacher,
+        parse_rank,
+    )
+    from odekit.writers.plots import save_figure
+
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     analyze = analyze or layers is not None
@@ -240,6 +248,7 @@ def asnet_command(
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
             res = built.results
             res.update(_fidelity_and_latency(loaded.model, built.model, dataset, batch_size, latency, ctx.device))
+            _add_accuracy_intervals(res, len(dataset.test))
             step = {
                 "command": "asnet",
                 "cut": res["cut"]["index"],
@@ -268,7 +277,7 @@ def asnet_command(
             )
         results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(eps) for a in analyses}
         results.setdefault("warnings", [])
-        save_figure(_spectrum_figure(analyses, eps), spectrum_path, force=ctx.force)
+        save_figure(_spectrum_figure(analyses, eps, results.get("cut")), spectrum_path, force=ctx.force)
         if baselines_path is not None:
             save_figure(_baselines_figure(analyses, results), baselines_path, force=ctx.force)
         headline.append(
@@ -285,6 +294,8 @@ def _fidelity_and_latency(
     teacher: torch.nn.Module, student: torch.nn.Module, dataset: Dataset, batch_size: int, timed: bool, device: torch.device
 ) -> dict[str, Any]:
     """Issue 11: top-1 agreement and mean KL on the test split; latency timed teacher/ASNet interleaved."""
+    from odekit.methods.evaluation import agreement, compare_latency
+
     out: dict[str, Any] = agreement(teacher, student, dataset.test, device=device)
     out.pop("samples")
     if timed:
@@ -312,26 +323,38 @@ def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
     )
 
 
+def _add_accuracy_intervals(res: dict[str, Any], n: int) -> None:
+    """Issue 12: the teacher's and the ASNet's test accuracy carry n and a Wilson 95% interval."""
+    from odekit.cli.common import accuracy_fields
+
+    for key in ("teacher", "asnet"):
+        res[key].update(accuracy_fields(res[key]["accuracy"], n))
+
+
 def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
+    from odekit.cli.common import accuracy_text
+
     split, teacher, asnet = res["split"], res["teacher"], res["asnet"]
     post = split["teacher_post_model"]
+    teacher_accuracy = accuracy_text(teacher["accuracy"], teacher["accuracy_n"])
+    asnet_accuracy = accuracy_text(asnet["accuracy"], asnet["accuracy_n"])
     rows = [
-        ["teacher", teacher["accuracy"], teacher["storage_mb"], teacher["flops"], teacher["params"], "-", "-"],
+        ["teacher", teacher_accuracy, teacher["storage_mb"], teacher["flops"], teacher["params"], "-", "-"],
         ["teacher post-model", "-", post["storage_mb"], post["flops"], post["params"], "-", "-"],
         ["ASNet pre-model", "-", split["pre_model"]["storage_mb"], split["pre_model"]["flops"], split["pre_model"]["params"], "-", "-"],
         ["ASNet AS+PCE", "-", split["as_pce"]["storage_mb"], split["as_pce"]["flops"], split["as_pce"]["params"],
          split["post_storage_reduction"], split["post_flop_reduction"]],
-        ["ASNet overall", asnet["accuracy"], asnet["storage_mb"], asnet["flops"], asnet["params"],
+        ["ASNet overall", asnet_accuracy, asnet["storage_mb"], asnet["flops"], asnet["params"],
          res["storage_reduction"], res["flop_reduction"]],
     ]  # fmt: skip
     if "nonzero_params" in asnet:
-        rows.append(["ASNet-s (non-zeros)", asnet["accuracy"], asnet["storage_mb_nonzero"], asnet["flops_nonzero"],
+        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, asnet["storage_mb_nonzero"], asnet["flops_nonzero"],
                      asnet["nonzero_params"], teacher["storage_mb"] / max(asnet["storage_mb_nonzero"], 1e-12),
                      teacher["flops"] / max(asnet["flops_nonzero"], 1)])  # fmt: skip
     tables = [
         ResultTable(
             "Storage and FLOPs (thesis table 6.2 layout; FLOPs = 2 x MACs)",
-            ["part", "accuracy", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
+            ["part", "accuracy [Wilson 95%] n", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
             rows,
         )
     ]
@@ -348,7 +371,9 @@ def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
     return tables
 
 
-def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
+def _spectrum_figure(analyses: list[LayerAnalysis], eps: float, cut: dict[str, Any] | None = None) -> Any:
+    from odekit.writers.plots import new_figure
+
     fig, axes = new_figure(1, 1, (6.5, 4.2))
     ax = axes[0][0]
     for a in analyses:
@@ -360,9 +385,13 @@ def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
         ax.semilogy(range(1, s.numel() + 1), (s / s[0]).numpy(), label=f"layer {a.cut.index} (n={a.cut.features}, active {k})")
         if k <= s.numel():
             ax.plot([k], [float(s[k - 1] / s[0])], "o", color=ax.lines[-1].get_color())
+        r = int(cut["rank"]) if cut is not None and cut.get("index") == a.cut.index else 0
+        if 1 <= r <= s.numel():  # issue 12: the rank the ASNet really uses
+            ax.plot([r], [float(s[r - 1] / s[0])], "x", markersize=10, color=ax.lines[-1].get_color(),
+                    label=f"ASNet rank r = {r}")  # fmt: skip
     ax.set_xlabel("index i")
     ax.set_ylabel("sigma_i / sigma_1 (gradient sketch)")
-    ax.set_title(f"Active-subspace spectrum (dots: active neurons at eps = {eps})")
+    ax.set_title(f"Active-subspace spectrum (dots: active neurons at --energy-tol {eps}; x: r used)", fontsize=10)
     if analyses:
         ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
@@ -370,7 +399,11 @@ def _spectrum_figure(analyses: list[LayerAnalysis], eps: float) -> Any:
 
 
 def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) -> Any:
+    from odekit.writers.plots import new_figure
+
     with_lr = [a for a in analyses if a.logreg_accuracy is not None]
+    n = results.get("teacher", {}).get("accuracy_n")
+    on = f" (n = {n} test images)" if n else ""
     panels = int(bool(with_lr)) + int("baselines" in results)
     fig, axes = new_figure(max(panels, 1), 1, (5.5, 4.0))
     col = 0
@@ -379,8 +412,8 @@ def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) ->
         ax.bar([str(a.cut.index) for a in with_lr], [100 * float(a.logreg_accuracy or 0) for a in with_lr], color="tab:red")
         ax.set_xlabel("cut layer")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("Logistic regression on layer features")
-        ax.set_ylim(max(0.0, min(100 * float(a.logreg_accuracy or 0) for a in with_lr) - 10), 100)
+        ax.set_title(f"Logistic regression on layer features{on}", fontsize=10)
+        ax.set_ylim(0, 100)  # a full axis: bars cut at 87% exaggerate small gaps
         col += 1
     if "baselines" in results:
         ax = axes[0][col]
@@ -390,8 +423,9 @@ def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) ->
         values = [100 * float(base[k]) for k in keys]
         ax.bar([labels[k] for k in keys], values, color=["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"][: len(keys)])
         ax.axhline(100 * results["teacher"]["accuracy"], color="black", linestyle="--", label="teacher")
-        ax.set_ylim(max(0.0, min(values) - 10), 100)
+        ax.set_ylim(0, 112)  # headroom above 100% keeps the legend off the bars
+        ax.set_yticks(range(0, 101, 20))
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Cut {results['cut']['index']}, r = {results['cut']['rank']}, no fine-tuning")
-        ax.legend()
+        ax.set_title(f"Cut {results['cut']['index']}, r = {results['cut']['rank']}, no fine-tuning{on}", fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
     return fig

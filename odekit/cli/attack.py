@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from torch import Tensor, nn
 
-from odekit.cli.common import load_checkpoint, load_data
+from odekit.cli.names import ATTACK_HELP, help_line, names
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -38,31 +36,15 @@ from odekit.cli.options import (
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import DataError, UsageError
-from odekit.io.datasets import Dataset
 from odekit.io.preprocessing import Preprocessing
-from odekit.methods.attacks import (
-    ATTACKS,
-    PerSampleAttack,
-    SolverSpec,
-    UniversalAttack,
-    parse_solver_spec,
-    pixel_model,
-    with_solver,
-)
-from odekit.methods.attacks.experiments import (
-    AttackRun,
-    Scoring,
-    combine_seeds,
-    curve_csv,
-    matrix_experiment,
-    per_sample_experiment,
-    sweep_plot,
-    universal_experiment,
-)
-from odekit.methods.attacks.plan import AttackPlan, build_plan, parse_budgets, parse_seeds
-from odekit.methods.attacks.space import BUDGET_UNITS, budget_scale
-from odekit.writers.atomic import atomic_write_text, atomic_write_with
-from odekit.writers.plots import save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    from torch import Tensor, nn
+
+    from odekit.io.datasets import Dataset
+    from odekit.methods.attacks import SolverSpec
+    from odekit.methods.attacks.experiments import AttackRun, Scoring
+    from odekit.methods.attacks.plan import AttackPlan
 
 ATTACK = "Attack options"
 UNIVERSAL = "Universal attack options"
@@ -87,7 +69,7 @@ EPILOG = f"""Examples:
 
   odekit attack ode.safetensors --method pgd --attack-solver euler:2 --eval-solver rk4:8
 
-Methods: {ATTACKS.help_text()}.
+Methods: {help_line(ATTACK_HELP)}.
 
 Budgets (--delta, --eps) are norms in [0, 1] pixel units, whatever normalisation the model uses
 (RobustBench: linf 8/255, l2 0.5); reports give universal vector norms in pixel and in
@@ -120,6 +102,9 @@ def _load_player(
     data_dir: Path | None,
     prep: Preprocessing | None = None,
 ) -> Player:
+    from odekit.cli.common import load_checkpoint, load_data
+    from odekit.methods.attacks import pixel_model
+
     loaded = load_checkpoint(ctx, ModelOptions(checkpoint=path, **model_opts), key=key)
     data_key = "data" if key == "checkpoint" else f"{key}_data"
     dataset = load_data(ctx, loaded, data, data_dir, key=data_key, prep=prep)
@@ -147,9 +132,25 @@ def _write_tensors(
 ) -> None:
     from safetensors.torch import save_file
 
+    from odekit.writers.atomic import atomic_write_with
+
     state = {k: v.detach().cpu().float().clone().contiguous() for k, v in tensors.items()}
     meta = {"odekit_attack": json.dumps(metadata, sort_keys=True), "format": "pt"}
     atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta), force)
+
+
+def _drop_unused_params(params: dict[str, Any], plan: AttackPlan, options: dict[str, Any]) -> None:
+    """Keep in the report only the options the chosen method uses (issue 12): an active-subspace run
+    lists no --max-passes or --sigma, and no budget option left at null next to the resolved one."""
+    attack = plan.attack
+    used = {f.name for f in fields(attack.settings_type)}
+    if attack.fixed_distance is not None:
+        used.discard("norm")  # adef's T-norm, whatever --norm says
+    for key in options:
+        if key not in used or params.get(key) is None:
+            params.pop(key, None)
+    if not plan.universal:
+        params.pop("fit_samples", None)
 
 
 def _fmt(value: float) -> str:
@@ -178,12 +179,16 @@ class Roles:
         return self.source or self.target
 
     def models(self) -> tuple[nn.Module, nn.Module]:
+        from odekit.methods.attacks import with_solver
+
         return (with_solver(self.generator.model, self.specs[0], "--attack-solver"),
                 with_solver(self.target.model, self.specs[1], "--eval-solver"))  # fmt: skip
 
 
 def _scoring(ctx: CommandContext, batch_size: int, seed: int, source: Player | None = None,
              specs: tuple[Any, Any] = (None, None)) -> Scoring:  # fmt: skip
+    from odekit.methods.attacks.experiments import Scoring
+
     return Scoring(
         seed=seed, batch_size=batch_size, device=ctx.device, progress=ctx.progress,
         transfer=source is not None or specs != (None, None), mode=_mode(source, specs),
@@ -192,6 +197,8 @@ def _scoring(ctx: CommandContext, batch_size: int, seed: int, source: Player | N
 
 def _over_seeds(seeds: list[int], experiment: Callable[[int], AttackRun]) -> AttackRun:
     """The first seed's run, with mean and spread over all seeds added to its results."""
+    from odekit.methods.attacks.experiments import combine_seeds
+
     runs = [experiment(seed) for seed in seeds]
     if len(seeds) > 1:
         runs[0].results.update(combine_seeds(runs, seeds))
@@ -200,6 +207,10 @@ def _over_seeds(seeds: list[int], experiment: Callable[[int], AttackRun]) -> Att
 
 def _save(ctx: CommandContext, paths: dict[str, Path], run: AttackRun, tensors_name: str | None,
           plan: AttackPlan) -> None:  # fmt: skip
+    from odekit.methods.attacks.experiments import curve_csv, sweep_plot
+    from odekit.writers.atomic import atomic_write_text
+    from odekit.writers.plots import save_figure
+
     if tensors_name is not None:
         _write_tensors(paths[tensors_name], run.tensors, run.metadata, ctx.force)
     if "curve.csv" in paths:
@@ -239,6 +250,9 @@ def _universal(
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
+    from odekit.methods.attacks import UniversalAttack
+    from odekit.methods.attacks.experiments import universal_experiment
+
     vec_path, fig_path = paths["perturbation.safetensors"], paths["attack.png"]
     attack = plan.attack
     assert isinstance(attack, UniversalAttack)
@@ -285,6 +299,9 @@ def _per_sample(
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
+    from odekit.methods.attacks import PerSampleAttack
+    from odekit.methods.attacks.experiments import per_sample_experiment
+
     attack = plan.attack
     assert isinstance(attack, PerSampleAttack)
     attack_model, eval_model = roles.models()
@@ -316,6 +333,8 @@ def _per_sample(
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
     if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and (
@@ -353,6 +372,9 @@ def _matrix(
     eval_samples: int | None,
     batch_size: int,
 ) -> CommandOutput:
+    from odekit.methods.attacks import PerSampleAttack, UniversalAttack, with_solver
+    from odekit.methods.attacks.experiments import matrix_experiment
+
     if len(plan.budgets) != 1:
         raise UsageError("--matrix takes one budget", f"give a single --{plan.attack.budget_name} value")
     _same_inputs(players)
@@ -391,12 +413,13 @@ def attack_command(
         typer.Argument(
             help="Target checkpoint (several with --matrix: each is both source and target).",
             show_default=False,
+            metavar="CHECKPOINT",
         ),
     ],
     method: Annotated[
         str,
         typer.Option(
-            "--method", "-m", help=f"One of: {', '.join(ATTACKS.names())}.", rich_help_panel=ATTACK
+            "--method", "-m", help=f"One of: {', '.join(names(ATTACK_HELP))}.", rich_help_panel=ATTACK
         ),
     ] = "active-subspace",
     norm: Annotated[
@@ -411,8 +434,9 @@ def attack_command(
         str | None,
         typer.Option(
             "--delta",
-            help="Universal budget(s) ||v|| in [0,1] pixel units, comma-separated for a sweep "
-            "(one report, a row per budget) [default: 3.0 for l2, 0.15 for linf].",
+            help="Universal budget(s): the l2 or linf norm ||v|| (per --norm) measured in [0, 1]-pixel units, "
+            "whatever the model's normalisation; comma-separated for a sweep (one report, a row per budget) "
+            "[default: 3.0 for l2, 0.15 for linf].",
             show_default=False,
             rich_help_panel=UNIVERSAL,
         ),
@@ -462,7 +486,7 @@ def attack_command(
     max_iter: Annotated[
         int,
         typer.Option(
-            "--max-iter", help="Active subspace: iteration limit.", rich_help_panel=UNIVERSAL
+            "--max-iters", help="Active subspace: iteration limit.", rich_help_panel=UNIVERSAL
         ),
     ] = 100,
     sweep_refine: Annotated[
@@ -523,7 +547,7 @@ def attack_command(
     steps: Annotated[
         int | None,
         typer.Option(
-            "--steps",
+            "--iters",
             help="PGD/DeepFool/ADef iterations [default: 40 linf PGD, 50 l2 PGD, 50].",
             show_default=False,
             rich_help_panel=PER_SAMPLE,
@@ -643,6 +667,10 @@ def attack_command(
 ) -> None:
     """Attack a model: universal perturbations (active subspace, UAP, random), per-sample attacks
     (FGSM, PGD, DeepFool, ADef), black-box/grey-box transfer and transfer matrices."""
+    from odekit.methods.attacks import parse_solver_spec
+    from odekit.methods.attacks.plan import build_plan, parse_budgets, parse_seeds
+    from odekit.methods.attacks.space import BUDGET_UNITS, budget_scale
+
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
@@ -696,6 +724,7 @@ def attack_command(
             "eps": parse_budgets(eps, "--eps") if eps is not None else None,
         }  # fmt: skip
         base_plan = build_plan(method, options)  # validates options before loading
+        _drop_unused_params(ctx.params, base_plan, options)
         seed_list = parse_seeds(seeds) if seeds is not None else [ctx.seed]
         budget_option = f"--{base_plan.attack.budget_name}"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +21,7 @@ from odekit.io.preprocessing import (
 )
 from odekit.io.user_arch import parse_arch_args
 from odekit.io.validation import check_classes_match
+from odekit.stats import Proportion
 
 DEFAULT_DATA = "digits"
 DEFAULT_DATA_SHAPES = ((1, 8, 8), (64,))
@@ -144,6 +147,25 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
         )
     if loaded.meta.num_classes is None:
         loaded.meta.num_classes = int(out.shape[1])
+
+
+def _proportion(rate: float, n: int) -> Proportion | None:
+    return Proportion(round(rate * n), n) if n > 0 and math.isfinite(rate) else None
+
+
+def accuracy_fields(rate: float, n: int) -> dict[str, Any]:
+    """The sample count and Wilson 95% interval that go with an accuracy measured on ``n`` samples."""
+    share = _proportion(rate, n)
+    return {"accuracy_n": n, "accuracy_ci95": list(share.ci95) if share else None}
+
+
+def accuracy_text(rate: float, n: int) -> str:
+    """'97.22% [95.0, 98.5] n=360': the accuracy, its Wilson 95% interval and the sample count."""
+    share = _proportion(rate, n)
+    if share is None:
+        return f"{100 * rate:.2f}% n={n}"
+    low, high = share.ci95
+    return f"{100 * rate:.2f}% [{100 * low:.1f}, {100 * high:.1f}] n={n}"
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:

@@ -8,6 +8,7 @@ import typer.main
 from typer.core import TyperGroup
 
 from odekit.cli.app import app
+from odekit.cli.vocabulary import DEPRECATED, GLOSSARY
 
 HEADER = """# odekit CLI reference
 
@@ -23,11 +24,26 @@ def _default(param: Any) -> str:
     return f"`{default}`"
 
 
+def glossary() -> list[str]:
+    """The words every command uses in one sense only, and the old spellings they replaced."""
+    out = ["## Glossary", "", "Every command uses these words in one sense only.", "", "| word | meaning |", "|---|---|"]
+    out += [f"| `{word}` | {meaning.replace('|', chr(92) + '|')} |" for word, meaning in GLOSSARY]
+    out += [
+        "",
+        "Deprecated spellings still work, with a one-line note on stderr; they are hidden from `--help`:",
+        "",
+        "| command | old | new |",
+        "|---|---|---|",
+    ]
+    out += [f"| {command} | `{old}` | `{new}` |" for command, table in DEPRECATED.items() for old, new in table.items()]
+    return [*out, ""]
+
+
 def render() -> str:
     root = typer.main.get_command(app)
     assert isinstance(root, TyperGroup)
     ctx = root.make_context("odekit", [], resilient_parsing=True)
-    out = [HEADER]
+    out = [HEADER, *glossary()]
     for name in root.list_commands(ctx):
         command = root.get_command(ctx, name)
         if command is None:

@@ -7,8 +7,6 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-import torch
-
 from odekit.errors import OdekitError, os_error_hint
 
 
@@ -19,6 +17,11 @@ def os_error_line(exc: OSError) -> str:
     return f"{reason}{where}. Hint: {os_error_hint(exc)}"
 
 
+def _is_torch_out_of_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # not loaded: the error cannot be torch's (and --help stays fast)
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 def exception_line(exc: BaseException) -> tuple[str, int] | None:
     """The one-line message and exit code of a known kind of error (None: unexpected)."""
     if isinstance(exc, OdekitError):
@@ -27,7 +30,7 @@ def exception_line(exc: BaseException) -> tuple[str, int] | None:
         signum = getattr(exc, "signum", 2)
         line = "interrupted" if signum == 2 else f"interrupted by {exc} (signal {signum})"
         return line, 128 + signum
-    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+    if isinstance(exc, MemoryError) or _is_torch_out_of_memory(exc):
         return "out of memory. Hint: lower --batch-size or the number of samples, or use another --device", 1
     if isinstance(exc, OSError):
         return os_error_line(exc), 1

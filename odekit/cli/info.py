@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-import odekit.models.zoo  # noqa: F401  (registers the zoo for the --arch list)
 from odekit.cli.errors import captured_warnings, report_exception
+from odekit.cli.names import ARCHITECTURE_NAMES
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -22,14 +22,8 @@ from odekit.cli.options import (
     ThreadsOpt,
     TrustOpt,
 )
-from odekit.device import set_threads
 from odekit.errors import UsageError
-from odekit.io.checkpoints import load_model
 from odekit.io.preprocessing import parse_input_shape
-from odekit.io.user_arch import parse_arch_args
-from odekit.models.layers import layer_table
-from odekit.models.registry import ARCHITECTURES
-from odekit.writers.report import to_jsonable
 
 EPILOG = """Examples:
 
@@ -48,7 +42,7 @@ FLOPs are 2 x multiply-adds of conv/linear layers per sample (torch FlopCounterM
 Architectures for --arch: {archs}
 """
 
-EPILOG = EPILOG.format(archs=", ".join(ARCHITECTURES.names()))
+EPILOG = EPILOG.format(archs=", ".join(ARCHITECTURE_NAMES))
 
 
 def info_command(
@@ -65,6 +59,12 @@ def info_command(
     threads: ThreadsOpt = None,
 ) -> None:
     """List a model's compute layers (index, name, type, shapes, params, FLOPs)."""
+    from odekit.device import set_threads
+    from odekit.io.checkpoints import load_model
+    from odekit.io.user_arch import parse_arch_args
+    from odekit.models.layers import layer_table
+    from odekit.writers.report import to_jsonable
+
     try:
         with captured_warnings(debug):
             set_threads(threads)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from odekit.device import DEVICE_CHOICES
+from odekit.cli.names import DEVICE_CHOICES
 
 COMMON = "Common options"
 MODEL = "Model options"
@@ -19,6 +19,7 @@ CheckpointArg = Annotated[
     typer.Argument(
         help="Model checkpoint: .safetensors, .pt/.pth state dict or pickled model, TorchScript or torch.export (.pt2) archive.",
         show_default=False,
+        metavar="CHECKPOINT",
     ),
 ]
 DeviceOpt = Annotated[

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data, require_python_module
+from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -34,15 +33,13 @@ from odekit.cli.options import (
     TrustOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.io.checkpoints import ModelMeta, load_model, save_model
-from odekit.io.exported import load_exported, save_exported
 from odekit.io.preprocessing import Preprocessing
-from odekit.linalg.rank import RANK_RULES
-from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
-from odekit.methods.ron import RON_ARCH, RonLayerReport, RonResult, RonSettings, build_student
-from odekit.methods.training import TrainSettings, train_classifier
-from odekit.models.registry import ARCHITECTURES
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    import torch
+
+    from odekit.io.checkpoints import ModelMeta
+    from odekit.methods.ron import RonLayerReport, RonResult
 
 EPILOG = """Examples:
 
@@ -66,7 +63,7 @@ FLOPs are 2 x multiply-adds per sample; latency is the median of timed forward p
 batch of --latency-batch test inputs after warm-up, on --device.
 """
 
-EPILOG = EPILOG.format(rules="; ".join(f"{e.name}: {e.description}" for e in RANK_RULES))
+EPILOG = EPILOG.format(rules=help_line(RANK_RULE_HELP))
 
 RON = "RON options"
 
@@ -102,8 +99,8 @@ def reduce_command(
     samples: Annotated[
         int | None,
         typer.Option(
-            "--samples",
-            help="Training samples streamed for the SVDs [default: all].",
+            "--fit-samples",
+            help="Training samples streamed for the SVDs (seeded subset) [default: all].",
             show_default=False,
             rich_help_panel=RON,
         ),
@@ -166,6 +163,15 @@ def reduce_command(
     threads: ThreadsOpt = None,
 ) -> None:
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
+    import torch
+
+    from odekit.cli.common import accuracy_text, load_checkpoint, load_data, require_python_module
+    from odekit.methods.evaluation import accuracy, agreement, compare_latency
+    from odekit.methods.ron import RON_ARCH, RonSettings, build_student
+    from odekit.methods.training import TrainSettings, train_classifier
+    from odekit.models.registry import ARCHITECTURES
+    from odekit.writers.plots import save_figure
+
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
     )
@@ -303,18 +309,18 @@ def reduce_command(
         )  # fmt: skip
         summary = ResultTable(
             "Teacher vs student (FLOPs = 2 x MACs per sample)",
-            ["model", "accuracy", "FLOPs", "params", "latency ms"],
+            ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
             [
                 [
                     "teacher",
-                    teacher_stats["accuracy"],
+                    accuracy_text(teacher_stats["accuracy"], teacher_stats["accuracy_n"]),
                     teacher_stats["flops"],
                     teacher_stats["params"],
                     teacher_stats["latency_ms"],
                 ],
                 [
                     "student",
-                    student_stats["accuracy"],
+                    accuracy_text(student_stats["accuracy"], student_stats["accuracy_n"]),
                     student_stats["flops"],
                     student_stats["params"],
                     student_stats["latency_ms"],
@@ -327,6 +333,11 @@ def reduce_command(
             f"{100 * acc_before:.2f}%), agreement {100 * fidelity['agreement']:.2f}%, {flop_reduction:.2f}x fewer FLOPs, "
             f"latency {speedup:.2f}x faster"
         ]
+        clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
+        if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
+            ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
+                    "the sketch, not the data, bounded them (raise --sketch-size to let the rank rule decide)")
+            headline.append(f"ranks clipped by --sketch-size: {', '.join(clipped)}")
         return CommandOutput(results=results, tables=[table, summary], headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
@@ -336,6 +347,9 @@ def _write_student(
     path: Path, student: torch.nn.Module, meta: ModelMeta, shape: tuple[int, ...], registered: bool, ctx: CommandContext
 ) -> torch.nn.Module:
     """Write the student (safetensors + metadata, or a .pt2 program) and read it back."""
+    from odekit.io.checkpoints import load_model, save_model
+    from odekit.io.exported import load_exported, save_exported
+
     if registered:
         save_model(path, student, meta, force=ctx.force)
         return load_model(path).model.to(ctx.device).eval()
@@ -351,9 +365,14 @@ def _stats(
     example: torch.Tensor,
     ctx: CommandContext,
 ) -> dict[str, Any]:
+    from odekit.cli.common import accuracy_fields
+    from odekit.methods.evaluation import accuracy, model_cost
+
     cost = model_cost(model, shape)
+    acc = accuracy(model, dataset.test, device=ctx.device, dist=ctx.dist)
     return {
-        "accuracy": accuracy(model, dataset.test, device=ctx.device, dist=ctx.dist),
+        "accuracy": acc,
+        **accuracy_fields(acc, len(dataset.test)),
         "flops": cost.flops,
         "params": cost.params,
         "storage_mb": cost.storage_mb,
@@ -372,10 +391,21 @@ def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:
 def _layer_json(layer: RonLayerReport) -> dict[str, Any]:
     d = layer.to_dict()
     d["singular_values_normalized"] = d.pop("singular_values")
+    d["rank_at_sketch_limit"] = _at_sketch_limit(layer)
     return d
 
 
+def _at_sketch_limit(layer: RonLayerReport) -> bool:
+    """The rank uses every direction a full sketch smaller than the layer holds: --sketch-size, not the
+    data, bounded it (a frequent-directions sketch of l rows keeps at most l - 1 nonzero directions)."""
+    rows = len(layer.singular_values)
+    nonzero = sum(v > 1e-12 for v in layer.singular_values)
+    return rows < layer.dim and nonzero >= rows - 1 and layer.rank >= nonzero
+
+
 def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) -> Any:
+    from odekit.writers.plots import new_figure
+
     fig, axes = new_figure(1, 1, (6.5, 4.2))
     ax = axes[0][0]
     for layer in layers:

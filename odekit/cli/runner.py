@@ -28,10 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -40,20 +38,21 @@ from odekit import __version__
 from odekit.cli.errors import captured_warnings, exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
 from odekit.cli.progress import RichProgress, plain_progress
-from odekit.device import resolve_device, set_threads
-from odekit.distributed import (
-    Distributed,
-    LaunchEnv,
-    PeerFailedError,
-    init_distributed,
-    read_launch_env,
-)
-from odekit.distributed import current as current_dist
+from odekit.cli.vocabulary import DEPRECATED
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
-from odekit.writers.guards import check_staged_tensors
-from odekit.writers.report import Report, markdown_table
 from odekit.writers.transaction import OutputTransaction, signals_raise
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help (issue 12)
+    import torch
+
+    from odekit.distributed import Distributed, LaunchEnv
+
+
+def _current_dist() -> Distributed:
+    from odekit.distributed import current
+
+    return current()
 
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
@@ -98,7 +97,7 @@ class CommandContext:
     inputs: dict[str, Any]
     params: dict[str, Any]
     transaction: OutputTransaction | None = None
-    dist: Distributed = field(default_factory=current_dist)  # issue 15: this rank of a torchrun launch
+    dist: Distributed = field(default_factory=_current_dist)  # issue 15: this rank of a torchrun launch
 
     def path(self, name: str) -> Path:
         """Claim output ``name``: fails now, before any work, if --out holds it (without --force).
@@ -126,15 +125,20 @@ def default_out_dir(command: str, name: str | None) -> Path:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def check_option_values(params: dict[str, Any]) -> None:
+def check_option_values(params: dict[str, Any], command: str = "") -> None:
     """Every numeric option is finite and fits 64 bits, whatever command parsed it."""
+    renamed = DEPRECATED.get(command, {})  # a report key may keep an option's old name
     for key, value in params.items():
         option = f"--{key.replace('_', '-')}"
+        option = renamed.get(option, option)
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{option} {value} is not a finite number", f"give {option} a finite value")
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
@@ -194,6 +198,11 @@ def run_command(
 
     ``distributed``: the body shards its work over the ranks of a torchrun launch (through
     ``ctx.dist``); other commands refuse to run on several ranks."""
+    from odekit.device import resolve_device, set_threads
+    from odekit.distributed import init_distributed, read_launch_env
+    from odekit.writers.guards import check_staged_tensors
+    from odekit.writers.report import ARRAYS_NAME, Report, markdown_table
+
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
     err_console = Console(file=sys.stderr)
@@ -203,7 +212,7 @@ def run_command(
     private_dir: Path | None = None
     try:
         with signals_raise(), captured_warnings(common.debug):
-            check_option_values({"seed": common.seed, **params})
+            check_option_values({"seed": common.seed, **params}, command)
             device = resolve_device(common.device)
             threads = set_threads(common.threads)
             launch = read_launch_env()
@@ -266,6 +275,9 @@ def run_command(
                 backend=dist.describe()["backend"],
             )
             if dist.is_main:
+                if report.long_arrays():  # report.md links them instead of listing thousands of numbers
+                    ctx.path(ARRAYS_NAME)
+                    report.outputs = [*report.outputs, ARRAYS_NAME]
                 report.write(transaction.staging, force=False)
                 check_staged_tensors(transaction.staging, command)
             dist.close()  # every rank got here: nothing failed anywhere
@@ -309,6 +321,8 @@ def _end_failed_rank(dist: Distributed, exc: BaseException, debug: bool, private
     (tearing the process group down could wait on the broken peers).
 
     A peer's failure (`PeerFailedError`) exits 1 silently: the failing rank printed it."""
+    from odekit.distributed import PeerFailedError
+
     if private_dir is not None:
         shutil.rmtree(private_dir, ignore_errors=True)
     # torchrun's agent stops the healthy ranks with SIGTERM once one failed: that is no news

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from odekit.cli.common import load_checkpoint, load_data
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -35,13 +34,9 @@ from odekit.cli.options import (
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
-from odekit.methods.smoothness import (
-    SmoothnessResult,
-    SmoothnessSettings,
-    smoothness_check,
-    training_config,
-)
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    from odekit.methods.smoothness import SmoothnessResult
 
 CRITERION = "Criterion options"
 
@@ -74,21 +69,34 @@ def _steps(text: str) -> tuple[int, ...]:
         raise UsageError(f"cannot read --steps '{text}'", "give comma-separated positive integers, e.g. 2,4,8,16") from None
 
 
-def _plot(path: Path, result: SmoothnessResult, title: str, force: bool) -> None:
+def _plot(path: Path, result: SmoothnessResult, title: str, force: bool, tolerance: float, n: int) -> None:
+    """Accuracy against NFE per test solver, with Wilson 95% bars over the n test images and the
+    threshold (training accuracy - tolerance) that stronger configurations must stay above."""
+    from odekit.stats import wilson_interval
+    from odekit.writers.plots import new_figure, save_figure
+
     fig, axes = new_figure(1, 1, (6.0, 4.2))
     ax = axes[0][0]
     styles = {"euler": "o-", "rk2": "s--", "rk4": "^:"}
     for solver in dict.fromkeys(g["solver"] for g in result.grid):
         rows = [g for g in result.grid if g["solver"] == solver]
-        ax.plot([g["nfe"] for g in rows], [g["accuracy"] for g in rows], styles.get(solver, "o-"), label=f"test: {solver}")
+        accuracies = [g["accuracy"] for g in rows]
+        bounds = [wilson_interval(round(a * n), n) for a in accuracies]
+        bars = [[a - low for a, (low, _) in zip(accuracies, bounds, strict=True)],
+                [high - a for a, (_, high) in zip(accuracies, bounds, strict=True)]]  # fmt: skip
+        ax.errorbar([g["nfe"] for g in rows], accuracies, yerr=bars, fmt=styles.get(solver, "o-"), capsize=3,
+                    label=f"test: {solver}")  # fmt: skip
     train = result.training_solver
     label = f"training: {train['solver']}" + (f" n={train['steps']}" if train.get("steps") else "")
     ax.axhline(result.training_accuracy, color="gray", lw=0.8)
+    ax.axhline(result.training_accuracy - tolerance, color="tab:red", lw=0.8, ls="--",
+               label=f"threshold: training - {tolerance:g}")  # fmt: skip
     ax.plot([result.training_nfe], [result.training_accuracy], "k*", ms=12, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("f evaluations per forward pass (NFE)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion")
+    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion, "
+                 f"n = {n} test images (bars: Wilson 95%)", fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path, force)
@@ -100,7 +108,7 @@ def smoothness_command(
     steps: Annotated[str, typer.Option("--steps", help="Step counts n to test with each solver.", rich_help_panel=CRITERION)] = "2,4,8,16,32",
     u: Annotated[float, typer.Option("--u", help="RK2(u) parameter of the rk2 test solver, in (0, 1].", rich_help_panel=CRITERION)] = 0.5,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Accuracy drop (fraction) still counted as 'holds'.", rich_help_panel=CRITERION)] = 0.01,
-    samples: Annotated[int | None, typer.Option("--samples", min=1, help="Test samples to use (seeded subset) [all].", show_default=False)] = None,
+    samples: Annotated[int | None, typer.Option("--eval-samples", min=1, help="Test samples to use (seeded subset) [all].", show_default=False)] = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = 512,
@@ -121,6 +129,9 @@ def smoothness_command(
     threads: ThreadsOpt = None,
 ) -> None:  # fmt: skip
     """Does accuracy hold when the test solver is stronger than the training one? (thesis 3.3.2)"""
+    from odekit.cli.common import load_checkpoint, load_data
+    from odekit.methods.smoothness import SmoothnessSettings, smoothness_check, training_config
+
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params = {"solvers": solvers, "steps": steps, "u": u, "tolerance": tolerance, "samples": samples,
@@ -136,13 +147,13 @@ def smoothness_command(
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         split = dataset.test.subset(samples, seed)
         result = smoothness_check(loaded.model, split, settings, ctx.device, progress=ctx.progress)
-        _plot(plot_path, result, checkpoint.name, ctx.force)
+        _plot(plot_path, result, checkpoint.name, ctx.force, tolerance, len(split))
         results = {**result.to_dict(), "samples": len(split), "tolerance": tolerance, "plot": str(plot_path)}
         train = result.training_solver
         train_text = f"{train['solver']} n={train['steps']}" if train.get("steps") else f"{train['solver']} rtol={train['rtol']:g}"
         verdict = "SMOOTH" if result.smooth else "NOT SMOOTH"
         headline = [
-            f"{checkpoint.name}: {verdict} by the (S, n)-criterion. Training solver {train_text}: accuracy "
+            f"{checkpoint.name}: {verdict} by the (S, n)-criterion on {len(split)} test images. Training solver {train_text}: accuracy "
             f"{result.training_accuracy:.4f} at {result.training_nfe:g} NFE; worst stronger solver "
             f"{result.worst['solver']} n={result.worst['n']}: {result.worst['accuracy']:.4f}" if result.worst else "",
             f"Rule: {result.rule}",

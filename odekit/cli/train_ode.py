@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import torch
 import typer
 
+from odekit.cli.names import (
+    ACTIVATION_NAMES,
+    GRADIENT_METHOD_NAMES,
+    NORM_CHOICES,
+    REGIME_HELP,
+    SOLVER_NAMES,
+    TOY_DATASET_NAMES,
+    TRACE_MODE_NAMES,
+    help_line,
+    names,
+)
 from odekit.cli.options import (
     DATA,
     CommonOptions,
@@ -27,35 +36,17 @@ from odekit.cli.options import (
     ThreadsOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
 from odekit.errors import UsageError
-from odekit.io.checkpoints import LoadedModel, load_model, save_model
-from odekit.io.datasets import load_dataset
 from odekit.io.preprocessing import Preprocessing
-from odekit.io.toy2d import TOY_DATASETS, ToyData, load_toy
-from odekit.methods.ode_train import (
-    REGIMES,
-    ODETrainResult,
-    ODETrainSettings,
-    RegimeSettings,
-    check_u,
-    density_grid,
-    ode_checkpoint_meta,
-    train_cnf,
-    train_ode_classifier,
-)
-from odekit.models import build_model
-from odekit.models.ode_models import (
-    ACTIVATIONS,
-    CNF,
-    NORM_HELP,
-    NORMS,
-    TRACE_MODES,
-    ode_blocks,
-    set_solver,
-)
-from odekit.ode import GRADIENT_METHODS, SOLVERS, InterpolationWarning, SolverConfig
-from odekit.writers.plots import new_figure, save_figure
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    import torch
+
+    from odekit.io.checkpoints import LoadedModel
+    from odekit.io.toy2d import ToyData
+    from odekit.methods.ode_train import ODETrainResult
+    from odekit.models.ode_models import CNF
+    from odekit.ode import SolverConfig
 
 TASKS = ("classify", "density", "regress")
 CLASSIFIER_ARCHS = ("odenet4", "odenet10")
@@ -124,6 +115,8 @@ def _solver_config(
     cheb_nodes: int | str, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
     adjoint_atol: float | None = None, seminorm: bool = False,
 ) -> SolverConfig:  # fmt: skip
+    from odekit.ode import SOLVERS, SolverConfig
+
     spec = SOLVERS.get(solver)
     if spec.adaptive and steps is not None:
         raise UsageError(f"--steps does not apply to the adaptive solver '{spec.name}'", "set --rtol/--atol instead")
@@ -154,6 +147,8 @@ def _solver_config(
 
 def _interpolation_warning_once(ctx: CommandContext, config: SolverConfig, caught: list[warnings.WarningMessage]) -> None:
     """irdm warns on every solve that misses its tolerance: say it once, on stderr; pass the rest on."""
+    from odekit.ode import InterpolationWarning
+
     ours = [w.message for w in caught if isinstance(w.message, InterpolationWarning)]
     for w in caught:
         if not isinstance(w.message, InterpolationWarning):
@@ -200,6 +195,8 @@ def _check_resume_compatible(loaded: LoadedModel, task: str, model: str | None, 
 
 
 def _plot_curves(path: Path, history: list[dict[str, float]], task: str, force: bool) -> None:
+    from odekit.writers.plots import new_figure, save_figure
+
     fig, axes = new_figure(2, 1, (5.0, 3.6))
     x = [h["iteration"] for h in history]
     if task == "classify":
@@ -221,6 +218,11 @@ def _plot_curves(path: Path, history: list[dict[str, float]], task: str, force: 
 
 
 def _plot_density(path: Path, model: CNF, data: ToyData, device: torch.device, force: bool) -> None:
+    import numpy as np
+
+    from odekit.methods.ode_train import density_grid
+    from odekit.writers.plots import new_figure, save_figure
+
     xs, ys, log_p = density_grid(model, data.test, device)
     fig, axes = new_figure(2, 1, (4.2, 4.0))
     pts = data.test[:2000].numpy()
@@ -239,7 +241,7 @@ def train_ode_command(
     task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy) | regress (least squares; --data cdr or .npz).")] = "classify",
     data: Annotated[
         str | None,
-        typer.Option("--data", help=f"classify: digits | mnist | cifar10 | ... [digits]; density: {' | '.join(TOY_DATASETS.names())} [pinwheel].",
+        typer.Option("--data", help=f"classify: digits | mnist | cifar10 | ... [digits]; density: {' | '.join(TOY_DATASET_NAMES)} [pinwheel].",
                      show_default=False, rich_help_panel=DATA),
     ] = None,
     data_dir: DataDirOpt = None,
@@ -251,14 +253,14 @@ def train_ode_command(
     test_samples: Annotated[int, typer.Option("--test-samples", min=1, help="density: toy test points.", rich_help_panel=DATA)] = 2_000,
     model: Annotated[str | None, typer.Option("--model", help="odenet4 | odenet10 | odenet_antisym (classify; regress: odenet_antisym); density always uses cnf [odenet4].", show_default=False, rich_help_panel=ARCH)] = None,
     width: Annotated[int | None, typer.Option("--width", min=1, help="ODENet channels [odenet4: 32, odenet10: 16].", show_default=False, rich_help_panel=ARCH)] = None,
-    norm_first: Annotated[str | None, typer.Option("--norm-first", help=f"Norm after the first conv (and in ResNet blocks): {NORM_HELP} [bn].", show_default=False, rich_help_panel=ARCH)] = None,
-    norm_ode: Annotated[str | None, typer.Option("--norm-ode", help=f"Norm inside the ODE function: {' | '.join(NORMS)} [ln].", show_default=False, rich_help_panel=ARCH)] = None,
-    activation: Annotated[str | None, typer.Option("--activation", help=f"{' | '.join(ACTIVATIONS)} [relu; cnf: tanh].", show_default=False, rich_help_panel=ARCH)] = None,
+    norm_first: Annotated[str | None, typer.Option("--norm-first", help=f"Norm after the first conv (and in ResNet blocks): {help_line(NORM_CHOICES)} [bn].", show_default=False, rich_help_panel=ARCH)] = None,
+    norm_ode: Annotated[str | None, typer.Option("--norm-ode", help=f"Norm inside the ODE function: {' | '.join(names(NORM_CHOICES))} [ln].", show_default=False, rich_help_panel=ARCH)] = None,
+    activation: Annotated[str | None, typer.Option("--activation", help=f"{' | '.join(ACTIVATION_NAMES)} [relu; cnf: tanh].", show_default=False, rich_help_panel=ARCH)] = None,
     pool: Annotated[int, typer.Option("--pool", min=1, help="Average-pool to PxP before fc (1 = the thesis' global pool; 2 keeps coarse layout, better on 8x8 digits).", rich_help_panel=ARCH)] = 2,
     stem_stride: Annotated[int, typer.Option("--stem-stride", min=1, help="Stride of the first conv (2 quarters the ODE cost on 28x28+ images).", rich_help_panel=ARCH)] = 1,
     hidden: Annotated[str, typer.Option("--hidden", help="CNF hidden widths (concatsquash layers).", rich_help_panel=ARCH)] = "64,64",
-    trace: Annotated[str, typer.Option("--trace", help=f"CNF trace: {' | '.join(TRACE_MODES)} (auto: exact up to 8 dims, Hutchinson above).", rich_help_panel=ARCH)] = "auto",
-    solver: Annotated[str | None, typer.Option("--solver", help=f"{' | '.join(SOLVERS.names())} [classify: rk2; density: dopri5].", show_default=False, rich_help_panel=SOLVER)] = None,
+    trace: Annotated[str, typer.Option("--trace", help=f"CNF trace: {' | '.join(TRACE_MODE_NAMES)} (auto: exact up to 8 dims, Hutchinson above).", rich_help_panel=ARCH)] = "auto",
+    solver: Annotated[str | None, typer.Option("--solver", help=f"{' | '.join(SOLVER_NAMES)} [classify: rk2; density: dopri5].", show_default=False, rich_help_panel=SOLVER)] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Steps over [0, t1] for fixed-step solvers [4].", show_default=False, rich_help_panel=SOLVER)] = None,
     u: Annotated[float, typer.Option("--u", help="RK2(u) parameter in (0, 1]: 0.5 midpoint, 1 Heun.", rich_help_panel=SOLVER)] = 0.5,
     rtol: Annotated[float | None, typer.Option("--rtol", help="dopri5 relative tolerance [classify 1e-3, density 1e-5].", show_default=False, rich_help_panel=SOLVER)] = None,
@@ -266,11 +268,11 @@ def train_ode_command(
     adjoint_rtol: Annotated[float | None, typer.Option("--adjoint-rtol", help="rdm/irdm: relative tolerance of the backward solves [--rtol].", show_default=False, rich_help_panel=SOLVER)] = None,
     adjoint_atol: Annotated[float | None, typer.Option("--adjoint-atol", help="rdm/irdm: absolute tolerance of the backward solves, relative to the gradient's RMS [--atol].", show_default=False, rich_help_panel=SOLVER)] = None,
     seminorm: Annotated[bool, typer.Option("--seminorm", help="rdm/irdm: leave dL/dtheta out of the backward step control (fewer steps).", rich_help_panel=SOLVER)] = False,
-    grad: Annotated[str, typer.Option("--grad", help=f"Gradient method: {' | '.join(GRADIENT_METHODS.names())}.", rich_help_panel=SOLVER)] = "backprop",
+    grad: Annotated[str, typer.Option("--grad", help=f"Gradient method: {' | '.join(GRADIENT_METHOD_NAMES)}.", rich_help_panel=SOLVER)] = "backprop",
     cheb_nodes: Annotated[str, typer.Option("--cheb-nodes", help="irdm: auto (piecewise Chebyshev interpolant of the forward steps, error within the adjoint tolerance) or a fixed grid size N (N+1 points).", rich_help_panel=SOLVER)] = "auto",
     checkpoints: Annotated[int, typer.Option("--checkpoints", help="anode: number of checkpoints.", rich_help_panel=SOLVER)] = 1,
     t1: Annotated[float, typer.Option("--t1", help="Integration time [0, t1] of each ODE block.", rich_help_panel=SOLVER)] = 1.0,
-    solver_regime: Annotated[str, typer.Option("--solver-regime", help=REGIMES.help_text(), rich_help_panel=REGIME)] = "standalone",
+    solver_regime: Annotated[str, typer.Option("--solver-regime", help=help_line(REGIME_HELP), rich_help_panel=REGIME)] = "standalone",
     u_set: Annotated[str | None, typer.Option("--u-set", help="switching/ensembling: u values [0.5,1.0].", show_default=False, rich_help_panel=REGIME)] = None,
     u_mean: Annotated[float | None, typer.Option("--u-mean", help="smoothing: mean of u [--u].", show_default=False, rich_help_panel=REGIME)] = None,
     u_std: Annotated[float, typer.Option("--u-std", help="smoothing: standard deviation of u (thesis: 0.0125).", rich_help_panel=REGIME)] = 0.0125,
@@ -294,7 +296,7 @@ def train_ode_command(
     krylov_rank: Annotated[int, typer.Option("--krylov-rank", min=1, help="gnvpro: r, the most Gauss-Newton products per outer iteration.", rich_help_panel=VARPRO)] = 10,
     radius: Annotated[float, typer.Option("--radius", help="gnvpro: initial trust-region radius.", rich_help_panel=VARPRO)] = 0.1,
     work_units: Annotated[float | None, typer.Option("--work-units", help="VarPro: stop each optimizer after this many work units.", show_default=False, rich_help_panel=VARPRO)] = None,
-    samples: Annotated[int, typer.Option("--samples", min=2, help="--data cdr: samples generated (80% train, 20% test).", rich_help_panel=DATA)] = 2000,
+    samples: Annotated[int, typer.Option("--data-size", min=2, help="--data cdr: samples generated (80% train, 20% test).", rich_help_panel=DATA)] = 2000,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -307,6 +309,22 @@ def train_ode_command(
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     params = {k: v for k, v in locals().items() if k not in ("common", "out", "force", "json_output", "debug")}
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
+    # imported after locals() above was read, and here rather than at module level for a fast --help
+    from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
+    from odekit.io.checkpoints import load_model, save_model
+    from odekit.io.datasets import load_dataset
+    from odekit.io.toy2d import TOY_DATASETS, load_toy
+    from odekit.methods.ode_train import (
+        ODETrainSettings,
+        RegimeSettings,
+        check_u,
+        ode_checkpoint_meta,
+        train_cnf,
+        train_ode_classifier,
+    )
+    from odekit.models import build_model
+    from odekit.models.ode_models import ACTIVATIONS, CNF, NORMS, TRACE_MODES, set_solver
+    from odekit.ode import InterpolationWarning
     arch_opts = {"width": width, "norm_first": norm_first, "norm_ode": norm_ode, "activation": activation}
 
     def body(ctx: CommandContext) -> CommandOutput:
@@ -447,6 +465,8 @@ def _output(
     task: str, arch: str, args: dict[str, Any], net: torch.nn.Module, config: SolverConfig,
     result: ODETrainResult, data_name: str, model_path: Path, plots: list[Path],
 ) -> CommandOutput:  # fmt: skip
+    from odekit.models.ode_models import ode_blocks
+
     metric = "test_accuracy" if task == "classify" else "test_nll"
     results = {
         "task": task,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -12,6 +14,9 @@ import numpy as np
 import torch
 
 from odekit.writers.atomic import atomic_write_text
+
+ARRAYS_NAME = "arrays.csv"
+MARKDOWN_ARRAY_LIMIT = 32  # numeric lists longer than this go to arrays.csv, not into report.md
 
 
 def to_jsonable(value: Any) -> Any:
@@ -95,14 +100,70 @@ class Report:
         ]
         for title, body in self.markdown_sections:
             lines += [f"## {title}", "", body.rstrip(), ""]
-        lines += ["## Results (JSON)", "", "```json", json.dumps(data["results"], indent=2), "```", ""]
+        arrays = long_arrays(data["results"])
+        lines += ["## Results (JSON)", ""]
+        if arrays:
+            lines += [
+                f"{len(arrays)} long array(s) are in [{ARRAYS_NAME}]({ARRAYS_NAME}), one column each, named by "
+                "its path in the results (report.json holds them too).",
+                "",
+            ]
+        results = _point_to_csv(data["results"], set(arrays))
+        lines += ["```json", json.dumps(results, indent=2), "```", ""]
         return "\n".join(lines)
 
+    def long_arrays(self) -> dict[str, list[Any]]:
+        """The result arrays that report.md leaves to arrays.csv, by dotted path."""
+        return long_arrays(to_jsonable(self.results))
+
     def write(self, out_dir: Path, force: bool) -> list[Path]:
-        return [
+        written = [
             atomic_write_text(out_dir / "report.json", self.to_json() + "\n", force),
             atomic_write_text(out_dir / "report.md", self.to_markdown(), force),
         ]
+        arrays = self.long_arrays()
+        if arrays:
+            written.append(atomic_write_text(out_dir / ARRAYS_NAME, arrays_csv(arrays), force))
+        return written
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def long_arrays(value: Any, path: str = "") -> dict[str, list[Any]]:
+    """Numeric lists longer than MARKDOWN_ARRAY_LIMIT inside JSON-like ``value``, by dotted path."""
+    found: dict[str, list[Any]] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found |= long_arrays(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        if len(value) > MARKDOWN_ARRAY_LIMIT and all(_is_number(v) for v in value):
+            return {path: value}
+        for i, item in enumerate(value):
+            found |= long_arrays(item, f"{path}.{i}" if path else str(i))
+    return found
+
+
+def _point_to_csv(value: Any, paths: set[str], path: str = "") -> Any:
+    """``value`` with each array at ``paths`` replaced by a pointer into arrays.csv."""
+    if path in paths:
+        return f"{len(value)} values: {ARRAYS_NAME}, column {path}"
+    if isinstance(value, dict):
+        return {k: _point_to_csv(v, paths, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_point_to_csv(v, paths, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+    return value
+
+
+def arrays_csv(arrays: dict[str, list[Any]]) -> str:
+    """One column per array (header: its path), row i holding element i; shorter columns end blank."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", *arrays])
+    for i in range(max(len(a) for a in arrays.values())):
+        writer.writerow([i, *("" if i >= len(a) or a[i] is None else repr(a[i]) for a in arrays.values())])
+    return buffer.getvalue()
 
 
 def _bullet(mapping: dict[str, Any]) -> list[str]:

@@ -47,6 +47,10 @@ def test_vgg_asnet_end_to_end(checkpoints_dir, tmp_path) -> None:
     assert loaded.meta.history[-1]["command"] == "asnet"
     data = load_dataset("digits", input_shape=loaded.meta.input_shape, normalization=loaded.meta.normalization)
     assert accuracy(loaded.model, data.test) == pytest.approx(r["asnet"]["accuracy"], abs=1e-6)
+    for key in ("teacher", "asnet"):  # issue 12: n and a Wilson 95% interval
+        low, high = r[key]["accuracy_ci95"]
+        assert r[key]["accuracy_n"] == len(data.test) and low <= r[key]["accuracy"] <= high
+    assert f"n={len(data.test)}" in (out / "report.md").read_text()
     info = CliRunner().invoke(app, ["info", str(out / "asnet.safetensors"), "--json"])
     assert info.exit_code == 0 and json.loads(info.stdout)["params"] == r["asnet"]["params"]
     attack = CliRunner().invoke(app, ["attack", str(out / "asnet.safetensors"), "--method", "fgsm", "--eps", "8/255",
@@ -98,7 +102,7 @@ def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
         (["--cut", "2", "--rank", "zero"], 1, "--rank"),
         (["--cut", "2", "--sparse"], 1, "--finetune"),
         (["--cut", "2", "--finetune", "1", "--head-lr", "0"], 1, "--head-lr"),
-        (["--cut", "2", "--eps", "1.5"], 1, "--eps"),
+        (["--cut", "2", "--energy-tol", "1.5"], 1, "got 1.5"),
         (["--cut", "3"], 1, "last compute layer"),
         (["--cut", "2", "--rank", "500"], 1, "exceeds"),
         (["--cut", "2", "--degree", "two"], 2, "Usage"),  # the parser's own type error
@@ -106,7 +110,7 @@ def test_analyze_reports_every_layer(checkpoints_dir, tmp_path) -> None:
 )
 def test_user_errors_give_one_line_and_no_output(checkpoints_dir, tmp_path, args, code, text) -> None:
     out = tmp_path / "err"
-    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), *args, "--samples", "50", "-o", str(out)])
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), *args, "--fit-samples", "50", "-o", str(out)])
     assert result.exit_code == code, result.stderr
     assert text in result.stderr and "Traceback" not in result.stderr
     if code == 1:  # odekit's own errors: one line; exit 2 is Typer's parser (its own box)
@@ -158,3 +162,17 @@ def test_vgg_goal_five_times_smaller_within_two_points(checkpoints_dir, tmp_path
     assert r["accuracy_drop_points"] <= 2
     assert r["baselines"]["as_pce"] >= r["baselines"]["pca_pce"] - 0.01
     assert r["latency_ms"]["asnet_ms_batch1"] > 0
+
+
+def test_baselines_figure_states_n_and_starts_at_zero() -> None:
+    """issue 12: the bars share a 0-100% axis and the title names the test images behind them."""
+    import matplotlib.pyplot as plt
+
+    from odekit.cli.asnet import _baselines_figure
+
+    results = {"baselines": {"as_pce": 0.93, "pca_pce": 0.9}, "teacher": {"accuracy": 0.97, "accuracy_n": 360},
+               "cut": {"index": 2, "rank": 10}}  # fmt: skip
+    fig = _baselines_figure([], results)
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] == 0.0 and ax.get_ylim()[1] >= 100.0 and "n = 360 test images" in ax.get_title()
+    plt.close(fig)

@@ -374,3 +374,23 @@ def test_out_of_memory_under_a_solver_spec_blames_the_steps():
     # without a solver spec the runner's own message stays
     with pytest.raises(MemoryError), _solver_memory_guard((None, None)):
         raise MemoryError
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "applies", "absent"),
+    [
+        ("active-subspace", ["--delta", "3"], {"max_iters": "max_iter", "fit_samples": "fit_samples"},
+         ("max_passes", "sigma", "restarts", "steps", "eps", "target", "backend")),
+        ("pgd", ["--eps", "0.1"], {"iters": "steps", "restarts": "restarts"},
+         ("max_iter", "max_passes", "sigma", "fit_samples", "delta", "s0", "target")),
+    ],
+)  # fmt: skip
+def test_report_params_list_only_what_the_method_uses(tmp_path, lenet300_path, method, budget, applies, absent):
+    """issue 12: new spellings (--iters, --max-iters) work, and the report drops options the method ignores."""
+    given = [arg for option, key in applies.items() for arg in (f"--{option.replace('_', '-')}", "2")]
+    res = invoke(lenet300_path, "--method", method, *budget, *given, "--eval-samples", "20", "-o", tmp_path / "p", "--json")
+    assert res.exit_code == 0, res.stderr
+    params = json.loads(res.stdout)["params"]
+    assert all(params[key] == 2 for key in applies.values())
+    assert not set(absent) & set(params), set(absent) & set(params)
+    assert params["method"] == method

@@ -93,3 +93,32 @@ def test_json_stdout_survives_native_prints(tmp_path: Path, capfd) -> None:
     captured = capfd.readouterr()
     assert json.loads(captured.out)["results"] == {"answer": 42}
     assert "native banner" in captured.err and "stray print" in captured.err
+
+
+long_demo = typer.Typer()
+
+
+@long_demo.command()
+def run_long(out: OutOpt = None) -> None:
+    spectrum = [1.0 / (i + 1) for i in range(100)]
+
+    def body(ctx: CommandContext) -> CommandOutput:
+        return CommandOutput(results={"layers": [{"sv": spectrum, "rank": 3}], "short": [1.0, 0.5]})
+
+    run_command("demo", CommonOptions(out=out), inputs={}, params={}, body=body)
+
+
+def test_long_arrays_go_to_a_csv_that_report_md_links(tmp_path: Path) -> None:
+    """issue 12: report.md points to arrays.csv; report.json keeps every number; the CSV round-trips."""
+    out = tmp_path / "o"
+    result = CliRunner().invoke(long_demo, ["--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["report.json", "report.md", "arrays.csv"]
+    assert report["results"]["layers"][0]["sv"] == [1.0 / (i + 1) for i in range(100)]
+    markdown = (out / "report.md").read_text()
+    assert "[arrays.csv](arrays.csv)" in markdown and "100 values: arrays.csv, column layers.0.sv" in markdown
+    assert '"short": [' in markdown and "0.01" not in markdown  # short lists stay inline, long ones leave
+    rows = (out / "arrays.csv").read_text().splitlines()
+    assert rows[0] == "index,layers.0.sv" and len(rows) == 101
+    assert [float(row.split(",")[1]) for row in rows[1:]] == report["results"]["layers"][0]["sv"]

@@ -211,12 +211,12 @@ def test_read_only_out_is_one_clean_line(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_ctrl_c_in_info_exits_130(checkpoints_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from odekit.cli import info
     from odekit.cli.app import app
+    from odekit.io import checkpoints
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(info, "load_model", interrupted)
+    monkeypatch.setattr(checkpoints, "load_model", interrupted)  # info imports it when it runs
     result = CliRunner().invoke(app, ["info", str(checkpoints_dir / "lenet300_digits.safetensors")])
     assert result.exit_code == 130 and result.stderr.strip() == "Error: interrupted"

@@ -46,6 +46,13 @@ def _check_report(report: dict, out) -> dict:
     assert r["latency_speedup"] == pytest.approx(r["teacher"]["latency_ms"] / r["student"]["latency_ms"])
     assert (out / "singular_values.png").stat().st_size > 1000
     assert (out / "report.md").exists()
+    for key in ("teacher", "student"):  # issue 12: n and a Wilson 95% interval with every accuracy
+        low, high = r[key]["accuracy_ci95"]
+        assert r[key]["accuracy_n"] == r["teacher"]["accuracy_n"] > 0
+        assert 0.0 <= low <= r[key]["accuracy"] <= high <= 1.0 and high - low > 1.0 / r[key]["accuracy_n"]
+    assert all(layer["rank_at_sketch_limit"] is False for layer in r["layers"])
+    if any(len(layer["singular_values_normalized"]) > 32 for layer in r["layers"]):  # issue 12: not inline
+        assert "arrays.csv" in report["outputs"] and "[arrays.csv](arrays.csv)" in (out / "report.md").read_text()
     return r
 
 
@@ -145,3 +152,17 @@ def test_reduce_bad_inputs(checkpoints_dir, tmp_path, args, code, needle):
     assert result.exit_code == code, result.stdout + result.stderr
     assert needle in result.stderr and "Error:" in result.stderr
     assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_ranks_clipped_by_the_sketch_size_are_flagged(checkpoints_dir, tmp_path):
+    """issue 12: an 8-row sketch of fc1's 300 outputs holds 7 directions; rank 7 uses them all, vbmf does not."""
+    out = tmp_path / "clip"
+    result = _run([str(checkpoints_dir / "lenet300_digits.safetensors"), "--layers", "1-1", "--rank", "7",
+                   "--sketch-size", "8", "--fit-samples", "200", "--latency-batch", "4", "-o", str(out), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = json.loads(result.stdout)["results"]
+    assert r["ranks"] == [7] and r["layers"][0]["rank_at_sketch_limit"] is True
+    assert "sit at the sketch size limit" in result.stderr
+    n = r["student"]["accuracy_n"]
+    low, high = r["student"]["accuracy_ci95"]
+    assert n == 360 and low <= r["student"]["accuracy"] <= high  # digits' test split

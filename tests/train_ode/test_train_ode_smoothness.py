@@ -104,7 +104,7 @@ def test_cnf_is_refused() -> None:
 )
 def test_bad_options_exit_one_with_one_line(cli: Cli, trained: dict[int, Path], tmp_path: Path, args: list[str], needle: str) -> None:
     extra = ["--solvers", "euler"] if args[0] == "--steps" and args[1] == "1,2" else []
-    result = cli.invoke(["smoothness-check", str(trained[2]), *extra, *args, "--samples", "20", "-o", str(tmp_path / "y")])
+    result = cli.invoke(["smoothness-check", str(trained[2]), *extra, *args, "--eval-samples", "20", "-o", str(tmp_path / "y")])
     assert result.exit_code == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0]
