@@ -198,7 +198,7 @@ def _scoring(ctx: CommandContext, batch_size: int, seed: int, source: Player | N
 
 def _splits_over_ranks(method: str, matrix: bool) -> bool:
     """Whether a torchrun launch of this run shards its work (issue 15): single-model runs of
-    an attack whose fit supports it (active-subspace, random); every other run refuses."""
+    active-subspace, random and every per-sample attack; every other run refuses."""
     from odekit.methods.attacks import ATTACKS
 
     return not matrix and method in ATTACKS and ATTACKS.get(method).supports_distributed

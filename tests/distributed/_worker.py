@@ -124,14 +124,15 @@ def ron(dist, out: Path) -> None:
 
 
 def attack(dist, out: Path) -> None:
-    """Active-subspace and random universal attacks fitted on a sharded fit set, scored on a
-    sharded test split (issue 15)."""
+    """Active-subspace and random universal attacks fitted on a sharded fit set, FGSM on a
+    sharded test split, every score from a sharded test split (issue 15)."""
     from odekit.io.checkpoints import load_model
     from odekit.io.datasets import dataset_for_model
     from odekit.methods.attacks import ActiveSubspaceAttack, ActiveSubspaceSettings, RandomAttack
     from odekit.methods.attacks.base import UniversalSettings
-    from odekit.methods.attacks.evaluate import evaluate_universal
+    from odekit.methods.attacks.evaluate import evaluate_adversarial, evaluate_universal
     from odekit.methods.attacks.experiments import eval_inputs, fit_inputs
+    from odekit.methods.attacks.per_sample import FGSMAttack, FGSMSettings
     from odekit.methods.attacks.space import pixel_model
 
     loaded = load_model(ROOT / "checkpoints" / "lenet300_digits.safetensors")
@@ -149,10 +150,14 @@ def attack(dist, out: Path) -> None:
     rnd = RandomAttack(UniversalSettings(delta=3.0))(model, x_fit, None, 3.0, seed=5, dist=handle)
     scores = {name: evaluate_universal(model, x_test, y_test, r.v, 64, None, handle)
               for name, r in (("as", as_fit), ("random", rnd))}  # fmt: skip
+    # per-sample: each rank attacks its shard of the test inputs, the call gathers x_adv
+    fgsm = FGSMAttack(FGSMSettings(norm="inf"))(model, x_test, y_test, 0.1, batch_size=64, dist=handle)
+    scores["fgsm"] = evaluate_adversarial(model, x_test, y_test, fgsm.x_adv, 64, None, handle)
     if dist.is_main:
         torch.save({"v_as": as_fit.v, "v_first": direction.v, "v_random": rnd.v,
                     "fit_as": as_fit.fooling_rate_fit, "fit_random": rnd.fooling_rate_fit,
-                    "history_as": as_fit.history, "scores": scores}, out / "result.pt")  # fmt: skip
+                    "history_as": as_fit.history, "scores": scores, "x_adv_fgsm": fgsm.x_adv,
+                    "sizes_fgsm": fgsm.sizes}, out / "result.pt")  # fmt: skip
 
 
 def fault(dist, out: Path) -> None:

@@ -44,17 +44,23 @@ def test_two_ranks_attack_matches_one_process(tmp_path: Path) -> None:
         assert two["scores"][name] == one["scores"][name]
         assert two["scores"][name]["n"] == 251
     assert one["scores"]["as"]["fooling_rate"] > one["scores"]["random"]["fooling_rate"]
+    # per-sample: shards attacked separately and gathered in order
+    assert two["x_adv_fgsm"].shape == one["x_adv_fgsm"].shape == (251, *one["x_adv_fgsm"].shape[1:])
+    assert torch.allclose(two["x_adv_fgsm"], one["x_adv_fgsm"], atol=1e-6)
+    assert torch.allclose(two["sizes_fgsm"], one["sizes_fgsm"], atol=1e-6)
+    assert two["scores"]["fgsm"] == one["scores"]["fgsm"]
+    assert one["scores"]["fgsm"]["robust_accuracy"] < one["scores"]["fgsm"]["clean_accuracy"]
 
 
-def test_methods_without_a_sharded_fit_refuse_several_ranks(tmp_path: Path) -> None:
+def test_uap_and_matrix_runs_refuse_several_ranks(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from odekit.cli.app import app
 
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     out = tmp_path / "out"
-    for extra in (["--method", "uap"], ["--method", "pgd"]):
-        result = CliRunner().invoke(app, ["attack", str(LENET), *extra, "--out", str(out)], env=env)
+    for args in ([str(LENET), "--method", "uap"], ["--matrix", str(LENET), str(LENET)]):
+        result = CliRunner().invoke(app, ["attack", *args, "--out", str(out)], env=env)
         assert result.exit_code == 1
         assert "does not split its work over ranks (2 were launched)" in result.stderr
         assert not out.exists()
@@ -80,3 +86,20 @@ def test_two_ranks_attack_cli_agrees_with_one_process(tmp_path: Path) -> None:
     assert res2["fooling_rate_test"] > 0.2
     assert res2["mean_effective_norm_pixel"] == pytest.approx(res1["mean_effective_norm_pixel"], rel=1e-5)
     assert (tmp_path / "two" / "perturbation.safetensors").exists()
+
+
+FGSM = ["-m", "odekit", "attack", str(LENET), "--method", "fgsm", "--eps", "0.05,0.1",
+        "--eval-samples", "301", "--threads", "1", "--json"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_ranks_per_sample_attack_cli_agrees_with_one_process(tmp_path: Path) -> None:
+    two = spawn_ranks([*FGSM, "--out", str(tmp_path / "two")], world=2)
+    assert two.returncodes == [0, 0], two.stderr
+    one = spawn_ranks([*FGSM, "--out", str(tmp_path / "one")], world=1)
+    assert one.returncodes == [0], one.stderr
+    res1 = json.loads((tmp_path / "one" / "report.json").read_text())["results"]
+    res2 = json.loads((tmp_path / "two" / "report.json").read_text())["results"]
+    for key in ("robust_accuracy", "fooling_rate_test", "clean_accuracy", "test_samples"):
+        assert res2[key] == res1[key], key
+    assert res2["test_samples"] == 301 and res2["robust_accuracy"][1] < res2["clean_accuracy"]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from odekit.device import synchronize
+from odekit.distributed import shard_indices
 from odekit.errors import UsageError
 from odekit.methods.attacks.distance import Distance, distance_for
 from odekit.methods.attacks.space import apply_perturbation, check_in_box, lp_norm, parse_norm
@@ -72,6 +73,17 @@ def summed_over_ranks(p: Proportion, dist: Distributed | None) -> Proportion:
         return p
     successes, n = dist.sum_numbers(p.successes, p.n)
     return Proportion(int(successes), int(n))
+
+
+def gather_shards(t: Tensor, n: int, dist: Distributed) -> Tensor:
+    """The whole (n, ...) tensor on every rank from each rank's `Distributed.shard` rows ``t``
+    (padded to the largest shard for the collective, then cut back)."""
+    if dist.world_size == 1:
+        return t
+    sizes = [len(shard_indices(n, r, dist.world_size)) for r in range(dist.world_size)]
+    pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
+    parts = dist.all_gather(torch.cat([t, pad]))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
 
 
 def fooling_rate(
@@ -206,7 +218,8 @@ class Attack(ABC, Generic[R]):
     budget_name: ClassVar[str]  # "delta" or "eps"
     reruns_per_budget: ClassVar[bool]  # set by FixedEpsilonAttack / MinimizationAttack
     fixed_distance: ClassVar[Distance | None] = None  # a distance the attack always uses
-    # universal attacks whose fit shards its set over the ranks of a torchrun launch (issue 15)
+    # attacks that shard their set over the ranks of a torchrun launch (issue 15): universal fits
+    # that sum their statistics over the ranks, and every per-sample attack
     supports_distributed: ClassVar[bool] = False
     settings: Any
 
@@ -290,14 +303,20 @@ class Attack(ABC, Generic[R]):
             shard = dist.shard(len(inputs))
             inputs = inputs[shard.start : shard.stop]
             labels = None if labels is None else labels[shard.start : shard.stop]
+        n = len(inputs) if dist is None else sum(dist.sum_numbers(len(inputs)))
         model.eval()
         self.dist = dist
         try:
             job = self._prepare(model, inputs, labels, batch_size)
-            results = self._solve(job, budgets, seed, progress)
+            results = [self._gathered(r, int(n)) for r in self._solve(job, budgets, seed, progress)]
         finally:
             self.dist = None
         return results[0] if single else results
+
+    def _gathered(self, result: R, n: int) -> R:
+        """A distributed call's result for the whole set of ``n`` inputs (per-sample attacks
+        gather the ranks' shards; a universal vector is the same on every rank)."""
+        return result
 
     def _default_budget(self) -> float:
         return self.default_budgets(self.distance.key)[-1]
@@ -466,6 +485,16 @@ class PerSampleAttack(Attack[PerSampleResult]):
     kind = "per-sample"
     settings_type = PerSampleSettings
     budget_name = "eps"
+    # each rank attacks its shard; random starts come from the same seed on every rank, so a
+    # random-start attack draws differently from one process (deterministic ones agree)
+    supports_distributed = True
+
+    def _gathered(self, result: PerSampleResult, n: int) -> PerSampleResult:
+        if self.dist is None or self.dist.world_size == 1:
+            return result
+        result.x_adv = gather_shards(result.x_adv, n, self.dist)
+        result.sizes = gather_shards(result.sizes.to(result.x_adv.device), n, self.dist)
+        return result
 
     @classmethod
     def default_budgets(cls, norm: str) -> list[float]:

@@ -239,11 +239,12 @@ def per_sample_experiment(
     dist = attack.distance
     curve: list[dict[str, Any]] = []
     tensors: dict[str, Tensor] = {}
-    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs)
+    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs, dist=score.dist)
+    # under torchrun each rank attacks its shard and the call gathers the whole x_adv
     runs = attack(attack_model, x, y, budgets, seed=score.seed, batch_size=bs,
-                  progress=score.progress)  # fmt: skip
+                  progress=score.progress, dist=score.dist)  # fmt: skip
     for i, (eps, res) in enumerate(zip(budgets, runs, strict=True)):
-        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs)
+        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs, dist=score.dist)
         point: dict[str, Any] = {
             "eps": eps,
             "robust_accuracy": scores["robust_accuracy"],
@@ -257,7 +258,7 @@ def per_sample_experiment(
         }
         if score.transfer:
             point["source_robust_accuracy"] = evaluate_adversarial(
-                attack_model, x, y, res.x_adv, bs
+                attack_model, x, y, res.x_adv, bs, dist=score.dist
             )["robust_accuracy"]
         curve.append(point)
         tensors[f"eps_{i}"] = res.x_adv - x
