@@ -192,7 +192,16 @@ def _scoring(ctx: CommandContext, batch_size: int, seed: int, source: Player | N
     return Scoring(
         seed=seed, batch_size=batch_size, device=ctx.device, progress=ctx.progress,
         transfer=source is not None or specs != (None, None), mode=_mode(source, specs),
+        dist=ctx.dist,
     )  # fmt: skip
+
+
+def _splits_over_ranks(method: str, matrix: bool) -> bool:
+    """Whether a torchrun launch of this run shards its work (issue 15): single-model runs of
+    active-subspace, random and every per-sample attack; every other run refuses."""
+    from odekit.methods.attacks import ATTACKS
+
+    return not matrix and method in ATTACKS and ATTACKS.get(method).supports_distributed
 
 
 def _over_seeds(seeds: list[int], experiment: Callable[[int], AttackRun]) -> AttackRun:
@@ -810,4 +819,5 @@ def attack_command(
             output.results["budget_given"] = given[0] if base_plan.universal and not sweep else given
         return output
 
-    run_command("attack", common, inputs={}, params=params, body=body, run_name=method)
+    run_command("attack", common, inputs={}, params=params, body=body, run_name=method,
+                distributed=_splits_over_ranks(method, matrix))  # fmt: skip

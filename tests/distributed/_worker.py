@@ -2,7 +2,8 @@
 
 ``python _worker.py <scenario> <out_dir>``; rank 0 writes ``<out_dir>/result.pt``.
 Scenarios: ``merge`` (sketch merge, least squares, PCE fit, broadcasts), ``fault`` (rank 1
-fails while rank 0 waits in a collective), ``crash`` (rank 1 dies without a word).
+fails while rank 0 waits in a collective), ``crash`` (rank 1 dies without a word), ``attack``
+(active-subspace and random universal attacks on lenet300_digits).
 """
 
 from __future__ import annotations
@@ -122,6 +123,43 @@ def ron(dist, out: Path) -> None:
         )
 
 
+def attack(dist, out: Path) -> None:
+    """Active-subspace and random universal attacks fitted on a sharded fit set, FGSM on a
+    sharded test split, every score from a sharded test split (issue 15)."""
+    from odekit.io.checkpoints import load_model
+    from odekit.io.datasets import dataset_for_model
+    from odekit.methods.attacks import ActiveSubspaceAttack, ActiveSubspaceSettings, RandomAttack
+    from odekit.methods.attacks.base import UniversalSettings
+    from odekit.methods.attacks.evaluate import evaluate_adversarial, evaluate_universal
+    from odekit.methods.attacks.experiments import eval_inputs, fit_inputs
+    from odekit.methods.attacks.per_sample import FGSMAttack, FGSMSettings
+    from odekit.methods.attacks.space import pixel_model
+
+    loaded = load_model(ROOT / "checkpoints" / "lenet300_digits.safetensors")
+    data = dataset_for_model(loaded.meta.input_shape, loaded.meta.normalization, loaded.meta.dataset)
+    model = pixel_model(loaded.model, data)
+    x_fit = fit_inputs(data, 301, seed=0)  # odd: the shards differ in size
+    x_test, y_test = eval_inputs(data, 251, 0, torch.device("cpu"))
+    handle = dist if dist.world_size > 1 else None
+    as_fit = ActiveSubspaceAttack(ActiveSubspaceSettings(delta=3.0, max_iter=4))(
+        model, x_fit, None, 3.0, batch_size=64, dist=handle
+    )
+    direction = ActiveSubspaceAttack(ActiveSubspaceSettings(delta=3.0, max_iter=1))(
+        model, x_fit, None, 3.0, batch_size=64, dist=handle
+    )
+    rnd = RandomAttack(UniversalSettings(delta=3.0))(model, x_fit, None, 3.0, seed=5, dist=handle)
+    scores = {name: evaluate_universal(model, x_test, y_test, r.v, 64, None, handle)
+              for name, r in (("as", as_fit), ("random", rnd))}  # fmt: skip
+    # per-sample: each rank attacks its shard of the test inputs, the call gathers x_adv
+    fgsm = FGSMAttack(FGSMSettings(norm="inf"))(model, x_test, y_test, 0.1, batch_size=64, dist=handle)
+    scores["fgsm"] = evaluate_adversarial(model, x_test, y_test, fgsm.x_adv, 64, None, handle)
+    if dist.is_main:
+        torch.save({"v_as": as_fit.v, "v_first": direction.v, "v_random": rnd.v,
+                    "fit_as": as_fit.fooling_rate_fit, "fit_random": rnd.fooling_rate_fit,
+                    "history_as": as_fit.history, "scores": scores, "x_adv_fgsm": fgsm.x_adv,
+                    "sizes_fgsm": fgsm.sizes}, out / "result.pt")  # fmt: skip
+
+
 def fault(dist, out: Path) -> None:
     if dist.rank == 1:
         time.sleep(0.5)
@@ -145,7 +183,7 @@ def main() -> int:
     dist = init_distributed(device, stale_s=float(os.environ.get("STALE_S", "20")))
     dist.add_cleanup(lambda: (out / f"cleanup-{dist.rank}").write_text("forced"))
     try:
-        {"merge": merge, "ron": ron, "fault": fault, "crash": crash}[scenario](dist, out)
+        {"merge": merge, "ron": ron, "attack": attack, "fault": fault, "crash": crash}[scenario](dist, out)
         dist.close()
     except PeerFailedError:
         dist.exit_after_failure(1)

@@ -22,18 +22,22 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, final, overload
 
 import torch
 from torch import Tensor, nn
 
 from odekit.device import synchronize
+from odekit.distributed import shard_indices
 from odekit.errors import UsageError
 from odekit.methods.attacks.distance import Distance, distance_for
 from odekit.methods.attacks.space import apply_perturbation, check_in_box, lp_norm, parse_norm
 from odekit.progress import Progress
 from odekit.registry import Registry
 from odekit.stats import Proportion
+
+if TYPE_CHECKING:
+    from odekit.distributed import Distributed
 
 DEFAULT_DELTA = {"2": 3.0, "inf": 0.15}  # universal, pixel units
 DEFAULT_EPS = {"2": [0.5], "inf": [8 / 255]}  # RobustBench per-sample budgets, pixel units
@@ -62,6 +66,26 @@ def attack_success(pred: Tensor, clean: Tensor, target: int | None = None) -> Pr
     return Proportion(int((pred[counted] == target).sum()), int(counted.sum()))
 
 
+def summed_over_ranks(p: Proportion, dist: Distributed | None) -> Proportion:
+    """``p``'s counts summed over the ranks of ``dist`` (unchanged without one): the rate of a
+    sharded set is exactly the rate one process gets on the whole set."""
+    if dist is None or dist.world_size == 1:
+        return p
+    successes, n = dist.sum_numbers(p.successes, p.n)
+    return Proportion(int(successes), int(n))
+
+
+def gather_shards(t: Tensor, n: int, dist: Distributed) -> Tensor:
+    """The whole (n, ...) tensor on every rank from each rank's `Distributed.shard` rows ``t``
+    (padded to the largest shard for the collective, then cut back)."""
+    if dist.world_size == 1:
+        return t
+    sizes = [len(shard_indices(n, r, dist.world_size)) for r in range(dist.world_size)]
+    pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
+    parts = dist.all_gather(torch.cat([t, pad]))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
 def fooling_rate(
     model: nn.Module,
     x: Tensor,
@@ -69,13 +93,15 @@ def fooling_rate(
     clean_pred: Tensor,
     batch_size: int = 512,
     target: int | None = None,
+    dist: Distributed | None = None,
 ) -> float:
     """Eq. 6.37: fraction of samples whose prediction changes under x + v (clipped to the box);
-    with ``target``, the fraction of the others that land on it."""
-    if len(x) == 0:
+    with ``target``, the fraction of the others that land on it. With ``dist``, ``x`` is this
+    rank's shard and the counts are summed over the ranks (every rank gets the global rate)."""
+    if len(x) == 0 and dist is None:
         return float("nan")
-    pred = predict_on(model, apply_perturbation(x, v), batch_size)
-    return attack_success(pred, clean_pred, target).rate
+    pred = predict_on(model, apply_perturbation(x, v), batch_size) if len(x) else clean_pred[:0]
+    return summed_over_ranks(attack_success(pred, clean_pred, target), dist).rate
 
 
 def check_positive(name: str, value: float, hint: str = "") -> None:
@@ -192,12 +218,16 @@ class Attack(ABC, Generic[R]):
     budget_name: ClassVar[str]  # "delta" or "eps"
     reruns_per_budget: ClassVar[bool]  # set by FixedEpsilonAttack / MinimizationAttack
     fixed_distance: ClassVar[Distance | None] = None  # a distance the attack always uses
+    # attacks that shard their set over the ranks of a torchrun launch (issue 15): universal fits
+    # that sum their statistics over the ranks, and every per-sample attack
+    supports_distributed: ClassVar[bool] = False
     settings: Any
 
     def __init__(self, settings: Any) -> None:
         if not isinstance(settings, self.settings_type):
             raise TypeError(f"{type(self).__name__} takes {self.settings_type.__name__}")
         self.settings = settings
+        self.dist: Distributed | None = None  # set per call; None: a single process
 
     @property
     def distance(self) -> Distance:
@@ -219,6 +249,7 @@ class Attack(ABC, Generic[R]):
         seed: int = 0,
         batch_size: int = 256,
         progress: Progress | None = None,
+        dist: Distributed | None = None,
     ) -> R: ...
 
     @overload
@@ -232,6 +263,7 @@ class Attack(ABC, Generic[R]):
         seed: int = 0,
         batch_size: int = 256,
         progress: Progress | None = None,
+        dist: Distributed | None = None,
     ) -> list[R]: ...
 
     @final
@@ -245,10 +277,13 @@ class Attack(ABC, Generic[R]):
         seed: int = 0,
         batch_size: int = 256,
         progress: Progress | None = None,
+        dist: Distributed | None = None,
     ) -> R | list[R]:
         """Attack ``inputs`` (pixels in [0, 1]) at one budget or each of a list of budgets.
         Universal attacks fit their vector on ``inputs`` against the clean predictions (labels
-        are not needed); per-sample attacks need ``labels``."""
+        are not needed); per-sample attacks need ``labels``. With ``dist`` (a torchrun launch,
+        attacks with ``supports_distributed``), every rank passes the whole set, fits on its
+        shard and all get the vector one process fitting on the whole set gets."""
         single = epsilons is None or isinstance(epsilons, int | float)
         if epsilons is None:
             budgets = [self._default_budget()]
@@ -261,10 +296,27 @@ class Attack(ABC, Generic[R]):
         for eps in budgets:
             check_positive(self.budget_name, eps, f"{self.budget_name} is in {self.distance.unit}")
         check_in_box(inputs, "the fitting data" if self.kind == "universal" else "the evaluation data")
+        if dist is not None and dist.world_size > 1:
+            if not self.supports_distributed:
+                raise UsageError(f"{self.name} cannot fit over several ranks",
+                                 "run it as a single process")  # fmt: skip
+            shard = dist.shard(len(inputs))
+            inputs = inputs[shard.start : shard.stop]
+            labels = None if labels is None else labels[shard.start : shard.stop]
+        n = len(inputs) if dist is None else sum(dist.sum_numbers(len(inputs)))
         model.eval()
-        job = self._prepare(model, inputs, labels, batch_size)
-        results = self._solve(job, budgets, seed, progress)
+        self.dist = dist
+        try:
+            job = self._prepare(model, inputs, labels, batch_size)
+            results = [self._gathered(r, int(n)) for r in self._solve(job, budgets, seed, progress)]
+        finally:
+            self.dist = None
         return results[0] if single else results
+
+    def _gathered(self, result: R, n: int) -> R:
+        """A distributed call's result for the whole set of ``n`` inputs (per-sample attacks
+        gather the ranks' shards; a universal vector is the same on every rank)."""
+        return result
 
     def _default_budget(self) -> float:
         return self.default_budgets(self.distance.key)[-1]
@@ -401,8 +453,9 @@ class UniversalAttack(Attack[UniversalResult]):
 
     def success_rate(self, model: nn.Module, x: Tensor, v: Tensor, clean: Tensor,
                      batch_size: int) -> float:  # fmt: skip
-        """Fooling rate of v on x (targeted success rate with a target)."""
-        return fooling_rate(model, x, v, clean, batch_size, self.target)
+        """Fooling rate of v on x (targeted success rate with a target); over every rank's
+        shard of the fit set in a distributed fit."""
+        return fooling_rate(model, x, v, clean, batch_size, self.target, self.dist)
 
     @abstractmethod
     def run(
@@ -432,6 +485,16 @@ class PerSampleAttack(Attack[PerSampleResult]):
     kind = "per-sample"
     settings_type = PerSampleSettings
     budget_name = "eps"
+    # each rank attacks its shard; random starts come from the same seed on every rank, so a
+    # random-start attack draws differently from one process (deterministic ones agree)
+    supports_distributed = True
+
+    def _gathered(self, result: PerSampleResult, n: int) -> PerSampleResult:
+        if self.dist is None or self.dist.world_size == 1:
+            return result
+        result.x_adv = gather_shards(result.x_adv, n, self.dist)
+        result.sizes = gather_shards(result.sizes.to(result.x_adv.device), n, self.dist)
+        return result
 
     @classmethod
     def default_budgets(cls, norm: str) -> list[float]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from odekit.methods.attacks.base import attack_success, predict_on
+from odekit.methods.attacks.base import attack_success, predict_on, summed_over_ranks
 from odekit.methods.attacks.space import apply_perturbation
-from odekit.stats import wilson_interval
+from odekit.stats import Proportion, wilson_interval
+
+if TYPE_CHECKING:
+    from odekit.distributed import Distributed
 
 
 def evaluate_adversarial(
@@ -19,17 +23,23 @@ def evaluate_adversarial(
     x_adv: Tensor,
     batch_size: int = 512,
     target: int | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
     """clean_accuracy, robust_accuracy (true labels) and fooling_rate (prediction changed; with
     ``target``, share of the samples not predicted as it that land on it), with the counts
     behind them (``n``, ``clean_correct``, ``robust_correct``, ``fooled`` of ``fooling_n``) for
-    confidence intervals."""
+    confidence intervals. With ``dist`` every rank passes the whole set, scores its shard and
+    gets the counts summed over the ranks (the numbers of one process)."""
+    if dist is not None and dist.world_size > 1:
+        shard = dist.shard(len(x))
+        x, y, x_adv = (t[shard.start : shard.stop] for t in (x, y, x_adv))
     clean = predict_on(model, x, batch_size)
     adv = predict_on(model, x_adv, batch_size)
     y = y.to(clean.device)
-    fooled = attack_success(adv, clean, target)
-    n = len(y)
-    clean_correct, robust_correct = int((clean == y).sum()), int((adv == y).sum())
+    fooled = summed_over_ranks(attack_success(adv, clean, target), dist)
+    accuracy = summed_over_ranks(Proportion(int((clean == y).sum()), len(y)), dist)
+    robust = summed_over_ranks(Proportion(int((adv == y).sum()), len(y)), dist)
+    n, clean_correct, robust_correct = accuracy.n, accuracy.successes, robust.successes
     return {
         "clean_accuracy": clean_correct / n if n else float("nan"),
         "robust_accuracy": robust_correct / n if n else float("nan"),
@@ -49,10 +59,11 @@ def evaluate_universal(
     v: Tensor,
     batch_size: int = 512,
     target: int | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
-    """`evaluate_adversarial` for x + v clipped to the box."""
+    """`evaluate_adversarial` for x + v clipped to the box (sharded over ``dist``'s ranks)."""
     x_adv = apply_perturbation(x, v.to(x.device))
-    return evaluate_adversarial(model, x, y, x_adv, batch_size, target)
+    return evaluate_adversarial(model, x, y, x_adv, batch_size, target, dist)
 
 
 @dataclass

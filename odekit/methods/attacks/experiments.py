@@ -9,7 +9,7 @@ give the white-box result.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from matplotlib.figure import Figure
@@ -21,6 +21,7 @@ from odekit.methods.attacks.base import (
     UniversalAttack,
     attack_success,
     predict_on,
+    summed_over_ranks,
 )
 from odekit.methods.attacks.distance import Distance
 from odekit.methods.attacks.evaluate import (
@@ -43,6 +44,9 @@ from odekit.methods.attacks.space import (
 )
 from odekit.progress import Progress
 from odekit.stats import spread, wilson_interval
+
+if TYPE_CHECKING:
+    from odekit.distributed import Distributed
 
 N_EXAMPLES = 6
 
@@ -68,6 +72,21 @@ class Scoring:
     progress: Progress | None = None
     transfer: bool = False  # source model or solver differs from the target's
     mode: str = "white-box"
+    # a torchrun launch (issue 15): the fit and the scoring shard their sets over its ranks
+    dist: Distributed | None = None
+
+    def shard(self, t: Tensor) -> Tensor:
+        """This rank's contiguous share of ``t`` (all of it in a single process)."""
+        if self.dist is None or self.dist.world_size == 1:
+            return t
+        rows = self.dist.shard(len(t))
+        return t[rows.start : rows.stop]
+
+    def mean(self, values: Tensor) -> float:
+        """Mean of ``values`` sharded by `shard`, over every rank."""
+        if self.dist is None or self.dist.world_size == 1:
+            return float(values.mean())
+        return self.dist.mean(float(values.double().sum()), len(values))
 
 
 def eval_inputs(data: Dataset, samples: int | None, seed: int,
@@ -109,20 +128,22 @@ def universal_experiment(
     x_test, y_test = eval_inputs(target_data, eval_samples, score.seed, score.device)
     check_differentiable(attack_model, x_fit[:2].to(score.device))
     fits = attack(attack_model, x_fit, None, budgets, seed=score.seed,
-                  batch_size=score.batch_size, progress=score.progress)  # fmt: skip
+                  batch_size=score.batch_size, progress=score.progress, dist=score.dist)  # fmt: skip
     bs = score.batch_size
-    x_fit_dev = x_fit.to(score.device)
+    x_fit_dev = score.shard(x_fit).to(score.device)
     clean_fit = predict_on(eval_model, x_fit_dev, bs)
     curve: list[dict[str, Any]] = []
     tensors: dict[str, Tensor] = {}
     test_eval: dict[str, float] = {}
     for i, (eps, result) in enumerate(zip(budgets, fits, strict=True)):
         v = result.v
-        fit = attack_success(predict_on(eval_model, apply_perturbation(x_fit_dev, v), bs),
-                             clean_fit, target)  # fmt: skip
-        test_eval = evaluate_universal(eval_model, x_test, y_test, v, bs, target)
+        fit = summed_over_ranks(attack_success(
+            predict_on(eval_model, apply_perturbation(x_fit_dev, v), bs), clean_fit, target
+        ), score.dist)  # fmt: skip
+        test_eval = evaluate_universal(eval_model, x_test, y_test, v, bs, target, score.dist)
         v_model = to_model_units(v, target_data)
-        effective = dist.norms(apply_perturbation(x_test, v) - x_test)
+        x_shard = score.shard(x_test)
+        effective = dist.norms(apply_perturbation(x_shard, v) - x_shard)
         point: dict[str, Any] = {
             "delta": eps,
             "fooling_rate_fit": fit.rate,
@@ -134,14 +155,14 @@ def universal_experiment(
             "robust_accuracy_ci95": _ci(int(test_eval["robust_correct"]), int(test_eval["n"])),
             "norm_pixel": lp_norm(v, s.norm),
             "norm_model": lp_norm(v_model, s.norm),
-            "mean_effective_norm_pixel": float(effective.mean()),
+            "mean_effective_norm_pixel": score.mean(effective),
             "seconds": result.seconds,
             "total_seconds": result.total_seconds,
         }
         if score.transfer:
             point["source_fooling_rate_fit"] = result.fooling_rate_fit
             point["source_fooling_rate_test"] = evaluate_universal(
-                attack_model, x_test, y_test, v, bs, target
+                attack_model, x_test, y_test, v, bs, target, score.dist
             )["fooling_rate"]
         curve.append(point)
         if len(budgets) > 1:
@@ -218,11 +239,12 @@ def per_sample_experiment(
     dist = attack.distance
     curve: list[dict[str, Any]] = []
     tensors: dict[str, Tensor] = {}
-    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs)
+    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs, dist=score.dist)
+    # under torchrun each rank attacks its shard and the call gathers the whole x_adv
     runs = attack(attack_model, x, y, budgets, seed=score.seed, batch_size=bs,
-                  progress=score.progress)  # fmt: skip
+                  progress=score.progress, dist=score.dist)  # fmt: skip
     for i, (eps, res) in enumerate(zip(budgets, runs, strict=True)):
-        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs)
+        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs, dist=score.dist)
         point: dict[str, Any] = {
             "eps": eps,
             "robust_accuracy": scores["robust_accuracy"],
@@ -236,7 +258,7 @@ def per_sample_experiment(
         }
         if score.transfer:
             point["source_robust_accuracy"] = evaluate_adversarial(
-                attack_model, x, y, res.x_adv, bs
+                attack_model, x, y, res.x_adv, bs, dist=score.dist
             )["robust_accuracy"]
         curve.append(point)
         tensors[f"eps_{i}"] = res.x_adv - x

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from odekit.errors import NumericalError, UsageError
 from odekit.linalg import dominant_direction
+from odekit.linalg.active import dominant_direction_across_ranks
 from odekit.methods.attacks.base import (
     FixedEpsilonAttack,
     Job,
@@ -37,6 +38,8 @@ MAX_STEP = 1e6  # pixel units: far beyond any [0, 1] box diagonal of a real inpu
 
 def _input_grads(model: nn.Module, x: Tensor, labels: Tensor, batch_size: int) -> Tensor:
     """Per-sample cross-entropy input gradients against ``labels``, flattened (N, D)."""
+    if len(x) == 0:  # a rank whose shard has nothing left to fool
+        return x.new_zeros(0, x[0:1].flatten(1).shape[1])
     return torch.cat([
         per_sample_input_grads(model, x[i : i + batch_size], labels[i : i + batch_size])
         .reshape(min(batch_size, len(x) - i), -1)
@@ -100,6 +103,7 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
     name = "active-subspace"
     summary = "universal: recursive active-subspace direction (thesis Algorithm 4)"
     settings_type = ActiveSubspaceSettings
+    supports_distributed = True
 
     def _restrict(self, job: Job, raw: VectorFit, eps: float) -> UniversalResult:
         result = super()._restrict(job, raw, eps)
@@ -112,9 +116,21 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
             result.extra["sweep_refine_iterations"] = iterations
         return result
 
+    def _any_left(self, keep: Tensor) -> bool:
+        """Whether any fit sample (on any rank) is still to fool."""
+        left = float(keep.sum())
+        if self.dist is not None:
+            (left,) = self.dist.sum_numbers(left)
+        return left > 0
+
     def _direction(self, model: nn.Module, x: Tensor, target: Tensor, batch_size: int) -> Tensor:
         """Dominant eigenvector of E[grad c grad c^T] with c = cross-entropy against ``target``."""
-        d = dominant_direction(_input_grads(model, x, target, batch_size)).reshape(x.shape[1:])
+        grads = _input_grads(model, x, target, batch_size)
+        if self.dist is None:
+            d = dominant_direction(grads)
+        else:  # exact: the Gram matrices of every rank's shard are summed
+            d = dominant_direction_across_ranks(grads, self.dist)
+        d = d.reshape(x.shape[1:])
         # the steepest unit step of the chosen norm along d
         return d if self.settings.norm == "2" else d.sign()
 
@@ -128,7 +144,7 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
         batch_size: int,
         progress: Progress | None,
     ) -> Fit:
-        v0 = torch.zeros_like(x[0])
+        v0 = x.new_zeros(x.shape[1:])  # (a rank's shard may be empty)
         return self.iterate(model, x, clean, eps, v0, self.settings.max_iter, batch_size, progress)
 
     def iterate(
@@ -155,7 +171,7 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
             iterations += 1
             pred = predict_on(model, apply_perturbation(x, v), batch_size)
             keep = _not_yet(pred, clean, self.target)
-            if not bool(keep.any()):
+            if not self._any_left(keep):
                 break
             labels = clean[keep] if self.target is None else torch.full_like(clean[keep], self.target)
             try:
@@ -456,6 +472,7 @@ class RandomAttack(MinimizationAttack[UniversalResult], UniversalAttack):
     name = "random"
     summary = "universal baseline: Gaussian direction scaled to the budget norm"
     settings_type = UniversalSettings
+    supports_distributed = True  # the same seed draws the same direction on every rank
 
     def run(
         self,
