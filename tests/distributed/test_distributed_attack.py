@@ -12,7 +12,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from conftest import ROOT, spawn_ranks  # noqa: E402
+from rank_spawner import ROOT, spawn_ranks  # noqa: E402
 
 WORKER = str(HERE / "_worker.py")
 LENET = ROOT / "checkpoints" / "lenet300_digits.safetensors"

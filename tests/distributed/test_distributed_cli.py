@@ -17,7 +17,7 @@ from odekit.io.integrity import DIGEST_KEY, tensor_digest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from conftest import ROOT, spawn_ranks  # noqa: E402
+from rank_spawner import ROOT, spawn_ranks  # noqa: E402
 
 LENET = ROOT / "checkpoints" / "lenet300_digits.safetensors"
 REDUCE = ["-m", "odekit", "reduce", "model.safetensors", "--layers", "1-2", "--rank", "40,30",

@@ -15,7 +15,7 @@ from odekit.streaming.throughput import ThroughputMeter, measure_matmul_peak
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _worker  # noqa: E402
-from conftest import spawn_ranks  # noqa: E402
+from rank_spawner import spawn_ranks  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,

@@ -15,7 +15,7 @@ from odekit.methods.pce import PCELayer, fit_pce
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _worker  # noqa: E402
-from conftest import spawn_ranks  # noqa: E402
+from rank_spawner import spawn_ranks  # noqa: E402
 
 WORKER = str(HERE / "_worker.py")
 

@@ -1,4 +1,7 @@
-"""Spawn N ranks of a worker script on loopback with torchrun's environment variables."""
+"""Spawn N ranks of a worker script on loopback with torchrun's environment variables.
+
+A module with its own name, not conftest: `from conftest import ...` picks whichever test
+folder's conftest was imported first when several folders run together."""
 
 from __future__ import annotations
 
@@ -11,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,8 +81,3 @@ def spawn_ranks(
         errs.append(log.read())
         log.close()
     return RankRun(codes, errs, time.monotonic() - start, [ended.get(r, float("inf")) for r in range(world)])
-
-
-@pytest.fixture
-def ranks():
-    return spawn_ranks
