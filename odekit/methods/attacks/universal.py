@@ -329,6 +329,23 @@ class ASUAPSettings(ActiveSubspaceSettings, UAPSettings):
     in a row are rejected)."""
 
 
+def _active_subspace_start(
+    attack: UniversalAttack,
+    model: nn.Module,
+    x: Tensor,
+    clean: Tensor,
+    eps: float,
+    generator: torch.Generator,
+    batch_size: int,
+    progress: Progress | None,
+) -> tuple[Tensor, int, float]:
+    """The plain AS vector the stronger methods start from: (v, its iterations, its fit rate)."""
+    v_as, as_iters, _, _ = ActiveSubspaceAttack(attack.settings).run(
+        model, x, clean, eps, generator, batch_size, progress
+    )
+    return v_as, as_iters, attack.success_rate(model, x, v_as, clean, batch_size)
+
+
 class ASUAPAttack(UAPAttack):
     name = "as+uap"
     summary = "universal: UAP passes started from the active-subspace vector (and its negative)"
@@ -345,10 +362,7 @@ class ASUAPAttack(UAPAttack):
         progress: Progress | None,
     ) -> Fit:
         s = self.settings
-        v_as, as_iters, _, _ = ActiveSubspaceAttack(s).run(
-            model, x, clean, eps, generator, batch_size, progress
-        )
-        rate_as = self.success_rate(model, x, v_as, clean, batch_size)
+        v_as, as_iters, rate_as = _active_subspace_start(self, model, x, clean, eps, generator, batch_size, progress)
         starts = []
         for sign in (1.0, -1.0):
             v, n, _, _ = self.passes(model, x, clean, eps, generator, batch_size, None,
@@ -435,10 +449,7 @@ class ActiveSubspaceKAttack(FixedEpsilonAttack[UniversalResult], UniversalAttack
         progress: Progress | None,
     ) -> Fit:
         s = self.settings
-        v_as, as_iters, _, _ = ActiveSubspaceAttack(s).run(
-            model, x, clean, eps, generator, batch_size, progress
-        )
-        rate_as = self.success_rate(model, x, v_as, clean, batch_size)
+        v_as, as_iters, rate_as = _active_subspace_start(self, model, x, clean, eps, generator, batch_size, progress)
         best_v, best_rate = v_as, rate_as
         history = [rate_as]
         try:
