@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
     PeakRSS,
+    emit_line,
     results_path,
 )
 
@@ -42,11 +43,7 @@ RESULTS = results_path("asnet")
 
 
 def emit(record: dict[str, Any]) -> None:
-    line = json.dumps(record, sort_keys=True)
-    print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as handle:
-        handle.write(line + "\n")
+    emit_line(RESULTS, json.dumps(record, sort_keys=True))
 
 
 def compress_case(name: str, cut: int, rank: int, epochs: int, sparse: bool, l1: float) -> dict[str, Any]:

@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    emit_line,
+    results_path,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = results_path("distributed")
 
 
 def emit(record: dict[str, Any]) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as handle:
-        handle.write(line + "\n")
+    emit_line(RESULTS, json.dumps(record))
 
 
 def _inputs(n: int, seed: int) -> torch.Tensor:

@@ -48,3 +48,11 @@ def results_path(name: str) -> Path:
     folder = os.environ.get("ODEKIT_BENCH_RESULTS")
     base = Path(folder) if folder else Path(__file__).resolve().parent / "results"
     return base / f"{name}.jsonl"
+
+
+def emit_line(path: Path, line: str) -> None:
+    """Print one JSON line and append it to ``path`` (the benchmark's results file)."""
+    print(line, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(line + "\n")

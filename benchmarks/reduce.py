@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
     PeakRSS,
+    emit_line,
     results_path,
 )
 
@@ -62,11 +63,7 @@ def paired_latency_ms(
 
 
 def emit(record: dict[str, Any]) -> None:
-    line = json.dumps(record, default=lambda v: float(v) if isinstance(v, torch.Tensor) else str(v))
-    print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as handle:
-        handle.write(line + "\n")
+    emit_line(RESULTS, json.dumps(record, default=lambda v: float(v) if isinstance(v, torch.Tensor) else str(v)))
 
 
 # --------------------------------------------------------------------------- trade-off

@@ -36,7 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from measure import results_path  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    emit_line,
+    results_path,
+)
 
 from odekit.io.datasets import load_dataset
 
@@ -46,11 +49,7 @@ USER_CODE = ROOT / "tests" / "foreign" / "zoo.py"
 
 
 def emit(record: dict[str, Any]) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as handle:
-        handle.write(line + "\n")
+    emit_line(RESULTS, json.dumps(record))
 
 
 def write_data(folder: Path, train_samples: int | None) -> Any:
