@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from typer._click.core import (  # Typer 0.29 vendors click: its classes, not click's
     Context,
     Parameter,
 )
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from odekit import __version__
 from odekit.cli.asnet import EPILOG as ASNET_EPILOG
@@ -35,6 +35,15 @@ class _FlagOption(TyperOption):
         return None
 
 
+class _ManyArgument(TyperArgument):
+    """An argument taking several values: its help row shows the type of one value (`<path>`),
+    not Typer's `<list[Path]>`; the name (metavar `NAME...`) says that several are taken."""
+
+    def display_type_rich(self, ctx: Context) -> str | None:
+        (item,) = get_args(self.type_descriptor.annotation) or (str,)
+        return f"<{getattr(item, '__name__', str(item)).lower()}>"
+
+
 class OdekitCommand(TyperCommand):
     """Usage lines name arguments as `CHECKPOINT` (Typer writes `{checkpoint}`); flags show no value type."""
 
@@ -44,7 +53,7 @@ class OdekitCommand(TyperCommand):
             if param.param_type_name == "argument":
                 name = (param.metavar or param.name or "").upper()
                 name = name if param.required else f"[{name}]"
-                pieces.append(name + ("..." if param.nargs != 1 else ""))
+                pieces.append(name + ("..." if param.nargs != 1 and not name.endswith("...") else ""))
         return pieces
 
     def get_params(self, ctx: Context) -> list[Parameter]:
@@ -52,6 +61,8 @@ class OdekitCommand(TyperCommand):
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag and not isinstance(param, _FlagOption):
                 param.__class__ = _FlagOption
+            elif isinstance(param, TyperArgument) and param.nargs != 1 and not isinstance(param, _ManyArgument):
+                param.__class__ = _ManyArgument
         return params
 
 
