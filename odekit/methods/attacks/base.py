@@ -15,7 +15,7 @@ Orthogonally, `UniversalAttack` (one vector for all inputs, fitted on ``inputs``
 concrete attacks implement `run`. `ATTACKS` is the registry ``--method`` is built from.
 
 The call protocol lives here; the pieces it is built from live beside it and are re-exported:
-`settings` (settings, default budgets, validators), `results` (what a call returns) and
+`settings` (settings, default budgets, validators), `results` (what a call works on and returns) and
 `predictions` (predictions and success counts, also over the ranks of a torchrun launch).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, final, overload
 
 import torch
@@ -41,7 +40,13 @@ from odekit.methods.attacks.predictions import (
     predict_on,
     summed_over_ranks,
 )
-from odekit.methods.attacks.results import PerSampleResult, UniversalResult
+from odekit.methods.attacks.results import (
+    BatchAttempt,
+    Job,
+    PerSampleResult,
+    UniversalResult,
+    VectorFit,
+)
 from odekit.methods.attacks.settings import (
     DEFAULT_DELTA,
     DEFAULT_EPS,
@@ -89,19 +94,6 @@ __all__ = [  # the names this module has always offered, whichever module now de
 ]
 
 R = TypeVar("R", UniversalResult, PerSampleResult)
-
-
-@dataclass
-class Job:
-    """What one call works on: the model (eval mode), inputs on its device (universal) or on
-    theirs (per-sample, moved batch by batch), labels, clean predictions."""
-
-    model: nn.Module
-    x: Tensor
-    labels: Tensor | None
-    clean: Tensor | None
-    batch_size: int
-    device: torch.device
 
 
 class Attack(ABC, Generic[R]):
@@ -286,17 +278,6 @@ class MinimizationAttack(Attack[R]):
         return results
 
 
-@dataclass
-class VectorFit:
-    """A universal attack's raw output: the vector found at budget ``eps``."""
-
-    v: Tensor
-    eps: float
-    iterations: int
-    history: list[float]
-    extra: dict[str, Any]
-
-
 class UniversalAttack(Attack[UniversalResult]):
     """Finds one v with ||v|| <= delta that changes many predictions; subclasses implement `run`
     and inherit one of the budget bases. Budget-free directions (`MinimizationAttack`) are
@@ -365,13 +346,6 @@ class UniversalAttack(Attack[UniversalResult]):
         progress: Progress | None,
     ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
         """Return (v, iterations, fit fooling-rate history, extra report fields) at budget eps."""
-
-
-@dataclass
-class BatchAttempt:
-    x: Tensor
-    x_adv: Tensor
-    size: Tensor | None
 
 
 class PerSampleAttack(Attack[PerSampleResult]):

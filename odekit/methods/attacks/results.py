@@ -1,11 +1,14 @@
-"""What an attack call returns: a universal vector, or adversarial inputs, per budget."""
+"""What an attack call works on (`Job`), its raw outputs before a budget restricts them
+(`VectorFit`, `BatchAttempt`) and what it returns per budget (a universal vector, or
+adversarial inputs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from odekit.methods.attacks.space import lp_norm
 
@@ -48,3 +51,36 @@ class PerSampleResult:
     @property
     def total_seconds(self) -> float:
         return self.seconds + self.shared_seconds
+
+
+@dataclass
+class Job:
+    """What one call works on: the model (eval mode), inputs on its device (universal) or on
+    theirs (per-sample, moved batch by batch), labels, clean predictions."""
+
+    model: nn.Module
+    x: Tensor
+    labels: Tensor | None
+    clean: Tensor | None
+    batch_size: int
+    device: torch.device
+
+
+@dataclass
+class VectorFit:
+    """A universal attack's raw output: the vector found at budget ``eps``."""
+
+    v: Tensor
+    eps: float
+    iterations: int
+    history: list[float]
+    extra: dict[str, Any]
+
+
+@dataclass
+class BatchAttempt:
+    """A per-sample attack's raw output on one batch: inputs, attacked inputs, sizes (or None)."""
+
+    x: Tensor
+    x_adv: Tensor
+    size: Tensor | None
