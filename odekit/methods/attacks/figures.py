@@ -43,7 +43,7 @@ def _show_vector(fig: Figure, ax: Axes, v: Tensor, title: str) -> None:
     img = _image(v.mean(0) if channels > 1 else v)
     lim = float(np.abs(img).max()) or 1.0
     im = ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    _frame(ax, title + (f"\n(mean over {channels} channels)" if channels > 1 else ""))
+    _frame(ax, title + ("\n(channel mean)" if channels > 1 else ""))
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label("pixel change ([0, 1] units)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
