@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import signal
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from typer._click.core import (  # Typer 0.29 vendors click: its classes, not click's
     Context,
     Parameter,
 )
-from typer.core import TyperCommand, TyperGroup, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from odekit import __version__
 from odekit.cli.asnet import EPILOG as ASNET_EPILOG
@@ -35,10 +35,22 @@ class _FlagOption(TyperOption):
         return None
 
 
+class _ManyArgument(TyperArgument):
+    """An argument taking several values: its help row shows the type of one value (`<path>`),
+    not Typer's `<list[Path]>`; the name (metavar `NAME...`) says that several are taken."""
+
+    def display_type_rich(self, ctx: Context) -> str | None:
+        (item,) = get_args(self.type_descriptor.annotation) or (str,)
+        return f"<{getattr(item, '__name__', str(item)).lower()}>"
+
+
 def _plain_flags(params: list[Parameter]) -> list[Parameter]:
+    """Flags show no value type; many-valued arguments show the type of one value."""
     for param in params:
         if isinstance(param, TyperOption) and param.is_flag and not isinstance(param, _FlagOption):
             param.__class__ = _FlagOption
+        elif isinstance(param, TyperArgument) and param.nargs != 1 and not isinstance(param, _ManyArgument):
+            param.__class__ = _ManyArgument
     return params
 
 
@@ -51,7 +63,7 @@ class OdekitCommand(TyperCommand):
             if param.param_type_name == "argument":
                 name = (param.metavar or param.name or "").upper()
                 name = name if param.required else f"[{name}]"
-                pieces.append(name + ("..." if param.nargs != 1 else ""))
+                pieces.append(name + ("..." if param.nargs != 1 and not name.endswith("...") else ""))
         return pieces
 
     def get_params(self, ctx: Context) -> list[Parameter]:

@@ -53,7 +53,7 @@ def render() -> str:
         options = [p for p in command.params if p not in arguments]
         if arguments:
             out += ["| argument | help |", "|---|---|"]
-            out += [f"| `{p.name.upper()}` | {(getattr(p, 'help', '') or '').strip()} |" for p in arguments]
+            out += [f"| `{(p.metavar or p.name).upper()}` | {(getattr(p, 'help', '') or '').strip()} |" for p in arguments]
             out.append("")
         if options:
             out += ["| option | help | default |", "|---|---|---|"]

@@ -363,9 +363,9 @@ def test_huge_solver_step_count_is_refused_before_any_work(tmp_path, odenet_path
 
 
 def test_out_of_memory_under_a_solver_spec_blames_the_steps():
-    from odekit.cli.attack import _solver_memory_guard
     from odekit.errors import UsageError
     from odekit.methods.attacks import parse_solver_spec
+    from odekit.methods.attacks.pipeline import solver_memory_guard as _solver_memory_guard
 
     spec = parse_solver_spec("euler:5000")
     with pytest.raises(UsageError, match="--attack-solver euler:5000") as info, _solver_memory_guard((spec, None)):

@@ -36,6 +36,12 @@ from odekit.methods.attacks.per_sample import (
     PGDAttack,
     PGDSettings,
 )
+from odekit.methods.attacks.refined import (
+    ActiveSubspaceKAttack,
+    ActiveSubspaceKSettings,
+    ASUAPAttack,
+    ASUAPSettings,
+)
 from odekit.methods.attacks.solvers import SolverSpec, ode_blocks, parse_solver_spec, with_solver
 from odekit.methods.attacks.space import (
     NORMS,
@@ -52,11 +58,7 @@ from odekit.methods.attacks.space import (
 )
 from odekit.methods.attacks.universal import (
     ActiveSubspaceAttack,
-    ActiveSubspaceKAttack,
-    ActiveSubspaceKSettings,
     ActiveSubspaceSettings,
-    ASUAPAttack,
-    ASUAPSettings,
     RandomAttack,
     UAPAttack,
     UAPSettings,

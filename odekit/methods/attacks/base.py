@@ -13,199 +13,87 @@ computed is fixed by one of two bases:
 Orthogonally, `UniversalAttack` (one vector for all inputs, fitted on ``inputs``) and
 `PerSampleAttack` (one perturbation per input) own bounds, projection and bookkeeping;
 concrete attacks implement `run`. `ATTACKS` is the registry ``--method`` is built from.
+
+The call protocol lives here; the pieces it is built from live beside it and are re-exported:
+`settings` (settings, default budgets, validators), `results` (what a call works on and returns) and
+`predictions` (predictions and success counts, also over the ranks of a torchrun launch).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, final, overload
 
 import torch
 from torch import Tensor, nn
 
 from odekit.device import synchronize
-from odekit.distributed import shard_indices
 from odekit.errors import UsageError
 from odekit.methods.attacks.distance import Distance, distance_for
+from odekit.methods.attacks.predictions import (
+    attack_success,
+    fooling_rate,
+    gather_shards,
+    model_device,
+    predict_on,
+    summed_over_ranks,
+)
+from odekit.methods.attacks.results import (
+    BatchAttempt,
+    Job,
+    PerSampleResult,
+    UniversalResult,
+    VectorFit,
+)
+from odekit.methods.attacks.settings import (
+    DEFAULT_DELTA,
+    DEFAULT_EPS,
+    MAX_COUNT,
+    PerSampleSettings,
+    UniversalSettings,
+    check_count,
+    check_nonnegative,
+    check_positive,
+)
 from odekit.methods.attacks.space import apply_perturbation, check_in_box, lp_norm, parse_norm
 from odekit.progress import Progress
 from odekit.registry import Registry
-from odekit.stats import Proportion
 
 if TYPE_CHECKING:
     from odekit.distributed import Distributed
 
-DEFAULT_DELTA = {"2": 3.0, "inf": 0.15}  # universal, pixel units
-DEFAULT_EPS = {"2": [0.5], "inf": [8 / 255]}  # RobustBench per-sample budgets, pixel units
-MAX_COUNT = 1_000_000  # iterations, passes, steps, restarts: more is a typo, not a plan
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-@torch.no_grad()
-def predict_on(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """Predicted classes of ``x`` (on the model's device)."""
-    dev = model_device(model)
-    out = [model(x[i : i + batch_size].to(dev)).argmax(1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=dev)
-
-
-def attack_success(pred: Tensor, clean: Tensor, target: int | None = None) -> Proportion:
-    """Untargeted: every sample counts and succeeds when its prediction changes. Targeted:
-    samples whose clean prediction is not ``target`` count, and succeed when predicted as it."""
-    clean = clean.to(pred.device)
-    if target is None:
-        return Proportion(int((pred != clean).sum()), len(pred))
-    counted = clean != target
-    return Proportion(int((pred[counted] == target).sum()), int(counted.sum()))
-
-
-def summed_over_ranks(p: Proportion, dist: Distributed | None) -> Proportion:
-    """``p``'s counts summed over the ranks of ``dist`` (unchanged without one): the rate of a
-    sharded set is exactly the rate one process gets on the whole set."""
-    if dist is None or dist.world_size == 1:
-        return p
-    successes, n = dist.sum_numbers(p.successes, p.n)
-    return Proportion(int(successes), int(n))
-
-
-def gather_shards(t: Tensor, n: int, dist: Distributed) -> Tensor:
-    """The whole (n, ...) tensor on every rank from each rank's `Distributed.shard` rows ``t``
-    (padded to the largest shard for the collective, then cut back)."""
-    if dist.world_size == 1:
-        return t
-    sizes = [len(shard_indices(n, r, dist.world_size)) for r in range(dist.world_size)]
-    pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
-    parts = dist.all_gather(torch.cat([t, pad]))
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
-
-
-def fooling_rate(
-    model: nn.Module,
-    x: Tensor,
-    v: Tensor,
-    clean_pred: Tensor,
-    batch_size: int = 512,
-    target: int | None = None,
-    dist: Distributed | None = None,
-) -> float:
-    """Eq. 6.37: fraction of samples whose prediction changes under x + v (clipped to the box);
-    with ``target``, the fraction of the others that land on it. With ``dist``, ``x`` is this
-    rank's shard and the counts are summed over the ranks (every rank gets the global rate)."""
-    if len(x) == 0 and dist is None:
-        return float("nan")
-    pred = predict_on(model, apply_perturbation(x, v), batch_size) if len(x) else clean_pred[:0]
-    return summed_over_ranks(attack_success(pred, clean_pred, target), dist).rate
-
-
-def check_positive(name: str, value: float, hint: str = "") -> None:
-    if not value > 0 or not math.isfinite(value):
-        raise UsageError(f"{name} must be a positive finite number, got {value}",
-                         hint or "give a number > 0 (not nan or inf)")  # fmt: skip
-
-
-def check_count(name: str, value: int, low: int, high: int = MAX_COUNT) -> None:
-    """An integer option in [low, high]."""
-    if isinstance(value, bool) or int(value) != value or not low <= value <= high:
-        raise UsageError(f"{name} must be an integer in [{low}, {high}], got {value}",
-                         f"give a whole number from {low} to {high}")  # fmt: skip
-
-
-def check_nonnegative(name: str, value: float, hint: str = "") -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise UsageError(f"{name} must be a finite number >= 0, got {value}",
-                         hint or "give a number >= 0 (not nan or inf)")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class UniversalSettings:
-    """Budget shared by universal attacks: ``delta`` is the norm bound in [0, 1] pixel units
-    (the default budget of a call). With ``target`` the attack is targeted: it pushes inputs
-    towards that class, and success means landing on it."""
-
-    norm: str = "2"
-    delta: float = 2.0
-    target: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "norm", parse_norm(self.norm))
-        check_positive(
-            "delta", self.delta, "delta is the perturbation norm bound in [0, 1] pixel units"
-        )
-        if self.target is not None:
-            check_count("target class", self.target, 0, 100_000)
-
-
-@dataclass(frozen=True)
-class PerSampleSettings:
-    """Settings shared by per-sample attacks (the budget eps comes with each call)."""
-
-    norm: str = "inf"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "norm", parse_norm(self.norm))
-
-
-@dataclass
-class UniversalResult:
-    """One universal vector (pixel units, shape of one sample) and how it was found.
-
-    ``seconds`` is the time spent on this budget alone, ``shared_seconds`` the fit shared by
-    every budget of a sweep (zero for attacks that rerun per budget)."""
-
-    v: Tensor
-    fooling_rate_fit: float
-    seconds: float
-    iterations: int
-    history: list[float] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    budget: float = float("nan")
-    shared_seconds: float = 0.0
-
-    def norm(self, norm: str) -> float:
-        return lp_norm(self.v, norm)
-
-    @property
-    def total_seconds(self) -> float:
-        return self.seconds + self.shared_seconds
-
-
-@dataclass
-class PerSampleResult:
-    """Adversarial inputs (pixels, clipped, within budget) and their budget-norm sizes."""
-
-    x_adv: Tensor
-    sizes: Tensor  # per sample, in the attack's distance (pixel units; pixels for the T-norm)
-    seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
-    budget: float = float("nan")
-    shared_seconds: float = 0.0
-
-    @property
-    def total_seconds(self) -> float:
-        return self.seconds + self.shared_seconds
-
+__all__ = [  # the names this module has always offered, whichever module now defines them
+    "ATTACKS",
+    "DEFAULT_DELTA",
+    "DEFAULT_EPS",
+    "MAX_COUNT",
+    "Attack",
+    "BatchAttempt",
+    "FixedEpsilonAttack",
+    "Job",
+    "MinimizationAttack",
+    "PerSampleAttack",
+    "PerSampleResult",
+    "PerSampleSettings",
+    "UniversalAttack",
+    "UniversalResult",
+    "UniversalSettings",
+    "VectorFit",
+    "attack_success",
+    "check_count",
+    "check_nonnegative",
+    "check_positive",
+    "fooling_rate",
+    "gather_shards",
+    "model_device",
+    "predict_on",
+    "register_attacks",
+    "summed_over_ranks",
+]
 
 R = TypeVar("R", UniversalResult, PerSampleResult)
-
-
-@dataclass
-class Job:
-    """What one call works on: the model (eval mode), inputs on its device (universal) or on
-    theirs (per-sample, moved batch by batch), labels, clean predictions."""
-
-    model: nn.Module
-    x: Tensor
-    labels: Tensor | None
-    clean: Tensor | None
-    batch_size: int
-    device: torch.device
 
 
 class Attack(ABC, Generic[R]):
@@ -390,17 +278,6 @@ class MinimizationAttack(Attack[R]):
         return results
 
 
-@dataclass
-class VectorFit:
-    """A universal attack's raw output: the vector found at budget ``eps``."""
-
-    v: Tensor
-    eps: float
-    iterations: int
-    history: list[float]
-    extra: dict[str, Any]
-
-
 class UniversalAttack(Attack[UniversalResult]):
     """Finds one v with ||v|| <= delta that changes many predictions; subclasses implement `run`
     and inherit one of the budget bases. Budget-free directions (`MinimizationAttack`) are
@@ -469,13 +346,6 @@ class UniversalAttack(Attack[UniversalResult]):
         progress: Progress | None,
     ) -> tuple[Tensor, int, list[float], dict[str, Any]]:
         """Return (v, iterations, fit fooling-rate history, extra report fields) at budget eps."""
-
-
-@dataclass
-class BatchAttempt:
-    x: Tensor
-    x_adv: Tensor
-    size: Tensor | None
 
 
 class PerSampleAttack(Attack[PerSampleResult]):

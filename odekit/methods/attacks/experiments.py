@@ -216,7 +216,8 @@ def universal_experiment(
         f"{100 * curve[-1]['fooling_rate_test']:.1f}%"
     )
     figure = examples_figure(x_ex, x_adv, before, after, title, vector=v,
-                             vector_title="v (pixels)")
+                             vector_title=f"v: ||v||_{s.norm} = {lp_norm(v, s.norm):.3g} px",
+                             labels=y_test[:k].tolist())  # fmt: skip
     return AttackRun(results, tensors, metadata, {"attack.png": figure})
 
 
@@ -299,7 +300,8 @@ def per_sample_experiment(
              f"{100 * curve[-1]['robust_accuracy']:.1f}%")
     xlabel = f"eps ({dist.label}, {dist.unit})"
     figures = {
-        "attack.png": examples_figure(x[:k], last_adv[:k], before, after, title),
+        "attack.png": examples_figure(x[:k], last_adv[:k], before, after, title,
+                                      labels=y[:k].tolist(), rows=("clean", "adversarial")),
         "robust_accuracy.png": curve_figure(budgets, results["robust_accuracy"],
                                             clean_eval["clean_accuracy"],
                                             f"{attack.name}: robust accuracy", xlabel),

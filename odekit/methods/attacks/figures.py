@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -19,22 +20,37 @@ def _image(t: Tensor) -> np.ndarray:
     return a
 
 
-def _show(ax: object, t: Tensor, title: str, cmap: str = "gray", symmetric: bool = False) -> None:
-    img = _image(t)
-    kwargs: dict[str, object] = {"interpolation": "nearest"}
+def _show(ax: Axes, t: Tensor, title: str) -> None:
+    """A sample in [0, 1] pixels (grey scale or colour)."""
+    img = np.clip(_image(t), 0.0, 1.0)
     if img.ndim == 2:
-        kwargs["cmap"] = cmap
-        if symmetric:
-            lim = float(np.abs(img).max()) or 1.0
-            kwargs.update(vmin=-lim, vmax=lim)
-        else:
-            kwargs.update(vmin=0.0, vmax=1.0)
+        ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:
-        img = (img - img.min()) / (np.ptp(img) or 1.0) if symmetric else np.clip(img, 0, 1)
-    ax.imshow(img, **kwargs)  # type: ignore[attr-defined]
-    ax.set_title(title, fontsize=9)  # type: ignore[attr-defined]
-    ax.set_xticks([])  # type: ignore[attr-defined]
-    ax.set_yticks([])  # type: ignore[attr-defined]
+        ax.imshow(img, interpolation="nearest")
+    _frame(ax, title)
+
+
+def _frame(ax: Axes, title: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _show_vector(fig: Figure, ax: Axes, v: Tensor, title: str) -> None:
+    """The universal vector as a signed heat map, zero white, with a colour bar in [0, 1]-pixel
+    units over a symmetric range; colour inputs show the mean over their channels."""
+    channels = v.shape[0] if v.ndim == 3 else 1
+    img = _image(v.mean(0) if channels > 1 else v)
+    lim = float(np.abs(img).max()) or 1.0
+    im = ax.imshow(img, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    _frame(ax, title + ("\n(channel mean)" if channels > 1 else ""))
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("pixel change ([0, 1] units)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+
+
+def _prediction(label: int | None, pred: int) -> str:
+    return f"pred {pred}" if label is None else f"true {label}, pred {pred}"
 
 
 def examples_figure(
@@ -45,23 +61,33 @@ def examples_figure(
     title: str,
     vector: Tensor | None = None,
     vector_title: str = "perturbation",
+    *,
+    labels: Sequence[int] | None = None,
+    rows: tuple[str, str] = ("clean", "perturbed"),
 ) -> Figure:
-    """Row 1: clean samples with predictions; row 2: attacked ones (red title = changed);
-    with ``vector``, a first column shows the universal perturbation."""
+    """Row ``rows[0]``: clean samples titled with their true label (``labels``) and prediction;
+    row ``rows[1]``: the attacked ones, titles in red where the prediction changed. With
+    ``vector``, a first column shows the universal perturbation with its colour bar."""
     n = len(x)
     cols = n + (1 if vector is not None else 0)
-    fig = Figure(figsize=(1.8 * cols, 4.5))
+    fig = Figure(figsize=(1.8 * cols + (0.8 if vector is not None else 0.3), 4.6))
     axes = fig.subplots(2, cols, squeeze=False)
     offset = 0
     if vector is not None:
-        _show(axes[0][0], vector, vector_title, cmap="RdBu_r", symmetric=True)
+        _show_vector(fig, axes[0][0], vector, vector_title)
         axes[1][0].axis("off")
+        axes[1][0].text(0.5, 0.5, f"{rows[1]} =\nclip(clean + v)", ha="center", va="center",
+                        fontsize=8, transform=axes[1][0].transAxes)  # fmt: skip
         offset = 1
     for i in range(n):
-        _show(axes[0][offset + i], x[i], f"pred {before[i]}")
-        _show(axes[1][offset + i], x_adv[i], f"pred {after[i]}")
+        label = None if labels is None else int(labels[i])
+        _show(axes[0][offset + i], x[i], _prediction(label, before[i]))
+        _show(axes[1][offset + i], x_adv[i], _prediction(label, after[i]))
         if after[i] != before[i]:
             axes[1][offset + i].title.set_color("red")
+    if n:
+        for row, name in enumerate(rows):
+            axes[row][offset].set_ylabel(name, fontsize=10)
     fig.suptitle(title, fontsize=10)
     return fig
 
