@@ -231,7 +231,7 @@ def train_ode_command(
     params = {k: v for k, v in locals().items() if k not in ("common", "out", "force", "json_output", "debug")}
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     # imported after locals() above was read, and here rather than at module level for a fast --help
-    from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
+    from odekit.cli.train_separable import SeparableOptions, run_separable
     from odekit.io.checkpoints import load_model, save_model
     from odekit.methods.ode_train import ODETrainSettings, RegimeSettings, check_u
     from odekit.methods.ode_train.jobs import (
@@ -240,6 +240,7 @@ def train_ode_command(
         run_ode_job,
         solver_config,
     )
+    from odekit.methods.varpro.job import wants_separable
     from odekit.models.ode_models import CNF
     from odekit.ode import InterpolationWarning
 

@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from odekit.distributed import Distributed
 from odekit.errors import UsageError
-from odekit.io.checkpoints import LoadedModel, ModelMeta
+from odekit.io.checkpoints import LoadedModel
 from odekit.io.datasets import load_dataset
 from odekit.io.preprocessing import Preprocessing
 from odekit.io.toy2d import TOY_DATASETS, ToyData, load_toy
 from odekit.methods.ode_train.loop import ODETrainResult, ODETrainSettings
 from odekit.methods.ode_train.regimes import RegimeSettings
 from odekit.methods.ode_train.train import ode_checkpoint_meta, train_cnf, train_ode_classifier
+from odekit.methods.trained import TrainedModelResult
 from odekit.models import build_model
 from odekit.models.ode_models import ACTIVATIONS, CNF, NORMS, TRACE_MODES, ode_blocks, set_solver
 from odekit.ode import SOLVERS, SolverConfig
@@ -152,18 +152,11 @@ class ODEJobSettings:
 
 
 @dataclass(frozen=True)
-class ODEJobResult:
-    """A trained model, its checkpoint metadata and the training record."""
+class ODEJobResult(TrainedModelResult):
+    """The trained model (on the job's device), its metadata, the solver and the training record."""
 
-    task: str
-    arch: str
-    model_args: dict[str, Any]
-    data_name: str
-    data_info: dict[str, Any]  # the data set as the report's inputs record it
     config: SolverConfig
     training: ODETrainResult
-    model: nn.Module  # trained, on the job's device
-    meta: ModelMeta
     toy: ToyData | None = None  # density: the data, for the density plot
 
     @property

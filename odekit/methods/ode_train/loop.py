@@ -54,7 +54,7 @@ class ODETrainSettings:
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer '{self.optimizer}'", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown lr schedule '{self.schedule}'", f"choose one of {', '.join(SCHEDULES)}")
+            raise UsageError(f"unknown --lr-schedule '{self.schedule}'", f"choose one of {', '.join(SCHEDULES)}")
 
     def total_steps(self, batches_per_epoch: int, default_epochs: int) -> int:
         if self.iters is not None:

@@ -66,7 +66,7 @@ class RegimeSettings:
                     "give one weight per u",
                 )
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-                raise UsageError(f"ensemble weights must be >= 0 with a positive sum, got {list(weights)}")
+                raise UsageError(f"--ensemble-weights must be >= 0 with a positive sum, got {list(weights)}")
             weights = tuple(w / sum(weights) for w in weights)
         elif weights:
             raise UsageError("--ensemble-weights only applies to --solver-regime ensembling")
