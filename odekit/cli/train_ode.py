@@ -35,7 +35,13 @@ from odekit.cli.options import (
     SeedOpt,
     ThreadsOpt,
 )
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.runner import (
+    DEFAULT_RUNS_DIR,
+    CommandContext,
+    CommandOutput,
+    ResultTable,
+    run_command,
+)
 from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
 
@@ -231,7 +237,7 @@ def train_ode_command(
     params = {k: v for k, v in locals().items() if k not in ("common", "out", "force", "json_output", "debug")}
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     # imported after locals() above was read, and here rather than at module level for a fast --help
-    from odekit.cli.train_separable import SeparableOptions, run_separable
+    from odekit.cli.train_separable import parse_regularization, run_separable
     from odekit.io.checkpoints import load_model, save_model
     from odekit.methods.ode_train import ODETrainSettings, RegimeSettings, check_u
     from odekit.methods.ode_train.jobs import (
@@ -240,7 +246,7 @@ def train_ode_command(
         run_ode_job,
         solver_config,
     )
-    from odekit.methods.varpro.job import wants_separable
+    from odekit.methods.varpro.job import SeparableJobSettings, optimizer_names, wants_separable
     from odekit.models.ode_models import CNF
     from odekit.ode import InterpolationWarning
 
@@ -289,13 +295,15 @@ def train_ode_command(
         return _output(result, model_path, plots)
 
     def _separable(ctx: CommandContext, key: str) -> CommandOutput:
-        options = SeparableOptions(
-            task=key, data=data, data_dir=str(data_dir) if data_dir else None, model=model, width=width, depth=depth,
-            activation=activation, solver=solver, steps=steps, t1=t1, optimizer=optimizer, compare=compare,
-            regularization=regularization, levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units,
-            iters=iters, epochs=epochs, batch_size=batch_size, lr=lr, samples=samples, seed=seed,
+        alpha_theta, alpha_w = parse_regularization(regularization)
+        cache = data_dir or (DEFAULT_RUNS_DIR / "cache" if key == "regress" else None)
+        settings = SeparableJobSettings(
+            task=key, optimizers=optimizer_names(optimizer, compare), data=data, data_dir=cache, model=model, width=width,
+            depth=depth, activation=activation, solver=solver, steps=steps, t1=t1, alpha_theta=alpha_theta, alpha_w=alpha_w,
+            levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units, iters=iters, epochs=epochs,
+            batch_size=batch_size, lr=lr, data_size=samples, seed=seed,
         )  # fmt: skip
-        return run_separable(ctx, options, _resume(ctx))
+        return run_separable(ctx, settings, _resume(ctx))
 
     def _resume(ctx: CommandContext) -> LoadedModel | None:
         if resume is None:

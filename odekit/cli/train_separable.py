@@ -1,23 +1,20 @@
 """The VarPro side of `odekit train-ode`: --task regress, --optimizer gnvpro|slimtrain, --compare.
 
-train_ode.py parses the options and hands them here as a `SeparableOptions`; this module reads
-them into `methods.varpro.job.SeparableJobSettings`, runs the job, and writes model.safetensors,
-convergence.png and the report.
+train_ode.py parses the options into a `methods.varpro.job.SeparableJobSettings`; this module
+runs the job and writes model.safetensors, convergence.png and the report.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from odekit.cli.runner import DEFAULT_RUNS_DIR, CommandContext, CommandOutput, ResultTable
+from odekit.cli.runner import CommandContext, CommandOutput, ResultTable
 from odekit.errors import UsageError
 from odekit.io.checkpoints import LoadedModel, save_model
 from odekit.methods.varpro.job import (
     SeparableJobResult,
     SeparableJobSettings,
-    optimizer_names,
     run_separable_job,
 )
 from odekit.methods.varpro.training import VarProResult
@@ -26,34 +23,8 @@ from odekit.writers.plots import new_figure, save_figure
 CURVE_STYLE = {"gnvpro": "tab:red", "slimtrain": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
 
 
-@dataclass(frozen=True)
-class SeparableOptions:
-    task: str
-    data: str | None
-    data_dir: str | None
-    model: str | None
-    width: int | None
-    depth: int
-    activation: str | None
-    solver: str | None
-    steps: int | None
-    t1: float
-    optimizer: str
-    compare: str | None
-    regularization: str
-    levels: int
-    krylov_rank: int
-    radius: float
-    work_units: float | None
-    iters: int | None
-    epochs: int | None
-    batch_size: int
-    lr: float
-    samples: int
-    seed: int
-
-
-def _alphas(text: str) -> tuple[float, float]:
+def parse_regularization(text: str) -> tuple[float, float]:
+    """--regularization: alpha_theta,alpha_W (one value sets both)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -83,18 +54,9 @@ def _plot(path: Path, results: dict[str, VarProResult], metric: str, force: bool
     save_figure(fig, path, force)
 
 
-def run_separable(ctx: CommandContext, o: SeparableOptions, loaded: LoadedModel | None) -> CommandOutput:
+def run_separable(ctx: CommandContext, settings: SeparableJobSettings, loaded: LoadedModel | None) -> CommandOutput:
     """Train with every optimizer asked for; save the first one's model; plot all curves."""
     model_path, plot_path = ctx.path("model.safetensors"), ctx.path("convergence.png")
-    alpha_theta, alpha_w = _alphas(o.regularization)
-    data_dir = Path(o.data_dir) if o.data_dir else (DEFAULT_RUNS_DIR / "cache" if o.task == "regress" else None)
-    settings = SeparableJobSettings(
-        task=o.task, optimizers=optimizer_names(o.optimizer, o.compare), data=o.data, data_dir=data_dir, model=o.model,
-        width=o.width, depth=o.depth, activation=o.activation, solver=o.solver, steps=o.steps, t1=o.t1,
-        alpha_theta=alpha_theta, alpha_w=alpha_w, levels=o.levels, krylov_rank=o.krylov_rank, radius=o.radius,
-        work_units=o.work_units, iters=o.iters, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, data_size=o.samples,
-        seed=o.seed,
-    )  # fmt: skip
     result = run_separable_job(settings, loaded, ctx.device, progress=ctx.progress)
     ctx.inputs["data"] = result.data_info
     save_model(model_path, result.model, result.meta, force=ctx.force)
