@@ -269,7 +269,6 @@ def train_ode_command(
             kind=solver_regime, u=u, u_set=_floats(u_set, "--u-set"), u_mean=u_mean, u_std=u_std,
             weights=_floats(ensemble_weights, "--ensemble-weights"), seed=seed,
         )  # fmt: skip
-        regime.check_solver(config)
         settings = ODETrainSettings(
             epochs=epochs, iters=iters, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=lr_schedule,
             weight_decay=weight_decay, augment=augment, eval_every=eval_every, eval_samples=eval_samples, seed=seed,
