@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -35,7 +35,13 @@ from odekit.cli.options import (
     SeedOpt,
     ThreadsOpt,
 )
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.runner import (
+    DEFAULT_RUNS_DIR,
+    CommandContext,
+    CommandOutput,
+    ResultTable,
+    run_command,
+)
 from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
 
@@ -44,12 +50,11 @@ if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch
 
     from odekit.io.checkpoints import LoadedModel
     from odekit.io.toy2d import ToyData
-    from odekit.methods.ode_train import ODETrainResult
+    from odekit.methods.ode_train.jobs import ODEJobResult
     from odekit.models.ode_models import CNF
     from odekit.ode import SolverConfig
 
 TASKS = ("classify", "density", "regress")
-CLASSIFIER_ARCHS = ("odenet4", "odenet10")
 SOLVER = "Solver options"
 TRAIN = "Training options"
 ARCH = "Model options"
@@ -100,51 +105,6 @@ def _floats(text: str | None, what: str) -> tuple[float, ...]:
         raise UsageError(f"cannot read {what} '{text}'", "give comma-separated numbers, e.g. 0.5,1.0") from None
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"cannot read {what} '{text}'", "give comma-separated positive integers, e.g. 64,64")
-    return values
-
-
-def _solver_config(
-    solver: str, steps: int | None, u: float, rtol: float | None, atol: float | None, grad: str,
-    cheb_nodes: int | str, checkpoints: int, t1: float, task: str, adjoint_rtol: float | None = None,
-    adjoint_atol: float | None = None, seminorm: bool = False,
-) -> SolverConfig:  # fmt: skip
-    from odekit.ode import SOLVERS, SolverConfig
-
-    spec = SOLVERS.get(solver)
-    if spec.adaptive and steps is not None:
-        raise UsageError(f"--steps does not apply to the adaptive solver '{spec.name}'", "set --rtol/--atol instead")
-    if not spec.adaptive and (rtol is not None or atol is not None):
-        raise UsageError(f"--rtol/--atol do not apply to the fixed-step solver '{spec.name}'", "set --steps instead")
-    if adjoint_rtol is not None or adjoint_atol is not None or seminorm:
-        flags = "--adjoint-rtol/--adjoint-atol/--seminorm"
-        if not spec.adaptive:
-            raise UsageError(f"{flags} apply to the adaptive solver dopri5, not '{spec.name}'", "drop them or use --solver dopri5")
-        if grad.strip().lower() not in ("rdm", "irdm"):
-            raise UsageError(f"{flags} apply to the backward solves of --grad rdm/irdm, not '{grad}'", "use --grad irdm or drop them")
-    default_tol = 1e-5 if task == "density" else 1e-3
-    return SolverConfig(
-        solver=spec.name,
-        steps=None if spec.adaptive else (steps if steps is not None else 4),
-        u=u,
-        rtol=rtol if rtol is not None else default_tol,
-        atol=atol if atol is not None else default_tol,
-        grad=grad,
-        cheb_nodes=cheb_nodes,
-        checkpoints=checkpoints,
-        t1=t1,
-        adjoint_rtol=adjoint_rtol,
-        adjoint_atol=adjoint_atol,
-        seminorm=seminorm,
-    )
-
-
 def _interpolation_warning_once(ctx: CommandContext, config: SolverConfig, caught: list[warnings.WarningMessage]) -> None:
     """irdm warns on every solve that misses its tolerance: say it once, on stderr; pass the rest on."""
     from odekit.ode import InterpolationWarning
@@ -159,39 +119,6 @@ def _interpolation_warning_once(ctx: CommandContext, config: SolverConfig, caugh
                 else "single forward steps are not resolved that finely: loosen --adjoint-rtol/--adjoint-atol or tighten --rtol/--atol")  # fmt: skip
         ctx.log_console.print(f"Warning: irdm's interpolant of z(t) (--cheb-nodes {config.cheb_nodes}) missed the adjoint tolerance "
                               f"{worst.tol:g} in {len(ours)} solves, estimated error up to {worst.error:.2g}; {hint}", highlight=False, soft_wrap=True)  # fmt: skip
-
-
-def _arch_args(task: str, model: str, opts: dict[str, Any], in_channels: int, num_classes: int) -> dict[str, Any]:
-    if task == "density":
-        return {"dim": 2, "hidden": list(opts["hidden"]), "activation": opts["activation"] or "tanh", "trace": opts["trace"]}
-    return {
-        "num_classes": num_classes,
-        "in_channels": in_channels,
-        "width": opts["width"] if opts["width"] is not None else (32 if model == "odenet4" else 16),
-        "norm_first": opts["norm_first"] or "bn",
-        "norm_ode": opts["norm_ode"] or "ln",
-        "activation": opts["activation"] or "relu",
-        "stem_stride": opts["stem_stride"],
-        "pool": opts["pool"],
-    }
-
-
-def _check_resume_compatible(loaded: LoadedModel, task: str, model: str | None, opts: dict[str, Any]) -> None:
-    arch = loaded.meta.arch
-    expected = ("cnf",) if task == "density" else CLASSIFIER_ARCHS
-    if arch not in expected:
-        raise UsageError(
-            f"--resume checkpoint has architecture '{arch}', which --task {task} cannot continue",
-            f"resume a {' or '.join(expected)} checkpoint written by train-ode",
-        )
-    if model is not None and model != arch:
-        raise UsageError(f"--model {model} contradicts the resumed checkpoint ({arch})", "drop --model when resuming")
-    for key, value in opts.items():
-        if value is not None and key in loaded.meta.args and loaded.meta.args[key] != value:
-            raise UsageError(
-                f"--{key.replace('_', '-')} {value} contradicts the resumed checkpoint ({loaded.meta.args[key]})",
-                "architecture options come from the checkpoint when resuming; drop them",
-            )
 
 
 def _plot_curves(path: Path, history: list[dict[str, float]], task: str, force: bool) -> None:
@@ -310,22 +237,18 @@ def train_ode_command(
     params = {k: v for k, v in locals().items() if k not in ("common", "out", "force", "json_output", "debug")}
     params = {k: str(v) if isinstance(v, Path) else v for k, v in params.items()}
     # imported after locals() above was read, and here rather than at module level for a fast --help
-    from odekit.cli.train_separable import SeparableOptions, run_separable, wants_separable
+    from odekit.cli.train_separable import parse_regularization, run_separable
     from odekit.io.checkpoints import load_model, save_model
-    from odekit.io.datasets import load_dataset
-    from odekit.io.toy2d import TOY_DATASETS, load_toy
-    from odekit.methods.ode_train import (
-        ODETrainSettings,
-        RegimeSettings,
-        check_u,
-        ode_checkpoint_meta,
-        train_cnf,
-        train_ode_classifier,
+    from odekit.methods.ode_train import ODETrainSettings, RegimeSettings, check_u
+    from odekit.methods.ode_train.jobs import (
+        ODEArchOptions,
+        ODEJobSettings,
+        run_ode_job,
+        solver_config,
     )
-    from odekit.models import build_model
-    from odekit.models.ode_models import ACTIVATIONS, CNF, NORMS, TRACE_MODES, set_solver
+    from odekit.methods.varpro.job import SeparableJobSettings, optimizer_names, wants_separable
+    from odekit.models.ode_models import CNF
     from odekit.ode import InterpolationWarning
-    arch_opts = {"width": width, "norm_first": norm_first, "norm_ode": norm_ode, "activation": activation}
 
     def body(ctx: CommandContext) -> CommandOutput:
         key = task.strip().lower()
@@ -335,173 +258,74 @@ def train_ode_command(
             return _separable(ctx, key)
         model_path, curves_path = ctx.path("model.safetensors"), ctx.path("curves.png")
         density_path = ctx.path("density.png") if key == "density" else None
-        for name in ("norm_first", "norm_ode"):
-            value = arch_opts[name]
-            if isinstance(value, str) and value.lower() not in NORMS:
-                raise UsageError(f"unknown normalization '{value}' for --{name.replace('_', '-')}", f"choose one of {', '.join(NORMS)}")
-        if activation is not None and activation not in ACTIVATIONS:
-            raise UsageError(f"unknown activation '{activation}'", f"choose one of {', '.join(ACTIVATIONS)}")
-        if trace not in TRACE_MODES:
-            raise UsageError(f"unknown trace mode '{trace}'", f"choose one of {', '.join(TRACE_MODES)}")
+        arch = ODEArchOptions(model=model, width=width, norm_first=norm_first, norm_ode=norm_ode, activation=activation,
+                              pool=pool, stem_stride=stem_stride, hidden=hidden, trace=trace)  # fmt: skip
         check_u(u, "--u")
-        default_solver = "dopri5" if key == "density" else "rk2"
-        config = _solver_config(solver or default_solver, steps, u, rtol, atol, grad, cheb_nodes, checkpoints, t1, key, adjoint_rtol, adjoint_atol, seminorm)
+        config = solver_config(
+            key, solver, steps=steps, u=u, rtol=rtol, atol=atol, grad=grad, cheb_nodes=cheb_nodes, checkpoints=checkpoints,
+            t1=t1, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, seminorm=seminorm,
+        )  # fmt: skip
         regime = RegimeSettings(
             kind=solver_regime, u=u, u_set=_floats(u_set, "--u-set"), u_mean=u_mean, u_std=u_std,
             weights=_floats(ensemble_weights, "--ensemble-weights"), seed=seed,
         )  # fmt: skip
-        regime.check_solver(config)
         settings = ODETrainSettings(
             epochs=epochs, iters=iters, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=lr_schedule,
             weight_decay=weight_decay, augment=augment, eval_every=eval_every, eval_samples=eval_samples, seed=seed,
         )  # fmt: skip
-        loaded = _resume(ctx, key)
-        if loaded is not None:
-            _check_resume_compatible(loaded, key, model, arch_opts)
+        loaded = _resume(ctx)
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max) if key == "classify" else None
+        job = ODEJobSettings(
+            task=key, solver=config, regime=regime, train=settings, arch=arch, data=data, data_dir=data_dir,
+            preprocessing=prep, train_samples=train_samples, test_samples=test_samples, seed=seed,
+        )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InterpolationWarning)
-            if key == "classify":
-                output = _classify(ctx, config, regime, settings, loaded, model_path, curves_path)
-            else:
-                assert density_path is not None
-                output = _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path)
+            result = run_ode_job(job, loaded, ctx.device, progress=ctx.progress, dist=ctx.dist)
         _interpolation_warning_once(ctx, config, caught)
-        return output
+        ctx.inputs["data"] = result.data_info
+        plots = [curves_path]
+        if density_path is not None:  # drawn on the training device, before save_model moves the model to the CPU
+            assert result.toy is not None and isinstance(result.model, CNF)
+            _plot_density(density_path, result.model, result.toy, ctx.device, ctx.force)
+            plots.append(density_path)
+        save_model(model_path, result.model.cpu(), result.meta, force=ctx.force)
+        _plot_curves(curves_path, result.training.history, key, ctx.force)
+        return _output(result, model_path, plots)
 
     def _separable(ctx: CommandContext, key: str) -> CommandOutput:
-        options = SeparableOptions(
-            task=key, data=data, data_dir=str(data_dir) if data_dir else None, model=model, width=width, depth=depth,
-            activation=activation, solver=solver, steps=steps, t1=t1, optimizer=optimizer, compare=compare,
-            regularization=regularization, levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units,
-            iters=iters, epochs=epochs, batch_size=batch_size, lr=lr, samples=samples, seed=seed,
+        alpha_theta, alpha_w = parse_regularization(regularization)
+        cache = data_dir or (DEFAULT_RUNS_DIR / "cache" if key == "regress" else None)
+        settings = SeparableJobSettings(
+            task=key, optimizers=optimizer_names(optimizer, compare), data=data, data_dir=cache, model=model, width=width,
+            depth=depth, activation=activation, solver=solver, steps=steps, t1=t1, alpha_theta=alpha_theta, alpha_w=alpha_w,
+            levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units, iters=iters, epochs=epochs,
+            batch_size=batch_size, lr=lr, data_size=samples, seed=seed,
         )  # fmt: skip
-        return run_separable(ctx, options, _resume(ctx, key))
+        return run_separable(ctx, settings, _resume(ctx))
 
-    def _resume(ctx: CommandContext, key: str) -> LoadedModel | None:
+    def _resume(ctx: CommandContext) -> LoadedModel | None:
         if resume is None:
             return None
         loaded = load_model(resume)
         ctx.inputs["resume"] = {"path": str(resume), "sha256": loaded.sha256, "arch": loaded.meta.arch}
         return loaded
 
-    def _classify(ctx, config, regime, settings, loaded, model_path, curves_path) -> CommandOutput:
-        # issue 11: explicit preprocessing wins over what a resumed checkpoint recorded
-        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
-        given_norm = prep.normalize.as_dict() if prep.normalize else None
-        if loaded is not None:
-            dataset = load_dataset(data or (loaded.meta.dataset or {}).get("name", "digits"), data_dir=data_dir,
-                                   input_shape=prep.input_shape or loaded.meta.input_shape,
-                                   normalization=given_norm if prep.normalize else loaded.meta.normalization,
-                                   **prep.npz_options())  # fmt: skip
-            arch, args, net = loaded.meta.arch, dict(loaded.meta.args), loaded.model
-        else:
-            name = data or "digits"
-            if name.strip().lower() in TOY_DATASETS:
-                raise UsageError(f"'{name}' is a 2-D toy density, not an image data set", "use --task density for toys")
-            dataset = load_dataset(name, data_dir=data_dir, input_shape=prep.input_shape, normalization=given_norm, **prep.npz_options())
-            if len(dataset.input_shape) != 3:
-                raise UsageError(f"ODENets need images (C,H,W); '{dataset.name}' has shape {list(dataset.input_shape)}",
-                                 "choose an image data set")  # fmt: skip
-            arch = (model or "odenet4").lower()
-            if arch not in CLASSIFIER_ARCHS:
-                raise UsageError(f"unknown classifier model '{model}'", f"choose one of {', '.join(CLASSIFIER_ARCHS)}")
-            args = _arch_args("classify", arch, {**arch_opts, "stem_stride": stem_stride, "pool": pool},
-                              dataset.input_shape[0], dataset.num_classes)  # fmt: skip
-            net = build_model(arch, {**args, "solver": config.to_dict()})
-        set_solver(net, config)
-        args["solver"] = config.to_dict()
-        ctx.inputs["data"] = {**dataset.describe(), "normalization": dataset.normalization()}
-        result = train_ode_classifier(net, dataset, settings, regime, ctx.device, progress=ctx.progress, dist=ctx.dist)
-        meta = ode_checkpoint_meta(
-            arch, args, num_classes=dataset.num_classes, input_shape=list(dataset.input_shape),
-            normalization=dataset.normalization(), dataset=dataset.describe(), config=config, regime=regime,
-            result=result, task="classify", previous=loaded.meta if loaded else None,
-            source_sha256=loaded.sha256 if loaded else None,
-        )  # fmt: skip
-        save_model(model_path, net.cpu(), meta, force=ctx.force)
-        _plot_curves(curves_path, result.history, "classify", ctx.force)
-        return _output("classify", arch, args, net, config, result, dataset.name, model_path, [curves_path])
-
-    def _density(ctx, config, regime, settings, loaded, model_path, curves_path, density_path) -> CommandOutput:
-        if loaded is not None:
-            name = data or (loaded.meta.dataset or {}).get("name", "pinwheel")
-            arch, args, net = "cnf", dict(loaded.meta.args), loaded.model
-        else:
-            name = data or "pinwheel"
-            if (model or "cnf").lower() != "cnf":
-                raise UsageError(f"--task density trains a cnf, not '{model}'", "drop --model for density tasks")
-            if arch_opts["width"] is not None or arch_opts["norm_first"] or arch_opts["norm_ode"]:
-                raise UsageError("--width/--norm-first/--norm-ode are ODENet options", "use --hidden for the CNF")
-            arch = "cnf"
-            args = _arch_args("density", arch, {**arch_opts, "hidden": _ints(hidden, "--hidden"), "trace": trace}, 2, 0)
-            net = build_model(arch, {**args, "solver": config.to_dict()})
-        if name.strip().lower() not in TOY_DATASETS:
-            raise UsageError(f"'{name}' is not a 2-D toy data set", f"choose one of {', '.join(TOY_DATASETS.names())}")
-        if ctx.dist.world_size > 1:
-            raise UsageError(
-                f"--task density trains on one process ({ctx.dist.world_size} ranks were launched)",
-                "run density tasks without torchrun; --task classify runs data-parallel",
-            )
-        toy = load_toy(name, train_samples, test_samples, seed)
-        assert isinstance(net, CNF)  # arch 'cnf' builds one
-        set_solver(net, config)
-        args["solver"] = config.to_dict()
-        ctx.inputs["data"] = toy.describe()
-        result = train_cnf(net, toy, settings, regime, ctx.device, progress=ctx.progress)
-        meta = ode_checkpoint_meta(
-            arch, args, num_classes=None, input_shape=[2], normalization=None, dataset=toy.describe(),
-            config=config, regime=regime, result=result, task="density",
-            previous=loaded.meta if loaded else None, source_sha256=loaded.sha256 if loaded else None,
-        )  # fmt: skip
-        _plot_density(density_path, net, toy, ctx.device, ctx.force)
-        save_model(model_path, net.cpu(), meta, force=ctx.force)
-        _plot_curves(curves_path, result.history, "density", ctx.force)
-        return _output("density", arch, args, net, config, result, toy.name, model_path, [curves_path, density_path])
-
     run_command("train-ode", common, inputs={}, params=params, body=body, run_name=task, distributed=True)
 
 
-def _output(
-    task: str, arch: str, args: dict[str, Any], net: torch.nn.Module, config: SolverConfig,
-    result: ODETrainResult, data_name: str, model_path: Path, plots: list[Path],
-) -> CommandOutput:  # fmt: skip
-    from odekit.models.ode_models import ode_blocks
-
-    metric = "test_accuracy" if task == "classify" else "test_nll"
-    results = {
-        "task": task,
-        "arch": arch,
-        "model_args": args,
-        "data": data_name,
-        "solver": config.solver,
-        "steps": config.steps,
-        "grad_method": config.grad,
-        "solver_config": config.to_dict(),
-        "nfe_per_solve": config.nfe_per_solve(),
-        "ode_blocks": len(ode_blocks(net)),
-        "regime": result.regime,
-        "final_metrics": result.final_metrics,
-        "iterations": result.iterations,
-        "nfe_forward": result.nfe_forward,
-        "nfe_backward": result.nfe_backward,
-        "interp_error": result.interp_error,
-        "interp_tol": result.interp_tol,
-        "seconds_per_iter": result.seconds_per_iter,
-        "train_seconds": result.train_seconds,
-        "params": sum(p.numel() for p in net.parameters()),
-        "history": result.history,
-        "model": str(model_path),
-        "plots": [str(p) for p in plots],
-    }
+def _output(result: ODEJobResult, model_path: Path, plots: list[Path]) -> CommandOutput:
+    config, training, metric = result.config, result.training, result.metric
+    results = {**result.to_dict(), "model": str(model_path), "plots": [str(p) for p in plots]}
     solver_text = f"{config.solver} n={config.steps}" if config.steps else f"{config.solver} rtol={config.rtol:g}"
-    value = result.final_metrics.get(metric, float("nan"))
+    value = training.final_metrics.get(metric, float("nan"))
     headline = [
-        f"{arch} on {data_name}: {metric} {value:.4f} ({solver_text}, grad {config.grad}, regime {result.regime['regime']}); "
-        f"{result.iterations} iterations, {1e3 * result.seconds_per_iter:.1f} ms/iter, "
-        f"NFE per iteration forward {result.nfe_forward:.1f} / backward {result.nfe_backward:.1f}",
+        f"{result.arch} on {result.data_name}: {metric} {value:.4f} ({solver_text}, grad {config.grad}, "
+        f"regime {training.regime['regime']}); {training.iterations} iterations, {1e3 * training.seconds_per_iter:.1f} ms/iter, "
+        f"NFE per iteration forward {training.nfe_forward:.1f} / backward {training.nfe_backward:.1f}",
         f"Model: {model_path}",
     ]
-    columns = ["iteration", "epoch", "train_loss", *(["test_loss", "test_accuracy"] if task == "classify" else ["test_nll", "bits_per_dim"])]
-    rows = [[h.get(c, float("nan")) for c in columns] for h in result.history]
+    extra = ["test_loss", "test_accuracy"] if result.task == "classify" else ["test_nll", "bits_per_dim"]
+    columns = ["iteration", "epoch", "train_loss", *extra]
+    rows = [[h.get(c, float("nan")) for c in columns] for h in training.history]
     return CommandOutput(results=results, tables=[ResultTable("Training history", columns, rows)], headline=headline)
-

@@ -102,7 +102,7 @@ def generate_cdr(samples: int, grid: int = 32, seed: int = 0) -> tuple[np.ndarra
     from scipy.sparse.linalg import spsolve
 
     if samples < 2 or grid < 12:
-        raise UsageError(f"CDR needs at least 2 samples and a grid of 12+ cells, got {samples}, {grid}")
+        raise UsageError(f"CDR needs --data-size >= 2 and a grid of 12+ cells, got {samples}, {grid}")
     mats, basis, sensors = _operators(grid)
     rng = np.random.default_rng(seed)
     amps = rng.uniform(0.0, 1.0, (samples, SOURCE_GRID**2))

@@ -61,9 +61,10 @@ class VarProSettings:
         for name in ("iters", "epochs", "batch_size", "krylov_rank", "levels", "memory"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                what = "slimtrain's memory" if name == "memory" else f"--{name.replace('_', '-')}"  # memory has no flag
+                raise UsageError(f"{what} must be a positive integer, got {value}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.radius) and self.radius > 0):
-            raise UsageError(f"--lr and the trust-region radius must be positive, got {self.lr}, {self.radius}")
+            raise UsageError(f"--lr and --radius must be positive, got {self.lr}, {self.radius}")
         if not (self.alpha_theta >= 0 and self.alpha_w >= 0):
             raise UsageError(f"--regularization values must be >= 0, got {self.alpha_theta}, {self.alpha_w}")
         if self.loss == "ce" and self.alpha_w == 0 and self.optimizer == "gnvpro":
@@ -102,7 +103,7 @@ class _Run:
         rec = {"level": level, "iteration": iteration, "work_units": round(self.meter.units, 6),
                "seconds": round(self.meter.seconds(), 4), **metrics, **extra}  # fmt: skip
         if not math.isfinite(metrics["train_loss"]):
-            raise NumericalError(f"{self.s.optimizer} diverged (train loss {metrics['train_loss']})", "lower --lr or the trust-region radius")
+            raise NumericalError(f"{self.s.optimizer} diverged (train loss {metrics['train_loss']})", "lower --lr or --radius")
         self.result.history.append(rec)
         return rec
 
