@@ -38,6 +38,7 @@ from odekit.io.user_arch import (
 from odekit.models.registry import architecture, build_model, require_num_classes
 from odekit.writers.atomic import atomic_write_bytes, atomic_write_with
 from odekit.writers.guards import require_finite
+from odekit.writers.tensor_file import write_safetensors
 
 
 def file_sha256(path: str | Path) -> str:
@@ -372,12 +373,10 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(path: str | Path, model: nn.Module, meta: ModelMeta, *, force: bool = False) -> Path:
     """Write weights + metadata as safetensors, atomically."""
-    from safetensors.torch import save_file
-
     state = state_dict_for_saving(model)
     metadata = {META_KEY: meta.to_json(), "format": "pt", DIGEST_KEY: tensor_digest(state)}
     require_finite(state.items(), f"writing the model '{Path(path).name}'")
-    return atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), force)
+    return write_safetensors(path, state, metadata, force)
 
 
 def save_state_dict_pt(path: str | Path, model: nn.Module, meta: ModelMeta | None, *, force: bool = False) -> Path:

@@ -253,13 +253,11 @@ def save_run(run: AttackRun, paths: dict[str, Path], plan: AttackPlan, force: bo
 
 def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, Any], force: bool) -> None:
     """A safetensors file of float32 CPU tensors, with ``metadata`` as JSON (atomic)."""
-    from safetensors.torch import save_file
-
-    from odekit.writers.atomic import atomic_write_with
+    from odekit.writers.tensor_file import write_safetensors
 
     state = {k: v.detach().cpu().float().clone().contiguous() for k, v in tensors.items()}
     meta = {"odekit_attack": json.dumps(metadata, sort_keys=True), "format": "pt"}
-    atomic_write_with(path, lambda tmp: save_file(state, str(tmp), metadata=meta), force)
+    write_safetensors(path, state, meta, force)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
