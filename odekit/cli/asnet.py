@@ -315,13 +315,11 @@ def _asnet_headline(built: ASNetResult) -> str:
 
 
 def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
-    rows = []
-    for a in analyses:
-        d = a.to_dict()
-        rows.append([
-            d["index"], d["alias"], d["n_l"], d["active_neurons"], d["active_neurons_eq612"],
-            d["logreg_accuracy"] if d["logreg_accuracy"] is not None else "-", d["sketch_covariance_error_rel"],
-        ])  # fmt: skip
+    rows = [
+        [a.cut.index, a.cut.alias, a.cut.features, a.subspace.active_neurons(a.eps), a.subspace.active_neurons_eq612(a.eps),
+         a.logreg_accuracy if a.logreg_accuracy is not None else "-", a.subspace.covariance_error_rel]
+        for a in analyses
+    ]  # fmt: skip
     return ResultTable(
         "Active neurons per layer",
         ["layer", "alias", "n_l", "active (eq. 6.17)", "active (eq. 6.12)", "LR accuracy", "sketch cov. err (rel)"],
@@ -361,9 +359,9 @@ def _asnet_tables(built: ASNetResult) -> list[ResultTable]:
     sparse = built.sparse_cost
     if sparse is not None:
         teacher_cost = teacher.cost.to_dict()
-        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, sparse["storage_mb_nonzero"], sparse["flops_nonzero"],
-                     sparse["nonzero_params"], teacher_cost["storage_mb"] / max(sparse["storage_mb_nonzero"], 1e-12),
-                     teacher_cost["flops"] / max(sparse["flops_nonzero"], 1)])  # fmt: skip
+        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, sparse.storage_mb_nonzero, sparse.flops_nonzero,
+                     sparse.nonzero_params, teacher_cost["storage_mb"] / max(sparse.storage_mb_nonzero, 1e-12),
+                     teacher_cost["flops"] / max(sparse.flops_nonzero, 1)])  # fmt: skip
     return [
         ResultTable(
             "Storage and FLOPs (thesis table 6.2 layout; FLOPs = 2 x MACs)",

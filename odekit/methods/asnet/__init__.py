@@ -22,7 +22,13 @@ from odekit.methods.asnet.head import (
     sparse_cost,
 )
 from odekit.methods.asnet.rank_choice import RankChoice, choose_rank
-from odekit.methods.asnet.result import ASNetResult, CutReport, FinetuneReport, SplitCosts
+from odekit.methods.asnet.result import (
+    ASNetResult,
+    CutReport,
+    FinetuneReport,
+    SparseCost,
+    SplitCosts,
+)
 from odekit.methods.asnet.settings import (
     DEFAULT_SKETCH,
     LOGREG_MAX_SAMPLES,
@@ -57,6 +63,7 @@ __all__ = [
     "LayerAnalysis",
     "Projection",
     "RankChoice",
+    "SparseCost",
     "SplitCosts",
     "SubspaceSettings",
     "_l1_prox",

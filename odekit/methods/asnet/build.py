@@ -23,7 +23,13 @@ from odekit.methods.asnet.head import (
     sparse_cost,
 )
 from odekit.methods.asnet.rank_choice import choose_rank
-from odekit.methods.asnet.result import ASNetResult, CutReport, FinetuneReport, SplitCosts
+from odekit.methods.asnet.result import (
+    ASNetResult,
+    CutReport,
+    FinetuneReport,
+    SparseCost,
+    SplitCosts,
+)
 from odekit.methods.asnet.settings import LOGREG_MAX_SAMPLES, ASNetSettings
 from odekit.methods.asnet.subspace import active_subspace
 from odekit.methods.comparison import LatencyProbe, compare_student
@@ -148,7 +154,7 @@ def build_asnet_from_teacher(
         eps=sub_settings.eps, active_neurons=subspace.active_neurons(sub_settings.eps),
         active_neurons_eq612=subspace.active_neurons_eq612(sub_settings.eps), eps_at_rank=subspace.eps_at_rank(rank),
         sketch_size=sub_settings.sketch_size, gradient_samples=subspace.n_samples,
-        sketch_covariance_error_rel=subspace.covariance_error / max(float(subspace.singular_values[0]) ** 2, 1e-300),
+        sketch_covariance_error_rel=subspace.covariance_error_rel,
     )  # fmt: skip
     finetune = FinetuneReport(
         epochs=settings.finetune_epochs, beta=settings.beta, lr=settings.lr,
@@ -167,7 +173,7 @@ def build_asnet_from_teacher(
     }
     if cut.node is not None:
         args.update(node=cut.node, input_shape=[int(v) for v in input_shape])
-    sparse = sparse_cost(asnet, input_shape) if settings.sparse else None
+    sparse = SparseCost.of(sparse_cost(asnet, input_shape)) if settings.sparse else None
     return ASNetResult(
         asnet.cpu(), args, report, comparison, split, head.fit, baselines, finetune, analysis, notes, history, sparse,
         registered,

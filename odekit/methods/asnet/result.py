@@ -72,6 +72,25 @@ class FinetuneReport:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class SparseCost:
+    """ASNet-s after its L1 proximal steps: non-zero weights, their float32 storage and FLOPs."""
+
+    nonzero_params: int
+    density: float
+    storage_mb_nonzero: float
+    flops_nonzero: int
+
+    @classmethod
+    def of(cls, cost: dict[str, float | int]) -> SparseCost:
+        """From ``head.sparse_cost``'s fields."""
+        return cls(int(cost["nonzero_params"]), float(cost["density"]), float(cost["storage_mb_nonzero"]),
+                   int(cost["flops_nonzero"]))  # fmt: skip
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
 @dataclass
 class ASNetResult:
     """The ASNet, its checkpoint args and everything measured while building it."""
@@ -87,7 +106,7 @@ class ASNetResult:
     cut_analysis: LayerAnalysis
     warnings: list[str]
     history: TrainHistory | None
-    sparse_cost: dict[str, float | int] | None = None  # ASNet-s: non-zero weights, storage, FLOPs
+    sparse_cost: SparseCost | None = None  # ASNet-s only
     registered: bool = True  # load_model rebuilds it from args; otherwise write it as a .pt2 program
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +115,7 @@ class ASNetResult:
         if self.sparse_cost is not None:  # the non-zero counts sit beside the dense cost
             entry = compared["asnet"]
             tail = {key: entry.pop(key) for key in ("accuracy_n", "accuracy_ci95")}
-            entry.update(**self.sparse_cost, **tail)
+            entry.update(**self.sparse_cost.to_dict(), **tail)
         head = ("teacher", "asnet", "storage_reduction", "flop_reduction", "accuracy_drop_points")
         return {
             **{key: compared.pop(key) for key in head},
