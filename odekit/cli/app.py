@@ -35,6 +35,13 @@ class _FlagOption(TyperOption):
         return None
 
 
+def _plain_flags(params: list[Parameter]) -> list[Parameter]:
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and not isinstance(param, _FlagOption):
+            param.__class__ = _FlagOption
+    return params
+
+
 class OdekitCommand(TyperCommand):
     """Usage lines name arguments as `CHECKPOINT` (Typer writes `{checkpoint}`); flags show no value type."""
 
@@ -48,11 +55,7 @@ class OdekitCommand(TyperCommand):
         return pieces
 
     def get_params(self, ctx: Context) -> list[Parameter]:
-        params = super().get_params(ctx)
-        for param in params:
-            if isinstance(param, TyperOption) and param.is_flag and not isinstance(param, _FlagOption):
-                param.__class__ = _FlagOption
-        return params
+        return _plain_flags(super().get_params(ctx))
 
 
 class OdekitGroup(TyperGroup):
@@ -61,6 +64,9 @@ class OdekitGroup(TyperGroup):
     def resolve_command(self, ctx: Context, args: list[str]) -> tuple[Any, Any, list[str]]:
         name, command, rest = super().resolve_command(ctx, args)
         return name, command, rewrite_deprecated(name or "", rest)
+
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _plain_flags(super().get_params(ctx))
 
 
 app = typer.Typer(

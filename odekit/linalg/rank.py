@@ -158,7 +158,7 @@ def select_rank(spec: str | int | RankSpec, ctx: RankContext, max_rank: int | No
     if rank > limit_n:
         raise NumericalError(
             f"rank {rank} needs at least {rank} samples, only {limit_n} were used",
-            "pass more --samples or choose a smaller rank",
+            "pass more --fit-samples or choose a smaller rank",
         )
     if rank > ctx.dim:
         raise NumericalError(
@@ -167,7 +167,7 @@ def select_rank(spec: str | int | RankSpec, ctx: RankContext, max_rank: int | No
     if max_rank is not None and rank > max_rank:
         raise NumericalError(
             f"rank {rank} exceeds the largest rank the sketch supports ({max_rank})",
-            "lower the rank or raise the sketch size",
+            "lower the rank or raise --sketch-size",
         )
     numerical = _numerical_rank(ctx.singular_values)
     if rank > numerical:

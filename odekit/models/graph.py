@@ -38,6 +38,11 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from odekit.errors import UnsupportedModelError
+from odekit.models.graph_cleanup import (
+    _drop_guards_and_unwrap,
+    _functionalise,
+    _relocate_batch_sizes,
+)
 from odekit.models.graph_ops import (
     _BN_TARGETS,
     _CONV_TARGETS,
@@ -47,14 +52,11 @@ from odekit.models.graph_ops import (
     ACTIVATION_TARGETS,
     AFFINE_TARGETS,
     LiftedBatchNorm,
-    _drop_guards_and_unwrap,
-    _functionalise,
     _lift_batchnorm,
     _lift_conv,
     _lift_linear,
     _lift_pool,
     _Lifter,
-    _relocate_batch_sizes,
     _undecompose,
     aten,
     probe_batch,

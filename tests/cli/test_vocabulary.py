@@ -64,3 +64,9 @@ def test_range_errors_name_the_new_spelling() -> None:
     result = runner.invoke(app, ["reduce", MISSING, "--layers", "1-2", "--fit-samples", str(2**64)])
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: --fit-samples 18446744073709551616") and "--samples" not in result.stderr
+
+
+def test_top_level_help_has_no_bool_placeholder() -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "--version" in result.stdout and "<bool>" not in result.stdout
