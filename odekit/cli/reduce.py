@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -242,7 +243,7 @@ def reduce_command(
             f"RON layers {span}, ranks {result.ranks}: accuracy {100 * compared.student.accuracy:.2f}% (teacher "
             f"{100 * compared.teacher.accuracy:.2f}%, before fine-tuning {100 * (compared.student_before or 0.0):.2f}%), "
             f"agreement {100 * compared.agreement:.2f}%, {compared.flop_reduction:.2f}x fewer FLOPs, "
-            f"latency {compared.latency['batch'].speedup:.2f}x faster"
+            f"latency {run.latency.speedup:.2f}x faster"
         ]
         clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
@@ -283,7 +284,7 @@ def _tables(run: RonRun) -> list[ResultTable]:
         ],
     )  # fmt: skip
     compared = run.comparison
-    teacher_ms, student_ms = compared.latency_ms("batch")
+    teacher_ms, student_ms = (statistics.median(times) for times in (run.latency.teacher_ms, run.latency.student_ms))
     summary = ResultTable(
         "Teacher vs student (FLOPs = 2 x MACs per sample)",
         ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],

@@ -11,13 +11,14 @@ from torch import nn
 from odekit.distributed import Distributed
 from odekit.io.datasets import Dataset
 from odekit.methods.comparison import LatencyProbe, StudentComparison, compare_student
-from odekit.methods.evaluation import accuracy
+from odekit.methods.evaluation import LatencyComparison, accuracy
 from odekit.methods.ron.build import build_student
 from odekit.methods.ron.settings import RonResult, RonSettings
 from odekit.methods.training import TrainSettings, train_classifier
 from odekit.progress import Progress
 
 LATENCY_REPEATS = 30
+LATENCY_PROBE = "batch"  # the one latency probe: a batch of the CLI's --latency-batch test inputs
 
 
 @dataclass
@@ -31,6 +32,11 @@ class RonRun:
     @property
     def student(self) -> nn.Module:
         return self.build.student
+
+    @property
+    def latency(self) -> LatencyComparison:
+        """Teacher and student timed interleaved on the latency example."""
+        return self.comparison.latency[LATENCY_PROBE]
 
 
 def reduce_teacher(
@@ -66,6 +72,6 @@ def reduce_teacher(
     student.eval()
     comparison = compare_student(
         teacher, student, data.test, input_shape, device, dist, student_before=before,
-        latency=[LatencyProbe("batch", latency_example, LATENCY_REPEATS)],
+        latency=[LatencyProbe(LATENCY_PROBE, latency_example, LATENCY_REPEATS)],
     )  # fmt: skip
     return RonRun(built, comparison, history)
