@@ -55,6 +55,17 @@ class Proportion:
         return f"{100 * self.rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}] (n={self.n})"
 
 
+def proportion_of_rate(rate: float, n: int) -> Proportion | None:
+    """The count behind a rate measured on ``n`` samples (None when nothing was measured)."""
+    return Proportion(round(rate * n), n) if n > 0 and math.isfinite(rate) else None
+
+
+def accuracy_fields(rate: float, n: int) -> dict[str, object]:
+    """The sample count and Wilson 95% interval that go with an accuracy measured on ``n`` samples."""
+    share = proportion_of_rate(rate, n)
+    return {"accuracy_n": n, "accuracy_ci95": list(share.ci95) if share else None}
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """mean, sample standard deviation (0 for one value), min and max of repeated runs."""
     if not values:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import statistics
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from odekit.cli.asnet_figures import baselines_figure, spectrum_figure
+from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
@@ -35,10 +36,13 @@ from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
 
 if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
-    import torch
+    from pathlib import Path
 
-    from odekit.io.datasets import Dataset
-    from odekit.methods.asnet import LayerAnalysis
+    from odekit.io.checkpoints import LoadedModel
+    from odekit.methods.asnet import ASNetResult, LayerAnalysis
+    from odekit.methods.evaluation import ModelCost
+
+_baselines_figure = baselines_figure  # the name tests and older callers import
 
 EPILOG = """Examples:
 
@@ -49,6 +53,8 @@ EPILOG = """Examples:
   odekit asnet checkpoints/vgg11_digits.safetensors --cut 4 --rank 10 --finetune 5 -o runs/asnet4
 
   odekit asnet checkpoints/lenet5_digits.safetensors --cut 2 --rank auto --finetune 5 --sparse --l1 2
+
+  odekit asnet checkpoints/lenet300_digits.safetensors --cut 1 --rank energy:0.9
 
   odekit attack runs/asnet4/asnet.safetensors ...   (the ASNet is an ordinary odekit checkpoint)
 
@@ -62,8 +68,14 @@ is cut by splitting its traced graph after layer L; inside a residual block the 
 is part of the cut (n_l counts both). Writes asnet.safetensors (asnet.pt2, a self-contained
 torch.export program, when the teacher's architecture is not an odekit one), spectrum.png,
 baselines.png, report.json, report.md.
-FLOPs are 2 x multiply-adds per sample.
+--rank takes reduce's rank grammar, applied to the singular values of the cut layer's gradient
+sketch (energy:F against the exact ||G||_F^2): {rules}; an integer r; or auto: the active neurons
+at --energy-tol (eq. 6.17).
+FLOPs are 2 x multiply-adds per sample; latency is the median of teacher and ASNet timed
+alternately on one test image and on one batch of --batch-size test images, on --device.
 """
+
+EPILOG = EPILOG.format(rules=help_line(RANK_RULE_HELP))
 
 ASNET = "ASNet options"
 ANALYSIS = "Analysis options"
@@ -91,7 +103,8 @@ def asnet_command(
         str | None,
         typer.Option(
             "--rank",
-            help="Active neurons r kept: an integer, or 'auto' for the eps rule (eq. 6.17) "
+            help="Active neurons r kept: vbmf | energy:F | factor:F | an integer (reduce's rules, on the gradient "
+            "sketch's singular values) | auto (the --energy-tol rule, eq. 6.17) "
             "[default: 50 (thesis), capped so that training samples >= 2 x PCE basis size].",
             show_default=False,
             rich_help_panel=ASNET,
@@ -175,8 +188,6 @@ def asnet_command(
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
-    from odekit.io.checkpoints import save_model
-    from odekit.io.exported import save_exported
     from odekit.methods.asnet import (
         ASNetSettings,
         SubspaceSettings,
@@ -215,7 +226,7 @@ def asnet_command(
         if cut is not None:
             settings = ASNetSettings(
                 cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, head_lr=head_lr, beta=beta,
-                sparse=sparse, l1=l1, baselines=baselines, latency=False, subspace=sub,  # timed interleaved below
+                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None
         spectrum_path = ctx.path("spectrum.png")
@@ -232,6 +243,7 @@ def asnet_command(
         tables: list[ResultTable] = []
         headline: list[str] = []
         analyses: list[LayerAnalysis] = []
+        used: tuple[int, int] | None = None
         if analyze:
             chain = cut_model(loaded.model, shape)
             analyses = analyze_layers(
@@ -246,40 +258,19 @@ def asnet_command(
             )  # fmt: skip
             for warning in built.warnings:
                 ctx.log(f"[yellow]Warning:[/yellow] {warning}")
-            res = built.results
-            res.update(_fidelity_and_latency(loaded.model, built.model, dataset, batch_size, latency, ctx.device))
-            _add_accuracy_intervals(res, len(dataset.test))
-            step = {
-                "command": "asnet",
-                "cut": res["cut"]["index"],
-                "rank": res["cut"]["rank"],
-                "degree": degree,
-                "finetune_epochs": finetune,
-                "sparse": sparse,
-                "test_accuracy": res["asnet"]["accuracy"],
-            }
-            meta = loaded.meta.derived("asnet", built.args, step, source=loaded.sha256)
-            meta.extra = {"test_accuracy": res["asnet"]["accuracy"], "teacher_accuracy": res["teacher"]["accuracy"]}
-            if built.registered:
-                save_model(model_path, built.model, meta, force=ctx.force)
-            else:
-                save_exported(model_path, built.model, tuple(shape), meta.to_json(), force=ctx.force)
-            results.update(res)
+            _save_asnet(built, loaded, model_path, shape, ctx)
+            results.update(built.to_dict())
             results["checkpoint"] = str(model_path)
+            used = (built.cut.cut.index, built.cut.rank)
             if not any(a.cut.index == built.cut_analysis.cut.index for a in analyses):
                 analyses.append(built.cut_analysis)
-            tables += _asnet_tables(res)
-            headline.append(
-                f"ASNet({res['cut']['index']}), r = {res['cut']['rank']}: accuracy {100 * res['asnet']['accuracy']:.2f}% "
-                f"(teacher {100 * res['teacher']['accuracy']:.2f}%, before fine-tuning "
-                f"{100 * res['asnet']['accuracy_before_finetune']:.2f}%), storage {res['storage_reduction']:.2f}x smaller, "
-                f"FLOPs {res['flop_reduction']:.2f}x fewer"
-            )
+            tables += _asnet_tables(built)
+            headline.append(_asnet_headline(built))
         results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(eps) for a in analyses}
         results.setdefault("warnings", [])
-        save_figure(_spectrum_figure(analyses, eps, results.get("cut")), spectrum_path, force=ctx.force)
+        save_figure(spectrum_figure(analyses, eps, used), spectrum_path, force=ctx.force)
         if baselines_path is not None:
-            save_figure(_baselines_figure(analyses, results), baselines_path, force=ctx.force)
+            save_figure(baselines_figure(analyses, results), baselines_path, force=ctx.force)
         headline.append(
             "active neurons at eps = "
             + f"{eps}: "
@@ -290,32 +281,45 @@ def asnet_command(
     run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
 
-def _fidelity_and_latency(
-    teacher: torch.nn.Module, student: torch.nn.Module, dataset: Dataset, batch_size: int, timed: bool, device: torch.device
-) -> dict[str, Any]:
-    """Issue 11: top-1 agreement and mean KL on the test split; latency timed teacher/ASNet interleaved."""
-    from odekit.methods.evaluation import agreement, compare_latency
+def _save_asnet(built: ASNetResult, loaded: LoadedModel, path: Path, shape: Any, ctx: CommandContext) -> None:
+    """The ASNet as an odekit checkpoint (or a .pt2 program), its history step recorded."""
+    from odekit.io.checkpoints import save_model
+    from odekit.io.exported import save_exported
 
-    out: dict[str, Any] = agreement(teacher, student, dataset.test, device=device)
-    out.pop("samples")
-    if timed:
-        out["latency"], out["latency_ms"] = {}, {}
-        for label, x, repeats in (("batch1", dataset.test.x[:1], 20), (f"batch{min(len(dataset.test), batch_size)}", dataset.test.x[:batch_size], 5)):
-            comparison = compare_latency(teacher, student, x, device, warmup=2, repeats=repeats)
-            out["latency"][label] = comparison.to_dict()
-            out["latency_ms"][f"teacher_ms_{label}"] = statistics.median(comparison.teacher_ms)
-            out["latency_ms"][f"asnet_ms_{label}"] = statistics.median(comparison.student_ms)
-    return out
+    compared = built.comparison
+    step = {
+        "command": "asnet",
+        "cut": built.cut.cut.index,
+        "rank": built.cut.rank,
+        "degree": built.cut.degree,
+        "finetune_epochs": built.finetune.epochs,
+        "sparse": built.finetune.sparse,
+        "test_accuracy": compared.student.accuracy,
+    }
+    meta = loaded.meta.derived("asnet", built.args, step, source=loaded.sha256)
+    meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
+    if built.registered:
+        save_model(path, built.model, meta, force=ctx.force)
+    else:
+        save_exported(path, built.model, tuple(shape), meta.to_json(), force=ctx.force)
+
+
+def _asnet_headline(built: ASNetResult) -> str:
+    compared = built.comparison
+    return (
+        f"ASNet({built.cut.cut.index}), r = {built.cut.rank}: accuracy {100 * compared.student.accuracy:.2f}% "
+        f"(teacher {100 * compared.teacher.accuracy:.2f}%, before fine-tuning "
+        f"{100 * (compared.student_before or 0.0):.2f}%), storage {compared.storage_reduction:.2f}x smaller, "
+        f"FLOPs {compared.flop_reduction:.2f}x fewer"
+    )
 
 
 def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
-    rows = []
-    for a in analyses:
-        d = a.to_dict()
-        rows.append([
-            d["index"], d["alias"], d["n_l"], d["active_neurons"], d["active_neurons_eq612"],
-            d["logreg_accuracy"] if d["logreg_accuracy"] is not None else "-", d["sketch_covariance_error_rel"],
-        ])  # fmt: skip
+    rows = [
+        [a.cut.index, a.cut.alias, a.cut.features, a.subspace.active_neurons(a.eps), a.subspace.active_neurons_eq612(a.eps),
+         a.logreg_accuracy if a.logreg_accuracy is not None else "-", a.subspace.covariance_error_rel]
+        for a in analyses
+    ]  # fmt: skip
     return ResultTable(
         "Active neurons per layer",
         ["layer", "alias", "n_l", "active (eq. 6.17)", "active (eq. 6.12)", "LR accuracy", "sketch cov. err (rel)"],
@@ -323,109 +327,50 @@ def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
     )
 
 
-def _add_accuracy_intervals(res: dict[str, Any], n: int) -> None:
-    """Issue 12: the teacher's and the ASNet's test accuracy carry n and a Wilson 95% interval."""
-    from odekit.cli.common import accuracy_fields
+BASELINE_LABELS = {
+    "as_pce": "AS + PCE (ASNet, no fine-tuning)",
+    "pca_pce": "PCA + PCE",
+    "as_logreg": "AS + logistic regression",
+    "pca_logreg": "PCA + logistic regression",
+    "logreg_features": "logistic regression on all n_l features",
+}
 
-    for key in ("teacher", "asnet"):
-        res[key].update(accuracy_fields(res[key]["accuracy"], n))
 
-
-def _asnet_tables(res: dict[str, Any]) -> list[ResultTable]:
+def _asnet_tables(built: ASNetResult) -> list[ResultTable]:
     from odekit.cli.common import accuracy_text
 
-    split, teacher, asnet = res["split"], res["teacher"], res["asnet"]
-    post = split["teacher_post_model"]
-    teacher_accuracy = accuracy_text(teacher["accuracy"], teacher["accuracy_n"])
-    asnet_accuracy = accuracy_text(asnet["accuracy"], asnet["accuracy_n"])
+    compared, split = built.comparison, built.split
+    teacher, asnet = compared.teacher, compared.student
+    teacher_accuracy = accuracy_text(teacher.accuracy, teacher.n)
+    asnet_accuracy = accuracy_text(asnet.accuracy, asnet.n)
+
+    def cost(part: ModelCost) -> list[Any]:  # storage MB (4 digits, as in report.json), FLOPs, params
+        d = part.to_dict()
+        return [d["storage_mb"], d["flops"], d["params"]]
+
+    split_dict = split.to_dict()
     rows = [
-        ["teacher", teacher_accuracy, teacher["storage_mb"], teacher["flops"], teacher["params"], "-", "-"],
-        ["teacher post-model", "-", post["storage_mb"], post["flops"], post["params"], "-", "-"],
-        ["ASNet pre-model", "-", split["pre_model"]["storage_mb"], split["pre_model"]["flops"], split["pre_model"]["params"], "-", "-"],
-        ["ASNet AS+PCE", "-", split["as_pce"]["storage_mb"], split["as_pce"]["flops"], split["as_pce"]["params"],
-         split["post_storage_reduction"], split["post_flop_reduction"]],
-        ["ASNet overall", asnet_accuracy, asnet["storage_mb"], asnet["flops"], asnet["params"],
-         res["storage_reduction"], res["flop_reduction"]],
-    ]  # fmt: skip
-    if "nonzero_params" in asnet:
-        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, asnet["storage_mb_nonzero"], asnet["flops_nonzero"],
-                     asnet["nonzero_params"], teacher["storage_mb"] / max(asnet["storage_mb_nonzero"], 1e-12),
-                     teacher["flops"] / max(asnet["flops_nonzero"], 1)])  # fmt: skip
-    tables = [
+        ["teacher", teacher_accuracy, *cost(teacher.cost), "-", "-"],
+        ["teacher post-model", "-", *cost(split.teacher_post_model), "-", "-"],
+        ["ASNet pre-model", "-", *cost(split.pre_model), "-", "-"],
+        ["ASNet AS+PCE", "-", *cost(split.as_pce), split_dict["post_storage_reduction"], split_dict["post_flop_reduction"]],
+        ["ASNet overall", asnet_accuracy, *cost(asnet.cost), compared.storage_reduction, compared.flop_reduction],
+    ]
+    sparse = built.sparse_cost
+    if sparse is not None:
+        teacher_cost = teacher.cost.to_dict()
+        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, sparse.storage_mb_nonzero, sparse.flops_nonzero,
+                     sparse.nonzero_params, teacher_cost["storage_mb"] / max(sparse.storage_mb_nonzero, 1e-12),
+                     teacher_cost["flops"] / max(sparse.flops_nonzero, 1)])  # fmt: skip
+    return [
         ResultTable(
             "Storage and FLOPs (thesis table 6.2 layout; FLOPs = 2 x MACs)",
             ["part", "accuracy [Wilson 95%] n", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
             rows,
-        )
-    ]
-    base = res["baselines"]
-    names = [("as_pce", "AS + PCE (ASNet, no fine-tuning)"), ("pca_pce", "PCA + PCE"), ("as_logreg", "AS + logistic regression"),
-             ("pca_logreg", "PCA + logistic regression"), ("logreg_features", "logistic regression on all n_l features")]  # fmt: skip
-    tables.append(
+        ),
         ResultTable(
-            f"Baselines at r = {res['cut']['rank']} (test accuracy, no fine-tuning)",
+            f"Baselines at r = {built.cut.rank} (test accuracy, no fine-tuning)",
             ["method", "accuracy"],
-            [[label, base[key]] for key, label in names if key in base],
-        )
-    )
-    return tables
-
-
-def _spectrum_figure(analyses: list[LayerAnalysis], eps: float, cut: dict[str, Any] | None = None) -> Any:
-    from odekit.writers.plots import new_figure
-
-    fig, axes = new_figure(1, 1, (6.5, 4.2))
-    ax = axes[0][0]
-    for a in analyses:
-        s = a.subspace.singular_values[:200].double()
-        s = s[s > 0]
-        if s.numel() == 0:
-            continue
-        k = a.subspace.active_neurons(eps)
-        ax.semilogy(range(1, s.numel() + 1), (s / s[0]).numpy(), label=f"layer {a.cut.index} (n={a.cut.features}, active {k})")
-        if k <= s.numel():
-            ax.plot([k], [float(s[k - 1] / s[0])], "o", color=ax.lines[-1].get_color())
-        r = int(cut["rank"]) if cut is not None and cut.get("index") == a.cut.index else 0
-        if 1 <= r <= s.numel():  # issue 12: the rank the ASNet really uses
-            ax.plot([r], [float(s[r - 1] / s[0])], "x", markersize=10, color=ax.lines[-1].get_color(),
-                    label=f"ASNet rank r = {r}")  # fmt: skip
-    ax.set_xlabel("index i")
-    ax.set_ylabel("sigma_i / sigma_1 (gradient sketch)")
-    ax.set_title(f"Active-subspace spectrum (dots: active neurons at --energy-tol {eps}; x: r used)", fontsize=10)
-    if analyses:
-        ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    return fig
-
-
-def _baselines_figure(analyses: list[LayerAnalysis], results: dict[str, Any]) -> Any:
-    from odekit.writers.plots import new_figure
-
-    with_lr = [a for a in analyses if a.logreg_accuracy is not None]
-    n = results.get("teacher", {}).get("accuracy_n")
-    on = f" (n = {n} test images)" if n else ""
-    panels = int(bool(with_lr)) + int("baselines" in results)
-    fig, axes = new_figure(max(panels, 1), 1, (5.5, 4.0))
-    col = 0
-    if with_lr:
-        ax = axes[0][col]
-        ax.bar([str(a.cut.index) for a in with_lr], [100 * float(a.logreg_accuracy or 0) for a in with_lr], color="tab:red")
-        ax.set_xlabel("cut layer")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Logistic regression on layer features{on}", fontsize=10)
-        ax.set_ylim(0, 100)  # a full axis: bars cut at 87% exaggerate small gaps
-        col += 1
-    if "baselines" in results:
-        ax = axes[0][col]
-        base = results["baselines"]
-        keys = [k for k in ("as_pce", "pca_pce", "as_logreg", "pca_logreg", "logreg_features") if k in base]
-        labels = {"as_pce": "AS+PCE", "pca_pce": "PCA+PCE", "as_logreg": "AS+LR", "pca_logreg": "PCA+LR", "logreg_features": "LR"}
-        values = [100 * float(base[k]) for k in keys]
-        ax.bar([labels[k] for k in keys], values, color=["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red"][: len(keys)])
-        ax.axhline(100 * results["teacher"]["accuracy"], color="black", linestyle="--", label="teacher")
-        ax.set_ylim(0, 112)  # headroom above 100% keeps the legend off the bars
-        ax.set_yticks(range(0, 101, 20))
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"Cut {results['cut']['index']}, r = {results['cut']['rank']}, no fine-tuning{on}", fontsize=10)
-        ax.legend(loc="upper right", fontsize=8)
-    return fig
+            [[BASELINE_LABELS[key], value] for key, value in built.baselines.accuracies().items()],
+        ),
+    ]

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,7 +19,7 @@ from odekit.io.preprocessing import (
 )
 from odekit.io.user_arch import parse_arch_args
 from odekit.io.validation import check_classes_match
-from odekit.stats import Proportion
+from odekit.stats import proportion_of_rate
 
 DEFAULT_DATA = "digits"
 DEFAULT_DATA_SHAPES = ((1, 8, 8), (64,))
@@ -149,19 +147,9 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
         loaded.meta.num_classes = int(out.shape[1])
 
 
-def _proportion(rate: float, n: int) -> Proportion | None:
-    return Proportion(round(rate * n), n) if n > 0 and math.isfinite(rate) else None
-
-
-def accuracy_fields(rate: float, n: int) -> dict[str, Any]:
-    """The sample count and Wilson 95% interval that go with an accuracy measured on ``n`` samples."""
-    share = _proportion(rate, n)
-    return {"accuracy_n": n, "accuracy_ci95": list(share.ci95) if share else None}
-
-
 def accuracy_text(rate: float, n: int) -> str:
     """'97.22% [95.0, 98.5] n=360': the accuracy, its Wilson 95% interval and the sample count."""
-    share = _proportion(rate, n)
+    share = proportion_of_rate(rate, n)
     if share is None:
         return f"{100 * rate:.2f}% n={n}"
     low, high = share.ci95

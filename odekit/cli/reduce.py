@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch
     import torch
 
     from odekit.io.checkpoints import ModelMeta
-    from odekit.methods.ron import RonLayerReport, RonResult
+    from odekit.methods.ron import RonLayerReport, RonResult, RonRun
 
 EPILOG = """Examples:
 
@@ -165,10 +165,9 @@ def reduce_command(
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
     import torch
 
-    from odekit.cli.common import accuracy_text, load_checkpoint, load_data, require_python_module
-    from odekit.methods.evaluation import accuracy, agreement, compare_latency
-    from odekit.methods.ron import RON_ARCH, RonSettings, build_student
-    from odekit.methods.training import TrainSettings, train_classifier
+    from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.methods.ron import RON_ARCH, RonSettings, reduce_teacher
+    from odekit.methods.training import TrainSettings
     from odekit.models.registry import ARCHITECTURES
     from odekit.writers.plots import save_figure
 
@@ -202,92 +201,34 @@ def reduce_command(
             student_path = ctx.path("student.pt2")
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         shape = tuple(loaded.input_shape or dataset.input_shape)
-        teacher = loaded.model.to(ctx.device).eval()
-        train = dataset.train.subset(samples, seed=seed)
         example = dataset.test.x[:latency_batch]
         if example.shape[0] == 0:
             example = dataset.train.x[:latency_batch]
-
-        teacher_stats = _stats(teacher, dataset, shape, example, ctx)
-        result = build_student(
-            teacher,
-            loaded.meta.arch,
-            loaded.meta.args,
-            shape,
-            train.x,
-            settings,
-            ctx.device,
-            progress=ctx.progress,
-            dist=ctx.dist,
-        )
-        student = result.student.to(ctx.device).eval()
-        acc_before = accuracy(student, dataset.test, device=ctx.device, dist=ctx.dist)
-        history: list[dict[str, float]] = []
-        if finetune > 0:
-            hist = train_classifier(
-                student,
-                dataset,
-                train_settings,
-                ctx.device,
-                teacher=teacher if beta > 0 else None,
-                progress=ctx.progress,
-                dist=ctx.dist,
-            )
-            history = hist.epochs
-        student.eval()
-        student_stats = _stats(student, dataset, shape, example, ctx)
-        student_stats["accuracy_before_finetune"] = acc_before
-        # issue 11: fidelity to the teacher, and latency timed teacher/student interleaved
-        fidelity = agreement(teacher, student, dataset.test, device=ctx.device, dist=ctx.dist)
-        latency = compare_latency(teacher, student, example, ctx.device)
-        teacher_stats["latency_ms"] = statistics.median(latency.teacher_ms)
-        student_stats["latency_ms"] = statistics.median(latency.student_ms)
-
-        step = {
-            "command": "reduce",
-            "layers": f"{result.first_layer}-{result.last_layer}",
-            "rank": rank,
-            "ranks": result.ranks,
-            "oversample": oversample,
-            "finetune_epochs": finetune,
-            "test_accuracy": student_stats["accuracy"],
-        }
+        run = reduce_teacher(
+            loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, train_settings, ctx.device,
+            example, distill=beta > 0, seed=seed, progress=ctx.progress, dist=ctx.dist,
+        )  # fmt: skip
+        result, compared, student = run.build, run.comparison, run.student
+        span = f"{result.first_layer}-{result.last_layer}"
+        step = {"command": "reduce", "layers": span, "rank": rank, "ranks": result.ranks, "oversample": oversample,
+                "finetune_epochs": finetune, "test_accuracy": compared.student.accuracy}  # fmt: skip
         meta = loaded.meta.derived(RON_ARCH, result.args, step, source=loaded.sha256)
-        meta.extra = {
-            "test_accuracy": student_stats["accuracy"],
-            "teacher_accuracy": teacher_stats["accuracy"],
-        }
+        meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
         reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
         with torch.no_grad():
             probe = example[:16].to(ctx.device)
             reload_diff = float((reloaded(probe) - student(probe)).abs().max())
-        save_figure(
-            _singular_value_figure(result.layers, result.first_layer, result.last_layer),
-            plot_path,
-            force=ctx.force,
-        )
+        save_figure(_singular_value_figure(result.layers, result.first_layer, result.last_layer), plot_path, force=ctx.force)
 
-        flop_reduction = teacher_stats["flops"] / max(student_stats["flops"], 1)
-        speedup = latency.speedup
-        drop = teacher_stats["accuracy"] - student_stats["accuracy"]
         results: dict[str, Any] = {
-            "teacher": teacher_stats,
-            "student": student_stats,
-            "flop_reduction": flop_reduction,
-            "param_reduction": teacher_stats["params"] / max(student_stats["params"], 1),
-            "latency_speedup": speedup,
-            "agreement": fidelity["agreement"],
-            "mean_kl": fidelity["mean_kl"],
-            "latency": latency.to_dict(),
-            "accuracy_drop": drop,
-            "accuracy_drop_points": 100.0 * drop,
+            **compared.to_dict("reduce"),
             "ranks": result.ranks,
             "rows": [layer.rows for layer in result.layers],
             "layers": [_layer_json(layer) for layer in result.layers],
-            "modified_layers": f"{result.first_layer}-{result.last_layer}",
+            "modified_layers": span,
             "samples": result.n_samples,
             "distributed": _distributed_json(ctx, result),
-            "finetune_history": history,
+            "finetune_history": run.history,
             "reload_max_abs_diff": reload_diff,
             "student_checkpoint": str(student_path),
             "singular_value_plot": str(plot_path),
@@ -298,47 +239,18 @@ def reduce_command(
                 "mean_kl": "nats, KL(teacher || student) averaged over the test split",
             },
         }
-        table = ResultTable(
-            "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
-            ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "1/s_min(S V) (eq. 5.18)", "residual energy"],
-            [
-                [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
-                 r.error_factor, r.amplification, r.residual_energy]
-                for r in result.layers
-            ],
-        )  # fmt: skip
-        summary = ResultTable(
-            "Teacher vs student (FLOPs = 2 x MACs per sample)",
-            ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
-            [
-                [
-                    "teacher",
-                    accuracy_text(teacher_stats["accuracy"], teacher_stats["accuracy_n"]),
-                    teacher_stats["flops"],
-                    teacher_stats["params"],
-                    teacher_stats["latency_ms"],
-                ],
-                [
-                    "student",
-                    accuracy_text(student_stats["accuracy"], student_stats["accuracy_n"]),
-                    student_stats["flops"],
-                    student_stats["params"],
-                    student_stats["latency_ms"],
-                ],
-            ],
-        )
         headline = [
-            f"RON layers {result.first_layer}-{result.last_layer}, ranks {result.ranks}: accuracy "
-            f"{100 * student_stats['accuracy']:.2f}% (teacher {100 * teacher_stats['accuracy']:.2f}%, before fine-tuning "
-            f"{100 * acc_before:.2f}%), agreement {100 * fidelity['agreement']:.2f}%, {flop_reduction:.2f}x fewer FLOPs, "
-            f"latency {speedup:.2f}x faster"
+            f"RON layers {span}, ranks {result.ranks}: accuracy {100 * compared.student.accuracy:.2f}% (teacher "
+            f"{100 * compared.teacher.accuracy:.2f}%, before fine-tuning {100 * (compared.student_before or 0.0):.2f}%), "
+            f"agreement {100 * compared.agreement:.2f}%, {compared.flop_reduction:.2f}x fewer FLOPs, "
+            f"latency {run.latency.speedup:.2f}x faster"
         ]
         clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
             ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
                     "the sketch, not the data, bounded them (raise --sketch-size to let the rank rule decide)")
             headline.append(f"ranks clipped by --sketch-size: {', '.join(clipped)}")
-        return CommandOutput(results=results, tables=[table, summary], headline=headline)
+        return CommandOutput(results=results, tables=_tables(run), headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
@@ -358,25 +270,30 @@ def _write_student(
     return load_exported(path)[0].to(ctx.device)
 
 
-def _stats(
-    model: torch.nn.Module,
-    dataset: Any,
-    shape: tuple[int, ...],
-    example: torch.Tensor,
-    ctx: CommandContext,
-) -> dict[str, Any]:
-    from odekit.cli.common import accuracy_fields
-    from odekit.methods.evaluation import accuracy, model_cost
+def _tables(run: RonRun) -> list[ResultTable]:
+    """The reduced layers (eq. 5.18-5.20 diagnostics) and teacher vs student."""
+    from odekit.cli.common import accuracy_text
 
-    cost = model_cost(model, shape)
-    acc = accuracy(model, dataset.test, device=ctx.device, dist=ctx.dist)
-    return {
-        "accuracy": acc,
-        **accuracy_fields(acc, len(dataset.test)),
-        "flops": cost.flops,
-        "params": cost.params,
-        "storage_mb": cost.storage_mb,
-    }
+    layers = ResultTable(
+        "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
+        ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "1/s_min(S V) (eq. 5.18)", "residual energy"],
+        [
+            [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
+             r.error_factor, r.amplification, r.residual_energy]
+            for r in run.build.layers
+        ],
+    )  # fmt: skip
+    compared = run.comparison
+    teacher_ms, student_ms = (statistics.median(times) for times in (run.latency.teacher_ms, run.latency.student_ms))
+    summary = ResultTable(
+        "Teacher vs student (FLOPs = 2 x MACs per sample)",
+        ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
+        [
+            [name, accuracy_text(scored.accuracy, scored.n), scored.cost.flops, scored.cost.params, ms]
+            for name, scored, ms in (("teacher", compared.teacher, teacher_ms), ("student", compared.student, student_ms))
+        ],
+    )
+    return [layers, summary]
 
 
 def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:

@@ -24,8 +24,9 @@ GLOSSARY = (
     ("--delta F", "universal attack budget ||v||, an l2 or linf norm in [0, 1]-pixel units (attack only)"),
     ("--energy-tol F", "asnet's active-neuron threshold: the smallest r with ||(s_1..s_r)|| >= (1 - F) ||s|| "
      "(eq. 6.17)"),
-    ("--rank RULE", "reduce: vbmf | energy:F (keep fraction F of sum s_i^2) | factor:F (R = ceil(D/F)) | an "
-     "integer, or a comma list; asnet: an integer | auto (the --energy-tol rule)"),
+    ("--rank RULE", "vbmf | energy:F (keep fraction F of sum s_i^2) | factor:F (R = ceil(D/F)) | an integer, "
+     "in reduce and asnet alike; reduce also takes a comma list (one per layer output), asnet also auto "
+     "(the --energy-tol rule)"),
     ("--sketch-size N", "rows of a frequent-directions sketch; a rank rule is clipped to it"),
     ("--batch-size N", "samples per forward/backward batch (memory, not results, except for training)"),
     ("--lr F, --beta F", "fine-tuning/training learning rate; distillation weight beta KL + (1-beta) CE"),

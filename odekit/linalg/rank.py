@@ -24,7 +24,10 @@ __all__ = [
     "RankContext",
     "RankSpec",
     "energy_rank",
+    "parse_rank_option",
     "parse_rank_spec",
+    "rank_grammar",
+    "rule_rank",
     "select_rank",
     "vbmf_rank",
 ]
@@ -274,3 +277,38 @@ def vbmf_rank(
             sigma2 = float(minimize_scalar(free_energy, bounds=(lower, upper), method="bounded").x)
     threshold = math.sqrt(m * sigma2 * (1 + tau_ubar) * (1 + alpha / tau_ubar))
     return max(1, int(np.sum(s > threshold)))
+
+
+# ------------------------------------------------------------- one grammar for every command
+# issue 12: `reduce --rank` and `asnet --rank` read the same words; a command may add keywords of
+# its own (asnet's `auto`: the --energy-tol rule), which this parser hands back unchanged.
+
+VALUED_RULES = ("energy", "factor")
+
+
+def rank_grammar(keywords: tuple[str, ...] = ()) -> str:
+    """'vbmf | energy:F | factor:F | INT' (plus ``keywords``), from the rule registry."""
+    rules = [f"{name}:F" if name in VALUED_RULES else name for name in RANK_RULES.names()]
+    return " | ".join([*rules, "INT", *keywords])
+
+
+def parse_rank_option(text: str | int, option: str = "--rank", keywords: tuple[str, ...] = ()) -> RankSpec | str:
+    """A rank option's value: one of ``keywords`` (returned as the lower-case word) or a rank
+    rule / integer (``parse_rank_spec``); errors name ``option`` and the whole grammar."""
+    word = str(text).strip().lower()
+    if word in keywords:
+        return word
+    try:
+        return parse_rank_spec(word)
+    except UsageError as err:
+        grammar = f"{option} takes {rank_grammar(keywords)}"
+        raise UsageError(f"{option} '{text}': {err.message}", f"{err.hint}; {grammar}" if err.hint else grammar) from None
+
+
+def rule_rank(spec: str | int | RankSpec, ctx: RankContext) -> int:
+    """The rank ``spec`` asks for on ``ctx`` (at least 1), without ``select_rank``'s feasibility
+    checks: for callers with limits of their own (asnet caps a rank by its sketch and samples)."""
+    spec = parse_rank_spec(spec)
+    if spec.name == "fixed":
+        return max(int(spec.value or 0), 1)
+    return max(int(RANK_RULES.get(spec.name)(ctx, spec.value)), 1)

@@ -66,7 +66,7 @@ def fit_pce(
     before the solve, so every rank gets the fit of the whole data set.
     """
     if ridge < 0:
-        raise UsageError(f"ridge must be >= 0, got {ridge}")
+        raise UsageError(f"--ridge must be >= 0, got {ridge}")
     n = layer.n_basis
     device = layer.linear.weight.device
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)

@@ -35,7 +35,7 @@ class SmoothnessSettings:
 
     def __post_init__(self) -> None:
         if not self.solvers:
-            raise UsageError("no test solvers given", "pass e.g. --solvers euler,rk2,rk4")
+            raise UsageError("--solvers names no test solver", "pass e.g. --solvers euler,rk2,rk4")
         names = []
         for name in self.solvers:
             spec = SOLVERS.get(name)
@@ -48,14 +48,14 @@ class SmoothnessSettings:
                 names.append(spec.name)
         object.__setattr__(self, "solvers", tuple(names))
         if not self.steps or any(isinstance(n, bool) or int(n) != n or n < 1 for n in self.steps):
-            raise UsageError(f"steps must be positive integers, got {list(self.steps)}", "pass e.g. --steps 2,4,8,16,32")
+            raise UsageError(f"--steps must be positive integers, got {list(self.steps)}", "pass e.g. --steps 2,4,8,16,32")
         object.__setattr__(self, "steps", tuple(sorted({int(n) for n in self.steps})))
         if not 0.0 < float(self.u) <= 1.0:
-            raise UsageError(f"rk2 parameter u must lie in (0, 1], got {self.u}", "0.5 is the midpoint rule, 1 Heun's")
+            raise UsageError(f"--u (the rk2 parameter) must lie in (0, 1], got {self.u}", "0.5 is the midpoint rule, 1 Heun's")
         if not 0.0 <= self.tolerance < 1.0:
-            raise UsageError(f"tolerance must lie in [0, 1), got {self.tolerance}", "it is an accuracy fraction, e.g. 0.01")
+            raise UsageError(f"--tolerance must lie in [0, 1), got {self.tolerance}", "it is an accuracy fraction, e.g. 0.01")
         if self.batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 @dataclass

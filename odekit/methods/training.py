@@ -36,13 +36,13 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
-            raise UsageError(f"epochs must be >= 0, got {self.epochs}", "use 0 to skip training")
+            raise UsageError(f"--finetune must be >= 0 epochs, got {self.epochs}", "use 0 to skip fine-tuning")
         if not self.lr > 0:
-            raise UsageError(f"learning rate must be positive, got {self.lr}", "try 1e-3")
+            raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3")
         if self.batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {self.batch_size}", "try 128")
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}", "try 128")
         if not 0.0 <= self.beta <= 1.0:
-            raise UsageError(f"distillation weight beta must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
+            raise UsageError(f"--beta (the distillation weight) must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
         if self.optimizer not in ("adam", "sgd"):
             raise UsageError(f"unknown optimizer '{self.optimizer}'", "choose adam or sgd")
         if self.schedule not in ("cosine", "constant"):
@@ -65,7 +65,7 @@ def _optimizer(
     special: dict[int, float] = {}
     for module, lr in (lr_overrides or {}).items():
         if not lr > 0:
-            raise UsageError(f"learning rate must be positive, got {lr}", "try 1e-5")
+            raise UsageError(f"--head-lr must be positive, got {lr}", "try 1e-5")
         special.update({id(p): lr for p in module.parameters()})
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in special], "lr": settings.lr}]
@@ -133,7 +133,7 @@ def train_classifier(
     if per_epoch == 0:
         raise UsageError(
             f"{data.train.num_batches(settings.batch_size)} batches cannot feed {world} ranks",
-            "use fewer ranks or a smaller batch size",
+            "use fewer ranks or a smaller --batch-size",
         )
     steps = max(1, settings.epochs * per_epoch)
     scheduler = (

@@ -10,7 +10,8 @@ teacher's logits), optionally fine-tuned with distillation and L1 proximal steps
 """
 
 from odekit.methods.asnet.analysis import LayerAnalysis, analyze_layers
-from odekit.methods.asnet.build import ASNetResult, build_asnet_from_teacher, is_registered_teacher
+from odekit.methods.asnet.baselines import Baselines
+from odekit.methods.asnet.build import build_asnet_from_teacher, is_registered_teacher
 from odekit.methods.asnet.head import (
     Head,
     Projection,
@@ -20,9 +21,18 @@ from odekit.methods.asnet.head import (
     project,
     sparse_cost,
 )
+from odekit.methods.asnet.rank_choice import RankChoice, choose_rank
+from odekit.methods.asnet.result import (
+    ASNetResult,
+    CutReport,
+    FinetuneReport,
+    SparseCost,
+    SplitCosts,
+)
 from odekit.methods.asnet.settings import (
     DEFAULT_SKETCH,
     LOGREG_MAX_SAMPLES,
+    RANK_KEYWORDS,
     THESIS_RANK,
     ASNetSettings,
     SubspaceSettings,
@@ -36,24 +46,32 @@ from odekit.models.cut import ChainModel, Cut, CutModel, GraphModel, cut_model
 __all__ = [
     "DEFAULT_SKETCH",
     "LOGREG_MAX_SAMPLES",
+    "RANK_KEYWORDS",
     "THESIS_RANK",
     "ASNet",
     "ASNetResult",
     "ASNetSettings",
     "ActiveSubspace",
+    "Baselines",
     "ChainModel",
     "Cut",
     "CutModel",
+    "CutReport",
+    "FinetuneReport",
     "GraphModel",
     "Head",
     "LayerAnalysis",
     "Projection",
+    "RankChoice",
+    "SparseCost",
+    "SplitCosts",
     "SubspaceSettings",
     "_l1_prox",
     "active_subspace",
     "analyze_layers",
     "build_asnet",
     "build_asnet_from_teacher",
+    "choose_rank",
     "cut_model",
     "default_sketch_size",
     "fit_head",

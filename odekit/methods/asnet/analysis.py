@@ -48,7 +48,7 @@ class LayerAnalysis:
             "eps": self.eps,
             "samples": s.n_samples,
             "sketch_size": int(s.singular_values.shape[0]),
-            "sketch_covariance_error_rel": s.covariance_error / max(float(s.singular_values[0]) ** 2, 1e-300),
+            "sketch_covariance_error_rel": s.covariance_error_rel,
             "singular_values": [float(v) for v in s.singular_values[:max_values]],
             "logreg_accuracy": self.logreg_accuracy,
             "logreg_train_samples": self.logreg_samples,

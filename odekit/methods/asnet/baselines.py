@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,35 @@ from odekit.methods.asnet.settings import (
     LOGREG_MAX_SAMPLES,
     ASNetSettings,
 )
+from odekit.methods.pce import PCEFit
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Test accuracies at the ASNet's r without fine-tuning (thesis fig. 6.5b). Only ``as_pce`` (the
+    ASNet itself) when the baselines were skipped."""
+
+    as_pce: float
+    pca_pce: float | None = None
+    as_logreg: float | None = None
+    pca_logreg: float | None = None
+    logreg_features: float | None = None
+    rank: int | None = None
+    pca_pce_fit: PCEFit | None = None
+
+    NAMES = ("as_pce", "pca_pce", "as_logreg", "pca_logreg", "logreg_features")
+
+    def accuracies(self) -> dict[str, float]:
+        """Method name -> test accuracy, for the methods that ran (in ``NAMES`` order)."""
+        return {name: value for name in self.NAMES if (value := getattr(self, name)) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.accuracies())
+        if self.rank is not None:
+            out["rank"] = self.rank
+        if self.pca_pce_fit is not None:
+            out["pca_pce_fit"] = self.pca_pce_fit.to_dict()
+        return out
 
 
 def _logreg_accuracy(
@@ -32,7 +62,7 @@ def _logreg_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(y_train)) < 2:
-        raise NumericalError("logistic regression needs at least two classes in the training samples", "use more --samples")
+        raise NumericalError("logistic regression needs at least two classes in the training samples", "use more --fit-samples")
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=500, C=1.0, random_state=seed)
     with warnings.catch_warnings():
@@ -53,7 +83,8 @@ def _baselines(
     rank: int,
     settings: ASNetSettings,
     device: torch.device,
-) -> dict[str, Any]:
+    as_pce: float,
+) -> Baselines:
     """Thesis fig. 6.5b at the same r, no fine-tuning: PCA+PCE, AS+LR, PCA+LR, LR(all features).
     PCA = top-r right singular vectors of the centred pre-model outputs (same sketch)."""
     bs, seed = settings.subspace.batch_size, settings.subspace.seed
@@ -68,13 +99,14 @@ def _baselines(
     def lr(z_tr: Tensor, z_te: Tensor) -> float:
         return _logreg_accuracy(z_tr.float().numpy(), y_tr, z_te.float().numpy(), y_te, seed)
 
-    return {
-        "pca_pce": pca_head.accuracy(test.z["pca"], test.labels),
-        "as_logreg": lr(train.z["as"], test.z["as"]),
-        "pca_logreg": lr(z_pca, test.z["pca"]),
-        "logreg_features": _logreg_accuracy(
+    return Baselines(
+        as_pce=as_pce,
+        pca_pce=pca_head.accuracy(test.z["pca"], test.labels),
+        as_logreg=lr(train.z["as"], test.z["as"]),
+        pca_logreg=lr(z_pca, test.z["pca"]),
+        logreg_features=_logreg_accuracy(
             train.features, y_tr[: len(train.features)], test.features, y_te[: len(test.features)], seed
         ),
-        "rank": rank,
-        "pca_pce_fit": pca_head.fit.to_dict(),
-    }
+        rank=rank,
+        pca_pce_fit=pca_head.fit,
+    )

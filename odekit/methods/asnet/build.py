@@ -4,63 +4,45 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from odekit.distributed import Distributed
-from odekit.errors import NumericalError, UsageError
+from odekit.errors import UsageError
 from odekit.io.datasets import Dataset, Split
 from odekit.linalg import FrequentDirections
 from odekit.methods.asnet.analysis import LayerAnalysis
-from odekit.methods.asnet.baselines import _baselines
+from odekit.methods.asnet.baselines import Baselines, _baselines
 from odekit.methods.asnet.head import (
     _l1_prox,
     _standardise_into,
     fit_head,
-    max_rank_for_samples,
     project,
     sparse_cost,
 )
-from odekit.methods.asnet.settings import (
-    LOGREG_MAX_SAMPLES,
-    THESIS_RANK,
-    ASNetSettings,
+from odekit.methods.asnet.rank_choice import choose_rank
+from odekit.methods.asnet.result import (
+    ASNetResult,
+    CutReport,
+    FinetuneReport,
+    SparseCost,
+    SplitCosts,
 )
-from odekit.methods.asnet.subspace import (
-    active_subspace,
-)
-from odekit.methods.evaluation import accuracy, measure_latency_ms, model_cost
+from odekit.methods.asnet.settings import LOGREG_MAX_SAMPLES, ASNetSettings
+from odekit.methods.asnet.subspace import active_subspace
+from odekit.methods.comparison import LatencyProbe, compare_student
+from odekit.methods.evaluation import accuracy, model_cost
 from odekit.methods.pce import basis_size
-from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
+from odekit.methods.training import TrainSettings, train_classifier
 from odekit.models.asnet import ASNet
-from odekit.models.cut import (
-    cut_model,
-)
+from odekit.models.cut import cut_model
 from odekit.models.graph import runnable
 from odekit.models.registry import ARCHITECTURES
 from odekit.progress import Progress, silent_if_none
 
-
-@dataclass
-class ASNetResult:
-    model: ASNet
-    args: dict[str, Any]
-    results: dict[str, Any]
-    cut_analysis: LayerAnalysis
-    warnings: list[str]
-    history: TrainHistory | None
-    registered: bool = True  # load_model rebuilds it from args; otherwise write it as a .pt2 program
-
-
-def _cost(model: nn.Module, shape: tuple[int, ...] | list[int]) -> dict[str, Any]:
-    return model_cost(model, shape).to_dict()
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None
+__all__ = ["ASNetResult", "build_asnet_from_teacher", "is_registered_teacher"]
 
 
 def is_registered_teacher(arch: str) -> bool:
@@ -103,22 +85,10 @@ def build_asnet_from_teacher(
         )
     say(f"cut at layer {cut.index} ({cut.name}): n_l = {cut.features}; streaming per-sample gradients")
     subspace = active_subspace(chain, cut, data.train, sub_settings, device, progress=progress, dist=dist)
-    n_active = subspace.active_neurons(sub_settings.eps)
-    limit = min(sub_settings.sketch_size, cut.features, subspace.n_samples)
-    if requested is None:
-        rank = min(THESIS_RANK, max_rank_for_samples(n_train, settings.degree), limit)
-        rank_rule = f"min(50, largest r with 2 C(r+{settings.degree},{settings.degree}) <= {n_train} samples)"
-    elif requested == "auto":
-        rank = min(n_active, limit)
-        rank_rule = f"active neurons at eps = {sub_settings.eps} (eq. 6.17)"
-    else:
-        rank = int(requested)
-        rank_rule = "--rank"
-    if rank > limit:
-        raise NumericalError(
-            f"rank {rank} needs {rank} samples and sketch rows; {subspace.n_samples} samples were streamed",
-            "use more --samples or a lower --rank",
-        )
+    choice = choose_rank(
+        requested, subspace, cut.features, settings.degree, n_train, sub_settings.sketch_size, sub_settings.eps
+    )
+    rank = choice.rank
     V = subspace.V[:, :rank].double()
     analysis = LayerAnalysis(cut, subspace, sub_settings.eps, None, 0)
 
@@ -132,7 +102,7 @@ def build_asnet_from_teacher(
         if settings.baselines:
             notes.append(f"baselines skipped: they fit scikit-learn models on all features in one process ({dist.world_size} ranks)")
     bs = sub_settings.batch_size
-    say(f"rank r = {rank} ({rank_rule}); fitting the degree-{settings.degree} PCE ({basis_size(rank, settings.degree)} basis functions)")
+    say(f"rank r = {rank} ({choice.rule}); fitting the degree-{settings.degree} PCE ({basis_size(rank, settings.degree)} basis functions)")
     pca_fd = FrequentDirections(cut.features, sub_settings.sketch_size, device=device) if settings.baselines and not parallel else None
     mean = subspace.mean_activation.to(device)
     keep = LOGREG_MAX_SAMPLES if pca_fd is not None else 0
@@ -148,12 +118,10 @@ def build_asnet_from_teacher(
         asnet.pce.linear.weight.copy_(head.pce.linear.weight)
     asnet.eval()
     acc_before = accuracy(asnet, data.test, device=device, dist=dist)
-
-    teacher_acc = accuracy(teacher, data.test, device=device, dist=dist)
-    baselines: dict[str, Any] = {"as_pce": acc_before}
+    baselines = Baselines(as_pce=acc_before)
     if pca_fd is not None:
         say("baselines: PCA+PCE, AS+LR, PCA+LR and LR on all n_l features")
-        baselines.update(_baselines(pre, fit_split, data, train, pca_fd, V, mean, rank, settings, device))
+        baselines = _baselines(pre, fit_split, data, train, pca_fd, V, mean, rank, settings, device, acc_before)
 
     history = None
     if settings.finetune_epochs > 0:
@@ -169,64 +137,30 @@ def build_asnet_from_teacher(
             dist=dist,
         )  # fmt: skip
     asnet.eval()
-    acc_after = accuracy(asnet, data.test, device=device, dist=dist) if history is not None else acc_before
-
-    teacher_cost = _cost(teacher, input_shape)
-    asnet_cost = _cost(asnet, input_shape)
-    pre_cost = _cost(asnet.pre, input_shape)
-    head_module = nn.Sequential(asnet.active, asnet.pce)
-    head_cost = _cost(head_module, (cut.features,))
-    post_cost = _cost(post, tuple(cut.out_shape))
-    latency: dict[str, float] = {}
-    if settings.latency:  # median wall-clock ms per forward pass on this device
-        for label, x, repeats in (("batch1", data.test.x[:1], 20), (f"batch{min(len(data.test), bs)}", data.test.x[:bs], 5)):
-            latency[f"teacher_ms_{label}"] = measure_latency_ms(teacher, x, device, warmup=2, repeats=repeats)
-            latency[f"asnet_ms_{label}"] = measure_latency_ms(asnet, x, device, warmup=2, repeats=repeats)
-    asnet_entry = {"accuracy": acc_after, "accuracy_before_finetune": acc_before, **asnet_cost}
-    if settings.sparse:
-        asnet_entry.update(sparse_cost(asnet, input_shape))
-    results: dict[str, Any] = {
-        "teacher": {"accuracy": teacher_acc, **teacher_cost},
-        "asnet": asnet_entry,
-        "storage_reduction": _ratio(teacher_cost["storage_mb"], asnet_cost["storage_mb"]),
-        "flop_reduction": _ratio(teacher_cost["flops"], asnet_cost["flops"]),
-        "accuracy_drop_points": 100 * (teacher_acc - acc_after),
-        "cut": {
-            **cut.to_dict(),
-            "rank": rank,
-            "rank_rule": rank_rule,
-            "degree": settings.degree,
-            "n_basis": basis_size(rank, settings.degree),
-            "eps": sub_settings.eps,
-            "active_neurons": n_active,
-            "active_neurons_eq612": subspace.active_neurons_eq612(sub_settings.eps),
-            "eps_at_rank": subspace.eps_at_rank(rank),
-            "sketch_size": sub_settings.sketch_size,
-            "gradient_samples": subspace.n_samples,
-            "sketch_covariance_error_rel": subspace.covariance_error / max(float(subspace.singular_values[0]) ** 2, 1e-300),
-        },
-        "split": {
-            "pre_model": pre_cost,
-            "as_pce": head_cost,
-            "teacher_post_model": post_cost,
-            "post_storage_reduction": _ratio(post_cost["storage_mb"], head_cost["storage_mb"]),
-            "post_flop_reduction": _ratio(post_cost["flops"], head_cost["flops"]),
-        },
-        "pce": head.fit.to_dict(),
-        "baselines": baselines,
-        "latency_ms": latency,
-        "finetune": {
-            "epochs": settings.finetune_epochs,
-            "beta": settings.beta,
-            "lr": settings.lr,
-            "head_lr": settings.head_lr if settings.head_lr is not None else settings.lr,
-            "sparse": settings.sparse,
-            "l1": settings.l1 if settings.sparse else None,
-            "history": history.epochs if history else [],
-        },
-        "flops_convention": "2 x multiply-adds per sample (torch FlopCounterMode); PCE basis products not counted",
-        "warnings": notes,
-    }
+    probes = []
+    if settings.latency:  # teacher and ASNet timed interleaved, one example and one batch
+        probes = [LatencyProbe("batch1", data.test.x[:1], 20),
+                  LatencyProbe(f"batch{min(len(data.test), bs)}", data.test.x[:bs], 5)]  # fmt: skip
+    comparison = compare_student(
+        teacher, asnet, data.test, input_shape, device, dist, student_before=acc_before, latency=probes, warmup=2
+    )
+    split = SplitCosts(
+        model_cost(asnet.pre, input_shape),
+        model_cost(nn.Sequential(asnet.active, asnet.pce), (cut.features,)),
+        model_cost(post, tuple(cut.out_shape)),
+    )
+    report = CutReport(
+        cut=cut, rank=rank, rank_rule=choice.rule, degree=settings.degree, n_basis=basis_size(rank, settings.degree),
+        eps=sub_settings.eps, active_neurons=subspace.active_neurons(sub_settings.eps),
+        active_neurons_eq612=subspace.active_neurons_eq612(sub_settings.eps), eps_at_rank=subspace.eps_at_rank(rank),
+        sketch_size=sub_settings.sketch_size, gradient_samples=subspace.n_samples,
+        sketch_covariance_error_rel=subspace.covariance_error_rel,
+    )  # fmt: skip
+    finetune = FinetuneReport(
+        epochs=settings.finetune_epochs, beta=settings.beta, lr=settings.lr,
+        head_lr=settings.head_lr if settings.head_lr is not None else settings.lr, sparse=settings.sparse,
+        l1=settings.l1 if settings.sparse else None, history=history.epochs if history else [],
+    )  # fmt: skip
     args = {
         "teacher_arch": teacher_arch.lower(),
         "teacher_args": dict(teacher_args),
@@ -239,4 +173,8 @@ def build_asnet_from_teacher(
     }
     if cut.node is not None:
         args.update(node=cut.node, input_shape=[int(v) for v in input_shape])
-    return ASNetResult(asnet.cpu(), args, results, analysis, notes, history, registered)
+    sparse = SparseCost.of(sparse_cost(asnet, input_shape)) if settings.sparse else None
+    return ASNetResult(
+        asnet.cpu(), args, report, comparison, split, head.fit, baselines, finetune, analysis, notes, history, sparse,
+        registered,
+    )  # fmt: skip

@@ -1,13 +1,15 @@
-"""ASNet settings (validated on creation) and the rank grammar of ``--rank``."""
+"""ASNet settings (validated on creation) and ``--rank``: reduce's rank grammar plus ``auto``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from odekit.errors import UsageError
+from odekit.linalg.rank import parse_rank_option
 
 THESIS_RANK = 50  # default r of thesis ch. 6.5.1
 DEFAULT_SKETCH = 100
+RANK_KEYWORDS = ("auto",)  # asnet's own word beside reduce's grammar: eq. 6.17 at --energy-tol
 LOGREG_MAX_SAMPLES = 5000  # the LR-on-all-features baseline holds samples x n_l floats
 
 
@@ -26,11 +28,11 @@ class SubspaceSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
-            raise UsageError(f"--eps must lie in (0, 1), got {self.eps}", "the thesis uses 0.05")
+            raise UsageError(f"--energy-tol must lie in (0, 1), got {self.eps}", "the thesis uses 0.05")
         if self.sketch_size < 2:
             raise UsageError(f"--sketch-size must be >= 2, got {self.sketch_size}", "try 100")
         if self.samples is not None and self.samples < 2:
-            raise UsageError(f"--samples must be >= 2, got {self.samples}", "omit it to use the whole training split")
+            raise UsageError(f"--fit-samples must be >= 2, got {self.samples}", "omit it to use the whole training split")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -40,7 +42,9 @@ class ASNetSettings:
     """Algorithm 2: cut, rank, PCE degree, fine-tuning and sparsity."""
 
     cut: str
-    rank: int | str | None = None  # None: min(50, what the PCE sample rule allows); "auto": eq. 6.17
+    # None: min(50, what the PCE sample rule allows); "auto": eq. 6.17 at eps; or a rank rule
+    # of reduce's grammar ("vbmf", "energy:0.9", "factor:4") applied to the gradient sketch
+    rank: int | str | None = None
     degree: int = 2
     ridge: float = 0.0
     finetune_epochs: int = 0
@@ -54,8 +58,8 @@ class ASNetSettings:
     subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, str) and self.rank != "auto":
-            raise UsageError(f"--rank must be a positive integer or 'auto', got '{self.rank}'", "e.g. --rank 50")
+        if isinstance(self.rank, str):
+            parse_rank_option(self.rank, "--rank", RANK_KEYWORDS)
         if isinstance(self.rank, int) and self.rank < 1:
             raise UsageError(f"--rank must be >= 1, got {self.rank}", "e.g. --rank 50")
         if not 1 <= self.degree <= 6:
@@ -82,16 +86,14 @@ class ASNetSettings:
 
 
 def parse_rank(text: str | None) -> int | str | None:
-    """CLI text -> rank setting: None, 'auto' or a positive int."""
+    """CLI text -> rank setting: None, 'auto', a positive int or a rank rule ('vbmf', 'energy:0.9',
+    'factor:4'), read by the one rank parser of ``odekit.linalg.rank``."""
     if text is None:
         return None
-    text = text.strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise UsageError(f"--rank must be a positive integer or 'auto', got '{text}'", "e.g. --rank 50") from None
+    parsed = parse_rank_option(text, "--rank", RANK_KEYWORDS)
+    if isinstance(parsed, str):
+        return parsed
+    return int(parsed.value or 0) if parsed.name == "fixed" else str(parsed)
 
 
 def default_sketch_size(rank: int | str | None) -> int:

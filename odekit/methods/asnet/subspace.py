@@ -39,6 +39,11 @@ class ActiveSubspace:
     mean_activation: Tensor  # (n_l,) mean pre-model output, for the PCA baseline
     seconds: float
 
+    @property
+    def covariance_error_rel(self) -> float:
+        """The certified sketch covariance error relative to sigma_1^2."""
+        return self.covariance_error / max(float(self.singular_values[0]) ** 2, 1e-300)
+
     def active_neurons(self, eps: float) -> int:
         """Eq. 6.17 on the sketch's singular values."""
         return active_count(self.singular_values, eps, form="eq6.17")

@@ -24,14 +24,11 @@ The student is an ordinary ``nn.Module`` registered as architecture ``ron_studen
 args (teacher arch/args, cut points, stage sizes) rebuild it, so ``load_model`` reads it back.
 """
 
-from odekit.methods.ron.build import (
-    RonLayerReport,
-    RonResult,
-    RonSettings,
-    build_student,
-)
+from odekit.methods.ron.build import build_student
+from odekit.methods.ron.compress import RonRun, reduce_teacher
 from odekit.methods.ron.linear_maps import conv_rows, fold_batchnorm
 from odekit.methods.ron.regions import analyse_region
+from odekit.methods.ron.settings import RonLayerReport, RonResult, RonSettings
 from odekit.models.ron_student import RON_ARCH, RONStudent, activation_from_config, trace_model
 
 __all__ = [
@@ -39,11 +36,13 @@ __all__ = [
     "RONStudent",
     "RonLayerReport",
     "RonResult",
+    "RonRun",
     "RonSettings",
     "activation_from_config",
     "analyse_region",
     "build_student",
     "conv_rows",
     "fold_batchnorm",
+    "reduce_teacher",
     "trace_model",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 from odekit.distributed import Distributed
 from odekit.errors import NumericalError, UsageError
 from odekit.linalg.maxvol import rect_maxvol, rect_maxvol_error_factor
-from odekit.linalg.rank import RankContext, RankSpec, parse_rank_spec, select_rank
+from odekit.linalg.rank import RankContext, select_rank
 from odekit.linalg.sketch import FrequentDirections, SketchMerge, merge_across_ranks
 from odekit.methods.ron.linear_maps import (
     _eval_affine,
@@ -27,98 +26,16 @@ from odekit.methods.ron.ops import (
     _run_node,
 )
 from odekit.methods.ron.regions import _Region, _State, analyse_region
+from odekit.methods.ron.settings import RonLayerReport, RonResult, RonSettings
 from odekit.models.graph import runnable
 from odekit.models.layers import layer_table
 from odekit.models.ron_student import (
     RONStudent,
 )
 from odekit.progress import Progress, silent_if_none
-from odekit.streaming.throughput import StageThroughput, ThroughputMeter, measure_matmul_peak
+from odekit.streaming.throughput import ThroughputMeter, measure_matmul_peak
 
 # ----------------------------------------------------------------------------- construction
-
-
-@dataclass(frozen=True)
-class RonSettings:
-    """Settings of the student construction (validated on creation)."""
-
-    layers: str
-    rank: str = "vbmf"
-    oversample: float = 1.5
-    samples: int | None = None
-    sketch_size: int | None = None
-    batch_size: int = 256
-    sketch_dtype: str = "float64"
-
-    def __post_init__(self) -> None:
-        if not self.layers or not str(self.layers).strip():
-            raise UsageError("give the layers to reduce", "e.g. --layers 7-16")
-        specs = str(self.rank).split(",")
-        if any(not part.strip() for part in specs):
-            raise UsageError(
-                f"cannot read --rank '{self.rank}'",
-                "use e.g. vbmf, energy:0.99, factor:4, 32 or 60,40,10",
-            )
-        for part in specs:
-            parse_rank_spec(part)
-
-        if not self.oversample >= 1.0:
-            raise UsageError(
-                f"--oversample must be >= 1 (P_k >= R_k rows), got {self.oversample}",
-                "the thesis uses 1 to 2",
-            )
-        if self.samples is not None and self.samples < 1:
-            raise UsageError(f"--samples must be positive, got {self.samples}")
-        if self.sketch_size is not None and self.sketch_size < 2:
-            raise UsageError(f"--sketch-size must be >= 2, got {self.sketch_size}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.sketch_dtype not in ("float32", "float64"):
-            raise UsageError("sketch dtype must be float32 or float64")
-
-    @property
-    def rank_specs(self) -> list[RankSpec]:
-        """One spec for every reduced layer, or one spec per reduced layer (comma list)."""
-        return [parse_rank_spec(part) for part in str(self.rank).split(",")]
-
-
-@dataclass
-class RonLayerReport:
-    """One reduced state (a modified layer's activation)."""
-
-    state: str
-    layers: list[str]
-    dim: int
-    rank: int
-    rows: int
-    pooled: bool
-    sources: list[str]
-    singular_values: list[float]  # sketch singular values divided by the largest
-    decay: float  # sigma_R / sigma_1
-    error_factor: float  # eq. 5.20: sqrt(1 + (D - P) R / (P + 1 - R))
-    amplification: float  # measured ||V (S V)^+||_2 = 1 / sigma_min(S V)
-    covariance_error: float  # FD bound on ||Z^T Z - B^T B||_2, relative to ||Z||_2^2 (approx.)
-    residual_energy: float  # 1 - ||Z V||_F^2 / ||Z||_F^2 estimated from the sketch
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class RonResult:
-    student: RONStudent
-    args: dict[str, Any]
-    layers: list[RonLayerReport]
-    n_samples: int
-    first_layer: int
-    last_layer: int
-    # issue 15: the activation-streaming stage's rate on this rank, and each state's merge
-    throughput: StageThroughput | None = None
-    merges: list[SketchMerge] = field(default_factory=list)
-
-    @property
-    def ranks(self) -> list[int]:
-        return [layer.rank for layer in self.layers]
 
 
 def _state_name(st: _State) -> str:
@@ -202,7 +119,7 @@ def build_student(
         if n_total > 0 and r > n_total:
             raise NumericalError(
                 f"{where}: rank {r} needs at least {r} samples, only {n_total} are used",
-                "pass more --samples or choose a smaller rank",
+                "pass more --fit-samples or choose a smaller rank",
             )
     sketch_dtype = torch.float64 if settings.sketch_dtype == "float64" else torch.float32
     n_hint = n_total if n_total > 0 else 10**9
