@@ -9,15 +9,20 @@ import typer
 from odekit.cli.asnet_figures import baselines_figure, spectrum_figure
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
+    DISTILLATION_BETA,
+    FINETUNE_LR,
+    STREAM_BATCH_SIZE,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
+    BetaOpt,
     CheckpointArg,
     CommonOptions,
     DataDirOpt,
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
     JsonOpt,
@@ -143,10 +148,8 @@ def asnet_command(
     finetune: Annotated[
         int, typer.Option("--finetune", min=0, help="Fine-tuning epochs (Adam, cosine schedule).", rich_help_panel=ASNET)
     ] = 0,
-    beta: Annotated[
-        float, typer.Option("--beta", help="Distillation weight beta of the fine-tuning loss.", rich_help_panel=ASNET)
-    ] = 0.1,
-    lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (Adam; thesis: 1e-4 for VGG).", rich_help_panel=ASNET)] = 1e-4,
+    beta: BetaOpt = DISTILLATION_BETA,
+    lr: FinetuneLrOpt = FINETUNE_LR,
     head_lr: Annotated[float | None, typer.Option("--head-lr", help="Fine-tuning learning rate of the AS and PCE layers (thesis: 1e-5) [--lr].", show_default=False, rich_help_panel=ASNET)] = None,
     sparse: Annotated[
         bool, typer.Option("--sparse", help="ASNet-s: L1 proximal step after every update (eq. 6.29).", rich_help_panel=ASNET)
@@ -169,7 +172,7 @@ def asnet_command(
     ] = True,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    batch_size: BatchSizeOpt = 128,
+    batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,

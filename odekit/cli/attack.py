@@ -12,6 +12,7 @@ import typer
 
 from odekit.cli.names import ATTACK_HELP, help_line, names
 from odekit.cli.options import (
+    STREAM_BATCH_SIZE,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -151,7 +152,7 @@ def attack_command(
         "ODE models: solver spec used to evaluate it.")] = None,
     matrix: Annotated[bool, _opt("--matrix", TRANSFER,
         "Source x target fooling-rate matrix over all given checkpoints.")] = False,
-    batch_size: BatchSizeOpt = 256,
+    batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     arch: ArchOpt = None,

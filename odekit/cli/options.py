@@ -158,3 +158,27 @@ PixelMaxOpt = Annotated[
         rich_help_panel=DATA,
     ),
 ]
+
+
+# --- issue 12: one default per word (docs/cli.md glossary) ---
+STREAM_BATCH_SIZE = 256  # streaming/evaluation batch of reduce, asnet, attack, smoothness-check
+FINETUNE_LR = 1e-4  # thesis 6.5.1 (Adam, VGG); 5e-4 collapsed a full-width VGG-19 RON student
+DISTILLATION_BETA = 0.1  # thesis eq. 6.29
+FINETUNE = "Fine-tuning options"
+
+FinetuneLrOpt = Annotated[
+    float,
+    typer.Option(
+        "--lr",
+        help="Fine-tuning learning rate (Adam, cosine schedule; thesis: 1e-4 for VGG).",
+        rich_help_panel=FINETUNE,
+    ),
+]
+BetaOpt = Annotated[
+    float,
+    typer.Option(
+        "--beta",
+        help="Distillation weight of the fine-tuning loss: beta KL(teacher||student) + (1-beta) CE (thesis eq. 6.29).",
+        rich_help_panel=FINETUNE,
+    ),
+]

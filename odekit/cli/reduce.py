@@ -10,15 +10,20 @@ import typer
 
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
+    DISTILLATION_BETA,
+    FINETUNE_LR,
+    STREAM_BATCH_SIZE,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
+    BetaOpt,
     CheckpointArg,
     CommonOptions,
     DataDirOpt,
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
     JsonOpt,
@@ -123,17 +128,8 @@ def reduce_command(
             rich_help_panel=RON,
         ),
     ] = 0,
-    lr: Annotated[
-        float, typer.Option("--lr", help="Fine-tuning learning rate.", rich_help_panel=RON)
-    ] = 5e-4,
-    beta: Annotated[
-        float,
-        typer.Option(
-            "--beta",
-            help="Distillation weight: beta KL(teacher||student) + (1-beta) CE.",
-            rich_help_panel=RON,
-        ),
-    ] = 0.5,
+    lr: FinetuneLrOpt = FINETUNE_LR,
+    beta: BetaOpt = DISTILLATION_BETA,
     latency_batch: Annotated[
         int,
         typer.Option(
@@ -145,7 +141,7 @@ def reduce_command(
     ] = 256,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    batch_size: BatchSizeOpt = 256,
+    batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,

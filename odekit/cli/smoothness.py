@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from odekit.cli.options import (
+    STREAM_BATCH_SIZE,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -111,7 +112,7 @@ def smoothness_command(
     samples: Annotated[int | None, typer.Option("--eval-samples", min=1, help="Test samples to use (seeded subset) [all].", show_default=False)] = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
-    batch_size: BatchSizeOpt = 512,
+    batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_checkpoint: TrustOpt = False,

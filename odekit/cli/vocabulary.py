@@ -28,8 +28,12 @@ GLOSSARY = (
      "in reduce and asnet alike; reduce also takes a comma list (one per layer output), asnet also auto "
      "(the --energy-tol rule)"),
     ("--sketch-size N", "rows of a frequent-directions sketch; a rank rule is clipped to it"),
-    ("--batch-size N", "samples per forward/backward batch (memory, not results, except for training)"),
-    ("--lr F, --beta F", "fine-tuning/training learning rate; distillation weight beta KL + (1-beta) CE"),
+    ("--batch-size N", "samples per forward/backward batch [256 wherever it only streams or evaluates "
+     "(memory, not results); train-ode: the training batch, 64]"),
+    ("--lr F", "learning rate: fine-tuning in reduce and asnet [1e-4, Adam, thesis 6.5.1]; training from "
+     "scratch in train-ode [1e-2]"),
+    ("--beta F", "distillation weight of fine-tuning: beta KL(teacher||student) + (1-beta) CE [0.1, eq. 6.29] "
+     "(reduce, asnet)"),
     ("--seed N", "one seed for data order, subsets, sampling and initialisation"),
 )  # fmt: skip
 

@@ -31,7 +31,7 @@ class SmoothnessSettings:
     steps: tuple[int, ...] = (2, 4, 8, 16, 32)
     u: float = 0.5
     tolerance: float = 0.01
-    batch_size: int = 512
+    batch_size: int = 256
 
     def __post_init__(self) -> None:
         if not self.solvers:

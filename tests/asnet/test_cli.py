@@ -142,9 +142,9 @@ def test_rank_auto_baselines_and_latency(checkpoints_dir, tmp_path) -> None:
     for key in ("pca_pce", "as_logreg", "pca_logreg", "logreg_features"):
         assert 0.1 <= base[key] <= 1.0
     assert base["rank"] == r["cut"]["rank"]
-    assert set(r["latency_ms"]) == {"teacher_ms_batch1", "asnet_ms_batch1", "teacher_ms_batch128", "asnet_ms_batch128"}
+    assert set(r["latency_ms"]) == {"teacher_ms_batch1", "asnet_ms_batch1", "teacher_ms_batch256", "asnet_ms_batch256"}
     assert all(v > 0 for v in r["latency_ms"].values())
-    assert r["latency"]["batch128"]["batch_size"] == 128
+    assert r["latency"]["batch256"]["batch_size"] == 256
     assert r["latency"]["batch1"]["teacher"]["median_ms_per_batch_of_1"] == r["latency_ms"]["teacher_ms_batch1"]
     assert abs(r["teacher"]["accuracy"] - r["asnet"]["accuracy"]) <= 1.0 - r["agreement"] + 1e-9
     assert r["mean_kl"] >= -1e-9

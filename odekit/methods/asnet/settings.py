@@ -23,7 +23,7 @@ class SubspaceSettings:
     eps: float = 0.05
     sketch_size: int = DEFAULT_SKETCH
     samples: int | None = None  # training samples streamed (None: all)
-    batch_size: int = 128
+    batch_size: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
