@@ -239,8 +239,8 @@ def attack_command(
             ctx.params["resolved"] = run.resolved_params(plan, unit)
             result = run.run_single(plan, run.Roles(tgt, src, specs), seed_list, score, fit_samples, eval_samples)
         run.save_run(result, paths, plan, ctx.force)
-        run.record_units(result.results, unit, base_plan)
-        return render(plan, result.results, matrix)
+        run.record_units(result, unit, base_plan)
+        return render(plan, result.report)
 
     run_command("attack", common, inputs={}, params=params, body=body, run_name=method,
                 distributed=splits_over_ranks(method, matrix))  # fmt: skip

@@ -79,13 +79,13 @@ def _plot(path: Path, result: SmoothnessResult, title: str, force: bool, toleran
     fig, axes = new_figure(1, 1, (6.0, 4.2))
     ax = axes[0][0]
     styles = {"euler": "o-", "rk2": "s--", "rk4": "^:"}
-    for solver in dict.fromkeys(g["solver"] for g in result.grid):
-        rows = [g for g in result.grid if g["solver"] == solver]
-        accuracies = [g["accuracy"] for g in rows]
+    for solver in dict.fromkeys(g.solver for g in result.grid):
+        rows = [g for g in result.grid if g.solver == solver]
+        accuracies = [g.accuracy for g in rows]
         bounds = [wilson_interval(round(a * n), n) for a in accuracies]
         bars = [[a - low for a, (low, _) in zip(accuracies, bounds, strict=True)],
                 [high - a for a, (_, high) in zip(accuracies, bounds, strict=True)]]  # fmt: skip
-        ax.errorbar([g["nfe"] for g in rows], accuracies, yerr=bars, fmt=styles.get(solver, "o-"), capsize=3,
+        ax.errorbar([g.nfe for g in rows], accuracies, yerr=bars, fmt=styles.get(solver, "o-"), capsize=3,
                     label=f"test: {solver}")  # fmt: skip
     train = result.training_solver
     label = f"training: {train['solver']}" + (f" n={train['steps']}" if train.get("steps") else "")
@@ -156,10 +156,10 @@ def smoothness_command(
         headline = [
             f"{checkpoint.name}: {verdict} by the (S, n)-criterion on {len(split)} test images. Training solver {train_text}: accuracy "
             f"{result.training_accuracy:.4f} at {result.training_nfe:g} NFE; worst stronger solver "
-            f"{result.worst['solver']} n={result.worst['n']}: {result.worst['accuracy']:.4f}" if result.worst else "",
+            f"{result.worst.solver} n={result.worst.n}: {result.worst.accuracy:.4f}" if result.worst else "",
             f"Rule: {result.rule}",
         ]
-        rows = [[g["solver"], g["n"], g["nfe"], g["accuracy"], g["change"], "yes" if g["stronger"] else "no"] for g in result.grid]
+        rows = [[g.solver, g.n, g.nfe, g.accuracy, g.change, "yes" if g.stronger else "no"] for g in result.grid]
         table = ResultTable("Accuracy by test solver", ["solver", "n", "NFE", "accuracy", "change vs training", "stronger"], rows)
         return CommandOutput(results=results, tables=[table], headline=headline)
 

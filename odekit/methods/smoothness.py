@@ -58,29 +58,46 @@ class SmoothnessSettings:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
+@dataclass(frozen=True)
+class GridPoint:
+    """Test accuracy with one (solver, n) of the grid; ``stronger`` when it spends more
+    f-evaluations per forward pass than the training solver, ``change`` against its accuracy."""
+
+    solver: str
+    n: int
+    nfe: int
+    accuracy: float
+    stronger: bool
+    change: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"solver": self.solver, "n": self.n, "nfe": self.nfe, "accuracy": self.accuracy,
+                "stronger": self.stronger, "change": self.change}  # fmt: skip
+
+
 @dataclass
 class SmoothnessResult:
-    grid: list[dict[str, Any]]
+    grid: list[GridPoint]
     training_solver: dict[str, Any]
     training_accuracy: float
     training_nfe: float
     smooth: bool
     rule: str
     max_drop: float
-    worst: dict[str, Any] | None = None
+    worst: GridPoint | None = None
     stronger_configs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "grid": self.grid,
+            "grid": [g.to_dict() for g in self.grid],
             "training_solver": self.training_solver,
             "training_accuracy": self.training_accuracy,
             "training_nfe": self.training_nfe,
             "smooth": self.smooth,
             "rule": self.rule,
             "max_drop": self.max_drop,
-            "worst": self.worst,
+            "worst": self.worst.to_dict() if self.worst else None,
             "stronger_configs": self.stronger_configs,
         }
 
@@ -118,32 +135,26 @@ def smoothness_check(
         base = evaluate_classifier(model, split, device, settings.batch_size)
         a0, nfe0 = base["test_accuracy"], base["nfe_per_forward"]
         configs = [(s, n) for s in settings.solvers for n in settings.steps]
-        grid: list[dict[str, Any]] = []
+        grid: list[GridPoint] = []
         for solver, n in progress.track(configs, len(configs), "smoothness"):
             set_solver(model, train_cfg.replace(solver=solver, steps=n, u=settings.u, grad="backprop"))
             metrics = evaluate_classifier(model, split, device, settings.batch_size)
             nfe = metrics["nfe_per_forward"]
-            grid.append({
-                "solver": solver,
-                "n": n,
-                "nfe": round(nfe),
-                "accuracy": metrics["test_accuracy"],
-                "stronger": nfe > nfe0,
-                "change": metrics["test_accuracy"] - a0,
-            })  # fmt: skip
+            accuracy = metrics["test_accuracy"]
+            grid.append(GridPoint(solver, n, round(nfe), accuracy, nfe > nfe0, accuracy - a0))
             progress.update(solver=solver, n=n, acc=metrics["test_accuracy"])
     finally:
         for block, cfg in zip(ode_blocks(model), originals, strict=True):
             block.config = cfg
-    stronger = [g for g in grid if g["stronger"]]
+    stronger = [g for g in grid if g.stronger]
     if not stronger:
         raise UsageError(
             f"no tested (solver, n) spends more f-evaluations than the training solver ({nfe0:g} per forward pass)",
             "add larger --steps so that stronger solvers are tested",
         )
-    worst = min(stronger, key=lambda g: (g["accuracy"], g["nfe"]))
+    worst = min(stronger, key=lambda g: (g.accuracy, g.nfe))
     tol = settings.tolerance
-    smooth = all(g["accuracy"] >= a0 - tol for g in stronger)
+    smooth = all(g.accuracy >= a0 - tol for g in stronger)
     rule = (
         f"smooth = every tested (solver, n) with more f-evaluations per forward pass than the training solver "
         f"({nfe0:g}) keeps test accuracy >= training-solver accuracy ({a0:.4f}) - tolerance ({tol:g}) "
@@ -152,5 +163,5 @@ def smoothness_check(
     train_info = {**train_cfg.to_dict(), "nfe_per_forward": nfe0}
     return SmoothnessResult(
         grid=grid, training_solver=train_info, training_accuracy=a0, training_nfe=nfe0, smooth=smooth, rule=rule,
-        max_drop=max(0.0, a0 - worst["accuracy"]), worst=worst, stronger_configs=len(stronger),
+        max_drop=max(0.0, a0 - worst.accuracy), worst=worst, stronger_configs=len(stronger),
     )  # fmt: skip

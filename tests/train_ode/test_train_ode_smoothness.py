@@ -73,7 +73,7 @@ def test_library_restores_the_training_solver(trained: dict[int, Path]) -> None:
     settings = SmoothnessSettings(("rk4",), (1, 2), tolerance=0.99)
     result = smoothness_check(loaded.model, data.test.subset(50), settings, torch.device("cpu"))
     assert ode_blocks(loaded.model)[0].config == before
-    assert [g["nfe"] for g in result.grid] == [4, 8] and result.stronger_configs == 2
+    assert [g.nfe for g in result.grid] == [4, 8] and result.stronger_configs == 2
     assert result.smooth  # a 99-point tolerance forgives any drop
 
 

@@ -8,6 +8,7 @@ give the white-box result.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,21 @@ from odekit.methods.attacks.figures import (
     matrix_figure,
     sweep_figure,
 )
+from odekit.methods.attacks.records import (
+    CurvePoint,
+    MatrixReport,
+    PerSampleCurvePoint,
+    PerSampleReport,
+    Rate,
+    Report,
+    SeedRun,
+    SeedSpread,
+    SeedSummary,
+    UniversalCurvePoint,
+    UniversalReport,
+    one_or_all,
+    scored_rates,
+)
 from odekit.methods.attacks.space import (
     apply_perturbation,
     check_differentiable,
@@ -43,7 +59,6 @@ from odekit.methods.attacks.space import (
     to_pixels,
 )
 from odekit.progress import Progress
-from odekit.stats import spread, wilson_interval
 
 if TYPE_CHECKING:
     from odekit.distributed import Distributed
@@ -53,13 +68,18 @@ N_EXAMPLES = 6
 
 @dataclass
 class AttackRun:
-    """What an experiment produced: report entries, tensors for the perturbation file with
+    """What an experiment produced: its typed report, tensors for the perturbation file with
     their metadata, and figures keyed by the file name they are meant for."""
 
-    results: dict[str, Any]
+    report: Report
     tensors: dict[str, Tensor] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     figures: dict[str, Figure] = field(default_factory=dict)
+
+    @property
+    def results(self) -> dict[str, Any]:
+        """The report's ``results`` entry (JSON-ready)."""
+        return self.report.to_dict()
 
 
 @dataclass(frozen=True)
@@ -101,10 +121,6 @@ def fit_inputs(data: Dataset, samples: int, seed: int) -> Tensor:
     return to_pixels(data.train.subset(samples, seed=seed).x, data, "the fitting data")
 
 
-def _ci(successes: int, n: int) -> list[float]:
-    return list(wilson_interval(successes, n))
-
-
 def universal_experiment(
     attack: UniversalAttack,
     attack_model: nn.Module,
@@ -132,78 +148,53 @@ def universal_experiment(
     bs = score.batch_size
     x_fit_dev = score.shard(x_fit).to(score.device)
     clean_fit = predict_on(eval_model, x_fit_dev, bs)
-    curve: list[dict[str, Any]] = []
+    curve: list[UniversalCurvePoint] = []
     tensors: dict[str, Tensor] = {}
-    test_eval: dict[str, float] = {}
+    clean = Rate.counted(0, 0)
     for i, (eps, result) in enumerate(zip(budgets, fits, strict=True)):
         v = result.v
         fit = summed_over_ranks(attack_success(
             predict_on(eval_model, apply_perturbation(x_fit_dev, v), bs), clean_fit, target
         ), score.dist)  # fmt: skip
-        test_eval = evaluate_universal(eval_model, x_test, y_test, v, bs, target, score.dist)
+        clean, robust, fooling = scored_rates(
+            evaluate_universal(eval_model, x_test, y_test, v, bs, target, score.dist))
         v_model = to_model_units(v, target_data)
         x_shard = score.shard(x_test)
         effective = dist.norms(apply_perturbation(x_shard, v) - x_shard)
-        point: dict[str, Any] = {
-            "delta": eps,
-            "fooling_rate_fit": fit.rate,
-            "fooling_rate_fit_ci95": list(fit.ci95),
-            "fooling_rate_test": test_eval["fooling_rate"],
-            "fooling_rate_test_ci95": _ci(int(test_eval["fooled"]), int(test_eval["fooling_n"])),
-            "fooling_samples_test": int(test_eval["fooling_n"]),
-            "robust_accuracy": test_eval["robust_accuracy"],
-            "robust_accuracy_ci95": _ci(int(test_eval["robust_correct"]), int(test_eval["n"])),
-            "norm_pixel": lp_norm(v, s.norm),
-            "norm_model": lp_norm(v_model, s.norm),
-            "mean_effective_norm_pixel": score.mean(effective),
-            "seconds": result.seconds,
-            "total_seconds": result.total_seconds,
-        }
+        source_fit = source_test = None
         if score.transfer:
-            point["source_fooling_rate_fit"] = result.fooling_rate_fit
-            point["source_fooling_rate_test"] = evaluate_universal(
+            source_fit = result.fooling_rate_fit
+            source_test = evaluate_universal(
                 attack_model, x_test, y_test, v, bs, target, score.dist
             )["fooling_rate"]
-        curve.append(point)
+        curve.append(UniversalCurvePoint(
+            eps, Rate.of(fit), fooling, robust, lp_norm(v, s.norm), lp_norm(v_model, s.norm),
+            score.mean(effective), result.seconds, result.total_seconds, source_fit, source_test,
+        ))  # fmt: skip
         if len(budgets) > 1:
             tensors[f"perturbation_{i}"], tensors[f"perturbation_pixel_{i}"] = v_model, v
     last, v = fits[-1], fits[-1].v
     tensors["perturbation"], tensors["perturbation_pixel"] = to_model_units(v, target_data), v
-    fit_seconds = last.shared_seconds
-    results: dict[str, Any] = {
-        "method": attack.name,
-        "norm": s.norm,
-        "target_class": target,
-        "clean_accuracy": test_eval["clean_accuracy"],
-        "clean_accuracy_ci95": _ci(int(test_eval["clean_correct"]), int(test_eval["n"])),
-        "fit_samples": len(x_fit),
-        "test_samples": len(x_test),
-        "iterations": last.iterations,
-        "history_fit": last.history,
-        "mode": score.mode,
-        "budget_handling": "fitted once, scaled per budget" if not attack.reruns_per_budget
+    report = UniversalReport(
+        method=attack.name, norm=s.norm, target_class=target, clean=clean, fit_samples=len(x_fit),
+        test_samples=len(x_test), iterations=last.iterations, history_fit=last.history,
+        mode=score.mode,
+        budget_handling="fitted once, scaled per budget" if not attack.reruns_per_budget
         else "refitted per budget",
-        **last.extra,
-    }
-    # one budget: scalars as always; a sweep: one list entry per budget (and the curve rows)
-    for key in curve[0]:
-        values = [p[key] for p in curve]
-        results[key] = values[0] if len(curve) == 1 else values
-    results["seconds"] = fit_seconds + sum(p["seconds"] for p in curve)
-    results["fit_seconds"] = fit_seconds
-    results["curve"] = curve
+        extra=dict(last.extra), curve=curve, fit_seconds=last.shared_seconds,
+    )  # fmt: skip
     metadata = {
         "method": attack.name,
         "norm": s.norm,
-        "delta": results["delta"],
+        "delta": one_or_all([p.delta for p in curve]),
         "target_class": target,
         "units": "perturbation: model-input units; perturbation_pixel: [0,1] pixels"
         + ("; perturbation_<i>: budget i of delta" if len(budgets) > 1 else ""),
-        "norm_pixel": results["norm_pixel"],
-        "norm_model": results["norm_model"],
+        "norm_pixel": one_or_all([p.norm_pixel for p in curve]),
+        "norm_model": one_or_all([p.norm_model for p in curve]),
         **provenance,
         "data": target_data.describe(),
-        "fooling_rate_test": results["fooling_rate_test"],
+        "fooling_rate_test": one_or_all([p.fooling.value for p in curve]),
         "seed": score.seed,
     }
     k = min(N_EXAMPLES, len(x_test))
@@ -213,12 +204,12 @@ def universal_experiment(
     what = "targeted success" if target is not None else "test fooling rate"
     title = (
         f"{attack.name} ({dist.label}, delta={budgets[-1]:g} px): {what} "
-        f"{100 * curve[-1]['fooling_rate_test']:.1f}%"
+        f"{100 * curve[-1].fooling.value:.1f}%"
     )
     figure = examples_figure(x_ex, x_adv, before, after, title, vector=v,
                              vector_title=f"v: ||v||_{s.norm} = {lp_norm(v, s.norm):.3g} px",
                              labels=y_test[:k].tolist())  # fmt: skip
-    return AttackRun(results, tensors, metadata, {"attack.png": figure})
+    return AttackRun(report, tensors, metadata, {"attack.png": figure})
 
 
 def per_sample_experiment(
@@ -238,52 +229,34 @@ def per_sample_experiment(
     check_differentiable(attack_model, x[:2])
     bs = score.batch_size
     dist = attack.distance
-    curve: list[dict[str, Any]] = []
+    curve: list[PerSampleCurvePoint] = []
     tensors: dict[str, Tensor] = {}
-    clean_eval = evaluate_adversarial(eval_model, x, y, x, bs, dist=score.dist)
+    clean = scored_rates(evaluate_adversarial(eval_model, x, y, x, bs, dist=score.dist))[0]
     # under torchrun each rank attacks its shard and the call gathers the whole x_adv
     runs = attack(attack_model, x, y, budgets, seed=score.seed, batch_size=bs,
                   progress=score.progress, dist=score.dist)  # fmt: skip
     for i, (eps, res) in enumerate(zip(budgets, runs, strict=True)):
-        scores = evaluate_adversarial(eval_model, x, y, res.x_adv, bs, dist=score.dist)
-        point: dict[str, Any] = {
-            "eps": eps,
-            "robust_accuracy": scores["robust_accuracy"],
-            "robust_accuracy_ci95": _ci(int(scores["robust_correct"]), int(scores["n"])),
-            "fooling_rate": scores["fooling_rate"],
-            "fooling_rate_ci95": _ci(int(scores["fooled"]), int(scores["fooling_n"])),
-            "seconds": res.seconds,
-            "total_seconds": res.total_seconds,
-            "max_size": float(res.sizes.max()),
-            "mean_size": float(res.sizes.mean()),
-        }
+        _, robust, fooling = scored_rates(
+            evaluate_adversarial(eval_model, x, y, res.x_adv, bs, dist=score.dist))
+        source_robust = None
         if score.transfer:
-            point["source_robust_accuracy"] = evaluate_adversarial(
+            source_robust = evaluate_adversarial(
                 attack_model, x, y, res.x_adv, bs, dist=score.dist
             )["robust_accuracy"]
-        curve.append(point)
+        curve.append(PerSampleCurvePoint(
+            eps, robust, fooling, res.seconds, res.total_seconds, float(res.sizes.max()),
+            float(res.sizes.mean()), source_robust,
+        ))  # fmt: skip
         tensors[f"eps_{i}"] = res.x_adv - x
     last_adv = runs[-1].x_adv
-    shared = runs[-1].shared_seconds
-    results: dict[str, Any] = {
-        "method": attack.name,
-        "norm": dist.key,
-        "eps": budgets,
-        "eps_units": dist.unit,
-        "backend": getattr(attack.settings, "backend", "torch"),
-        "clean_accuracy": clean_eval["clean_accuracy"],
-        "clean_accuracy_ci95": _ci(int(clean_eval["clean_correct"]), int(clean_eval["n"])),
-        "robust_accuracy": [p["robust_accuracy"] for p in curve],
-        "fooling_rate_fit": None,
-        "fooling_rate_test": [p["fooling_rate"] for p in curve],
-        "seconds": shared + sum(p["seconds"] for p in curve),
-        "fit_seconds": shared,
-        "budget_handling": "run once, clipped per budget" if not attack.reruns_per_budget
+    report = PerSampleReport(
+        method=attack.name, norm=dist.key, eps_units=dist.unit,
+        backend=getattr(attack.settings, "backend", "torch"), clean=clean, curve=curve,
+        fit_seconds=runs[-1].shared_seconds,
+        budget_handling="run once, clipped per budget" if not attack.reruns_per_budget
         else "rerun per budget",
-        "test_samples": len(x),
-        "curve": curve,
-        "mode": score.mode,
-    }
+        test_samples=len(x), mode=score.mode,
+    )  # fmt: skip
     metadata = {
         "method": attack.name,
         "norm": dist.key,
@@ -297,82 +270,68 @@ def per_sample_experiment(
     before = predict_on(eval_model, x[:k]).tolist()
     after = predict_on(eval_model, last_adv[:k]).tolist()
     title = (f"{attack.name} ({dist.key}, eps={budgets[-1]:.4g}): robust accuracy "
-             f"{100 * curve[-1]['robust_accuracy']:.1f}%")
+             f"{100 * curve[-1].robust.value:.1f}%")
     xlabel = f"eps ({dist.label}, {dist.unit})"
     figures = {
         "attack.png": examples_figure(x[:k], last_adv[:k], before, after, title,
                                       labels=y[:k].tolist(), rows=("clean", "adversarial")),
-        "robust_accuracy.png": curve_figure(budgets, results["robust_accuracy"],
-                                            clean_eval["clean_accuracy"],
+        "robust_accuracy.png": curve_figure(budgets, [p.robust.value for p in curve], clean.value,
                                             f"{attack.name}: robust accuracy", xlabel),
     }
-    return AttackRun(results, tensors, metadata, figures)
+    return AttackRun(report, tensors, metadata, figures)
 
 
-def combine_seeds(runs: list[AttackRun], seeds: list[int]) -> dict[str, Any]:
-    """Mean and spread over runs that differ only in their seed: per budget (the rows of
-    ``curve``) for the test (and fit) fooling rate, robust accuracy and seconds; and each
-    seed's own curve."""
-    curve0 = runs[0].results["curve"]
-    universal = "delta" in curve0[0]
-    budget_key = "delta" if universal else "eps"
-    keys = {
-        "fooling_rate_test": "fooling_rate_test" if universal else "fooling_rate",
-        "robust_accuracy": "robust_accuracy",
-        "total_seconds": "total_seconds",
-    }
-    if universal:
-        keys["fooling_rate_fit"] = "fooling_rate_fit"
-    across = [
-        {budget_key: point[budget_key],
-         **{name: spread([r.results["curve"][i][src] for r in runs]) for name, src in keys.items()}}
-        for i, point in enumerate(curve0)
-    ]  # fmt: skip
-    per_seed = [
-        {"seed": seed, "curve": r.results["curve"], "seconds": r.results["seconds"]}
-        for seed, r in zip(seeds, runs, strict=True)
-    ]
-    return {"seeds": seeds, "across_seeds": across, "per_seed": per_seed}
+def _curve_report(report: Report) -> UniversalReport | PerSampleReport:
+    if isinstance(report, MatrixReport):
+        raise TypeError("a transfer matrix has no per-budget curve")
+    return report
 
 
-def curve_csv(results: dict[str, Any]) -> str:
+def combine_seeds(runs: list[AttackRun], seeds: list[int]) -> SeedSummary:
+    """Mean and spread over runs that differ only in their seed: per budget (the points of each
+    curve) for the test (and fit) fooling rate, robust accuracy and seconds; and each seed's own
+    curve."""
+    reports = [_curve_report(run.report) for run in runs]
+    across = [SeedSpread.over([r.curve[i] for r in reports]) for i in range(len(reports[0].curve))]
+    per_seed = [SeedRun(seed, r.curve, r.seconds) for seed, r in zip(seeds, reports, strict=True)]
+    return SeedSummary(seeds, across, per_seed)
+
+
+def curve_csv(report: Report) -> str:
     """The per-budget rows of a report as CSV (one line per budget; over seeds, their mean and
     standard deviation too)."""
-    curve = results["curve"]
-    budget_key = "delta" if "delta" in curve[0] else "eps"
-    rate_key = "fooling_rate_test" if budget_key == "delta" else "fooling_rate"
-    ci_key = f"{rate_key}_ci95"
-    header = [budget_key, rate_key, "ci95_low", "ci95_high", "robust_accuracy", "seconds",
-              "total_seconds"]  # fmt: skip
-    across = results.get("across_seeds")
+    curve: Sequence[CurvePoint] = _curve_report(report).curve
+    first = curve[0]
+    header = [first.budget_key, first.rate_key, "ci95_low", "ci95_high", "robust_accuracy",
+              "seconds", "total_seconds"]  # fmt: skip
+    across = report.seeds.across if report.seeds else None
     if across:
         header += ["fooling_rate_test_mean", "fooling_rate_test_std", "seeds"]
     lines = [",".join(header)]
     for i, p in enumerate(curve):
-        row = [p[budget_key], p[rate_key], *p[ci_key], p["robust_accuracy"], p["seconds"],
-               p["total_seconds"]]  # fmt: skip
+        row = [p.budget, p.fooling.value, *p.fooling.ci95, p.robust.value, p.seconds,
+               p.total_seconds]  # fmt: skip
         if across:
-            stats = across[i]["fooling_rate_test"]
-            row += [stats["mean"], stats["std"], stats["runs"]]
+            stats = across[i].fooling_rate_test
+            row += [stats.mean, stats.std, stats.runs]
         lines.append(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     return "\n".join(lines) + "\n"
 
 
-def sweep_plot(results: dict[str, Any], distance: Distance) -> Figure:
-    """Fooling rate against the budget (``curve`` rows; error bars over seeds if present)."""
-    curve = results["curve"]
-    budget_key = "delta" if "delta" in curve[0] else "eps"
-    rate_key = "fooling_rate_test" if budget_key == "delta" else "fooling_rate"
-    across = results.get("across_seeds")
+def sweep_plot(report: Report, distance: Distance) -> Figure:
+    """Fooling rate against the budget (the curve; error bars over seeds if present)."""
+    curve: Sequence[CurvePoint] = _curve_report(report).curve
+    first = curve[0]
+    across = report.seeds.across if report.seeds else None
     return sweep_figure(
-        [p[budget_key] for p in curve],
-        [p[rate_key] for p in curve],
-        [p[f"{rate_key}_ci95"][0] for p in curve],
-        [p[f"{rate_key}_ci95"][1] for p in curve],
-        f"{results['method']}: fooling rate vs budget",
-        f"{budget_key} ({distance.label}, {distance.unit})",
-        fit_rates=[p["fooling_rate_fit"] for p in curve] if budget_key == "delta" else None,
-        spread=[r["fooling_rate_test"]["std"] for r in across] if across else None,
+        [p.budget for p in curve],
+        [p.fooling.value for p in curve],
+        [p.fooling.ci95[0] for p in curve],
+        [p.fooling.ci95[1] for p in curve],
+        f"{report.method}: fooling rate vs budget",
+        f"{first.budget_key} ({distance.label}, {distance.unit})",
+        fit_rates=[p.fit.value for p in curve if isinstance(p, UniversalCurvePoint)] or None,
+        spread=[r.fooling_rate_test.std for r in across] if across else None,
     )
 
 
@@ -407,30 +366,15 @@ def matrix_experiment(
         return res_ps.x_adv
 
     table = transfer_matrix(sources, targets, generate, x, y, bs)
-    names = [name for name, _ in targets]
-    clean_evals = [evaluate_adversarial(model, x, y, x, bs) for _, model in targets]
-    clean = [e["clean_accuracy"] for e in clean_evals]
-    universal = isinstance(attack, UniversalAttack)
-    budget_key = "delta" if universal else "eps"
+    clean = {name: scored_rates(evaluate_adversarial(model, x, y, x, bs))[0]
+             for name, model in targets}  # fmt: skip
+    budget_key = "delta" if isinstance(attack, UniversalAttack) else "eps"
     norm = attack.distance.key
-    results: dict[str, Any] = {
-        "method": attack.name,
-        "norm": norm,
-        budget_key: budget,
-        "matrix": {
-            **table.to_dict(),
-            "orientation": "rows are sources (generated on), columns are targets (evaluated on)",
-        },
-        "clean_accuracy": dict(zip(names, clean, strict=True)),
-        "clean_accuracy_ci95": {
-            n: _ci(int(e["clean_correct"]), int(e["n"])) for n, e in zip(names, clean_evals, strict=True)
-        },
-        "seconds": sum(seconds),
-        "seconds_per_source": seconds,
-        "test_samples": len(x),
-    }
+    report = MatrixReport(method=attack.name, norm=norm, budget_key=budget_key, budget=budget,
+                          table=table, clean=clean, seconds_per_source=seconds,
+                          test_samples=len(x))  # fmt: skip
     title = (f"{attack.name} ({norm}, {budget_key}={budget:.4g}): fooling rate, "
              "source x target")
-    return AttackRun(results, figures={
+    return AttackRun(report, figures={
         "matrix.png": matrix_figure([n for n, _ in sources], table.fooling_rate, title),
     })

@@ -171,10 +171,10 @@ def resolved_params(plan: AttackPlan, unit: str) -> dict[str, Any]:
 
 
 def over_seeds(seeds: list[int], experiment: Callable[[int], AttackRun]) -> AttackRun:
-    """The first seed's run, with mean and spread over all seeds added to its results."""
+    """The first seed's run, with mean and spread over all seeds added to its report."""
     runs = [experiment(seed) for seed in seeds]
     if len(seeds) > 1:
-        runs[0].results.update(combine_seeds(runs, seeds))
+        runs[0].report = replace(runs[0].report, seeds=combine_seeds(runs, seeds))
     return runs[0]
 
 
@@ -225,28 +225,27 @@ def run_matrix(
         )
 
 
-def record_units(results: dict[str, Any], unit: str, base: AttackPlan) -> None:
-    """delta/eps in results are always pixel units; record what the user typed and how."""
-    results["budget_units"] = unit
+def record_units(run: AttackRun, unit: str, base: AttackPlan) -> None:
+    """delta/eps in the report are always pixel units; record what the user typed and how."""
+    given: float | list[float] | None = None
     if unit == "model":  # needs explicit budgets, so the unscaled plan holds them as typed
-        given = base.budgets
-        results["budget_given"] = given[0] if base.universal and len(given) == 1 else given
+        given = base.budgets[0] if base.universal and len(base.budgets) == 1 else base.budgets
+    run.report = replace(run.report, budget_units=unit, budget_given=given)
 
 
 def save_run(run: AttackRun, paths: dict[str, Path], plan: AttackPlan, force: bool) -> None:
-    """Write the run's files to ``paths`` (from `output_names`) and name them in its results."""
+    """Write the run's files to ``paths`` (from `output_names`) and name them in its report."""
     from odekit.writers.atomic import atomic_write_text
     from odekit.writers.plots import save_figure
 
-    for name, path in paths.items():
-        run.results[RESULT_KEYS[name]] = str(path)
+    run.report = replace(run.report, files={RESULT_KEYS[name]: str(path) for name, path in paths.items()})
     for name in ("perturbation.safetensors", "perturbations.safetensors"):
         if name in paths:
             write_tensors(paths[name], run.tensors, run.metadata, force)
     if "curve.csv" in paths:
-        atomic_write_text(paths["curve.csv"], curve_csv(run.results), force)
+        atomic_write_text(paths["curve.csv"], curve_csv(run.report), force)
     if "fooling_rate.png" in paths:
-        run.figures["fooling_rate.png"] = sweep_plot(run.results, plan.attack.distance)
+        run.figures["fooling_rate.png"] = sweep_plot(run.report, plan.attack.distance)
     for name, figure in run.figures.items():
         save_figure(figure, paths[name], force)
 
