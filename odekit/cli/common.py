@@ -19,6 +19,7 @@ from odekit.io.preprocessing import (
 )
 from odekit.io.user_arch import parse_arch_args
 from odekit.io.validation import check_classes_match
+from odekit.models.graph import TORCHSCRIPT_HINT
 from odekit.stats import proportion_of_rate
 
 DEFAULT_DATA = "digits"
@@ -50,8 +51,7 @@ def require_python_module(loaded: LoadedModel, command: str) -> None:
         raise UnsupportedModelError(
             f"'{loaded.path}' is a TorchScript archive, which {command} cannot rewrite: it needs the model's "
             "Python code or a torch.export archive",
-            "pass the state dict with --arch path/to/file.py:ClassName, or export it once in Python: "
-            "torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2') (docs/own-models.md)",
+            TORCHSCRIPT_HINT,
         )
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from odekit.errors import LayerSelectionError, UnsupportedModelError
-from odekit.models.graph import runnable
+from odekit.models.graph import TORCHSCRIPT_HINT, runnable
 from odekit.models.layers import COMPUTE_TYPES, LayerInfo, ModelSummary, layer_table, resolve_layers
 from odekit.models.split import GraphCut, GraphSplitter
 
@@ -82,7 +82,7 @@ class ChainModel:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> None:
         if isinstance(model, torch.jit.ScriptModule):
             raise UnsupportedModelError(
-                "ASNet needs the model's modules, not a TorchScript archive", "pass --arch NAME to rebuild it"
+                "ASNet needs the model's modules, not a TorchScript archive", TORCHSCRIPT_HINT
             )
         self.model = model
         self.input_shape = tuple(input_shape)

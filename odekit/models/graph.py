@@ -74,6 +74,12 @@ __all__ = [
     "trace_graph",
 ]
 
+# how to turn a TorchScript archive into something odekit can rewrite (one hint everywhere)
+TORCHSCRIPT_HINT = (
+    "pass the state dict with --arch path/to/file.py:ClassName, or export it once in Python: "
+    "torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2') (docs/own-models.md)"
+)
+
 
 def has_functional_compute(gm: fx.GraphModule) -> bool:
     """True when the graph computes conv/linear through functions rather than modules."""

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from odekit.errors import LayerSelectionError, UnsupportedModelError
-from odekit.models.graph import has_functional_compute, normalize_graph
+from odekit.models.graph import TORCHSCRIPT_HINT, has_functional_compute, normalize_graph
 
 COMPUTE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -116,7 +116,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             "a TorchScript model without odekit metadata cannot be inspected layer by layer",
-            "pass --arch NAME so odekit rebuilds it as a normal module",
+            TORCHSCRIPT_HINT,
         )
     if isinstance(model, fx.GraphModule) and has_functional_compute(model):
         model = normalize_graph(model, input_shape)
