@@ -64,6 +64,7 @@ class RankContext:
 RankRule = Callable[[RankContext, float | None], int]
 MAX_FIXED_RANK = 1 << 31
 RANK_RULES: Registry[RankRule] = Registry("rank rule")
+VALUED_RULES = ("energy", "factor")  # rules written NAME:F
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def parse_rank_spec(spec: str | int | RankSpec) -> RankSpec:
                 f"cannot parse the rank rule argument in '{spec}'",
                 "use vbmf, energy:0.99, factor:4 or an integer",
             ) from None
-    if name in ("energy", "factor") and value is None:
+    if name in VALUED_RULES and value is None:
         raise UsageError(
             f"rank rule '{name}' needs a value",
             f"use e.g. {name}:{'0.99' if name == 'energy' else '4'}",
@@ -133,7 +134,7 @@ def parse_rank_spec(spec: str | int | RankSpec) -> RankSpec:
     if name not in RANK_RULES:
         raise UsageError(
             f"unknown rank rule '{spec}'",
-            f"use an integer or one of: {', '.join(n + (':X' if n in ('energy', 'factor') else '') for n in RANK_RULES.names())}",
+            f"use an integer or one of: {', '.join(n + (':X' if n in VALUED_RULES else '') for n in RANK_RULES.names())}",
         )
     return RankSpec(name, value)
 
@@ -148,12 +149,7 @@ def _numerical_rank(s: Tensor) -> int:
 
 def select_rank(spec: str | int | RankSpec, ctx: RankContext, max_rank: int | None = None) -> int:
     """Apply ``spec`` to ``ctx``; raise ``NumericalError`` for ranks the data cannot support."""
-    spec = parse_rank_spec(spec)
-    if spec.name == "fixed":
-        rank = int(spec.value or 0)
-    else:
-        rank = int(RANK_RULES.get(spec.name)(ctx, spec.value))
-    rank = max(rank, 1)
+    rank = rule_rank(spec, ctx)
     limit_n = ctx.n_samples
     if rank > limit_n:
         raise NumericalError(
@@ -282,8 +278,6 @@ def vbmf_rank(
 # ------------------------------------------------------------- one grammar for every command
 # issue 12: `reduce --rank` and `asnet --rank` read the same words; a command may add keywords of
 # its own (asnet's `auto`: the --energy-tol rule), which this parser hands back unchanged.
-
-VALUED_RULES = ("energy", "factor")
 
 
 def rank_grammar(keywords: tuple[str, ...] = ()) -> str:
