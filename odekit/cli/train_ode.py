@@ -81,13 +81,16 @@ EPILOG = """Examples:
 
   odekit train-ode --task regress --data cdr --optimizer gnvpro --compare adam,slimtrain --work-units 600
 
+  odekit train-ode --task regress --data cdr-transient --optimizer gnvpro --tr-solver gmres-subspace --krylov-rank 20 --width 8 --depth 2 --levels 3 --compare lbfgs,adam
+
   odekit train-ode --model odenet_antisym --data digits --optimizer gnvpro --levels 2 --depth 4
 
 Writes model.safetensors (its metadata records the training solver, so smoothness-check and
 attack know it), curves.png (and density.png for 2-D toys), report.json and report.md.
-VarPro (--task regress, --optimizer gnvpro|slimtrain, --model odenet_antisym, --compare,
+VarPro (--task regress, --optimizer gnvpro|lbfgs|slimtrain, --model odenet_antisym, --compare,
 --levels) writes convergence.png instead of curves.png: loss vs work units (a forward or a
-backward pass over the training set = 1 unit; GNvpro adds 2r per outer iteration).
+backward pass over the training set = 1 unit; GNvpro adds 2r per outer iteration, L-BFGS
+counts 2 per evaluation) and says whether Gauss-Newton models the data well.
 NFE = f evaluations per training iteration, summed over ODE blocks (forward / backward).
 irdm interpolates z(t) with --cheb-nodes auto: report.json's interp_error (the worst estimate
 of any solve) stays within interp_tol (the adjoint rtol); a fixed N that misses it says so once.
@@ -165,7 +168,7 @@ def _plot_density(path: Path, model: CNF, data: ToyData, device: torch.device, f
 
 
 def train_ode_command(
-    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy) | regress (least squares; --data cdr or .npz).")] = "classify",
+    task: Annotated[str, typer.Option("--task", help="classify (ODENet on images) | density (CNF on a 2-D toy) | regress (least squares; --data cdr, cdr-transient or .npz).")] = "classify",
     data: Annotated[
         str | None,
         typer.Option("--data", help=f"classify: digits | mnist | cifar10 | ... [digits]; density: {' | '.join(TOY_DATASET_NAMES)} [pinwheel].",
@@ -208,7 +211,7 @@ def train_ode_command(
     iters: Annotated[int | None, typer.Option("--iters", help="Training iterations (overrides --epochs) [density: 1000].", show_default=False, rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training batch size.", rich_help_panel=TRAIN)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="Learning rate.", rich_help_panel=TRAIN)] = 1e-2,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9) | gnvpro | slimtrain (VarPro).", rich_help_panel=TRAIN)] = "adam",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam | sgd (momentum 0.9) | gnvpro | lbfgs | slimtrain (VarPro).", rich_help_panel=TRAIN)] = "adam",
     lr_schedule: Annotated[str, typer.Option("--lr-schedule", help="constant | cosine | step (x0.1 at 50% and 75%).", rich_help_panel=TRAIN)] = "cosine",
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.", rich_help_panel=TRAIN)] = 0.0,
     augment: Annotated[bool, typer.Option("--augment", help="Random crops (+ flips for RGB) on image data.", rich_help_panel=TRAIN)] = False,
@@ -221,9 +224,10 @@ def train_ode_command(
     levels: Annotated[int, typer.Option("--levels", min=1, help="VarPro multilevel: train odenet_antisym at depth d, 2d, ..., 2^(L-1) d.", rich_help_panel=VARPRO)] = 1,
     compare: Annotated[str | None, typer.Option("--compare", help="VarPro: also train these optimizers from the same init, e.g. adam,slimtrain (curves on one plot).", show_default=False, rich_help_panel=VARPRO)] = None,
     krylov_rank: Annotated[int, typer.Option("--krylov-rank", min=1, help="gnvpro: r, the most Gauss-Newton products per outer iteration.", rich_help_panel=VARPRO)] = 10,
-    radius: Annotated[float, typer.Option("--radius", help="gnvpro: initial trust-region radius.", rich_help_panel=VARPRO)] = 0.1,
+    radius: Annotated[float | None, typer.Option("--radius", help="gnvpro: initial trust-region radius [steihaug: 0.1; gmres-subspace: the full Gauss-Newton step].", show_default=False, rich_help_panel=VARPRO)] = None,
+    tr_solver: Annotated[str, typer.Option("--tr-solver", help="gnvpro step: steihaug (truncated CG, r products) | gmres-subspace (the paper's: Arnoldi basis of r products, exact trust-region step in it, reused on rejection).", rich_help_panel=VARPRO)] = "steihaug",
     work_units: Annotated[float | None, typer.Option("--work-units", help="VarPro: stop each optimizer after this many work units.", show_default=False, rich_help_panel=VARPRO)] = None,
-    samples: Annotated[int, typer.Option("--data-size", min=2, help="--data cdr: samples generated (80% train, 20% test).", rich_help_panel=DATA)] = 2000,
+    samples: Annotated[int | None, typer.Option("--data-size", min=2, help="--data cdr: samples generated, 80% train / 20% test [2000]; cdr-transient: 50/25/25 train/validation/test [800].", show_default=False, rich_help_panel=DATA)] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     out: OutOpt = None,
@@ -299,7 +303,7 @@ def train_ode_command(
         settings = SeparableJobSettings(
             task=key, optimizers=optimizer_names(optimizer, compare), data=data, data_dir=cache, model=model, width=width,
             depth=depth, activation=activation, solver=solver, steps=steps, t1=t1, alpha_theta=alpha_theta, alpha_w=alpha_w,
-            levels=levels, krylov_rank=krylov_rank, radius=radius, work_units=work_units, iters=iters, epochs=epochs,
+            levels=levels, krylov_rank=krylov_rank, radius=radius, tr_solver=tr_solver.strip().lower(), work_units=work_units, iters=iters, epochs=epochs,
             batch_size=batch_size, lr=lr, data_size=samples, seed=seed,
         )  # fmt: skip
         return run_separable(ctx, settings, _resume(ctx))

@@ -1,4 +1,4 @@
-"""The VarPro side of `odekit train-ode`: --task regress, --optimizer gnvpro|slimtrain, --compare.
+"""The VarPro side of `odekit train-ode`: --task regress, --optimizer gnvpro|lbfgs|slimtrain, --compare.
 
 train_ode.py parses the options into a `methods.varpro.job.SeparableJobSettings`; this module
 runs the job and writes model.safetensors, convergence.png and the report.
@@ -20,7 +20,7 @@ from odekit.methods.varpro.job import (
 from odekit.methods.varpro.training import VarProResult
 from odekit.writers.plots import new_figure, save_figure
 
-CURVE_STYLE = {"gnvpro": "tab:red", "slimtrain": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
+CURVE_STYLE = {"gnvpro": "tab:red", "lbfgs": "tab:orange", "slimtrain": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
 
 
 def parse_regularization(text: str) -> tuple[float, float]:
@@ -70,9 +70,12 @@ def _output(result: SeparableJobResult, model_path: Path, plot_path: Path) -> Co
     value = main.final_metrics.get(metric, float("nan"))
     headline = [f"{result.arch} on {result.data_name} with {name}: {metric} {value:.4g} after {main.work_units:.0f} work units, "
                 f"{main.train_seconds:.1f} s", f"Model: {model_path}", f"Convergence: {plot_path}"]  # fmt: skip
+    headline += [r.diagnosis["line"] + ("" if n == name else f" [{n}]") for n, r in result.runs.items() if r.diagnosis]
     rows = [[n, r.final_metrics.get(metric, float("nan")), r.final_metrics.get("train_loss", float("nan")),
              round(r.work_units, 1), round(r.train_seconds, 2)] for n, r in result.runs.items()]  # fmt: skip
     tables = [ResultTable("Optimizers", ["optimizer", metric, "train_loss", "work_units", "seconds"], rows)]
     columns = ["level", "iteration", "work_units", "seconds", "train_loss", "test_loss", metric]
+    if main.diagnosis:  # per outer iteration: is Gauss-Newton a good model of Phi?
+        columns += ["phi_before", "predicted_decrease", "actual_decrease", "ratio", "radius"]
     tables.append(ResultTable(f"History ({name})", columns, [[h.get(c, float("nan")) for c in columns] for h in main.history]))
     return CommandOutput(results=out, tables=tables, headline=headline)

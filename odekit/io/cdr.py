@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ SENSORS = (9, 8)
 SOURCE_WIDTH = 0.08
 # (low, high) of vx, vy, kx, ky, r, q0; the 49 source amplitudes lie in [0, 1]
 COEFFICIENT_RANGES = ((-2.0, 2.0), (-2.0, 2.0), (0.02, 0.1), (0.02, 0.1), (0.0, 5.0), (0.0, 0.5))
-REGRESSION_DATASETS = ("cdr",)
+REGRESSION_DATASETS = ("cdr", "cdr-transient")
 
 
 @dataclass
@@ -123,7 +124,10 @@ def _standardise(train: torch.Tensor, dims: int) -> tuple[list[float], list[floa
     return mean, std
 
 
-def _finish(name: str, ytr, ctr, yte, cte, normalization: dict[str, list[float]] | None, source: dict[str, Any]) -> RegressionData:
+def regression_data(name: str, ytr, ctr, yte, cte, normalization: dict[str, list[float]] | None, source: dict[str, Any],
+                    raw_targets: bool = False) -> RegressionData:  # fmt: skip
+    """Checked float32 tensors; inputs standardised (or by ``normalization``); target scaling
+    recorded for standardised training (identity with ``raw_targets``)."""
     xs = [torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (ytr, yte)]
     cs = [torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (ctr, cte)]
     xs = [x.reshape(x.shape[0], -1) for x in xs]
@@ -138,6 +142,8 @@ def _finish(name: str, ytr, ctr, yte, cte, normalization: dict[str, list[float]]
     else:
         mean, std = list(normalization["mean"]), list(normalization["std"])
     tmean, tstd = _standardise(cs[0], cs[0].shape[1])
+    if raw_targets:
+        tmean, tstd = [0.0] * len(tmean), [1.0] * len(tstd)
     m, s = torch.tensor(mean), torch.tensor(std)
     return RegressionData(name, (xs[0] - m) / s, cs[0], (xs[1] - m) / s, cs[1], mean, std, tmean, tstd, source)
 
@@ -147,26 +153,31 @@ def _cache_key(samples: int, grid: int, seed: int) -> str:
     return f"{tag}-{hashlib.sha256(tag.encode()).hexdigest()[:8]}.npz"
 
 
+def cached_arrays(path: Path | None, generate: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(y, c) from the .npz at ``path``, or generated and written there atomically."""
+    if path is not None and path.is_file():
+        with np.load(path) as arrays:
+            return arrays["y"], arrays["c"]
+    y, c = generate()
+    if path is not None:
+        from odekit.writers.atomic import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, y=y, c=c)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+    return y, c
+
+
 def load_cdr(samples: int = 2000, grid: int = 32, seed: int = 0, cache_dir: Path | None = None,
              normalization: dict[str, list[float]] | None = None, test_fraction: float = 0.2) -> RegressionData:  # fmt: skip
     """The CDR surrogate data set, generated once per (samples, grid, seed) and cached."""
     path = cache_dir / _cache_key(samples, grid, seed) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        with np.load(path) as arrays:
-            y, c = arrays["y"], arrays["c"]
-    else:
-        y, c = generate_cdr(samples, grid, seed)
-        if path is not None:
-            from odekit.writers.atomic import atomic_write_bytes
-
-            buf = io.BytesIO()
-            np.savez(buf, y=y, c=c)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, buf.getvalue())
+    y, c = cached_arrays(path, lambda: generate_cdr(samples, grid, seed))
     n_test = max(1, round(test_fraction * samples))
     source = {"source": "odekit CDR surrogate (2-D convection-diffusion-reaction, finite volumes)",
               "grid": grid, "seed": seed, "cache": str(path) if path else None}  # fmt: skip
-    return _finish("cdr", y[n_test:], c[n_test:], y[:n_test], c[:n_test], normalization, source)
+    return regression_data("cdr", y[n_test:], c[n_test:], y[:n_test], c[:n_test], normalization, source)
 
 
 def load_regression_npz(path: Path, normalization: dict[str, list[float]] | None = None) -> RegressionData:
@@ -183,19 +194,24 @@ def load_regression_npz(path: Path, normalization: dict[str, list[float]] | None
     x, y = content["x"], content["y"].reshape(len(content["y"]), -1)
     if "x_test" in content and "y_test" in content:
         yt = content["y_test"].reshape(len(content["y_test"]), -1)
-        return _finish(path.stem, x, y, content["x_test"], yt, normalization, {"source": str(path)})
+        return regression_data(path.stem, x, y, content["x_test"], yt, normalization, {"source": str(path)})
     if len(x) < 2:
         raise DataError(f"'{path}' holds {len(x)} sample(s); a train/test split needs 2+", "add samples or give x_test/y_test")
     order = np.random.default_rng(0).permutation(len(x))
     cut = int(0.8 * len(x))
-    return _finish(path.stem, x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]], normalization, {"source": str(path)})
+    return regression_data(path.stem, x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]], normalization, {"source": str(path)})
 
 
-def load_regression(name: str, cache_dir: Path | None = None, samples: int = 2000, seed: int = 0,
+def load_regression(name: str, cache_dir: Path | None = None, samples: int | None = None, seed: int = 0,
                     normalization: dict[str, list[float]] | None = None) -> RegressionData:  # fmt: skip
+    """--data cdr (2,000 samples by default), cdr-transient (800) or a .npz file."""
     key = name.strip().lower()
     if key == "cdr":
-        return load_cdr(samples, seed=seed, cache_dir=cache_dir, normalization=normalization)
+        return load_cdr(samples or 2000, seed=seed, cache_dir=cache_dir, normalization=normalization)
+    if key == "cdr-transient":
+        from odekit.io.cdr_transient import load_cdr_transient
+
+        return load_cdr_transient(samples or 800, seed=seed, cache_dir=cache_dir, normalization=normalization)
     if key.endswith(".npz"):
         return load_regression_npz(Path(name), normalization)
-    raise UsageError(f"unknown regression data set '{name}'", "use --data cdr or a .npz file with x and float targets y")
+    raise UsageError(f"unknown regression data set '{name}'", "use --data cdr, cdr-transient or a .npz file with x and float targets y")

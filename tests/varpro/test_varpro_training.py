@@ -63,8 +63,12 @@ def test_work_unit_budget_stops_training() -> None:
 
 def test_settings_validate() -> None:
     with pytest.raises(UsageError):
-        VarProSettings(optimizer="lbfgs")
+        VarProSettings(optimizer="newton")
     with pytest.raises(UsageError):
         VarProSettings(optimizer="gnvpro", loss="ce", alpha_w=0.0)
     with pytest.raises(UsageError):
         VarProSettings(levels=0)
+    with pytest.raises(UsageError):
+        VarProSettings(tr_solver="dogleg")
+    with pytest.raises(UsageError):
+        VarProSettings(level_units=0)

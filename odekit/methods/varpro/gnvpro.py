@@ -12,6 +12,9 @@ where (d/dtheta grad_W Phi) v = (H_L[dFa W^T]^T Fa + G^T dFa) / n for dFa = J_th
 G = dL/dX. `ReducedPoint` carries all of this at one theta; `gnvpro` is the outer loop.
 Work units count network passes over the training set: forward 1, backward (vjp) 1, jvp 1;
 an outer iteration costs 2 + 2r (trial forward, gradient, r Hessian products), as on the slides.
+Two steps: Steihaug-CG (``steihaug``) or the paper's (``gmres-subspace``: an Arnoldi basis of
+m products and the exact trust-region step in it, radius0 = the full Gauss-Newton step; a
+rejected step re-solves on the same basis and costs only the trial forward pass).
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from odekit.errors import NumericalError
 from odekit.methods.varpro.inner import InnerProblem, solve_inner
 from odekit.methods.varpro.krylov import steihaug_cg
 from odekit.methods.varpro.separable import Linearization, Separable
+from odekit.methods.varpro.subspace import KrylovBasis
 from odekit.progress import Progress, silent_if_none
+
+TR_SOLVERS = ("steihaug", "gmres-subspace")
 
 
 @dataclass
@@ -74,11 +80,14 @@ class ReducedPoint:
             return torch.cat([dF, torch.zeros(dF.shape[0], 1, dtype=dF.dtype, device=dF.device)], dim=1)
         return dF
 
-    def gradient(self) -> Tensor:
-        """grad Phi_red = J_theta F^T (G W / n) + alpha_theta theta (one backward pass)."""
+    def gradient(self, for_products: bool = True) -> Tensor:
+        """grad Phi_red = J_theta F^T (G W / n) + alpha_theta theta (one backward pass).
+
+        ``for_products`` records the graph that Gauss-Newton products need (L-BFGS does not)."""
         if self.grad is None:
             dF = (self.G @ self.W / self.n)[:, : self.m]
-            self.grad = self.lin.gradient(dF).double() + self.alpha_theta * self.theta.double()
+            grad = self.lin.gradient(dF) if for_products else self.lin.vjp(dF)
+            self.grad = grad.double() + self.alpha_theta * self.theta.double()
         return self.grad
 
     def dW(self, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,8 +125,9 @@ class ReducedPoint:
 @dataclass(frozen=True)
 class TrustRegionSettings:
     max_iter: int = 50
-    krylov_rank: int = 10  # r: Hessian products per outer iteration at most
-    radius: float = 1.0
+    krylov_rank: int = 10  # r: Hessian products per outer iteration at most (gmres-subspace: m)
+    radius: float | None = 1.0  # None: the full Gauss-Newton step's length (gmres-subspace) or 1
+    solver: str = "steihaug"  # or "gmres-subspace"
     max_radius: float = 1e3
     eta: float = 1e-4  # accept a step when actual / predicted decrease > eta
     grad_tol: float = 1e-10
@@ -134,6 +144,9 @@ class GNvproRecord:
     radius: float
     krylov: int
     accepted: bool
+    predicted: float  # the model's decrease of Phi for the step tried
+    actual: float  # Phi before - Phi at the trial point
+    interior: bool  # the step was shorter than the radius (not cut by it)
 
 
 Callback = Callable[[GNvproRecord, ReducedPoint], None]
@@ -165,6 +178,7 @@ def gnvpro(
     point = reduced()
     units = work_units + 1.0  # the forward pass
     radius = settings.radius
+    basis: KrylovBasis | None = None
     for it in progress.track(range(1, settings.max_iter + 1), settings.max_iter, "gnvpro"):
         fresh = point.grad is None
         g = point.gradient()
@@ -172,24 +186,32 @@ def gnvpro(
         g_norm = float(g.norm())
         if g_norm <= settings.grad_tol:
             break
-        step = steihaug_cg(point.gn_product, g, radius, settings.krylov_rank)
-        units += 2.0 * step.iterations
-        sep.set_theta(point.theta + step.step)
+        if settings.solver == "steihaug":
+            cg = steihaug_cg(point.gn_product, g, radius or 1.0, settings.krylov_rank)
+            s, predicted, krylov = cg.step, cg.model_decrease, cg.iterations
+        else:
+            krylov = 0
+            if basis is None:
+                basis = KrylovBasis.build(point.gn_product, g, settings.krylov_rank)
+                krylov = basis.products
+            if radius is None:
+                newton = basis.newton_norm()
+                radius = newton if 0 < newton < math.inf else 1.0
+            s, predicted = basis.step(radius)
+        units += 2.0 * krylov
+        sep.set_theta(point.theta + s)
         trial = reduced()
         units += 1.0
         actual = point.phi - trial.phi
-        rho = actual / max(step.model_decrease, 1e-300)
-        s_norm = float(step.step.norm())
-        if rho < 0.25:
-            radius = 0.25 * s_norm
-        elif rho > 0.75 and s_norm >= 0.99 * radius:
-            radius = min(2.0 * radius, settings.max_radius)
-        accepted = rho > settings.eta
+        rho = actual / max(predicted, 1e-300)
+        used = radius or 1.0
+        accepted, radius = _update(settings.solver, rho, float(s.norm()), used, settings)
         if accepted:
-            point = trial
+            point, basis = trial, None
         else:
             sep.set_theta(point.theta)
-        record = GNvproRecord(it, units, time.perf_counter() - start, point.phi, g_norm, radius, step.iterations, accepted)
+        record = GNvproRecord(it, units, time.perf_counter() - start, point.phi, g_norm, radius, krylov, accepted, predicted, actual,
+                              float(s.norm()) < 0.99 * used)  # fmt: skip
         progress.update(phi=point.phi, radius=radius)
         if callback is not None:
             callback(record, point)
@@ -198,3 +220,26 @@ def gnvpro(
     sep.set_theta(point.theta)
     sep.set_W(point.W)
     return point, units
+
+
+def _update(solver: str, rho: float, s_norm: float, radius: float, settings: TrustRegionSettings) -> tuple[bool, float]:
+    """(accept?, new radius) from rho = actual / predicted decrease.
+
+    steihaug: shrink to ||s|| / 4 below 1/4, double at the boundary above 3/4, accept above eta.
+    gmres-subspace (the paper's thresholds 1e-4 / 0.1 / 0.75): reject and halve below 1e-4,
+    accept and halve below 0.1, keep up to 0.75, above it grow x1.5 when the step hit the boundary.
+    """
+    at_boundary = s_norm >= 0.99 * radius
+    if solver == "steihaug":
+        if rho < 0.25:
+            radius = 0.25 * s_norm
+        elif rho > 0.75 and at_boundary:
+            radius = min(2.0 * radius, settings.max_radius)
+        return rho > settings.eta, radius
+    if rho < settings.eta:
+        return False, 0.5 * min(radius, s_norm)
+    if rho < 0.1:
+        return True, 0.5 * radius
+    if rho > 0.75 and at_boundary:
+        return True, min(1.5 * radius, settings.max_radius)
+    return True, radius

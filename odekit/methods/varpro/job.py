@@ -1,4 +1,4 @@
-"""train-ode's VarPro job: --task regress, --optimizer gnvpro|slimtrain, --compare, --levels.
+"""train-ode's VarPro job: --task regress, --optimizer gnvpro|lbfgs|slimtrain, --compare, --levels.
 
 `run_separable_job` loads the data, builds (or continues) a separable model, trains it with
 every optimizer asked for from the same initial weights and returns a `SeparableJobResult`:
@@ -34,9 +34,10 @@ from odekit.models.antisym import antisym_args
 from odekit.ode import SolverConfig
 from odekit.progress import Progress
 
-SEPARABLE_OPTIMIZERS = ("gnvpro", "slimtrain")
+SEPARABLE_OPTIMIZERS = ("gnvpro", "slimtrain", "lbfgs")
 SEPARABLE_TASKS = ("regress", "classify")
-WORK_UNIT_CONVENTION = "forward or backward (vjp/jvp) pass over the training set = 1; gnvpro: 2 + 2r per outer iteration"
+WORK_UNIT_CONVENTION = ("forward or backward (vjp/jvp) pass over the training set = 1; gnvpro: 2 + 2r per outer iteration "
+                        "(gmres-subspace: 2 + 2m, a rejected step 1); lbfgs: 2 per evaluation")  # fmt: skip
 
 
 def wants_separable(task: str, model: str | None, optimizer: str, compare: str | None, levels: int) -> bool:
@@ -75,13 +76,14 @@ class SeparableJobSettings:
     alpha_w: float = 1e-3
     levels: int = 1
     krylov_rank: int = 10
-    radius: float = 0.1
+    radius: float | None = None  # None: 0.1 (steihaug) / the full Gauss-Newton step (gmres-subspace)
+    tr_solver: str = "steihaug"
     work_units: float | None = None
     iters: int | None = None
     epochs: int | None = None
     batch_size: int = 64
     lr: float = 1e-2
-    data_size: int = 2000  # --data cdr: samples generated
+    data_size: int | None = None  # --data cdr / cdr-transient: samples generated [2000 / 800]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,7 +101,7 @@ class SeparableJobSettings:
         return VarProSettings(
             optimizer=optimizer, loss=self.loss, iters=self.iters or 30, epochs=self.epochs or 50, batch_size=self.batch_size,
             lr=self.lr, alpha_theta=self.alpha_theta, alpha_w=self.alpha_w, krylov_rank=self.krylov_rank, radius=self.radius,
-            levels=self.levels, max_work_units=self.work_units, seed=self.seed,
+            tr_solver=self.tr_solver, levels=self.levels, max_work_units=self.work_units, seed=self.seed,
         )  # fmt: skip
 
 
@@ -124,11 +126,12 @@ class SeparableJobResult(TrainedModelResult):
     def to_dict(self) -> dict[str, Any]:
         main = self.main
         summary = {name: {"final_metrics": r.final_metrics, "work_units": r.work_units, "train_seconds": r.train_seconds,
-                          "levels": r.levels, "history": r.history} for name, r in self.runs.items()}  # fmt: skip
+                          "levels": r.levels, "diagnosis": r.diagnosis, "history": r.history} for name, r in self.runs.items()}  # fmt: skip
         return {
             "task": self.task, "arch": self.arch, "model_args": self.model_args, "data": self.data_name,
             "optimizer": self.optimizer, "final_metrics": main.final_metrics, "work_units": main.work_units,
-            "train_seconds": main.train_seconds, "levels": main.levels, "history": main.history, "optimizers": summary,
+            "train_seconds": main.train_seconds, "levels": main.levels, "diagnosis": main.diagnosis, "history": main.history,
+            "optimizers": summary,
             "work_unit_convention": WORK_UNIT_CONVENTION,
         }  # fmt: skip
 

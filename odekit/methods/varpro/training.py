@@ -18,8 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from odekit.errors import NumericalError, UnsupportedModelError, UsageError
-from odekit.methods.varpro.gnvpro import GNvproRecord, ReducedPoint, TrustRegionSettings, gnvpro
+from odekit.methods.varpro.diagnosis import diagnose
+from odekit.methods.varpro.gnvpro import (
+    TR_SOLVERS,
+    GNvproRecord,
+    ReducedPoint,
+    TrustRegionSettings,
+    gnvpro,
+)
 from odekit.methods.varpro.inner import InnerProblem, solve_inner
+from odekit.methods.varpro.lbfgs import LbfgsRecord, reduced_lbfgs
 from odekit.methods.varpro.separable import Separable
 from odekit.methods.varpro.slimtrain import SampledMemory, sampled_tikhonov
 from odekit.methods.varpro.task import Meter, SeparableTask
@@ -32,6 +40,7 @@ VARPRO_OPTIMIZERS.add("adam", "adam", "Adam on theta and W jointly (mini-batches
 VARPRO_OPTIMIZERS.add("sgd", "sgd", "SGD with momentum 0.9 on theta and W jointly (mini-batches)")
 VARPRO_OPTIMIZERS.add("gnvpro", "gnvpro", "full-batch Gauss-Newton-Krylov trust region on theta, exact W(theta)")
 VARPRO_OPTIMIZERS.add("slimtrain", "slimtrain", "mini-batch sampled-Tikhonov W (GCV) + Adam on theta (least squares)")
+VARPRO_OPTIMIZERS.add("lbfgs", "lbfgs", "full-batch L-BFGS on theta, exact W(theta) (2 work units per evaluation)")
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,12 @@ class VarProSettings:
     alpha_theta: float = 1e-3
     alpha_w: float = 1e-3
     krylov_rank: int = 10
-    radius: float = 0.1
+    radius: float | None = None  # None: 0.1 (steihaug) or the full Gauss-Newton step (gmres-subspace)
+    tr_solver: str = "steihaug"
     levels: int = 1
     memory: int = 5
     max_work_units: float | None = None
+    level_units: float | None = None  # work units per level, in passes of that level's network
     float64: bool = True
     seed: int = 0
 
@@ -63,16 +74,21 @@ class VarProSettings:
             if int(value) != value or value < 1:
                 what = "slimtrain's memory" if name == "memory" else f"--{name.replace('_', '-')}"  # memory has no flag
                 raise UsageError(f"{what} must be a positive integer, got {value}")
-        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.radius) and self.radius > 0):
+        radius = 0.1 if self.radius is None else self.radius
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(radius) and radius > 0):
             raise UsageError(f"--lr and --radius must be positive, got {self.lr}, {self.radius}")
+        if self.tr_solver not in TR_SOLVERS:
+            raise UsageError(f"unknown --tr-solver '{self.tr_solver}'", f"choose one of {', '.join(TR_SOLVERS)}")
         if not (self.alpha_theta >= 0 and self.alpha_w >= 0):
             raise UsageError(f"--regularization values must be >= 0, got {self.alpha_theta}, {self.alpha_w}")
-        if self.loss == "ce" and self.alpha_w == 0 and self.optimizer == "gnvpro":
+        if self.loss == "ce" and self.alpha_w == 0 and self.optimizer in ("gnvpro", "lbfgs"):
             raise UsageError("cross-entropy needs alpha_W > 0 for a unique W(theta)", "e.g. --regularization 1e-4,1e-4")
         if self.optimizer == "slimtrain" and self.loss != "ls":
             raise UsageError("slimtrain's sampled Tikhonov W update is least squares", "use gnvpro or adam for --task classify")
         if self.max_work_units is not None and not self.max_work_units > 0:
             raise UsageError(f"--work-units must be positive, got {self.max_work_units}")
+        if self.level_units is not None and not self.level_units > 0:
+            raise UsageError(f"the work units per level must be positive, got {self.level_units}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +102,7 @@ class VarProResult:
     work_units: float = 0.0
     train_seconds: float = 0.0
     levels: list[dict[str, Any]] = field(default_factory=list)
+    diagnosis: dict[str, Any] | None = None  # GNvpro: predicted vs actual decrease of Phi
 
 
 class _Run:
@@ -93,9 +110,16 @@ class _Run:
 
     def __init__(self, task: SeparableTask, s: VarProSettings, result: VarProResult, meter: Meter, progress: Progress) -> None:
         self.task, self.s, self.result, self.meter, self.progress = task, s, result, meter, progress
+        self.level_start = 0.0
+
+    def spent(self) -> bool:
+        """The whole budget (--work-units) is spent."""
+        return self.s.max_work_units is not None and self.meter.units >= self.s.max_work_units
 
     def over_budget(self) -> bool:
-        return self.s.max_work_units is not None and self.meter.units >= self.s.max_work_units
+        """The whole budget or this level's (``level_units`` passes of this level's network) is spent."""
+        level = self.s.level_units
+        return self.spent() or (level is not None and self.meter.units - self.level_start >= level * self.meter.scale - 1e-9)
 
     def record(self, model: nn.Module, level: int, iteration: int, **extra: float) -> dict[str, float]:
         with self.meter.pause():
@@ -164,16 +188,18 @@ def _slimtrain(model: nn.Module, run: _Run, level: int) -> None:
 def _gnvpro(model: nn.Module, run: _Run, level: int) -> None:
     s, task = run.s, run.task
     sep = Separable(model)
-    tr = TrustRegionSettings(max_iter=s.iters, krylov_rank=s.krylov_rank, radius=s.radius)
+    radius = s.radius if s.radius is not None or s.tr_solver == "gmres-subspace" else 0.1
+    tr = TrustRegionSettings(max_iter=s.iters, krylov_rank=s.krylov_rank, radius=radius, solver=s.tr_solver)
     model.train()
-    run.meter.add(0.0)
     base = run.meter.units
 
     def callback(record: GNvproRecord, point: ReducedPoint) -> None:
         run.meter.units = base + record.work_units * run.meter.scale
         sep.set_W(point.W)
-        run.record(model, level, record.iteration, radius=record.radius, grad_norm=record.grad_norm,
-                   krylov=record.krylov, accepted=float(record.accepted))  # fmt: skip
+        run.record(model, level, record.iteration, radius=record.radius, grad_norm=record.grad_norm, krylov=record.krylov,
+                   accepted=float(record.accepted), phi_before=record.phi + (record.actual if record.accepted else 0.0),
+                   predicted_decrease=record.predicted, actual_decrease=record.actual,
+                   ratio=record.actual / max(record.predicted, 1e-300), interior=float(record.interior))  # fmt: skip
         if run.over_budget():
             raise _Budget
 
@@ -184,11 +210,31 @@ def _gnvpro(model: nn.Module, run: _Run, level: int) -> None:
         pass
 
 
+def _lbfgs(model: nn.Module, run: _Run, level: int) -> None:
+    s, task = run.s, run.task
+    sep = Separable(model)
+    model.train()
+    base = run.meter.units
+
+    def callback(record: LbfgsRecord, point: ReducedPoint) -> None:
+        run.meter.units = base + record.work_units * run.meter.scale
+        sep.set_W(point.W)
+        run.record(model, level, record.iteration, grad_norm=record.grad_norm, evaluations=record.evaluations)
+        if run.over_budget():
+            raise _Budget
+
+    try:
+        _, units = reduced_lbfgs(sep, task.x_train, task.c_train, task.loss, s.alpha_theta, s.alpha_w, s.iters, callback=callback)
+        run.meter.units = base + units * run.meter.scale
+    except _Budget:
+        pass
+
+
 class _Budget(Exception):
     """The work-unit budget is spent (ends a GNvpro run between outer iterations)."""
 
 
-TRAINERS = {"adam": _first_order, "sgd": _first_order, "slimtrain": _slimtrain, "gnvpro": _gnvpro}
+TRAINERS = {"adam": _first_order, "sgd": _first_order, "slimtrain": _slimtrain, "gnvpro": _gnvpro, "lbfgs": _lbfgs}
 
 
 def init_w(model: nn.Module, task: SeparableTask, alpha_w: float) -> None:
@@ -211,8 +257,8 @@ def train_separable(
     """Train ``model`` (a new module when levels > 1); float64 training when ``settings.float64``."""
     progress = silent_if_none(progress)
     dtype = torch.float64 if settings.float64 else torch.float32
-    if settings.optimizer == "gnvpro":
-        dtype = torch.float64  # GN products and trust-region ratios need double precision
+    if settings.optimizer in ("gnvpro", "lbfgs"):
+        dtype = torch.float64  # GN products, trust-region ratios and line searches need double precision
     out_dtype = next(model.parameters()).dtype
     model = model.to(device=device, dtype=dtype)
     task = task.to(device, dtype)
@@ -228,12 +274,15 @@ def train_separable(
     for level in range(settings.levels):
         if final_steps is not None and isinstance(model, ODENetAntisym):
             meter.scale = _steps(model) / final_steps
-        if settings.optimizer in ("gnvpro", "slimtrain"):
+        if settings.optimizer in ("gnvpro", "slimtrain", "lbfgs"):
             init_w(model, task, settings.alpha_w)
+            if level == 0:
+                meter.add(1.0)  # the forward pass of W(theta0) (later levels: inside the trainer's first pass)
         if level == 0:
             run.record(model, level, 0)
+        run.level_start = meter.units
         TRAINERS[settings.optimizer](model, run, level)
-        if level < settings.levels - 1 and not run.over_budget():
+        if level < settings.levels - 1 and not run.spent():
             assert isinstance(model, ODENetAntisym)
             model, change = _prolongate(model, task)
             result.levels.append({"level": level + 1, "depth": model.depth, "steps": _steps(model), "output_change": change})
@@ -241,6 +290,8 @@ def train_separable(
     result.train_seconds = meter.seconds()
     last = result.history[-1]
     result.final_metrics = {k: v for k, v in last.items() if k.startswith(("test_", "train_"))} | {"work_units": result.work_units}
+    if settings.optimizer == "gnvpro":
+        result.diagnosis = diagnose(result.history).to_dict()
     return model.to(dtype=out_dtype).eval(), result
 
 
