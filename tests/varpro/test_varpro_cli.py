@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from odekit.cli.app import app
@@ -99,3 +100,19 @@ def test_bad_varpro_options_are_one_line_errors(runner, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "--regularization" in res.output
     res = runner.invoke(app, ["train-ode", "--task", "regress", "--compare", "newton", "-o", str(tmp_path / "c"), *TINY])
     assert res.exit_code == 1 and "gnvpro" in res.output
+
+
+def test_train_ode_cdr_transient_gmres_subspace_and_lbfgs(runner, tmp_path: Path) -> None:
+    args = ["train-ode", "--task", "regress", "--data", "cdr-transient", "--data-size", "40", "--data-dir", str(tmp_path / "cache"),
+            "--optimizer", "gnvpro", "--tr-solver", "gmres-subspace", "--krylov-rank", "5", "--iters", "3", "--compare", "lbfgs",
+            "-o", str(tmp_path / "run"), *TINY]  # fmt: skip
+    res = _json(runner.invoke(app, args))["results"]
+    assert res["data"] == "cdr-transient" and set(res["optimizers"]) == {"gnvpro", "lbfgs"}
+    assert res["diagnosis"]["steps"] >= 1 and "Gauss-Newton diagnosis" in res["diagnosis"]["line"]
+    gn = [h for h in res["history"] if "ratio" in h]
+    assert gn and all(h["ratio"] == pytest.approx(h["actual_decrease"] / h["predicted_decrease"]) for h in gn)
+    lb = res["optimizers"]["lbfgs"]
+    assert lb["history"][-1]["train_loss"] < lb["history"][0]["train_loss"]
+    assert lb["work_units"] == 1 + 2 * lb["history"][-1]["evaluations"]  # W(theta0)'s forward + 2 per evaluation
+    res = runner.invoke(app, ["train-ode", "--task", "regress", "--tr-solver", "dogleg", "-o", str(tmp_path / "b"), *TINY])
+    assert res.exit_code == 1 and "gmres-subspace" in res.output
