@@ -117,13 +117,17 @@ def test_lbfgs_on_the_reduced_objective_lowers_phi_and_counts_two_units_per_eval
 
 
 def test_diagnosis_flags_poor_models() -> None:
-    def rows(ratio: float, fraction: float, interior: float = 0.0) -> list[dict[str, float]]:
-        return [{"phi_before": 1.0, "predicted_decrease": fraction, "actual_decrease": ratio * fraction, "interior": interior}] * 5
+    def rows(ratio: float, late: float | None = None, residual: float = 0.01) -> list[dict[str, float]]:
+        late = ratio if late is None else late
+        out = [{"phi_before": 1.0, "predicted_decrease": 0.2, "actual_decrease": r * 0.2, "train_rel_error": residual}
+               for r in [ratio] * 6 + [late] * 6]  # fmt: skip
+        return out
 
-    assert diagnose(rows(1.0, 0.6)).verdict == "good"
-    assert diagnose(rows(0.05, 0.6)).verdict == "mispredicts"
-    assert diagnose(rows(1.0, 0.02, interior=1.0)).verdict == "large-residual"
-    assert "poor model" in diagnose(rows(1.0, 0.02, interior=1.0)).line
+    assert diagnose(rows(1.0)).verdict == "good"
+    assert diagnose(rows(0.1)).verdict == "mispredicts"
+    assert diagnose(rows(1.0, late=0.3)).verdict == "mispredicts"  # right early, wrong near the minimum
+    assert diagnose(rows(1.0, residual=0.2)).verdict == "large-residual"
+    assert "poor model" in diagnose(rows(1.0, residual=0.2)).line and "20.0%" in diagnose(rows(1.0, residual=0.2)).line
     assert diagnose([]).verdict == "no-steps"
 
 

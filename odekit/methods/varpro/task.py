@@ -47,14 +47,14 @@ class SeparableTask:
 
     @torch.no_grad()
     def metrics(self, model: nn.Module, batch_size: int = 2048) -> dict[str, float]:
-        """train_loss and test_loss (data terms); test_rel_error (ls) or test_accuracy (ce)."""
+        """train_loss and test_loss (data terms); train/test_rel_error (ls) or test_accuracy (ce)."""
         model.eval()
         out: dict[str, float] = {}
         for split, x, c in (("train", self.x_train, self.c_train), ("test", self.x_test, self.c_test)):
             pred = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
             out[f"{split}_loss"] = float(self.data_loss(pred, c))
-            if split == "test" and self.loss == "ls":
-                out["test_rel_error"] = float((pred - c).norm() / c.norm().clamp_min(1e-300))
+            if self.loss == "ls":
+                out[f"{split}_rel_error"] = float((pred - c).norm() / c.norm().clamp_min(1e-300))
             elif split == "test":
                 out["test_accuracy"] = float((pred.argmax(1) == c).float().mean())
         return out
