@@ -85,6 +85,6 @@ def test_separable_job_keeps_the_first_optimizer(tmp_path: Path) -> None:
     assert result.optimizer == "slimtrain" and list(result.runs) == ["slimtrain", "adam"]
     out = result.to_dict()
     assert out["optimizer"] == "slimtrain" and set(out["optimizers"]) == {"slimtrain", "adam"}
-    assert out["work_units"] == 4.0 and result.meta.extra["optimizer"] == "slimtrain"
+    assert out["work_units"] == 5.0 and result.meta.extra["optimizer"] == "slimtrain"  # 2 epochs x 2 + W(theta0)
     with torch.no_grad():  # the kept model answers in original units: the second target sits near 10
         assert abs(float(result.model(torch.tensor(x, dtype=torch.float32))[:, 1].mean()) - 10) < 1.0
