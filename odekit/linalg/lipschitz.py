@@ -58,16 +58,16 @@ def gram_bound(a: Tensor, iters: int = 6) -> Tensor:
     if iters < 0:
         raise ValueError("iters must be >= 0")
     g = a if a.shape[-2] >= a.shape[-1] else a.mH  # the Gram matrices get the smaller side
+    zero = torch.linalg.matrix_norm(g, "fro") == 0
+    g = torch.where(zero[..., None, None], torch.ones_like(g), g)  # zero blocks: norm 0, set below
     log_scale = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
     for _ in range(iters):
-        r = torch.linalg.matrix_norm(g, "fro").to(torch.float64)
-        safe = r.clamp_min(torch.finfo(torch.float64).tiny)
-        g = g / safe.to(g.real.dtype)[..., None, None]
-        log_scale = 2 * (log_scale + safe.log())
+        r = torch.linalg.matrix_norm(g, "fro")
+        g = g / r.to(g.dtype)[..., None, None]
+        log_scale = 2 * (log_scale + r.to(torch.float64).log())
         g = g.mH @ g
     frob = torch.linalg.matrix_norm(g, "fro").to(torch.float64)
-    zero = frob <= 0
-    value = torch.exp((log_scale + frob.clamp_min(torch.finfo(torch.float64).tiny).log()) / 2**iters)
+    value = torch.exp((log_scale + frob.log()) / 2**iters)
     return torch.where(zero, torch.zeros_like(value), value) * (1 + ROUNDOFF)
 
 

@@ -46,6 +46,7 @@ ADD_OPS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
 MUL_OPS = {"mul", "imul", "mul_"}
 DIV_OPS = {"truediv", "div", "div_", "itruediv"}
 CAT_OPS = {"cat", "concat", "concatenate", "stack"}
+MATMUL_OPS = {"matmul", "mm", "bmm", "einsum"}
 REFUSED = {
     "layer_norm": "LayerNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
     "group_norm": "GroupNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
@@ -257,6 +258,8 @@ class Propagation:
             return math.sqrt(sum(b * b for b in bounds))
         if name in MUL_OPS or name in DIV_OPS or name == "neg":
             return self._scale(node, name, live, bounds)
+        if name in MATMUL_OPS:
+            return self._matmul(node, name, live, bounds)
         key = activation_key(node, self.values)
         if key is not None:
             const = key[1]
@@ -275,6 +278,16 @@ class Propagation:
         if len(bounds) == 2 and isinstance(alpha, int | float):
             return bounds[0] + abs(float(alpha)) * bounds[1]
         return sum(bounds)
+
+    def _matmul(self, node: fx.Node, name: str, live: list[fx.Node], bounds: list[float]) -> float:
+        """``x @ W`` or ``W @ x`` with a constant 2-D ``W``: its spectral norm."""
+        consts = [self.values[a] for a in node.all_input_nodes if a not in live]
+        if len(live) > 1 or name == "einsum" or len(consts) != 1 or consts[0].dim() != 2:
+            raise NotCertifiable(f"'{node.name}' ({name}) multiplies two activations (attention or gating: no "
+                                 "global Lipschitz constant)", HINT)  # fmt: skip
+        bound = matrix_bound(consts[0], self.settings.iters, self.settings.power_iters)
+        self._add(node, "linear", name, bound)
+        return bounds[0] * bound.upper
 
     def _scale(self, node: fx.Node, name: str, live: list[fx.Node], bounds: list[float]) -> float:
         if len(live) > 1 or (name in DIV_OPS and node.args and node.args[0] not in live):
