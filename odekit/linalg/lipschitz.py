@@ -52,55 +52,45 @@ class Bound:
         return Bound(self.lower * factor, self.upper * factor, self.method)
 
 
-def gram_bound(a: Tensor, iters: int = 6) -> Tensor:
+def _frobenius(g: Tensor) -> Tensor:
+    """Frobenius norms of a batch of (complex) matrices, in float64."""
+    parts = torch.view_as_real(g.resolve_conj()) if g.is_complex() else g
+    return torch.linalg.vector_norm(parts, dim=tuple(range(g.dim() - 2, parts.dim()))).double()
+
+
+def gram_bound(a: Tensor, iters: int = 6, floor: float = 0.0) -> Tensor:
     """Upper bounds of the spectral norms of a batch of matrices ``a`` (..., m, n), by ``iters``
-    Gram iterations with rescaling; real or complex input, one value per matrix."""
+    Gram iterations with rescaling; real or complex input, one value per matrix.
+
+    With ``floor`` (a known lower bound of the largest norm, e.g. from power iteration), a matrix
+    whose bound drops to ``floor`` or below is not iterated further: its bound is already below
+    the maximum, so only the maximum over the batch stays as tight as without it."""
     if iters < 0:
         raise ValueError("iters must be >= 0")
-    g = a if a.shape[-2] >= a.shape[-1] else a.mH  # the Gram matrices get the smaller side
-    zero = torch.linalg.matrix_norm(g, "fro") == 0
-    g = torch.where(zero[..., None, None], torch.ones_like(g), g)  # zero blocks: norm 0, set below
-    log_scale = torch.zeros(a.shape[:-2], dtype=torch.float64, device=a.device)
-    for _ in range(iters):
-        r = torch.linalg.matrix_norm(g, "fro")
-        g = g / r.to(g.dtype)[..., None, None]
-        log_scale = 2 * (log_scale + r.to(torch.float64).log())
-        g = g.mH @ g
-    frob = torch.linalg.matrix_norm(g, "fro").to(torch.float64)
-    value = torch.exp((log_scale + frob.log()) / 2**iters)
-    return torch.where(zero, torch.zeros_like(value), value) * (1 + ROUNDOFF)
-
-
-def matrix_bound(weight: Tensor, iters: int = 6, power_iters: int = 50) -> Bound:
-    """Spectral norm of a dense matrix: exact (SVD, in float64) up to `EXACT_SVD_MAX`, else the
-    Gram bound above and power iteration below."""
-    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
-    if min(w.shape) <= EXACT_SVD_MAX:
-        s = float(torch.linalg.matrix_norm(w, 2)) if w.numel() else 0.0
-        return Bound(s, s * (1 + ROUNDOFF), "svd")
-    upper = float(gram_bound(w, iters + 4))
-    lower = power_iteration(lambda v: w @ v, lambda u: w.T @ u, torch.ones(w.shape[1], dtype=w.dtype), power_iters)
-    return Bound(lower, max(upper, lower), "gram")
-
-
-def power_iteration(
-    forward: object, adjoint: object, start: Tensor, iters: int = 50
-) -> float:
-    """A lower bound of ``||A||_2``: ``||A v||`` for the unit ``v`` reached by ``iters`` steps of
-    ``v <- A^T A v / ||.||`` (every unit ``v`` gives one)."""
-    fwd = forward  # callables, typed loosely so operators and matrices both fit
-    adj = adjoint
-    v = start / start.norm().clamp_min(1e-300)
-    best = 0.0
-    for _ in range(max(1, iters)):
-        u = fwd(v)  # type: ignore[operator]
-        best = max(best, float(u.norm()))
-        w = adj(u)  # type: ignore[operator]
-        n = w.norm()
-        if float(n) == 0.0:
+    g = a if a.shape[-2] >= a.shape[-1] else a.mH.resolve_conj()  # the Gram matrices get the smaller side
+    shape = g.shape[:-2]
+    g = g.reshape(-1, *g.shape[-2:])
+    zero = _frobenius(g) == 0
+    g = torch.where(zero[:, None, None], torch.ones_like(g), g)  # zero matrices: norm 0, set below
+    out = torch.zeros(len(g), dtype=torch.float64, device=g.device)
+    live = torch.arange(len(g), device=g.device)
+    log_scale = torch.zeros(len(g), dtype=torch.float64, device=g.device)
+    for t in range(iters + 1):
+        r = _frobenius(g)
+        bound = torch.exp((log_scale + r.log()) / 2**t)
+        out[live] = bound
+        if t == iters:
             break
-        v = w / n
-    return best
+        keep = bound > floor
+        if not bool(keep.all()):
+            g, r, log_scale, live = g[keep], r[keep], log_scale[keep], live[keep]
+            if not len(live):
+                break
+        g = g / r.to(g.real.dtype)[:, None, None]
+        log_scale = 2 * (log_scale + r.log())
+        # G_1 = A^H A is Hermitian, and so is every later G_t: G_t^H G_t = G_t G_t
+        g = g.mH.resolve_conj() @ g if t == 0 else g @ g
+    return torch.where(zero, torch.zeros_like(out), out).reshape(shape) * (1 + ROUNDOFF)
 
 
 @dataclass(frozen=True)
@@ -156,7 +146,8 @@ def _fft_blocks(kernel: Tensor, grid: tuple[int, ...], groups: int) -> Tensor:
     """Frequency blocks (groups * prod(grid), c_out/g, c_in/g) of a kernel (c_out, c_in/g, k...)."""
     d = len(grid)
     c_out, c_in_g = kernel.shape[:2]
-    blocks = torch.fft.fftn(kernel, s=grid, dim=tuple(range(2, 2 + d)))  # (c_out, c_in/g, *grid)
+    # a real kernel: the blocks at -w are the conjugates of those at w (same norms), so rfft halves the work
+    blocks = torch.fft.rfftn(kernel, s=grid, dim=tuple(range(2, 2 + d)))  # (c_out, c_in/g, *grid[:-1], grid[-1]//2+1)
     blocks = blocks.reshape(groups, c_out // groups, c_in_g, -1).permute(0, 3, 1, 2)
     return blocks.reshape(-1, c_out // groups, c_in_g)
 
@@ -212,7 +203,9 @@ def conv_upper_bound(kernel: Tensor, spec: ConvSpec, iters: int = 6, *, dtype: t
         k = _polyphase(k, spec.stride, spec.groups)
         grid = tuple(max(n, t) for n, t in zip(grid, k.shape[2:], strict=True))
     blocks = _fft_blocks(k, grid, spec.groups)
-    bound = float(gram_bound(blocks, iters).max()) if blocks.numel() else 0.0
+    if not blocks.numel():
+        return 0.0
+    bound = float(gram_bound(blocks, iters).max())
     copies = math.prod(_copies(n, lo, hi, spec.padding_mode) for n, (lo, hi) in zip(spec.input_size, spec.padding, strict=True))
     return bound * math.sqrt(copies)
 
