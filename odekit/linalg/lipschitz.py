@@ -93,6 +93,38 @@ def gram_bound(a: Tensor, iters: int = 6, floor: float = 0.0) -> Tensor:
     return torch.where(zero, torch.zeros_like(out), out).reshape(shape) * (1 + ROUNDOFF)
 
 
+def matrix_bound(weight: Tensor, iters: int = 6, power_iters: int = 50) -> Bound:
+    """Spectral norm of a dense matrix: exact (SVD, in float64) up to `EXACT_SVD_MAX`, else the
+    Gram bound above and power iteration below."""
+    w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
+    if min(w.shape) <= EXACT_SVD_MAX:
+        s = float(torch.linalg.matrix_norm(w, 2)) if w.numel() else 0.0
+        return Bound(s, s * (1 + ROUNDOFF), "svd")
+    upper = float(gram_bound(w, iters + 4))
+    lower = power_iteration(lambda v: w @ v, lambda u: w.T @ u, torch.ones(w.shape[1], dtype=w.dtype), power_iters)
+    return Bound(lower, max(upper, lower), "gram")
+
+
+def power_iteration(
+    forward: object, adjoint: object, start: Tensor, iters: int = 50
+) -> float:
+    """A lower bound of ``||A||_2``: ``||A v||`` for the unit ``v`` reached by ``iters`` steps of
+    ``v <- A^T A v / ||.||`` (every unit ``v`` gives one)."""
+    fwd = forward  # callables, typed loosely so operators and matrices both fit
+    adj = adjoint
+    v = start / start.norm().clamp_min(1e-300)
+    best = 0.0
+    for _ in range(max(1, iters)):
+        u = fwd(v)  # type: ignore[operator]
+        best = max(best, float(u.norm()))
+        w = adj(u)  # type: ignore[operator]
+        n = w.norm()
+        if float(n) == 0.0:
+            break
+        v = w / n
+    return best
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     """A convolution's geometry (per spatial dim) on a given input size."""
