@@ -178,7 +178,7 @@ def certify_command(
               "pgd_steps": pgd_steps, "samples": samples, "data": data, "batch_size": batch_size, "seed": seed}  # fmt: skip
 
     def body(ctx: CommandContext) -> CommandOutput:
-        from odekit.cli.common import load_checkpoint, load_data
+        from odekit.cli.common import load_checkpoint, load_data, require_python_module
         from odekit.methods.certify.certificate import CertifySettings
         from odekit.methods.certify.run import certify_model, comparison
 
@@ -187,6 +187,7 @@ def certify_command(
         paths = {"plot": ctx.path("certify.png"), "layers": ctx.path("layers.png")}
         prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
         loaded = load_checkpoint(ctx, ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args))
+        require_python_module(loaded, "certify")  # bounds need the traced graph
         dataset = load_data(ctx, loaded, data, data_dir, prep=prep)
         test = dataset.test.subset(samples, seed)
         x, y = test.x.to(ctx.device), test.y.to(ctx.device)
@@ -194,6 +195,7 @@ def certify_command(
                                                                   progress=ctx.progress)}  # fmt: skip
         if compare is not None:
             teacher = load_checkpoint(ctx, ModelOptions(compare, None, None, trust_checkpoint, None), key="teacher")
+            require_python_module(teacher, "certify")
             if teacher.meta.input_shape and list(teacher.meta.input_shape) != list(dataset.input_shape):
                 raise UsageError(f"the teacher takes inputs of shape {teacher.meta.input_shape}, the student "
                                  f"{list(dataset.input_shape)}", "compare a student with its own teacher")  # fmt: skip
