@@ -32,7 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import emit_line, results_path  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    emit_line,
+    results_path,
+)
 
 from odekit.linalg.lipschitz import (
     ConvSpec,

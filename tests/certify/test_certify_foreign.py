@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from odekit.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "foreign"))
-from foreign_models import build_foreign  # noqa: E402  (the zoo's builder, shared with tests/foreign)
+from foreign_models import build_foreign  # the zoo builder shared with tests/foreign
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()

@@ -134,3 +134,25 @@ def test_pgd_inside_the_certified_radius_never_flips_a_certified_sample():
         # and the attack is not toothless: 20x the radius breaks some of them
         far = xs + 20 * (adv - xs)
         assert bool((model(far).argmax(1) != ys).any())
+
+
+class GroupMax(nn.Module):
+    """A RON-student-style max over groups of 4 flattened features, then an element-wise max."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        a = self.fc(x).reshape(x.shape[0], -1, 4).amax(dim=2)
+        return self.head(torch.maximum(a, torch.clamp(a, min=0.0)))
+
+
+def test_max_reductions_and_elementwise_max():
+    torch.manual_seed(4)
+    model = GroupMax()
+    nb = _bound(model, (8,))
+    fc, head = (layer.bound.upper for layer in nb.layers if layer.kind == "linear")
+    assert nb.upper == pytest.approx(fc * math.sqrt(2) * head, rel=1e-9)
+    assert local_lower(model, torch.randn(64, 8), 64) <= nb.upper

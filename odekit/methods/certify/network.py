@@ -47,6 +47,9 @@ MUL_OPS = {"mul", "imul", "mul_"}
 DIV_OPS = {"truediv", "div", "div_", "itruediv"}
 CAT_OPS = {"cat", "concat", "concatenate", "stack"}
 MATMUL_OPS = {"matmul", "mm", "bmm", "einsum"}
+# max(a, b) element-wise: |max(a, b) - max(a', b')| <= max(|a - a'|, |b - b'|), so sqrt(L_a^2 + L_b^2)
+ELEMENTWISE_MAX = {"maximum", "minimum", "fmax", "fmin"}
+CLAMPS = {"clamp", "clip", "clamp_min", "clamp_max", "threshold"}
 REFUSED = {
     "layer_norm": "LayerNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
     "group_norm": "GroupNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
@@ -254,8 +257,10 @@ class Propagation:
             return max(bounds)
         if name in ADD_OPS:
             return self._sum(node, bounds)
-        if name in CAT_OPS:
+        if name in CAT_OPS or (name in ELEMENTWISE_MAX | {"max", "min"} and len(bounds) > 1):
             return math.sqrt(sum(b * b for b in bounds))
+        if name in ELEMENTWISE_MAX or name in CLAMPS:
+            return bounds[0]  # max(x, c), clamp(x, lo, hi): 1-Lipschitz in x
         if name in MUL_OPS or name in DIV_OPS or name == "neg":
             return self._scale(node, name, live, bounds)
         if name in MATMUL_OPS:

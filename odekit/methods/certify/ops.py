@@ -140,10 +140,14 @@ def pool_constant(node: fx.Node, values: dict[fx.Node, Any]) -> float | None:
     return None
 
 
+MAX_REDUCTIONS = ("amax", "amin", "max", "min")
+
+
 def reduction_constant(node: fx.Node, values: dict[fx.Node, Any]) -> float | None:
-    """mean/sum over dims: 1/sqrt(count) and sqrt(count) (Cauchy-Schwarz), else None."""
+    """mean/sum over dims: 1/sqrt(count) and sqrt(count) (Cauchy-Schwarz); max/min over dims: 1
+    (|max a - max b| <= max |a - b|, and the reduced groups do not overlap); else None."""
     name = op_name(node)
-    if name not in ("mean", "sum"):
+    if name not in ("mean", "sum", *MAX_REDUCTIONS):
         return None
     src = node.args[0]
     value = values.get(src) if isinstance(src, fx.Node) else None
@@ -153,8 +157,12 @@ def reduction_constant(node: fx.Node, values: dict[fx.Node, Any]) -> float | Non
     if dims is None:
         return None  # a reduction over the batch too: not a per-sample map
     dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
     if any(d % value.dim() == 0 for d in dims):
         return None
+    if name in MAX_REDUCTIONS:
+        return 1.0
     count = math.prod(value.shape[d] for d in dims)
     return 1.0 / math.sqrt(count) if name == "mean" else math.sqrt(count)
 
