@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# the exact SVD is used for dense matrices whose smaller side is at most this
+# the exact SVD is used for dense matrices whose smaller side is at most this, and (certify) for
+# convolutions with at most this many inputs
 EXACT_SVD_MAX = 2048
 # relative slack added to every upper bound for floating-point round-off (float64 arithmetic)
 ROUNDOFF = 1e-6
@@ -272,10 +273,17 @@ def conv_operator(kernel: Tensor, spec: ConvSpec) -> tuple[object, object]:
     return forward, adjoint
 
 
-def conv_bound(kernel: Tensor, spec: ConvSpec, iters: int = 6, power_iters: int = 30, seed: int = 0) -> Bound:
-    """``[power iteration, Gram bound]`` of a convolution's spectral norm."""
-    upper = conv_upper_bound(kernel, spec, iters)
+def conv_bound(kernel: Tensor, spec: ConvSpec, iters: int = 6, power_iters: int = 30, seed: int = 0,
+               dense_max: int = 0) -> Bound:  # fmt: skip
+    """``[power iteration, Gram bound]`` of a convolution's spectral norm; the exact norm (SVD of
+    the dense operator) instead when the layer has at most ``dense_max`` inputs (deep layers on
+    2x2 maps, where the canvas bound is loosest, cost one small SVD)."""
     w = kernel.detach().to(torch.float64)
+    n_in = w.shape[1] * spec.groups * math.prod(spec.input_size)
+    if 0 < n_in <= dense_max:
+        exact = float(torch.linalg.matrix_norm(dense_conv_matrix(w, spec), 2))
+        return Bound(exact, exact * (1 + ROUNDOFF), "dense-svd")
+    upper = conv_upper_bound(kernel, spec, iters)
     forward, adjoint = conv_operator(w, spec)
     start = torch.randn(w.shape[1] * spec.groups, *spec.input_size, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(seed)).to(w.device)  # fmt: skip

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from odekit.errors import UnsupportedModelError
-from odekit.linalg.lipschitz import Bound, ConvSpec, conv_bound, matrix_bound
+from odekit.linalg.lipschitz import EXACT_SVD_MAX, Bound, ConvSpec, conv_bound, matrix_bound
 from odekit.methods.certify.ops import (
     HINT,
     NotCertifiable,
@@ -179,7 +179,7 @@ def layer_bound(layer: nn.Module, weight: Tensor, in_shape: tuple[int, ...], set
     pads = tuple(int(p) for p in layer.padding)
     spec = ConvSpec(tuple(spatial), tuple(layer.stride), tuple((p, p) for p in pads), tuple(layer.dilation),
                     layer.groups, layer.padding_mode)  # fmt: skip
-    return conv_bound(weight, spec, settings.iters, settings.power_iters)
+    return conv_bound(weight, spec, settings.iters, settings.power_iters, dense_max=EXACT_SVD_MAX)
 
 
 Handler = Callable[[fx.Node, list[float], dict[fx.Node, Any]], tuple[float, LayerBound | None]]
