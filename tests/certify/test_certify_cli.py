@@ -53,4 +53,4 @@ def test_bad_norm_and_ode_nets_fail_in_one_line(tmp_path):
     assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "Error:" in res.stderr and "--norm 2" in res.stderr
     res = invoke(CHECKPOINTS / "odenet4_digits_euler.safetensors", "--no-attack", "-o", tmp_path / "o")
     assert res.exit_code == 1 and res.stderr.startswith("Error:") and res.stderr.count("\n") == 1
-    assert not (tmp_path / "o").exists()
+    assert "ODE net" in res.stderr and not (tmp_path / "o").exists()

@@ -25,6 +25,7 @@ from odekit.methods.certify.certificate import (
     margins,
 )
 from odekit.methods.certify.network import BoundSettings, LayerBound, NetworkBound, network_bound
+from odekit.methods.certify.ops import NotCertifiable
 from odekit.models.graph import trace_graph
 from odekit.models.layers import layer_table, resolve_layers
 from odekit.progress import Progress
@@ -69,11 +70,23 @@ def _selected(network: NetworkBound, gm: fx.GraphModule, input_shape: tuple[int,
     return [layer for layer in network.layers if layer.name in names]
 
 
+def refuse_ode(model: nn.Module) -> None:
+    """ODE nets: the adaptive/fixed-step solver loop is not a traced graph, so no bound."""
+    from odekit.ode.block import ODEBlock
+
+    if any(isinstance(m, ODEBlock) for m in model.modules()):
+        raise NotCertifiable(
+            "certify bounds traced feed-forward graphs; this is an ODE net, whose solver loop does not trace into one",
+            "certify a discrete network (a reduce/asnet student of it, or a ResNet-style model)",
+        )
+
+
 def certify_model(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, settings: CertifySettings, *,
                   seed: int = 0, progress: Progress | None = None) -> ModelCertificate:  # fmt: skip
     """Bound every layer of ``model`` and certify it on ``x`` (model-input units), labels ``y``."""
     clock = time.perf_counter()
     shape = tuple(data.input_shape)
+    refuse_ode(model)
     gm = trace_graph(model, shape, what="certify")
     gm.eval()
     indices = {info.name: info.index for info in layer_table(gm, shape).layers}
