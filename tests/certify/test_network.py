@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from odekit.linalg.lipschitz import ConvSpec, dense_conv_matrix
-from odekit.methods.certify.certificate import SQRT2, local_lower, margins
+from odekit.methods.certify.certificate import SQRT2, certified_radii, local_lower, margins
 from odekit.methods.certify.network import BoundSettings, folded_weight, network_bound
 from odekit.methods.certify.ops import NotCertifiable
 from odekit.models.graph import trace_graph
@@ -113,8 +113,12 @@ def _trained_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 def test_pgd_inside_the_certified_radius_never_flips_a_certified_sample():
     model, x, y = _trained_mlp()
     nb = _bound(model, (64,))
-    pred, gap = margins(model, x, 256)
-    radius = (gap / (SQRT2 * nb.upper)).float()
+    pred, gap, logits = margins(model, x, 256)
+    plain = gap / (SQRT2 * nb.upper)
+    assert nb.head_weight is not None  # the final linear layer: pairwise margins
+    radius = certified_radii(logits, pred, nb.upper, nb.head_weight, nb.head_input_bound)
+    assert bool((radius >= plain).all()) and float((radius / plain).median()) > 1.05
+    radius = radius.float()
     certified = (pred == y) & (radius > 0)
     assert int(certified.sum()) > 100
     xs, ys, r = x[certified], y[certified], 0.999 * radius[certified]

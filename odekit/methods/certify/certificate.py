@@ -134,15 +134,28 @@ class Certificate:
         }
 
 
-def margins(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Predictions and logit margins (top minus runner-up) of ``model`` on ``x``."""
-    preds, gaps = [], []
+def margins(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Predictions, logit margins (top minus runner-up) and the logits (float64, CPU) on ``x``."""
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            top2 = model(x[i : i + batch_size]).double().topk(2, dim=1)
-            preds.append(top2.indices[:, 0])
-            gaps.append(top2.values[:, 0] - top2.values[:, 1])
-    return torch.cat(preds), torch.cat(gaps)
+        logits = torch.cat([model(x[i : i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)])
+    top2 = logits.topk(2, dim=1)
+    return top2.indices[:, 0], top2.values[:, 0] - top2.values[:, 1], logits
+
+
+def certified_radii(logits: Tensor, pred: Tensor, upper: float, head: Tensor | None = None,
+                    head_input_bound: float = 0.0) -> Tensor:  # fmt: skip
+    """Per-sample radii (units of the bounds): margin / (sqrt(2) L), or with a final linear layer
+    W on an input of bound L_h, min_j (f_y - f_j) / (||W_y - W_j|| L_h), never smaller."""
+    top2 = logits.topk(2, dim=1).values
+    plain = (top2[:, 0] - top2[:, 1]) / (SQRT2 * upper)
+    if head is None or head_input_bound <= 0:
+        return plain
+    w = head.double().cpu()
+    dist = torch.cdist(w, w) * head_input_bound * (1 + 1e-9)  # (K, K) Lipschitz of f_a - f_b
+    gaps = logits.gather(1, pred[:, None]) - logits  # f_y - f_j, (n, K)
+    per_pair = torch.where(dist[pred] > 0, gaps / dist[pred].clamp_min(1e-300), torch.full_like(gaps, math.inf))
+    per_pair[torch.arange(len(pred)), pred] = math.inf
+    return torch.maximum(per_pair.min(1).values, plain)
 
 
 def local_lower(model: nn.Module, x: Tensor, batch_size: int) -> float:

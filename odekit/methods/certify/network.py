@@ -84,10 +84,15 @@ class NetworkBound:
     layers: list[LayerBound]
     output: str  # the node whose margins the certificate uses (logits)
     dropped_output_op: str | None = None  # a final softmax/log-softmax left out (margins are read before it)
+    # a final linear layer W and the bound of its input: the margin f_y - f_j is then
+    # ||W_y - W_j|| * head_input_bound-Lipschitz, at most the generic sqrt(2) * upper
+    head_weight: Tensor | None = None
+    head_input_bound: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"lipschitz_upper": self.upper, "layers": [layer.to_dict() for layer in self.layers],
-                "logits_node": self.output, "dropped_output_op": self.dropped_output_op}  # fmt: skip
+                "logits_node": self.output, "dropped_output_op": self.dropped_output_op,
+                "margin_bound": "pairwise last layer" if self.head_weight is not None else "sqrt(2) L"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -317,4 +322,8 @@ def network_bound(gm: fx.GraphModule, x: Tensor, settings: BoundSettings, indice
     upper = prop.run(logits)
     if upper <= 0.0:
         raise NotCertifiable("the logits do not depend on the input", "certify needs a classifier of its input")
+    head = prop.modules.get(str(logits.target)) if logits.op == "call_module" else None
+    if isinstance(head, nn.Linear) and isinstance(logits.args[0], fx.Node) and logits.args[0] in prop.bounds:
+        return NetworkBound(upper, prop.layers, logits.name, dropped, folded_weight(head, None),
+                            prop.bounds[logits.args[0]])  # fmt: skip
     return NetworkBound(upper, prop.layers, logits.name, dropped)

@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from odekit.io.datasets import Dataset
 from odekit.methods.attacks.space import pixel_model, to_pixels
 from odekit.methods.certify.certificate import (
-    SQRT2,
     Certificate,
     CertifySettings,
     Radii,
     budget_rows,
+    certified_radii,
     empirical_radii,
     local_lower,
     margins,
@@ -96,18 +96,19 @@ def certify_model(model: nn.Module, data: Dataset, x: Tensor, y: Tensor, setting
     seconds = {"bounds": time.perf_counter() - clock}
     clock = time.perf_counter()
     logits = logits_module(gm, network.output)
-    pred, gap = margins(logits, x, settings.batch_size)
-    correct = (pred == y).cpu()
+    pred, gap, values = margins(logits, x, settings.batch_size)
+    correct = pred == y.cpu()
     inv_std = float((1.0 / data.pixel_scale.double()).max())
     l_pixel = network.upper * inv_std
-    certified = torch.where(correct, gap.cpu() / (SQRT2 * l_pixel), torch.zeros_like(gap.cpu()))
+    radius = certified_radii(values, pred, l_pixel, network.head_weight, network.head_input_bound * inv_std)
+    certified = torch.where(correct, radius, torch.zeros_like(radius))
     lower = local_lower(logits, x, settings.batch_size)
     empirical = broken = None
     if settings.attack:
         x_pix = to_pixels(x, data, "the test data")
         empirical, broken = empirical_radii(pixel_model(logits, data), x_pix, y, settings, seed, progress)
     seconds["certificate"] = time.perf_counter() - clock
-    radii = Radii(correct, gap.cpu(), certified, empirical, lower)
+    radii = Radii(correct, gap, certified, empirical, lower)
     cert = Certificate(network.upper, l_pixel, radii, budget_rows(radii, settings.budgets, broken))
     return ModelCertificate(network, cert, selected, seconds)
 
