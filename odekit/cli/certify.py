@@ -37,6 +37,9 @@ from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
 
 if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    from torch import nn
+
+    from odekit.io.datasets import Dataset
     from odekit.methods.certify.run import ModelCertificate
 
 CERTIFY = "Certificate options"
@@ -60,6 +63,34 @@ Per budget: certified accuracy <= robust accuracy under attack <= clean accuracy
 LayerNorm, attention and other operations without a global constant are refused in one line.
 Writes certify.png (accuracy vs budget), layers.png, report.json and report.md.
 """
+
+
+# `reduce --certify` / `asnet --certify`: the student's certificate beside the teacher's
+CERTIFY_SAMPLES = 200
+CertifyFlag = Annotated[bool, typer.Option(
+    "--certify", help=f"Also bound the Lipschitz constants of student and teacher and their certified l2 accuracy on "
+    f"{CERTIFY_SAMPLES} test samples, side by side (as 'odekit certify STUDENT --compare TEACHER --no-attack').",
+    rich_help_panel=CERTIFY)]  # fmt: skip
+
+
+def certify_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, ctx: CommandContext) -> dict[str, Any]:
+    """report.json's ``certify`` entry of reduce/asnet: bounds and certified accuracy of both."""
+    from odekit.methods.certify.certificate import CertifySettings
+    from odekit.methods.certify.ops import NotCertifiable
+    from odekit.methods.certify.run import certify_model, comparison
+
+    settings = CertifySettings(attack=False)
+    test = dataset.test.subset(CERTIFY_SAMPLES, ctx.seed)
+    x, y = test.x.to(ctx.device), test.y.to(ctx.device)
+    try:
+        runs = [certify_model(m, dataset, x, y, settings, seed=ctx.seed) for m in (student, teacher)]
+    except NotCertifiable as exc:  # the compression itself succeeded: say why there is no certificate
+        ctx.log(f"[yellow]Warning:[/yellow] --certify: {exc.message}")
+        return {"not_certifiable": exc.message}
+    return {"student_lipschitz_upper": runs[0].network.upper, "teacher_lipschitz_upper": runs[1].network.upper,
+            "student_certified_accuracy": runs[0].certificate.to_dict()["certified_accuracy"],
+            "teacher_certified_accuracy": runs[1].certificate.to_dict()["certified_accuracy"],
+            "comparison": comparison(runs[0], runs[1])}  # fmt: skip
 
 
 def _budgets(text: str) -> tuple[float, ...]:

@@ -54,3 +54,23 @@ def test_bad_norm_and_ode_nets_fail_in_one_line(tmp_path):
     res = invoke(CHECKPOINTS / "odenet4_digits_euler.safetensors", "--no-attack", "-o", tmp_path / "o")
     assert res.exit_code == 1 and res.stderr.startswith("Error:") and res.stderr.count("\n") == 1
     assert "ODE net" in res.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command,args", [
+    ("reduce", ["--layers", "1-3", "--rank", "40,40,10", "--samples", "300", "--finetune", "0", "--latency-batch", "8"]),
+    ("asnet", ["--cut", "1", "--rank", "4", "--fit-samples", "150", "--no-baselines", "--no-latency"]),
+])  # fmt: skip
+def test_reduce_and_asnet_certify_the_student_beside_the_teacher(command, args, tmp_path):
+    res = runner.invoke(app, [command, str(CHECKPOINTS / "lenet300_digits.safetensors"), *args, "--certify",
+                              "--threads", "1", "-o", str(tmp_path / command), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    c = report["results"]["certify"]
+    assert report["params"]["certify"] is True
+    if command == "asnet":  # the PCE head is a polynomial: no global constant, said in one line
+        assert "multiplies" in c["not_certifiable"] and "--certify" in res.stderr
+        return
+    assert c["student_lipschitz_upper"] > 0 and c["teacher_lipschitz_upper"] > 0
+    rows = {row["metric"]: row for row in c["comparison"]["rows"]}
+    assert rows["lipschitz_upper"]["ratio"] == pytest.approx(c["student_lipschitz_upper"] / c["teacher_lipschitz_upper"])
+    assert set(c["student_certified_accuracy"]) == set(c["teacher_certified_accuracy"])

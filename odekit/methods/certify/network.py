@@ -42,6 +42,9 @@ IDENTITY_OPS = {
     "split", "unbind", "narrow", "select", "slice", "pad", "constant_pad_nd", "identity", "unflatten",
     "feature_dropout", "_assert_tensor_metadata", "movedim",
 }  # fmt: skip
+# ops whose value does not depend on their input's values (shapes only): constants
+CONSTANT_OPS = {"ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros", "new_full", "new_empty",
+                "size", "dim", "numel", "sym_size", "sym_numel"}  # fmt: skip
 ADD_OPS = {"add", "iadd", "add_", "sub", "isub", "sub_"}
 MUL_OPS = {"mul", "imul", "mul_"}
 DIV_OPS = {"truediv", "div", "div_", "itruediv"}
@@ -56,6 +59,8 @@ REFUSED = {
     "instance_norm": "InstanceNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
     "native_layer_norm": "LayerNorm divides by a per-sample standard deviation (no global Lipschitz constant)",
     "scaled_dot_product_attention": "attention multiplies activations together (no global Lipschitz constant)",
+    "prod": "multiplies activations together (a polynomial, e.g. a PCE head: no global Lipschitz constant)",
+    "pow": "raises activations to a power (no global Lipschitz constant)",
 }
 
 
@@ -223,7 +228,7 @@ class Propagation:
         if node.op == "get_attr" or not _is_tensorish(self.values.get(node)):
             return 0.0
         live = self._inputs(node)
-        if not live:
+        if not live or op_name(node) in CONSTANT_OPS:
             return 0.0  # a constant subexpression
         if node.op == "call_module":
             return self._module(node, live)
@@ -270,6 +275,8 @@ class Propagation:
             return self._scale(node, name, live, bounds)
         if name in MATMUL_OPS:
             return self._matmul(node, name, live, bounds)
+        if name in ("index", "index_select") and len(live) == 1:
+            return bounds[0] * self._copies(node, name)
         key = activation_key(node, self.values)
         if key is not None:
             const = key[1]
@@ -298,6 +305,16 @@ class Propagation:
         bound = matrix_bound(consts[0], self.settings.iters, self.settings.power_iters)
         self._add(node, "linear", name, bound)
         return bounds[0] * bound.upper
+
+    def _copies(self, node: fx.Node, name: str) -> float:
+        """Indexing with one integer index tensor: sqrt(most repeats of one index) (a selection
+        that may copy entries)."""
+        picks = [node.args[2]] if name == "index_select" else [a for a in node.args[1] if a is not None]  # type: ignore[union-attr]
+        index = self.values.get(picks[0]) if len(picks) == 1 and isinstance(picks[0], fx.Node) else None
+        if not isinstance(index, Tensor) or index.is_floating_point() or index.dtype == torch.bool:
+            raise NotCertifiable(f"'{node.name}' ({name}) indexes in a way certify does not bound", HINT)
+        counts = torch.unique(index.reshape(-1), return_counts=True)[1]
+        return math.sqrt(float(counts.max())) if counts.numel() else 0.0
 
     def _scale(self, node: fx.Node, name: str, live: list[fx.Node], bounds: list[float]) -> float:
         if len(live) > 1 or (name in DIV_OPS and node.args and node.args[0] not in live):
