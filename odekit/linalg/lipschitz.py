@@ -37,6 +37,7 @@ from torch import Tensor
 # the exact SVD is used for dense matrices whose smaller side is at most this, and (certify) for
 # convolutions with at most this many inputs
 EXACT_SVD_MAX = 2048
+DENSE_ENTRIES_MAX = 1 << 24  # at most 128 MB for a dense float64 conv operator
 # relative slack added to every upper bound for floating-point round-off (float64 arithmetic)
 ROUNDOFF = 1e-6
 
@@ -276,11 +277,13 @@ def conv_operator(kernel: Tensor, spec: ConvSpec) -> tuple[object, object]:
 def conv_bound(kernel: Tensor, spec: ConvSpec, iters: int = 6, power_iters: int = 30, seed: int = 0,
                dense_max: int = 0) -> Bound:  # fmt: skip
     """``[power iteration, Gram bound]`` of a convolution's spectral norm; the exact norm (SVD of
-    the dense operator) instead when the layer has at most ``dense_max`` inputs (deep layers on
-    2x2 maps, where the canvas bound is loosest, cost one small SVD)."""
+    the dense operator) instead when the layer has at most ``dense_max`` inputs and its dense
+    matrix at most `DENSE_ENTRIES_MAX` entries (deep layers on 2x2 maps, where the canvas bound
+    is loosest, cost one small SVD)."""
     w = kernel.detach().to(torch.float64)
     n_in = w.shape[1] * spec.groups * math.prod(spec.input_size)
-    if 0 < n_in <= dense_max:
+    n_out = w.shape[0] * math.prod(n + lo + hi for n, (lo, hi) in zip(spec.input_size, spec.padding, strict=True))
+    if 0 < n_in <= dense_max and n_in * n_out <= DENSE_ENTRIES_MAX:
         exact = float(torch.linalg.matrix_norm(dense_conv_matrix(w, spec), 2))
         return Bound(exact, exact * (1 + ROUNDOFF), "dense-svd")
     upper = conv_upper_bound(kernel, spec, iters)
