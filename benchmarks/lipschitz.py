@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -118,10 +120,13 @@ def dense_case(case: tuple[int, ...], iters: int, power_iters: int, seed: int) -
 
 def compare_case(student: str, teacher: str, extra: list[str]) -> dict[str, Any]:
     """`odekit certify STUDENT --compare TEACHER` as a user runs it; its comparison rows."""
-    cmd = [sys.executable, "-m", "odekit", "certify", student, "--compare", teacher, "--json", "--threads", "1", *extra]
+    out = tempfile.mkdtemp(prefix="odekit-bench-certify-")
+    cmd = [sys.executable, "-m", "odekit", "certify", student, "--compare", teacher, "--json", "--threads", "1",
+           "-o", out, "--force", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ODEKIT_PROGRESS": "off"}
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+    shutil.rmtree(out, ignore_errors=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
     results = json.loads(done.stdout)["results"]

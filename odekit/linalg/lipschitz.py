@@ -60,13 +60,9 @@ def _frobenius(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(parts, dim=tuple(range(g.dim() - 2, parts.dim()))).double()
 
 
-def gram_bound(a: Tensor, iters: int = 6, floor: float = 0.0) -> Tensor:
+def gram_bound(a: Tensor, iters: int = 6) -> Tensor:
     """Upper bounds of the spectral norms of a batch of matrices ``a`` (..., m, n), by ``iters``
-    Gram iterations with rescaling; real or complex input, one value per matrix.
-
-    With ``floor`` (a known lower bound of the largest norm, e.g. from power iteration), a matrix
-    whose bound drops to ``floor`` or below is not iterated further: its bound is already below
-    the maximum, so only the maximum over the batch stays as tight as without it."""
+    Gram iterations with rescaling; real or complex input, one value per matrix."""
     if iters < 0:
         raise ValueError("iters must be >= 0")
     g = a if a.shape[-2] >= a.shape[-1] else a.mH.resolve_conj()  # the Gram matrices get the smaller side
@@ -74,24 +70,14 @@ def gram_bound(a: Tensor, iters: int = 6, floor: float = 0.0) -> Tensor:
     g = g.reshape(-1, *g.shape[-2:])
     zero = _frobenius(g) == 0
     g = torch.where(zero[:, None, None], torch.ones_like(g), g)  # zero matrices: norm 0, set below
-    out = torch.zeros(len(g), dtype=torch.float64, device=g.device)
-    live = torch.arange(len(g), device=g.device)
     log_scale = torch.zeros(len(g), dtype=torch.float64, device=g.device)
-    for t in range(iters + 1):
+    for t in range(iters):
         r = _frobenius(g)
-        bound = torch.exp((log_scale + r.log()) / 2**t)
-        out[live] = bound
-        if t == iters:
-            break
-        keep = bound > floor
-        if not bool(keep.all()):
-            g, r, log_scale, live = g[keep], r[keep], log_scale[keep], live[keep]
-            if not len(live):
-                break
         g = g / r.to(g.real.dtype)[:, None, None]
         log_scale = 2 * (log_scale + r.log())
         # G_1 = A^H A is Hermitian, and so is every later G_t: G_t^H G_t = G_t G_t
         g = g.mH.resolve_conj() @ g if t == 0 else g @ g
+    out = torch.exp((log_scale + _frobenius(g).log()) / 2**iters)
     return torch.where(zero, torch.zeros_like(out), out).reshape(shape) * (1 + ROUNDOFF)
 
 
