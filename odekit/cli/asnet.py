@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from odekit.cli.asnet_figures import baselines_figure, spectrum_figure
+from odekit.cli.certify import CertifyFlag, certify_student
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
@@ -188,6 +189,7 @@ def asnet_command(
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
     threads: ThreadsOpt = None,
+    certify: CertifyFlag = False,
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
@@ -211,6 +213,8 @@ def asnet_command(
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
         "lr": lr, "head_lr": head_lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
+
+    params["certify"] = certify
 
     def body(ctx: CommandContext) -> CommandOutput:
         if not analyze and cut is None:
@@ -264,6 +268,8 @@ def asnet_command(
             _save_asnet(built, loaded, model_path, shape, ctx)
             results.update(built.to_dict())
             results["checkpoint"] = str(model_path)
+            if certify:
+                results["certify"] = certify_student(built.model, loaded.model, dataset, ctx)
             used = (built.cut.cut.index, built.cut.rank)
             if not any(a.cut.index == built.cut_analysis.cut.index for a in analyses):
                 analyses.append(built.cut_analysis)

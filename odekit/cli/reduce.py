@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from odekit.cli.certify import CertifyFlag, certify_student
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
@@ -157,6 +158,7 @@ def reduce_command(
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
     threads: ThreadsOpt = None,
+    certify: CertifyFlag = False,
 ) -> None:
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
     import torch
@@ -176,6 +178,8 @@ def reduce_command(
         "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
         "data": data,
     }  # fmt: skip
+
+    params["certify"] = certify
 
     def body(ctx: CommandContext) -> CommandOutput:
         settings = RonSettings(
@@ -241,6 +245,8 @@ def reduce_command(
             f"agreement {100 * compared.agreement:.2f}%, {compared.flop_reduction:.2f}x fewer FLOPs, "
             f"latency {run.latency.speedup:.2f}x faster"
         ]
+        if certify:
+            results["certify"] = certify_student(student, loaded.model, dataset, ctx)
         clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
             ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "

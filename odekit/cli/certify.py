@@ -1,0 +1,247 @@
+"""`odekit certify`: l2 Lipschitz bounds per layer and for the network, certified radii and
+accuracy beside the attacks' robust accuracy; a student beside its teacher with --compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from odekit.cli.options import (
+    STREAM_BATCH_SIZE,
+    ArchArgsOpt,
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointArg,
+    CommonOptions,
+    DataDirOpt,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    ForceOpt,
+    InputShapeOpt,
+    JsonOpt,
+    LayoutOpt,
+    ModelOptions,
+    NormalizeOpt,
+    NumClassesOpt,
+    OutOpt,
+    PixelMaxOpt,
+    SeedOpt,
+    ThreadsOpt,
+    TrustOpt,
+)
+from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.errors import UsageError
+from odekit.io.preprocessing import Preprocessing
+
+if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
+    from torch import nn
+
+    from odekit.io.datasets import Dataset
+    from odekit.methods.certify.run import ModelCertificate
+
+CERTIFY = "Certificate options"
+
+EPILOG = """Examples:
+
+  odekit certify checkpoints/lenet5_digits.safetensors
+
+  odekit certify checkpoints/vgg11_digits.safetensors --eps 0.05,0.1,0.25 --eval-samples 200 --json
+
+  odekit certify student.pt2 --compare checkpoints/vgg11_digits.safetensors --layers 3-8
+
+  odekit certify model.pt2 --data cifar10 --data-dir DIR --no-attack --iters 8
+
+Bounds: every conv layer gets [power iteration, Gram-iteration bound] on its spectral norm
+(BatchNorm folded into the conv before it), linear layers their exact norm (SVD), activations
+and pooling their constants; residual sums add, the network bound L is propagated through the
+traced graph. Certified radius r = margin / (sqrt(2) L) in [0, 1]-pixel l2 units (like the
+attacks' --eps); empirical radii from DeepFool and l2 PGD (--pgd-steps) at every budget.
+Per budget: certified accuracy <= robust accuracy under attack <= clean accuracy.
+LayerNorm, attention and other operations without a global constant are refused in one line.
+Writes certify.png (accuracy vs budget), layers.png, report.json and report.md.
+"""
+
+
+# `reduce --certify` / `asnet --certify`: the student's certificate beside the teacher's
+CERTIFY_SAMPLES = 200
+CertifyFlag = Annotated[bool, typer.Option(
+    "--certify", help=f"Also bound the Lipschitz constants of student and teacher and their certified l2 accuracy on "
+    f"{CERTIFY_SAMPLES} test samples, side by side (as 'odekit certify STUDENT --compare TEACHER --no-attack').",
+    rich_help_panel=CERTIFY)]  # fmt: skip
+
+
+def certify_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, ctx: CommandContext) -> dict[str, Any]:
+    """report.json's ``certify`` entry of reduce/asnet: bounds and certified accuracy of both."""
+    from odekit.methods.certify.certificate import CertifySettings
+    from odekit.methods.certify.ops import NotCertifiable
+    from odekit.methods.certify.run import certify_model, comparison
+
+    settings = CertifySettings(attack=False)
+    test = dataset.test.subset(CERTIFY_SAMPLES, ctx.seed)
+    x, y = test.x.to(ctx.device), test.y.to(ctx.device)
+    try:
+        runs = [certify_model(m, dataset, x, y, settings, seed=ctx.seed) for m in (student, teacher)]
+    except NotCertifiable as exc:  # the compression itself succeeded: say why there is no certificate
+        ctx.log(f"[yellow]Warning:[/yellow] --certify: {exc.message}")
+        return {"not_certifiable": exc.message}
+    return {"student_lipschitz_upper": runs[0].network.upper, "teacher_lipschitz_upper": runs[1].network.upper,
+            "student_certified_accuracy": runs[0].certificate.to_dict()["certified_accuracy"],
+            "teacher_certified_accuracy": runs[1].certificate.to_dict()["certified_accuracy"],
+            "comparison": comparison(runs[0], runs[1])}  # fmt: skip
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    from odekit.methods.attacks.plan import parse_budgets
+
+    return tuple(parse_budgets(text, "--eps"))
+
+
+def _plot(path: Path, runs: dict[str, ModelCertificate], force: bool) -> None:
+    """Certified (solid) and robust-under-attack (dashed) accuracy against the l2 budget."""
+    from odekit.writers.plots import new_figure, save_figure
+
+    fig, axes = new_figure(1, 1, (6.0, 4.2))
+    ax = axes[0][0]
+    for (label, run), color in zip(runs.items(), ("tab:blue", "tab:orange"), strict=False):
+        rows = run.certificate.rows
+        eps = [0.0, *[r.eps for r in rows]]
+        clean = run.certificate.clean.rate
+        ax.plot(eps, [clean, *[r.certified.rate for r in rows]], "o-", color=color, label=f"{label}: certified")
+        if all(r.robust is not None for r in rows):
+            ax.plot(eps, [clean, *[r.robust.rate for r in rows if r.robust is not None]], "s--", color=color,
+                    label=f"{label}: under attack (DeepFool + PGD)")  # fmt: skip
+    ax.set_xlabel("l2 budget ([0, 1] pixels)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"certified vs empirical robust accuracy, n = {len(next(iter(runs.values())).certificate.radii.correct)}",
+                 fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, force)
+
+
+def _layers_plot(path: Path, runs: dict[str, ModelCertificate], force: bool) -> None:
+    """Per compute layer: [lower, upper] of its spectral norm (log scale)."""
+    from odekit.writers.plots import new_figure, save_figure
+
+    fig, axes = new_figure(1, 1, (7.0, 4.0))
+    ax = axes[0][0]
+    for (label, run), (color, shift) in zip(runs.items(), (("tab:blue", -0.15), ("tab:orange", 0.15)), strict=False):
+        layers = [layer for layer in run.network.layers if layer.index is not None]
+        xs = [layer.index + shift for layer in layers if layer.index is not None]
+        ax.vlines(xs, [layer.bound.lower for layer in layers], [layer.bound.upper for layer in layers], color=color, lw=3)
+        ax.plot(xs, [layer.bound.upper for layer in layers], "v", color=color, label=f"{label}: upper (Gram / SVD)")
+        ax.plot(xs, [layer.bound.lower for layer in layers], "^", color=color, mfc="none", label=f"{label}: lower (power it.)")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute layer (conv/linear, BatchNorm folded)")
+    ax.set_ylabel("spectral norm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, force)
+
+
+def _tables(run: ModelCertificate, name: str) -> list[ResultTable]:
+    rows: list[list[Any]] = []
+    for layer in run.network.layers:
+        if layer.kind in ("conv", "linear") or layer.bound.upper != 1.0:
+            rows.append([layer.index if layer.index is not None else "", layer.name, layer.kind, layer.bound.lower,
+                         layer.bound.upper, layer.note or layer.bound.method])  # fmt: skip
+    layer_table = ResultTable(f"{name}: layer bounds (l2 spectral norm)", ["#", "layer", "kind", "lower", "upper", "how"], rows)
+    budget_rows = [[r.eps, r.certified.describe(), r.robust.describe() if r.robust else "-", r.clean.describe(),
+                    r.violations] for r in run.certificate.rows]  # fmt: skip
+    budgets = ResultTable(f"{name}: accuracy per l2 budget (pixel units)",
+                          ["eps", "certified", "under attack", "clean", "violations"], budget_rows)  # fmt: skip
+    return [layer_table, budgets]
+
+
+def _compare_table(comparison: dict[str, Any]) -> ResultTable:
+    rows = [[r["metric"], r["teacher"], r["student"], r["change"], r.get("ratio", "")] for r in comparison["rows"]]
+    return ResultTable("student vs teacher", ["metric", "teacher", "student", "change", "ratio"], rows)
+
+
+def _headline(name: str, run: ModelCertificate) -> str:
+    cert = run.certificate
+    d = cert.to_dict()
+    ratio = d["radius_ratio_empirical_over_certified"]
+    loose = f"; empirical / certified radius: median {ratio['median']:.3g}" if ratio else ""
+    dropped = f" (margins read before the final {run.network.dropped_output_op})" if run.network.dropped_output_op else ""
+    return (f"{name}: L <= {cert.lipschitz_upper:.4g} (model inputs), {cert.lipschitz_pixel:.4g} (pixels); local lower "
+            f"bound {cert.radii.local_lower:.4g}{dropped}; clean {cert.clean.describe()}; median certified radius "
+            f"{d['median_certified_radius']:.3g}{loose}")  # fmt: skip
+
+
+def certify_command(
+    checkpoint: CheckpointArg,
+    compare: Annotated[Path | None, typer.Option("--compare", help="Teacher checkpoint: certify both on the same samples, side by side.", show_default=False, rich_help_panel=CERTIFY)] = None,
+    norm: Annotated[str, typer.Option("--norm", help="Perturbation norm: 2 (l2 certificates).", rich_help_panel=CERTIFY)] = "2",
+    eps: Annotated[str, typer.Option("--eps", help="l2 budgets in [0, 1]-pixel units, comma-separated (fractions allowed).", rich_help_panel=CERTIFY)] = "0.01,0.02,0.05,0.1,0.25,0.5",
+    layers: Annotated[str | None, typer.Option("--layers", help="Also report the product of these layers' bounds (e.g. 3-8, conv7-conv16).", show_default=False, rich_help_panel=CERTIFY)] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Gram iterations per conv bound (6 is within ~1% of the limit).", rich_help_panel=CERTIFY)] = 6,
+    power_iters: Annotated[int, typer.Option("--power-iters", help="Power iterations per layer lower bound.", rich_help_panel=CERTIFY)] = 30,
+    attack: Annotated[bool, typer.Option("--attack/--no-attack", help="Measure empirical radii (DeepFool + l2 PGD at every budget).", rich_help_panel=CERTIFY)] = True,
+    pgd_steps: Annotated[int, typer.Option("--pgd-steps", help="l2 PGD steps per budget.", rich_help_panel=CERTIFY)] = 20,
+    samples: Annotated[int | None, typer.Option("--eval-samples", min=1, help="Test samples (seeded subset) [default: all].", show_default=False)] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
+    batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    trust_checkpoint: TrustOpt = False,
+    arch_args: ArchArgsOpt = None,
+    normalize: NormalizeOpt = None,
+    input_shape: InputShapeOpt = None,
+    layout: LayoutOpt = "auto",
+    pixel_max: PixelMaxOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    json_output: JsonOpt = False,
+    debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:  # fmt: skip
+    """Certified l2 robustness from Lipschitz bounds, next to the attacks; teacher vs student."""
+    common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
+    params = {"norm": norm, "eps": eps, "layers": layers, "iters": iters, "power_iters": power_iters, "attack": attack,
+              "pgd_steps": pgd_steps, "samples": samples, "data": data, "batch_size": batch_size, "seed": seed}  # fmt: skip
+
+    def body(ctx: CommandContext) -> CommandOutput:
+        from odekit.cli.common import load_checkpoint, load_data, require_python_module
+        from odekit.methods.certify.certificate import CertifySettings
+        from odekit.methods.certify.run import certify_model, comparison
+
+        settings = CertifySettings(_budgets(eps), norm.strip(), iters, power_iters, pgd_steps, attack=attack,
+                                   batch_size=batch_size, layers=layers)  # fmt: skip
+        paths = {"plot": ctx.path("certify.png"), "layers": ctx.path("layers.png")}
+        prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
+        loaded = load_checkpoint(ctx, ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args))
+        require_python_module(loaded, "certify")  # bounds need the traced graph
+        dataset = load_data(ctx, loaded, data, data_dir, prep=prep)
+        test = dataset.test.subset(samples, seed)
+        x, y = test.x.to(ctx.device), test.y.to(ctx.device)
+        runs = {"student" if compare else "model": certify_model(loaded.model, dataset, x, y, settings, seed=seed,
+                                                                  progress=ctx.progress)}  # fmt: skip
+        if compare is not None:
+            teacher = load_checkpoint(ctx, ModelOptions(compare, None, None, trust_checkpoint, None), key="teacher")
+            require_python_module(teacher, "certify")
+            if teacher.meta.input_shape and list(teacher.meta.input_shape) != list(dataset.input_shape):
+                raise UsageError(f"the teacher takes inputs of shape {teacher.meta.input_shape}, the student "
+                                 f"{list(dataset.input_shape)}", "compare a student with its own teacher")  # fmt: skip
+            runs["teacher"] = certify_model(teacher.model, dataset, x, y, settings, seed=seed, progress=ctx.progress)
+        _plot(paths["plot"], runs, ctx.force)
+        _layers_plot(paths["layers"], runs, ctx.force)
+        main = runs["student" if compare else "model"]
+        results: dict[str, Any] = {**main.to_dict(), "plot": str(paths["plot"]), "layers_plot": str(paths["layers"])}
+        tables = _tables(main, checkpoint.name)
+        headline = [_headline(checkpoint.name, main)]
+        if compare is not None:
+            results["teacher"] = runs["teacher"].to_dict()
+            results["comparison"] = comparison(runs["student"], runs["teacher"])
+            tables = [_compare_table(results["comparison"]), *tables, *_tables(runs["teacher"], compare.name)]
+            headline.append(_headline(compare.name, runs["teacher"]))
+        return CommandOutput(results=results, tables=tables, headline=headline)
+
+    run_command("certify", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)
