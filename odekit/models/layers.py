@@ -7,6 +7,7 @@ FLOPs, bias additions, activations, normalisation and pooling are not counted.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,7 +66,7 @@ def layer_flops(module: nn.Module, output: torch.Tensor) -> int:
         return 2 * per_sample_out * module.in_features
     conv = module
     assert isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d)
-    kernel = int(torch.tensor(conv.kernel_size).prod())
+    kernel = math.prod(conv.kernel_size)
     return 2 * per_sample_out * (conv.in_channels // conv.groups) * kernel
 
 
