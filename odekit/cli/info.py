@@ -37,7 +37,8 @@ EPILOG = """Examples:
 
   odekit info model.pt2   (torch.export archive: no code or options needed; docs/own-models.md)
 
-FLOPs are 2 x multiply-adds of conv/linear layers per sample (torch FlopCounterMode's convention).
+FLOPs are 2 x multiply-adds per sample (torch FlopCounterMode's convention): the rows count conv/linear
+layers (attention projections included); attention's own matmuls are the 'other ops' line of the total.
 
 Architectures for --arch: {archs}
 """
@@ -62,7 +63,7 @@ def info_command(
     from odekit.device import set_threads
     from odekit.io.checkpoints import load_model
     from odekit.io.user_arch import parse_arch_args
-    from odekit.models.layers import layer_table
+    from odekit.models.layers import OTHER_OPS, layer_table
     from odekit.writers.report import to_jsonable
 
     try:
@@ -99,6 +100,10 @@ def info_command(
             f"{layer.params:,}", f"{layer.flops:,}{calls}",
         )
     console.print(table)
+    if summary.other_flops:
+        console.print(
+            f"rows: {summary.layer_flops:,} FLOPs; other ops: {summary.other_flops:,} FLOPs ({OTHER_OPS})", highlight=False
+        )
     console.print(
         f"total: {summary.params:,} parameters, {summary.flops:,} FLOPs per sample (2 x multiply-adds)", highlight=False
     )
