@@ -50,7 +50,7 @@ class LayerInfo:
 
 
 # the FLOPs a table's total counts beyond its rows
-OTHER_OPS = "matmuls outside conv/linear layers (attention scores and attention-weighted values)"
+OTHER_OPS = "matmuls outside conv/linear layers: attention scores and attention-weighted values"
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> M
         )
         for i, (module, rec) in enumerate(records.items(), start=1)
     ]
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in source.parameters())  # a converted TorchScript graph holds some as buffers
     summary = ModelSummary(layers, params, total_flops(model, input_shape), list(input_shape))
     if not isinstance(model, fx.GraphModule) and summary.other_flops > 0:
         # conv/matmul FLOPs outside conv/linear modules: F.conv2d(x, self.w)-style layers,
