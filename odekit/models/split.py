@@ -165,10 +165,15 @@ class GraphSplitter:
                 derived.append(node)
             else:
                 value = self.values.get(node)
+                what = (
+                    "a tensor whose first dimension is not the batch, as inside attention"
+                    if isinstance(value, Tensor)
+                    else f"{type(value).__name__}, not a per-sample tensor"
+                )
                 raise UnsupportedModelError(
-                    f"the cut after layer {layer.index} ('{layer.name}') would pass '{node.name}' "
-                    f"({type(value).__name__}, not a per-sample tensor) to the post-model",
-                    "cut at another layer (a block boundary)",
+                    f"the cut after layer {layer.index} ('{layer.name}') would pass '{node.name}' ({what}) "
+                    "to the post-model",
+                    "cut at a block boundary (e.g. a block's last layer; 'odekit info' lists the layers)",
                 )
         if not frontier:
             raise LayerSelectionError(f"nothing follows layer {layer.index}", "cut at an earlier layer")
