@@ -231,7 +231,10 @@ def trace_graph(
     return normalize_graph(gm, input_shape)
 
 
-_VISIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.EmbeddingBag)
+_VISIBLE = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding, nn.EmbeddingBag,
+)  # fmt: skip
 
 
 def hidden_compute(model: nn.Module) -> bool:

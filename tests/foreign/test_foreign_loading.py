@@ -207,3 +207,20 @@ def test_torchvision_builder_with_num_classes(tmp_path):
         assert torch.equal(loaded.model(x), model(x))
     with pytest.raises(Exception, match="torchvision has no model 'resnet19'"):
         load_model(tmp_path / "r18.pth", arch="torchvision:resnet19")
+
+
+def test_torchvision_class_with_a_custom_configuration(tmp_path):
+    """torchvision:VisionTransformer and torchvision.models:VisionTransformer build the class with --arch-args."""
+    from torchvision.models import VisionTransformer
+
+    config = {"image_size": 16, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 8, "mlp_dim": 16,
+              "num_classes": 10}  # fmt: skip
+    torch.manual_seed(0)
+    model = VisionTransformer(**config).eval()
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    x = torch.rand(2, 3, 16, 16)
+    for arch in ("torchvision:VisionTransformer", "torchvision.models:VisionTransformer"):
+        loaded = load_model(tmp_path / "vit.pth", arch=arch, arch_args=config)
+        assert type(loaded.model).__name__ == "VisionTransformer"
+        with torch.no_grad():
+            assert torch.equal(loaded.model(x), model(x))
