@@ -9,12 +9,14 @@ line per case and one summary line per (model, delta) with the goals of issue 13
 appends them to benchmarks/results/universal_attack.jsonl.
 
     python benchmarks/universal_attack.py --quick
+    python benchmarks/universal_attack.py --vit-only [--quick]   (issue 25: the AS fit on a ViT)
     python benchmarks/universal_attack.py --models lenet300,lenet5 --deltas 2,3,4 --seeds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -167,6 +169,98 @@ def sweep_case(name: str, model: torch.nn.Module, x_fit: torch.Tensor, x_test: t
     }
 
 
+VIT_CONFIG = {"image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 128,
+              "mlp_dim": 256, "num_classes": 10}  # the issue-25 ViT  # fmt: skip
+
+
+class _Counted(torch.nn.Module):
+    """Counts the samples the attack pushes through the model, with and without gradients."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.plain, self.grad = model, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self.grad += len(x)
+        else:
+            self.plain += len(x)
+        return self.model(x)
+
+
+def _digits_vit(epochs: int) -> tuple[torch.nn.Module, Any]:
+    """The issue's ViT trained briefly (seeded) on digits at 3x32x32 [0, 1] pixels."""
+    from torchvision.models import VisionTransformer
+
+    data = dataset_for_model((3, 32, 32), {"mean": [0.0], "std": [1.0]}, {"name": "digits"})
+    torch.manual_seed(0)
+    model = VisionTransformer(**VIT_CONFIG)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = data.train.x, data.train.y
+    for _ in range(epochs):
+        for i in range(0, len(x), 64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
+            optimizer.step()
+    return model.eval(), data
+
+
+def _forward_backward_seconds(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
+    """Median of 3 forward+backward passes (input gradients) over ``x``."""
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].clone().requires_grad_(True)
+            torch.nn.functional.cross_entropy(model(xb), labels[i : i + batch_size]).backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def vit_fit_cost(fit_samples: int, delta: float, epochs: int, seed: int = 0) -> dict[str, Any]:
+    """The active-subspace fit on the ViT per iteration, in forward+backward passes over the fit
+    set: our lazy line search against the eager one (every try scored in full), same inputs."""
+    from unittest import mock
+
+    from odekit.methods.attacks import universal
+    from odekit.methods.attacks.space import apply_perturbation
+
+    model, data = _digits_vit(epochs)
+    x_fit = data.train.subset(fit_samples, seed=seed).x
+    batch = 128
+    per_pass = _forward_backward_seconds(model, x_fit, batch)
+    out: dict[str, Any] = {"bench": "universal_attack", "case": "as_fit_cost", "model": "vit32",
+                           "config": VIT_CONFIG, "fit_samples": fit_samples, "delta_pixel_l2": delta,
+                           "forward_backward_seconds": per_pass}  # fmt: skip
+    vectors = {}
+    for label in ("lazy", "eager"):
+        counted = _Counted(model)
+        attack = ActiveSubspaceAttack(ActiveSubspaceSettings(norm="2", delta=delta))
+
+        def eager(m, x, clean, v, pred, d, ratio, steps, project, batch_size, target, attack=attack):
+            v, rate, accepted = attack._sharded_line_search(m, x, clean, v, d, ratio, steps, delta, batch_size)
+            return v, rate, accepted, predict_on(m, apply_perturbation(x, v), batch_size)
+
+        with mock.patch.object(universal, "line_search", eager) if label == "eager" else contextlib.nullcontext():
+            with torch.no_grad():
+                clean = counted(x_fit).argmax(1)
+            counted.plain = 0
+            start = time.perf_counter()
+            v, iterations, history, _ = attack.run(counted, x_fit, clean, delta, torch.Generator().manual_seed(seed), batch, None)
+            seconds = time.perf_counter() - start
+        vectors[label] = v
+        out[label] = {"seconds": seconds, "iterations": iterations, "fooling_rate_fit": max(history or [0.0]),
+                      "per_iteration_over_forward_backward": seconds / max(iterations, 1) / per_pass,
+                      "plain_passes_per_iteration": counted.plain / fit_samples / max(iterations, 1),
+                      "gradient_passes_per_iteration": counted.grad / fit_samples / max(iterations, 1)}  # fmt: skip
+    out["same_vector"] = bool(torch.equal(vectors["lazy"], vectors["eager"]))
+    out["speedup"] = out["eager"]["seconds"] / max(out["lazy"]["seconds"], 1e-9)
+    out["goal_met"] = out["lazy"]["per_iteration_over_forward_backward"] <= 3.0  # issue 25
+    return out
+
+
 def _stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     test = [float(c["fooling_rate_test"]) for c in rows]
     return {
@@ -233,6 +327,10 @@ def main() -> None:
     parser.add_argument("--art-seeds", type=int, default=None,
                         help="seeds ART runs on [default: --seeds; --quick: 1]")  # fmt: skip
     parser.add_argument("--no-sweep", action="store_true", help="skip the sweep timing")
+    parser.add_argument("--vit", action="store_true",
+                        help="add the issue-25 ViT case: the AS fit's cost per iteration in forward+backward "
+                        "passes, lazy vs eager line search (--quick: 120 fit samples, else 360)")  # fmt: skip
+    parser.add_argument("--vit-only", action="store_true", help="run the ViT case alone")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is fastest on a shared machine)")  # fmt: skip
     parser.add_argument("--no-save", action="store_true",
@@ -268,6 +366,10 @@ def main() -> None:
                     for line in lines
                 )
 
+    if args.vit or args.vit_only:
+        save([vit_fit_cost(120 if args.quick else 360, 2.0, epochs=1 if args.quick else 2)])
+    if args.vit_only:
+        return
     for name in models:
         loaded = load_model(ROOT / "checkpoints" / f"{name}_digits.safetensors")
         data = dataset_for_model(

@@ -96,16 +96,7 @@ def load_data(
         _probe(loaded, dataset, data, ctx.device)
         meta.input_shape, meta.normalization = list(dataset.input_shape), dataset.normalization()
         meta.dataset = dataset.describe()
-        if prep.normalize is None or prep.input_shape is None:
-            ctx.log_console.print(  # one line, however narrow the terminal
-                f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; using normalisation "
-                f"{describe_normalization(dataset.mean, dataset.std)} "
-                f"({'--normalize' if prep.normalize else 'assumed'}) and input shape {_shape(dataset.input_shape)} "
-                f"({'--input-shape' if prep.input_shape else 'assumed: as stored in ' + dataset.name}); "
-                "pass --normalize and --input-shape to state both",
-                highlight=False,
-                soft_wrap=True,
-            )
+        _warn_assumed(ctx, loaded, dataset, assumed_norm=prep.normalize is None, assumed_shape=shape is None)
     check_classes_match(
         dataset.num_classes, dataset.num_classes - 1, dataset.source.get("classes"), meta.num_classes, dataset.name
     )
@@ -115,6 +106,24 @@ def load_data(
         **({"layout": prep.layout, "pixel_max": prep.pixel_max} if str(data or "").endswith(".npz") else {}),
     }
     return dataset
+
+
+def _warn_assumed(ctx: CommandContext, loaded: LoadedModel, dataset: Dataset, *, assumed_norm: bool, assumed_shape: bool) -> None:
+    """One warning line naming what was assumed for a checkpoint without metadata, and only that:
+    a ``.pt2`` holds its input shape, ``--normalize``/``--input-shape`` state theirs."""
+    said = [
+        f"normalisation {describe_normalization(dataset.mean, dataset.std)} (assumed)" if assumed_norm else "",
+        f"input shape {_shape(dataset.input_shape)} (assumed: as stored in {dataset.name})" if assumed_shape else "",
+    ]
+    flags = [flag for flag, on in (("--normalize", assumed_norm), ("--input-shape", assumed_shape)) if on]
+    if not flags:
+        return
+    ctx.log_console.print(  # one line, however narrow the terminal
+        f"[yellow]Warning:[/yellow] '{loaded.path}' carries no odekit metadata; using "
+        f"{' and '.join(s for s in said if s)}; pass {' and '.join(flags)} to state {'both' if len(flags) == 2 else 'it'}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torch.device) -> None:

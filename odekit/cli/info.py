@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,6 +17,8 @@ from odekit.cli.options import (
     ArchArgsOpt,
     ArchOpt,
     CheckpointArg,
+    DataDirOpt,
+    DataOpt,
     DebugOpt,
     JsonOpt,
     NumClassesOpt,
@@ -37,7 +40,10 @@ EPILOG = """Examples:
 
   odekit info model.pt2   (torch.export archive: no code or options needed; docs/own-models.md)
 
-FLOPs are 2 x multiply-adds of conv/linear layers per sample (torch FlopCounterMode's convention).
+  odekit info model_script.pt --data my_data.npz   (TorchScript/pickle: the input shape is --data's)
+
+FLOPs are 2 x multiply-adds per sample (torch FlopCounterMode's convention): the rows count conv/linear
+layers (attention projections included); attention's own matmuls are the 'other ops' line of the total.
 
 Architectures for --arch: {archs}
 """
@@ -52,8 +58,14 @@ def info_command(
     trust_checkpoint: TrustOpt = False,
     arch_args: ArchArgsOpt = None,
     input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="Input shape C,H,W (or D) when the checkpoint does not record it.")
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="Input shape C,H,W (or D) when the checkpoint does not record it (TorchScript, pickles) [default: --data's].",
+        ),
     ] = None,
+    data: DataOpt = None,
+    data_dir: DataDirOpt = None,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
     threads: ThreadsOpt = None,
@@ -62,7 +74,7 @@ def info_command(
     from odekit.device import set_threads
     from odekit.io.checkpoints import load_model
     from odekit.io.user_arch import parse_arch_args
-    from odekit.models.layers import layer_table
+    from odekit.models.layers import OTHER_OPS, layer_table
     from odekit.writers.report import to_jsonable
 
     try:
@@ -72,9 +84,7 @@ def info_command(
                 checkpoint, arch=arch, num_classes=num_classes, trust_checkpoint=trust_checkpoint,
                 arch_args=parse_arch_args(arch_args),
             )
-            shape = parse_input_shape(input_shape) if input_shape else loaded.input_shape
-            if shape is None:
-                raise UsageError("the checkpoint does not record its input shape", "pass --input-shape C,H,W")
+            shape = _input_shape(input_shape, loaded.input_shape, data, data_dir)
             summary = layer_table(loaded.model, shape)
     except (Exception, KeyboardInterrupt) as exc:
         raise typer.Exit(report_exception(exc, debug)) from None
@@ -99,9 +109,31 @@ def info_command(
             f"{layer.params:,}", f"{layer.flops:,}{calls}",
         )
     console.print(table)
+    if summary.other_flops:
+        console.print(
+            f"rows: {summary.layer_flops:,} FLOPs + other ops: {summary.other_flops:,} FLOPs ({OTHER_OPS})", highlight=False
+        )
     console.print(
         f"total: {summary.params:,} parameters, {summary.flops:,} FLOPs per sample (2 x multiply-adds)", highlight=False
     )
+
+
+def _input_shape(
+    option: str | None, recorded: tuple[int, ...] | None, data: str | None, data_dir: Path | None
+) -> tuple[int, ...]:
+    """--input-shape, else the checkpoint's own (metadata, a .pt2 graph), else the shape of --data's samples."""
+    if option:
+        return parse_input_shape(option)
+    if recorded is not None:
+        return recorded
+    if data is None:
+        raise UsageError(
+            "the checkpoint does not record its input shape (TorchScript and pickled models do not)",
+            "pass --input-shape C,H,W, or --data with the data it takes (its samples' shape is used)",
+        )
+    from odekit.io.datasets import load_dataset
+
+    return tuple(load_dataset(data, data_dir=data_dir).input_shape)
 
 
 def _shape(shape: list[int]) -> str:

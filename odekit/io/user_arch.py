@@ -144,8 +144,14 @@ def _torchvision_builder(name: str) -> Any:
     try:
         return models.get_model_builder(name)
     except ValueError as exc:
+        cls = getattr(models, name, None)  # a model class for a custom configuration (VisionTransformer)
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            return cls
         known = ", ".join(sorted(models.list_models(module=models))[:12])
-        raise UsageError(f"torchvision has no model '{name}'", f"choose e.g. {known}, ...") from exc
+        raise UsageError(
+            f"torchvision has no model '{name}'",
+            f"choose e.g. {known}, ..., or a class such as VisionTransformer with --arch-args",
+        ) from exc
 
 
 def build_from_spec(spec: ArchSpec, args: dict[str, Any]) -> nn.Module:

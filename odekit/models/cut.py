@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from odekit.errors import LayerSelectionError, UnsupportedModelError
-from odekit.models.graph import TORCHSCRIPT_HINT, runnable
+from odekit.models.graph import TORCHSCRIPT_HINT, probe_batch, runnable
 from odekit.models.layers import COMPUTE_TYPES, LayerInfo, ModelSummary, layer_table, resolve_layers
 from odekit.models.split import GraphCut, GraphSplitter
 
@@ -112,7 +112,7 @@ class ChainModel:
             same = got.shape == want.shape and bool(
                 torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1.0 + float(want.abs().max())))
             )
-        except (RuntimeError, TypeError, ValueError):
+        except Exception:  # e.g. an AssertionError in a child's forward: not a chain
             same = False
         finally:
             self.model.train(was_training)
@@ -193,9 +193,30 @@ class GraphModel:
                 "cut at a layer that runs once",
             )
         gcut = self.splitter.cut_at(layer)
+        self._check(gcut)
         self._cuts[gcut.end] = gcut
         end = self.splitter.order[self.splitter.by_name[gcut.end]] + 1
         return Cut(layer.index, layer.name, layer.alias, end, gcut.features, gcut.out_shape, gcut.end, gcut.frontier)
+
+    def _check(self, gcut: GraphCut) -> None:
+        """post(pre(x)) must compute the model at a batch size the graph was not probed with."""
+        like = probe_batch(self.model, self.input_shape, 1)
+        if like.device.type == "meta":  # a shape-only rebuild (checkpoint checks) has no values to compare
+            return
+        x = torch.randn(5, *self.input_shape, generator=torch.Generator().manual_seed(0)).to(like)
+        try:
+            with torch.no_grad():
+                want = self.model(x)
+                got = self.splitter.post_model(gcut)(self.splitter.pre_model(gcut)(x))
+            same = got.shape == want.shape and float((got - want).abs().max()) <= 1e-4 * (1.0 + float(want.abs().max()))
+        except Exception:  # any failure of the split graphs is a refusal, not a crash
+            same = False
+        if not same:
+            raise UnsupportedModelError(
+                f"the cut after layer {gcut.layer.index} ('{gcut.layer.name}') does not reproduce the model "
+                "(the graph passes something other than per-sample tensors across it)",
+                "cut at a block boundary (the output of a residual block or stage; 'odekit info' lists the layers)",
+            )
 
     def _graph_cut(self, cut: Cut) -> GraphCut:
         assert cut.node is not None
@@ -220,10 +241,9 @@ CutModel = ChainModel | GraphModel
 
 
 def cut_model(model: nn.Module, input_shape: tuple[int, ...] | list[int]) -> CutModel:
-    """A plain chain of modules is cut between its modules (as the thesis' VGGs); any other
-    traceable model by splitting its graph."""
-    model = runnable(model, input_shape)
-    try:
-        return ChainModel(model, input_shape)
-    except UnsupportedModelError:
-        return GraphModel(model, input_shape)
+    """Every model is cut on its traced graph (``GraphModel``): the graph is what the forward
+    pass computes, whereas a chain of children skips whatever forward() does between them.
+    ``ChainModel`` stays for rebuilding ASNets recorded with a chain cut."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError("ASNet needs the model's modules, not a TorchScript archive", TORCHSCRIPT_HINT)
+    return GraphModel(runnable(model, input_shape), input_shape)

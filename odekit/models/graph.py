@@ -29,6 +29,7 @@ import copy
 import io
 import logging
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,12 @@ __all__ = [
     "AFFINE_TARGETS",
     "LiftedBatchNorm",
     "has_functional_compute",
+    "hidden_compute",
     "normalize_graph",
     "probe_batch",
     "run_node",
     "runnable",
+    "scripted_graph",
     "trace_graph",
 ]
 
@@ -218,9 +221,35 @@ def trace_graph(
                 gm = _export_module(model, input_shape)
             except Exception as export_exc:
                 raise _untraceable(what, fx_exc, export_exc) from export_exc
+        if input_shape is not None and hidden_compute(gm):
+            # attention (and other torch.nn leaves computing with their own weight matrices):
+            # the exported graph opens them up, as a .pt2 of the same model does
+            with contextlib.suppress(Exception):
+                gm = _export_module(model, input_shape)
     finally:
         model.train(was_training)
     return normalize_graph(gm, input_shape)
+
+
+_VISIBLE = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding, nn.EmbeddingBag,
+)  # fmt: skip
+
+
+def hidden_compute(model: nn.Module) -> bool:
+    """True when a module computes with weight matrices it owns directly, out of reach of
+    conv/linear forward hooks (``nn.MultiheadAttention``'s ``in_proj_weight``; an fx graph's
+    leaf modules are what counts for a GraphModule)."""
+    if isinstance(model, fx.GraphModule):
+        leaves = [model.get_submodule(str(n.target)) for n in model.graph.nodes if n.op == "call_module"]
+        return any(not isinstance(m, _VISIBLE) and any(p.dim() >= 2 for p in m.parameters()) for m in leaves)
+    return any(
+        type(m).__module__.startswith("torch.nn.")
+        and not isinstance(m, _VISIBLE)
+        and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        for m in model.modules()
+    )
 
 
 @contextlib.contextmanager
@@ -259,6 +288,25 @@ def _untraceable(what: str, fx_exc: BaseException, export_exc: BaseException | N
         "data-dependent Python control flow (if/for on tensor values) cannot be traced; "
         "rewrite it with tensor ops or torch.cond, or export a traceable model to .pt2",
     )
+
+
+def scripted_graph(model: torch.jit.ScriptModule, input_shape: tuple[int, ...] | list[int], batch: int = 1) -> fx.GraphModule:
+    """A TorchScript archive as a normalised graph for one batch size (``torch.export``'s
+    TorchScript converter; module paths are kept, so its layer table is the source model's)."""
+    try:
+        from torch._export.converter import TS2EPConverter
+
+        with _quiet_torch_logs(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(model, (probe_batch(model, input_shape, batch),)).convert()
+        module = program.module()
+        assert isinstance(module, fx.GraphModule)
+        return normalize_graph(module)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"the TorchScript archive cannot be turned into a graph odekit can inspect ({_first_line(exc)})",
+            TORCHSCRIPT_HINT,
+        ) from exc
 
 
 def runnable(model: nn.Module, input_shape: tuple[int, ...] | list[int] | None = None) -> nn.Module:

@@ -188,14 +188,22 @@ class _Lifter:
         }
         return mine <= owned
 
-    def place(self, key: tuple[str, ...], owner: str, owned: set[str], module: nn.Module, fallback: str) -> str:
+    def place(
+        self, key: tuple[str, ...], owner: str, owned: set[str], module: nn.Module, fallback: str, leaf: str = "weight"
+    ) -> str:
+        """Install ``module`` under the weights' owner (which it replaces when that holds nothing
+        else), under ``owner.in_proj`` for a weight named ``in_proj_weight``, else a fresh name."""
         if key in self.by_weight:
             return self.by_weight[key]
+        named = f"{owner}.{leaf[: -len('_weight')]}" if owner and leaf.endswith("_weight") else ""
         if owner and self._replaceable(owner, owned):
             name = owner
-            parent_name, _, leaf = owner.rpartition(".")
+            parent_name, _, child = owner.rpartition(".")
             parent = self.gm.get_submodule(parent_name) if parent_name else self.gm
-            parent._modules[leaf] = module
+            parent._modules[child] = module
+        elif named and self._free(named) and self._parent_exists(named):
+            name = named
+            self.gm.add_submodule(name, module)
         else:
             base = (f"{owner}_{fallback}" if owner else fallback).replace(".", "_")
             name, k = base, 1
@@ -238,7 +246,7 @@ def _install_weights(
         if bias_owner != owner:
             owner = ""
     key = (str(weight.target), str(getattr(bias_node, "target", "")), kind)
-    _to_module(node, lifter.place(key, owner, owned, layer, kind), a["input"])
+    _to_module(node, lifter.place(key, owner, owned, layer, kind, leaf), a["input"])
 
 
 _CONV_BY_DIMS = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}

@@ -26,6 +26,7 @@ from odekit.methods.attacks.base import (
     predict_on,
 )
 from odekit.methods.attacks.deepfool import deepfool
+from odekit.methods.attacks.linesearch import line_search
 from odekit.methods.attacks.space import apply_perturbation, scale_to
 from odekit.progress import Progress, silent_if_none
 from odekit.streaming import per_sample_input_grads
@@ -165,9 +166,12 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
         failures, stale, iterations = 0, 0, 0
         history: list[float] = []
         bar = silent_if_none(progress)
+        steps = [s.first_step_at(eps)]
+        for _ in range(s.backtrack - 1):
+            steps.append(steps[-1] * s.gamma)
+        pred = predict_on(model, apply_perturbation(x, v), batch_size)
         for _ in bar.track(range(max_iter), max_iter, "active-subspace"):
             iterations += 1
-            pred = predict_on(model, apply_perturbation(x, v), batch_size)
             keep = _not_yet(pred, clean, self.target)
             if not self._any_left(keep):
                 break
@@ -176,21 +180,15 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
                 d = self._direction(model, apply_perturbation(x[keep], v), labels, batch_size)
             except NumericalError:
                 break  # zero gradients everywhere (saturated softmax): nothing left to follow
-            accepted = False
-            step = s.first_step_at(eps)
-            cand_v, cand_ratio = v, ratio
-            for _i in range(s.backtrack):
-                v_pos, v_neg = self.project(v + step * d, eps), self.project(v - step * d, eps)
-                r_pos = self.success_rate(model, x, v_pos, clean, batch_size)
-                r_neg = self.success_rate(model, x, v_neg, clean, batch_size)
-                cand_v, cand_ratio = (v_pos, r_pos) if r_pos >= r_neg else (v_neg, r_neg)
-                if cand_ratio > ratio:
-                    accepted = True
-                    break
-                step *= s.gamma
             # Algorithm 4: without an improving step, still move by the smallest step tried and
             # count a failure; the best vector seen is what we return
-            v, ratio = cand_v, cand_ratio
+            if self.dist is None or self.dist.world_size == 1:
+                v, ratio, accepted, pred = line_search(
+                    model, x, clean, v, pred, d, ratio, steps, lambda u: self.project(u, eps), batch_size, self.target
+                )
+            else:
+                v, ratio, accepted = self._sharded_line_search(model, x, clean, v, d, ratio, steps, eps, batch_size)
+                pred = predict_on(model, apply_perturbation(x, v), batch_size)
             failures += 0 if accepted else 1
             history.append(ratio)
             if ratio > best_ratio:
@@ -201,6 +199,22 @@ class ActiveSubspaceAttack(MinimizationAttack[UniversalResult], UniversalAttack)
             if failures > s.alpha or stale > s.alpha or best_ratio >= 1.0:
                 break
         return best_v, iterations, history, {"failures": failures, "stopped_after_stale": stale}
+
+
+    def _sharded_line_search(
+        self, model: nn.Module, x: Tensor, clean: Tensor, v: Tensor, d: Tensor, ratio: float, steps: list[float],
+        eps: float, batch_size: int,
+    ) -> tuple[Tensor, float, bool]:  # fmt: skip
+        """`line_search` over every rank's shard: each try scored in full (the ranks sum counts)."""
+        cand_v, cand_ratio = v, ratio
+        for step in steps:
+            v_pos, v_neg = self.project(v + step * d, eps), self.project(v - step * d, eps)
+            r_pos = self.success_rate(model, x, v_pos, clean, batch_size)
+            r_neg = self.success_rate(model, x, v_neg, clean, batch_size)
+            cand_v, cand_ratio = (v_pos, r_pos) if r_pos >= r_neg else (v_neg, r_neg)
+            if cand_ratio > ratio:
+                return cand_v, cand_ratio, True
+        return cand_v, cand_ratio, False
 
 
 @dataclass(frozen=True)
