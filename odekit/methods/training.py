@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class TrainSettings:
     beta: float = 0.0  # distillation weight when a teacher is given
     temperature: float = 1.0
     seed: int = 0
+    warmup: float = 0.0  # fraction of the steps over which the learning rate ramps up linearly
     val_fraction: float = 0.1  # training samples held out for validation; 0: none (keep the last epoch)
     patience: int | None = None  # stop after this many epochs without a better validation score
     recalibrate_bn: bool = True  # re-estimate the given BatchNorms' statistics before the first evaluation
@@ -56,6 +58,8 @@ class TrainSettings:
             raise UsageError(f"unknown lr schedule '{self.schedule}'", "choose cosine or constant")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}", "the default is 0.1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise UsageError(f"the warm-up fraction must lie in [0, 1), got {self.warmup}", "try 0.1")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"--patience must be >= 1 epoch, got {self.patience}", "omit it to run every epoch")
         if not self.temperature > 0:
@@ -261,6 +265,20 @@ def train_classifier(
     return history
 
 
+def lr_factor(schedule: str, steps: int, warmup: float) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: a linear warm-up over the first ``warmup``
+    fraction of the steps, then constant or a cosine decay to zero at ``steps``."""
+    ramp = max(1, round(warmup * steps)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        up = min(1.0, (step + 1) / ramp) if ramp else 1.0
+        if schedule == "constant":
+            return up
+        return up * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+    return factor
+
+
 class _Epochs:
     """The optimizer, schedule and batch order of one training run; ``run`` trains one epoch."""
 
@@ -294,11 +312,8 @@ class _Epochs:
                 f"{fit.num_batches(settings.batch_size)} batches cannot feed {self.world} ranks",
                 "use fewer ranks or a smaller --batch-size",
             )
-        steps = max(1, settings.epochs * self.per_epoch)
-        self.scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
-            if settings.schedule == "cosine"
-            else torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(settings.schedule, max(1, settings.epochs * self.per_epoch), settings.warmup)
         )
         self.generator = torch.Generator().manual_seed(settings.seed)
 
