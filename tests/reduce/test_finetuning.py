@@ -10,7 +10,7 @@ from torch import nn
 
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import Dataset, Split, load_dataset
-from odekit.methods.batchnorm import recalibrate_batchnorm
+from odekit.methods.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from odekit.methods.evaluation import accuracy
 from odekit.methods.ron import RonSettings, build_student
 from odekit.methods.training import TrainSettings, holdout, train_classifier
@@ -77,16 +77,18 @@ def test_recalibration_restores_a_student_after_its_statistics_are_reset(resnet_
     student = copy.deepcopy(built)
     good = accuracy(student, test)
     changed = student.changed_batchnorms()
-    assert changed and all(bn in list(student.rest.modules()) for bn in changed)
-    for bn in changed:
+    assert changed and all(any(bn is m for m in student.rest.modules()) for bn in changed)
+    every = batchnorm_layers(student)
+    assert len(every) > len(changed)  # the pre-model's BatchNorms see the teacher's inputs
+    for bn in every:
         bn.reset_running_stats()
-    assert accuracy(student, test) < good - 0.3
-    assert recalibrate_batchnorm(student, data.train.x[:600], layers=changed) == len(changed)
+    assert accuracy(student, test) < 0.5
+    assert recalibrate_batchnorm(student, data.train.x[:600]) == len(every)
     assert accuracy(student, test) >= good - 0.03
     # a standard recalibration loop (train mode, cumulative averages, no gradients) works too:
     # the student's train()/eval() are nn.Module's, no BatchNorm hides in eval mode
     student = copy.deepcopy(built)
-    for bn in student.changed_batchnorms():
+    for bn in batchnorm_layers(student):
         bn.reset_running_stats()
         bn.momentum = None
     student.train()
@@ -100,7 +102,7 @@ def test_recalibration_restores_a_student_after_its_statistics_are_reset(resnet_
 
 def test_one_epoch_at_lr_1e3_does_not_diverge_and_keeps_structural_zeros(resnet_student):
     teacher, built, data = resnet_student
-    small = Dataset(data.name, Split(data.train.x[:400], data.train.y[:400]), Split(data.test.x[:100], data.test.y[:100]),
+    small = Dataset(data.name, Split(data.train.x[:300], data.train.y[:300]), Split(data.test.x[:100], data.test.y[:100]),
                     data.num_classes, data.input_shape, data.mean, data.std)  # fmt: skip
     student = copy.deepcopy(built)
     masks = student.structural_masks()
