@@ -219,7 +219,8 @@ def reduce_command(
         result, compared, student = run.build, run.comparison, run.student
         span = f"{result.first_layer}-{result.last_layer}"
         step = {"command": "reduce", "layers": span, "rank": rank, "ranks": result.ranks, "oversample": oversample,
-                "finetune_epochs": finetune, "test_accuracy": compared.student.accuracy}  # fmt: skip
+                "finetune_epochs": finetune, "kept_epoch": run.history.best_epoch,
+                "test_accuracy": compared.student.accuracy}  # fmt: skip
         meta = loaded.meta.derived(RON_ARCH, result.args, step, source=loaded.sha256)
         meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
         reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
