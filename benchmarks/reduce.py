@@ -122,7 +122,8 @@ def tradeoff(quick: bool, finetune_epochs: int) -> None:
         epochs = finetune_epochs if "lenet" in name else max(1, finetune_epochs // 2)
         lr = 1e-3 if "lenet" in name else 3e-4
         settings = TrainSettings(epochs=epochs, lr=lr, batch_size=64, beta=0.5, seed=0)
-        train_classifier(student, data, settings, device, teacher=loaded.model)
+        train_classifier(student, data, settings, device, teacher=loaded.model,
+                         bn_layers=student.changed_batchnorms(), grad_masks=student.structural_masks())  # fmt: skip
         student.eval()
         acc1 = accuracy(student, data.test)
         t_lat, lat1 = paired_latency_ms(loaded.model, student, example)

@@ -38,22 +38,22 @@ class ZooJob:
 CLASSIFIER_JOBS: dict[str, ZooJob] = {
     "lenet300_digits": ZooJob(
         "lenet300", {"num_classes": 10}, (1, 28, 28),
-        TrainSettings(epochs=30, lr=1e-3, batch_size=64, weight_decay=1e-4, seed=0),
+        TrainSettings(epochs=30, lr=1e-3, batch_size=64, weight_decay=1e-4, seed=0, val_fraction=0.0),
         "LeNet-300-100 on digits resized to 28x28",
     ),
     "lenet5_digits": ZooJob(
         "lenet5", {"num_classes": 10}, (1, 28, 28),
-        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=1e-4, seed=0),
+        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=1e-4, seed=0, val_fraction=0.0),
         "LeNet-5 on digits resized to 28x28",
     ),
     "vgg11_digits": ZooJob(
         "vgg11_bn", {"num_classes": 10, "width": 0.25, "in_channels": 1}, (1, 32, 32),
-        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0),
+        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0, val_fraction=0.0),
         "CIFAR-style VGG-11 with BatchNorm, width 1/4, on digits resized to 32x32",
     ),
     "resnet20_digits": ZooJob(
         "resnet20", {"num_classes": 10, "in_channels": 1}, (1, 32, 32),
-        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0),
+        TrainSettings(epochs=30, lr=2e-3, batch_size=64, weight_decay=5e-4, seed=0, val_fraction=0.0),
         "CIFAR-style ResNet-20 (option A shortcuts) on digits resized to 32x32",
     ),
 }  # fmt: skip

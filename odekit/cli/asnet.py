@@ -8,11 +8,13 @@ import typer
 
 from odekit.cli.asnet_figures import baselines_figure, spectrum_figure
 from odekit.cli.certify import CertifyFlag, certify_student
+from odekit.cli.finetune_report import FINETUNE_PLOT, history_figure, history_table
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
     FINETUNE_LR,
     STREAM_BATCH_SIZE,
+    VAL_FRACTION,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -32,10 +34,12 @@ from odekit.cli.options import (
     NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PatienceOpt,
     PixelMaxOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
+    ValFractionOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.errors import UsageError
@@ -147,8 +151,11 @@ def asnet_command(
         float, typer.Option("--ridge", help="Ridge term added to the PCE Gram matrix (per sample).", rich_help_panel=ASNET)
     ] = 0.0,
     finetune: Annotated[
-        int, typer.Option("--finetune", min=0, help="Fine-tuning epochs (Adam, cosine schedule).", rich_help_panel=ASNET)
+        int, typer.Option("--finetune", min=0, help="Fine-tuning epochs (Adam, cosine schedule); the best epoch on the "
+                          "validation split is kept, the untuned ASNet included.", rich_help_panel=ASNET)
     ] = 0,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
+    patience: PatienceOpt = None,
     beta: BetaOpt = DISTILLATION_BETA,
     lr: FinetuneLrOpt = FINETUNE_LR,
     head_lr: Annotated[float | None, typer.Option("--head-lr", help="Fine-tuning learning rate of the AS and PCE layers (thesis: 1e-5) [--lr].", show_default=False, rich_help_panel=ASNET)] = None,
@@ -211,7 +218,7 @@ def asnet_command(
     params: dict[str, Any] = {
         "analyze": analyze, "layers": layers, "cut": cut, "rank": rank, "eps": eps, "degree": degree,
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
-        "lr": lr, "head_lr": head_lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
+        "lr": lr, "head_lr": head_lr, "val_fraction": val_fraction, "patience": patience, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
 
     params["certify"] = certify
@@ -233,7 +240,8 @@ def asnet_command(
         if cut is not None:
             settings = ASNetSettings(
                 cut=cut, rank=parsed_rank, degree=degree, ridge=ridge, finetune_epochs=finetune, lr=lr, head_lr=head_lr, beta=beta,
-                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
+                sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub, val_fraction=val_fraction,
+                patience=patience,
             )  # fmt: skip
         model_path = ctx.path("asnet.safetensors") if cut is not None else None
         spectrum_path = ctx.path("spectrum.png")
@@ -275,6 +283,13 @@ def asnet_command(
                 analyses.append(built.cut_analysis)
             tables += _asnet_tables(built)
             headline.append(_asnet_headline(built))
+            if built.history is not None:
+                headline.append(built.history.summary())
+                tables.append(history_table(built.history))
+                history_path = ctx.path(FINETUNE_PLOT)
+                save_figure(history_figure(built.history, f"ASNet cut {built.cut.cut.index}: fine-tuning"), history_path,
+                            force=ctx.force)  # fmt: skip
+                results["finetune"]["plot"] = str(history_path)
         results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(eps) for a in analyses}
         results.setdefault("warnings", [])
         save_figure(spectrum_figure(analyses, eps, used), spectrum_path, force=ctx.force)

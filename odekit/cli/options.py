@@ -164,6 +164,7 @@ PixelMaxOpt = Annotated[
 STREAM_BATCH_SIZE = 256  # streaming/evaluation batch of reduce, asnet, attack, smoothness-check
 FINETUNE_LR = 1e-4  # thesis 6.5.1 (Adam, VGG); 5e-4 collapsed a full-width VGG-19 RON student
 DISTILLATION_BETA = 0.1  # thesis eq. 6.29
+VAL_FRACTION = 0.1  # training samples held out to choose the epoch kept (docs/finetuning.md)
 FINETUNE = "Fine-tuning options"
 
 FinetuneLrOpt = Annotated[
@@ -179,6 +180,33 @@ BetaOpt = Annotated[
     typer.Option(
         "--beta",
         help="Distillation weight of the fine-tuning loss: beta KL(teacher||student) + (1-beta) CE (thesis eq. 6.29).",
+        rich_help_panel=FINETUNE,
+    ),
+]
+ValFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--val-fraction",
+        help="Training samples held out (seeded) to score every epoch and keep the best model, the untuned "
+        "one included; 0: no validation, the last epoch is kept. Never the test split.",
+        rich_help_panel=FINETUNE,
+    ),
+]
+PatienceOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--patience",
+        help="Stop fine-tuning after this many epochs without a better validation score [default: run every epoch].",
+        show_default=False,
+        rich_help_panel=FINETUNE,
+    ),
+]
+RecalibrateBnOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recalibrate-bn/--no-recalibrate-bn",
+        help="Re-estimate the statistics of the BatchNorms whose inputs changed (a no-gradient pass over the "
+        "training images) before evaluating or fine-tuning; undone if validation gets worse.",
         rich_help_panel=FINETUNE,
     ),
 ]

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from odekit.cli.certify import CertifyFlag, certify_student
+from odekit.cli.finetune_report import FINETUNE_PLOT, history_figure, history_table
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
     FINETUNE_LR,
     STREAM_BATCH_SIZE,
+    VAL_FRACTION,
     ArchArgsOpt,
     ArchOpt,
     BatchSizeOpt,
@@ -33,10 +35,13 @@ from odekit.cli.options import (
     NormalizeOpt,
     NumClassesOpt,
     OutOpt,
+    PatienceOpt,
     PixelMaxOpt,
+    RecalibrateBnOpt,
     SeedOpt,
     ThreadsOpt,
     TrustOpt,
+    ValFractionOpt,
 )
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.io.preprocessing import Preprocessing
@@ -125,12 +130,16 @@ def reduce_command(
         typer.Option(
             "--finetune",
             min=0,
-            help="Fine-tuning epochs of the student (Adam, cosine).",
+            help="Fine-tuning epochs of the student (Adam, cosine); the best epoch on the validation split "
+            "is kept, the untuned student included.",
             rich_help_panel=RON,
         ),
     ] = 0,
     lr: FinetuneLrOpt = FINETUNE_LR,
     beta: BetaOpt = DISTILLATION_BETA,
+    val_fraction: ValFractionOpt = VAL_FRACTION,
+    patience: PatienceOpt = None,
+    recalibrate_bn: RecalibrateBnOpt = True,
     latency_batch: Annotated[
         int,
         typer.Option(
@@ -175,7 +184,8 @@ def reduce_command(
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params: dict[str, Any] = {
         "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
-        "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
+        "finetune": finetune, "lr": lr, "beta": beta, "val_fraction": val_fraction, "patience": patience,
+        "recalibrate_bn": recalibrate_bn, "latency_batch": latency_batch, "batch_size": batch_size,
         "data": data,
     }  # fmt: skip
 
@@ -187,10 +197,12 @@ def reduce_command(
             batch_size=batch_size,
         )  # fmt: skip
         train_settings = TrainSettings(
-            epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed
+            epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed,
+            val_fraction=val_fraction, patience=patience, recalibrate_bn=recalibrate_bn,
         )
         student_path = ctx.path("student.safetensors")
         plot_path = ctx.path("singular_values.png")
+        history_path = ctx.path(FINETUNE_PLOT)
 
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
@@ -211,7 +223,8 @@ def reduce_command(
         result, compared, student = run.build, run.comparison, run.student
         span = f"{result.first_layer}-{result.last_layer}"
         step = {"command": "reduce", "layers": span, "rank": rank, "ranks": result.ranks, "oversample": oversample,
-                "finetune_epochs": finetune, "test_accuracy": compared.student.accuracy}  # fmt: skip
+                "finetune_epochs": finetune, "kept_epoch": run.history.best_epoch,
+                "test_accuracy": compared.student.accuracy}  # fmt: skip
         meta = loaded.meta.derived(RON_ARCH, result.args, step, source=loaded.sha256)
         meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
         reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
@@ -219,6 +232,7 @@ def reduce_command(
             probe = example[:16].to(ctx.device)
             reload_diff = float((reloaded(probe) - student(probe)).abs().max())
         save_figure(_singular_value_figure(result.layers, result.first_layer, result.last_layer), plot_path, force=ctx.force)
+        save_figure(history_figure(run.history, f"reduce layers {span}: fine-tuning"), history_path, force=ctx.force)
 
         results: dict[str, Any] = {
             **compared.to_dict("reduce"),
@@ -228,7 +242,8 @@ def reduce_command(
             "modified_layers": span,
             "samples": result.n_samples,
             "distributed": _distributed_json(ctx, result),
-            "finetune_history": run.history,
+            "finetune_history": run.history.epochs,
+            "finetune": run.history.to_dict() | {"plot": str(history_path)},
             "reload_max_abs_diff": reload_diff,
             "student_checkpoint": str(student_path),
             "singular_value_plot": str(plot_path),
@@ -247,6 +262,8 @@ def reduce_command(
         ]
         if certify:
             results["certify"] = certify_student(student, loaded.model, dataset, ctx)
+        if finetune > 0:
+            headline.append(run.history.summary())
         clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
             ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
@@ -295,7 +312,7 @@ def _tables(run: RonRun) -> list[ResultTable]:
             for name, scored, ms in (("teacher", compared.teacher, teacher_ms), ("student", compared.student, student_ms))
         ],
     )
-    return [layers, summary]
+    return [layers, summary, history_table(run.history)]
 
 
 def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:

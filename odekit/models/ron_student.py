@@ -164,15 +164,28 @@ class RONStudent(nn.Module):
             else nn.Linear(out_rows, math.prod(self.out_shape), bias=False)
         )
 
-    def train(self, mode: bool = True) -> RONStudent:
-        """Fine-tuning keeps the teacher parts' BatchNorm statistics frozen: the reduced layers
-        were fitted to the eval-mode activations of the pre-model."""
-        super().train(mode)
-        if mode:
-            for m in [*self.pre.modules(), *self.rest.modules()]:
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
+    # train() and eval() are nn.Module's: fine-tuning updates every BatchNorm like in any model
+    # (the teacher parts' statistics used to stay frozen, which broke recalibration loops).
+
+    def changed_batchnorms(self) -> list[nn.Module]:
+        """The BatchNorm layers after the reduced stages: their inputs are the student's
+        approximation, so their teacher statistics are stale (those in ``pre`` see the same
+        inputs as in the teacher)."""
+        return [m for m in self.rest.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def structural_masks(self, max_density: float = 0.5) -> list[tuple[nn.Parameter, Tensor]]:
+        """(weight, mask) of every dense map that is mostly structural zeros: the maps from the
+        region input copy rows of the teacher's convolutions (and identity shortcuts), so each
+        row has only its receptive field nonzero. Fine-tuning must keep those zeros: Adam moves
+        every free entry by about the learning rate per step, and on a 116 x 16384 map with 1%
+        nonzeros that noise swamps the weights (docs/finetuning.md)."""
+        out: list[tuple[nn.Parameter, Tensor]] = []
+        for stage in self.stages:
+            for lin in stage.maps:  # type: ignore[union-attr]
+                mask = lin.weight.detach() != 0
+                if float(mask.float().mean()) <= max_density:
+                    out.append((lin.weight, mask))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.pre(x)

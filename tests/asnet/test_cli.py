@@ -71,7 +71,8 @@ def test_finetune_sparse_and_pce_warning(checkpoints_dir, tmp_path) -> None:
     # 150 samples < 2 x C(14, 2) = 182: the report and the log say so
     assert len(r["warnings"]) == 1 and "182" in r["warnings"][0]
     assert "Warning" in result.stderr and "182" in result.stderr
-    assert r["finetune"]["epochs"] == 1 and len(r["finetune"]["history"]) == 1
+    assert r["finetune"]["epochs"] == 1 and [e["epoch"] for e in r["finetune"]["history"]] == [0, 1]
+    assert r["finetune"]["selection"]["best_epoch"] == 1  # ASNet-s: only trained (sparse) epochs compete
     assert (r["finetune"]["lr"], r["finetune"]["head_lr"]) == (1e-3, 1e-5)
     assert r["asnet"]["nonzero_params"] < r["asnet"]["params"]
     assert 0 < r["asnet"]["density"] < 1

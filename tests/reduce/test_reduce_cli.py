@@ -73,6 +73,15 @@ def test_lenet300_reduce_end_to_end(checkpoints_dir, tmp_path):
     data = load_dataset("digits", input_shape=(1, 28, 28), normalization=student.meta.normalization)
     assert accuracy(student.model, data.test) == pytest.approx(r["student"]["accuracy"])
     assert total_flops(student.model, (1, 28, 28)) == r["student"]["flops"]
+    # issue 21: per-epoch history on a validation split, the kept epoch at least as good as the untuned one
+    ft = r["finetune"]
+    assert [e["epoch"] for e in ft["epochs"]] == [0, 1] and ft["validation_samples"] == 144
+    kept = ft["epochs"][ft["best_epoch"]]
+    assert kept["val_accuracy"] >= ft["epochs"][0]["val_accuracy"]
+    assert r["student"]["accuracy"] == pytest.approx(kept["test_accuracy"])
+    assert r["student"]["accuracy_before_finetune"] == pytest.approx(ft["epochs"][0]["test_accuracy"])
+    assert (out / "finetune_history.png").stat().st_size > 1000
+    assert "Fine-tuning per epoch" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ from odekit.methods.asnet.subspace import active_subspace
 from odekit.methods.comparison import LatencyProbe, compare_student
 from odekit.methods.evaluation import accuracy, model_cost
 from odekit.methods.pce import basis_size
-from odekit.methods.training import TrainSettings, train_classifier
+from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
 from odekit.models.asnet import ASNet
 from odekit.models.cut import cut_model
 from odekit.models.graph import runnable
@@ -126,16 +126,7 @@ def build_asnet_from_teacher(
     history = None
     if settings.finetune_epochs > 0:
         say(f"fine-tuning {settings.finetune_epochs} epochs (beta = {settings.beta}{', L1 ' + str(settings.l1) if settings.sparse else ''})")
-        train_settings = TrainSettings(
-            epochs=settings.finetune_epochs, lr=settings.lr, batch_size=sub_settings.batch_size, beta=settings.beta,
-            seed=sub_settings.seed,
-        )  # fmt: skip
-        history = train_classifier(
-            asnet, data, train_settings, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
-            progress=progress,
-            lr_overrides={asnet.active: settings.head_lr, asnet.pce: settings.head_lr} if settings.head_lr else None,
-            dist=dist,
-        )  # fmt: skip
+        history = _finetune(asnet, teacher, data, settings, device, progress, dist)
     asnet.eval()
     probes = []
     if settings.latency:  # teacher and ASNet timed interleaved, one example and one batch
@@ -144,6 +135,7 @@ def build_asnet_from_teacher(
     comparison = compare_student(
         teacher, asnet, data.test, input_shape, device, dist, student_before=acc_before, latency=probes, warmup=2
     )
+    notes += _baseline_warning(comparison.student.accuracy, baselines, settings.finetune_epochs > 0)
     split = SplitCosts(
         model_cost(asnet.pre, input_shape),
         model_cost(nn.Sequential(asnet.active, asnet.pce), (cut.features,)),
@@ -160,6 +152,7 @@ def build_asnet_from_teacher(
         epochs=settings.finetune_epochs, beta=settings.beta, lr=settings.lr,
         head_lr=settings.head_lr if settings.head_lr is not None else settings.lr, sparse=settings.sparse,
         l1=settings.l1 if settings.sparse else None, history=history.epochs if history else [],
+        selection={k: v for k, v in history.to_dict().items() if k != "epochs"} if history else {},
     )  # fmt: skip
     args = {
         "teacher_arch": teacher_arch.lower(),
@@ -178,3 +171,40 @@ def build_asnet_from_teacher(
         asnet.cpu(), args, report, comparison, split, head.fit, baselines, finetune, analysis, notes, history, sparse,
         registered,
     )  # fmt: skip
+
+
+def _finetune(
+    asnet: ASNet, teacher: nn.Module, data: Dataset, settings: ASNetSettings, device: torch.device,
+    progress: Progress, dist: Distributed | None,
+) -> TrainHistory:
+    """Distillation fine-tuning on the training split less its validation part, keeping the best
+    epoch (ASNet-s: the best trained epoch, since the untuned ASNet is dense)."""
+    sub = settings.subspace
+    train_settings = TrainSettings(
+        epochs=settings.finetune_epochs, lr=settings.lr, batch_size=sub.batch_size, beta=settings.beta, seed=sub.seed,
+        val_fraction=settings.val_fraction, patience=settings.patience,
+    )  # fmt: skip
+    return train_classifier(
+        asnet, data, train_settings, device, teacher=teacher, after_step=_l1_prox(settings.l1) if settings.sparse else None,
+        progress=progress,
+        lr_overrides={asnet.active: settings.head_lr, asnet.pce: settings.head_lr} if settings.head_lr else None,
+        dist=dist, keep_untuned=not settings.sparse,
+    )  # fmt: skip
+
+
+BASELINE_GAP = 0.05  # a fine-tuned head this far (accuracy fraction) below a baseline gets a warning
+
+
+def _baseline_warning(reached: float, baselines: Baselines, tuned: bool) -> list[str]:
+    """One warning when the ASNet's test accuracy ``reached`` sits far below the best baseline
+    fitted on the same cut's features, naming that baseline and what to try."""
+    scores = {k: v for k, v in baselines.accuracies().items() if k != "as_pce"}
+    if not scores:
+        return []
+    best_name, best = max(scores.items(), key=lambda kv: kv[1])
+    if reached >= best - BASELINE_GAP:
+        return []
+    what = "the fine-tuned ASNet" if tuned else "the ASNet"
+    return [f"{what} reaches {100 * reached:.1f}% on the test split, {100 * (best - reached):.1f} points below the "
+            f"'{best_name}' baseline ({100 * best:.1f}%) on the same cut: try a larger --rank, --degree 1, a lower --lr "
+            "(e.g. 1e-5) with more --finetune epochs, or that baseline as the head"]  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from odekit.methods.asnet.analysis import LayerAnalysis
@@ -67,6 +67,7 @@ class FinetuneReport:
     sparse: bool
     l1: float | None  # None unless sparse
     history: list[dict[str, float]]
+    selection: dict[str, Any] = field(default_factory=dict)  # kept epoch, validation size, summary
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -55,6 +55,8 @@ class ASNetSettings:
     l1: float = 1.0
     baselines: bool = True
     latency: bool = True
+    val_fraction: float = 0.1  # training samples held out to choose the fine-tuning epoch kept
+    patience: int | None = None
     subspace: SubspaceSettings = field(default_factory=SubspaceSettings)
 
     def __post_init__(self) -> None:

@@ -11,10 +11,10 @@ from torch import nn
 from odekit.distributed import Distributed
 from odekit.io.datasets import Dataset
 from odekit.methods.comparison import LatencyProbe, StudentComparison, compare_student
-from odekit.methods.evaluation import LatencyComparison, accuracy
+from odekit.methods.evaluation import LatencyComparison
 from odekit.methods.ron.build import build_student
 from odekit.methods.ron.settings import RonResult, RonSettings
-from odekit.methods.training import TrainSettings, train_classifier
+from odekit.methods.training import TrainHistory, TrainSettings, train_classifier
 from odekit.progress import Progress
 
 LATENCY_REPEATS = 30
@@ -27,7 +27,7 @@ class RonRun:
 
     build: RonResult
     comparison: StudentComparison
-    history: list[dict[str, float]]
+    history: TrainHistory
 
     @property
     def student(self) -> nn.Module:
@@ -54,21 +54,23 @@ def reduce_teacher(
     progress: Progress | None = None,
     dist: Distributed | None = None,
 ) -> RonRun:
-    """Algorithm 1 on ``settings.samples`` training samples (seeded subset), ``train.epochs`` of
-    fine-tuning (distilled from the teacher when ``distill``), then ``compare_student`` on the test
-    split with latency timed on ``latency_example``."""
+    """Algorithm 1 on ``settings.samples`` training samples (seeded subset); the BatchNorms after
+    the region recalibrated (``train.recalibrate_bn``); ``train.epochs`` of fine-tuning on the
+    training split less its validation part (distilled from the teacher at ``train.beta``;
+    structural zeros of the input maps kept), keeping the best epoch on validation (the untuned
+    student included); then ``compare_student`` on the test split with latency timed on
+    ``latency_example``. ``distill`` is kept for callers: distillation follows ``train.beta``."""
     teacher = teacher.to(device).eval()
     fit = data.train.subset(settings.samples, seed=seed)
     built = build_student(
         teacher, teacher_arch, teacher_args, input_shape, fit.x, settings, device, progress=progress, dist=dist
     )
     student = built.student.to(device).eval()
-    before = accuracy(student, data.test, device=device, dist=dist)
-    history: list[dict[str, float]] = []
-    if train.epochs > 0:
-        history = train_classifier(
-            student, data, train, device, teacher=teacher if distill else None, progress=progress, dist=dist
-        ).epochs
+    history = train_classifier(
+        student, data, train, device, teacher=teacher, progress=progress, dist=dist,
+        bn_layers=student.changed_batchnorms(), grad_masks=student.structural_masks(),
+    )  # fmt: skip
+    before = history.epochs[0]["test_accuracy"]
     student.eval()
     comparison = compare_student(
         teacher, student, data.test, input_shape, device, dist, student_before=before,
