@@ -41,14 +41,30 @@ _ELEMENTWISE_FUNCTIONS = {
     F.leaky_relu, F.hardtanh, F.softplus, F.dropout, torch.sigmoid, torch.tanh, torch.clamp,
     F.selu, torch.nn.functional.dropout2d,
 }  # fmt: skip
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "clamp", "contiguous", "clone", "relu_", "sigmoid_"}
+_ELEMENTWISE_METHODS = {
+    "relu",
+    "sigmoid",
+    "tanh",
+    "clamp",
+    "contiguous",
+    "clone",
+    "relu_",
+    "sigmoid_",
+}
 _ELEMENTWISE_ATEN = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh",
                      "leaky_relu", "elu", "hardtanh", "softplus", "mish", "clamp", "dropout", "clone"}  # fmt: skip
 _POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
 )  # fmt: skip
-_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.max_pool1d, F.avg_pool1d}
+_POOL_FUNCTIONS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.max_pool1d,
+    F.avg_pool1d,
+}
 _SUM_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _PRODUCT_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _RESHAPES = {"view", "reshape", "flatten"}
@@ -74,7 +90,9 @@ class ChannelGroup:
     index: int
     channels: int
     producers: list[str] = field(default_factory=list)  # weight rows (and bias) sliced
-    channelwise: list[str] = field(default_factory=list)  # BatchNorm, depthwise convs: sliced per channel
+    channelwise: list[str] = field(
+        default_factory=list
+    )  # BatchNorm, depthwise convs: sliced per channel
     consumers: list[Consumer] = field(default_factory=list)  # input weights folded with T
     reads: list[str] = field(default_factory=list)  # distinct tensors the consumers read
     blocked: str | None = None  # why the group stays at full width
@@ -196,7 +214,9 @@ def _scalar_args(node: fx.Node, first: fx.Node) -> bool:
     return all(isinstance(a, int | float | bool) or a is None for a in rest)
 
 
-def _record_shapes(gm: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[fx.Node, tuple[int, ...]]:
+def _record_shapes(
+    gm: fx.GraphModule, input_shape: tuple[int, ...]
+) -> dict[fx.Node, tuple[int, ...]]:
     """Shapes (batch of 2) of every tensor-valued node."""
     mods = dict(gm.named_modules())
     env: dict[fx.Node, Any] = {}
@@ -238,7 +258,11 @@ def _visit(an: _Analysis, node: fx.Node) -> None:
     mods = an.mods
     inputs = [i for i in _tensor_inputs(node) if i in an.at]
     module = mods.get(str(node.target)) if node.op == "call_module" else None
-    if module is not None and an.calls[str(node.target)] > 1 and any(True for _ in module.parameters()):
+    if (
+        module is not None
+        and an.calls[str(node.target)] > 1
+        and any(True for _ in module.parameters())
+    ):
         for i in inputs:
             an.block(i, f"{_label(node, mods)} runs more than once")
         return
@@ -298,7 +322,12 @@ def _reshape(an: _Analysis, node: fx.Node, first: fx.Node, where: _Where) -> boo
     if before == after:
         an.at[node] = where
         return True
-    if where.cdim == 1 and where.block == 1 and len(after) == 2 and after[1] == math.prod(before[1:]):
+    if (
+        where.cdim == 1
+        and where.block == 1
+        and len(after) == 2
+        and after[1] == math.prod(before[1:])
+    ):
         an.at[node] = _Where(where.space, 1, 2, math.prod(before[2:]), first.name)
         return True
     return False
@@ -306,10 +335,10 @@ def _reshape(an: _Analysis, node: fx.Node, first: fx.Node, where: _Where) -> boo
 
 def _visit_pair(an: _Analysis, node: fx.Node, inputs: list[fx.Node]) -> bool:
     """Residual sums and gating products: every tensor operand carries channels, one selection."""
-    summed = node.op == "call_function" and node.target in _SUM_FUNCTIONS or (
+    summed = (node.op == "call_function" and node.target in _SUM_FUNCTIONS) or (
         node.op == "call_method" and str(node.target) == "add"
     )
-    product = node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS or (
+    product = (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or (
         node.op == "call_method" and str(node.target) == "mul"
     )
     if isinstance(node.target, torch._ops.OpOverload):
@@ -357,7 +386,7 @@ def _visit_compute(an: _Analysis, node: fx.Node, module: nn.Module, inputs: list
             return
         if where is not None:
             if where.cdim == 1 and where.block == 1:
-                an.space(src).consumers.append(Consumer(name, src.name))  # type: ignore[union-attr]
+                an.space(src).consumers.append(Consumer(name, src.name))  # type: ignore[union-attr,arg-type]
             else:
                 an.block(src, f"conv '{name}' reads it in another layout")
         an.at[node] = _Where(an.new(module.out_channels, name), 1, len(out_shape))
@@ -383,8 +412,15 @@ def _collect(an: _Analysis) -> list[ChannelGroup]:
         if blocked is None and not sp.consumers:
             blocked = "no layer reads it"
         groups.append(
-            ChannelGroup(0, sp.channels, list(dict.fromkeys(sp.producers)), list(dict.fromkeys(sp.channelwise)),
-                         sp.consumers, reads, blocked)  # fmt: skip
+            ChannelGroup(
+                0,
+                sp.channels,
+                list(dict.fromkeys(sp.producers)),
+                list(dict.fromkeys(sp.channelwise)),
+                sp.consumers,
+                reads,
+                blocked,
+            )
         )
     first = {g.name: min(order[n.name] for n in an.gm.graph.nodes if n.op == "call_module" and str(n.target) in g.producers)
              for g in groups}  # fmt: skip

@@ -73,6 +73,8 @@ def build_student(
     progress = silent_if_none(progress)
     device = torch.device(device)
     teacher = runnable(teacher, input_shape).to(device).eval()
+    if settings.layers is None:
+        raise UsageError("the region mode needs --layers", "e.g. --layers 7-16, or use --mode channel")
     region = analyse_region(teacher, tuple(input_shape), settings.layers, device)
     gm = region.gm
     mods = _modules(gm)

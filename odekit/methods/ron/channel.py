@@ -28,7 +28,14 @@ from odekit.errors import UsageError
 from odekit.linalg.maxvol import rect_maxvol
 from odekit.linalg.rank import RankContext, parse_rank_spec, select_rank
 from odekit.methods.batchnorm import recalibrate_batchnorm
-from odekit.methods.ron.channel_ops import PrefixRunner, ReadGrams, apply_selection, batches, channel_rows, read_dims
+from odekit.methods.ron.channel_ops import (
+    PrefixRunner,
+    ReadGrams,
+    apply_selection,
+    batches,
+    channel_rows,
+    read_dims,
+)
 from odekit.methods.ron.settings import RonSettings
 from odekit.models.channel_groups import ChannelGroup, channel_groups
 from odekit.models.graph import runnable, trace_graph
@@ -51,7 +58,9 @@ class ChannelGroupReport:
     blocked: str | None
     producers: list[str]
     consumers: list[str]
-    pod_energy: float | None = None  # fraction of the channel vectors' energy in the top-`width` POD modes
+    pod_energy: float | None = (
+        None  # fraction of the channel vectors' energy in the top-`width` POD modes
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,10 +95,13 @@ class ChannelPlan:
         return [g for g in self.groups if g.reducible]
 
 
-def plan_channels(teacher: nn.Module, input_shape: tuple[int, ...], layers: str | None = None) -> ChannelPlan:
+def plan_channels(
+    teacher: nn.Module, input_shape: tuple[int, ...], layers: str | None = None
+) -> ChannelPlan:
     """Trace ``teacher`` and find its channel groups; with ``layers`` only groups produced by
     those compute layers stay reducible."""
-    gm = trace_graph(runnable(teacher, input_shape), input_shape, what="reduce")
+    # a copy: an fx trace shares its submodules with the model it traced
+    gm = copy.deepcopy(trace_graph(runnable(teacher, input_shape), input_shape, what="reduce"))
     gm.eval()
     groups = channel_groups(gm, input_shape)
     if layers is not None:
@@ -107,7 +119,12 @@ def plan_channels(teacher: nn.Module, input_shape: tuple[int, ...], layers: str 
 
 
 def _fit_grams(
-    teacher: PrefixRunner, student: PrefixRunner, group: ChannelGroup, x: Tensor, batch_size: int, device: torch.device
+    teacher: PrefixRunner,
+    student: PrefixRunner,
+    group: ChannelGroup,
+    x: Tensor,
+    batch_size: int,
+    device: torch.device,
 ) -> dict[str, ReadGrams]:
     """Stream the group's read tensors of teacher and student (one pass over ``x``)."""
     dims = read_dims(group)
@@ -126,7 +143,9 @@ def pod_basis(tt: Tensor) -> tuple[Tensor, Tensor]:
     return evals.flip(0).clamp_min(0.0), evecs.flip(1)
 
 
-def select_channels(tt: Tensor, width: int, selection: str, producer_weights: Tensor | None = None) -> Tensor:
+def select_channels(
+    tt: Tensor, width: int, selection: str, producer_weights: Tensor | None = None
+) -> Tensor:
     """``width`` channels: maxvol rows of the top-``width`` POD basis, or the largest L1 norms of
     the producers' weights (``l1``, the pruning peers' pick). Sorted indices."""
     c = tt.shape[0]
@@ -141,7 +160,9 @@ def select_channels(tt: Tensor, width: int, selection: str, producer_weights: Te
     return idx.sort().values.cpu()
 
 
-def reconstruction(grams: ReadGrams, keep: Tensor, mode: str, basis: Tensor | None = None) -> Tensor:
+def reconstruction(
+    grams: ReadGrams, keep: Tensor, mode: str, basis: Tensor | None = None
+) -> Tensor:
     """T (C x P): teacher channels ~ T (student's kept channels)."""
     k = keep.to(grams.ss.device)
     if mode == "interp":
@@ -167,8 +188,12 @@ def producer_l1(gm: fx.GraphModule, group: ChannelGroup) -> Tensor:
 def rank_width(group: ChannelGroup, tt: Tensor, rows: int, rank: str) -> int:
     """The width a rank rule (vbmf, energy:F, factor:F, an integer) gives the group's spectrum."""
     evals, _ = pod_basis(tt)
-    ctx = RankContext(evals.sqrt(), n_samples=max(rows, 1), dim=group.channels, total_energy=float(evals.sum()))
-    return max(1, min(group.channels, select_rank(parse_rank_spec(rank), ctx, max_rank=group.channels)))
+    ctx = RankContext(
+        evals.sqrt(), n_samples=max(rows, 1), dim=group.channels, total_energy=float(evals.sum())
+    )
+    return max(
+        1, min(group.channels, select_rank(parse_rank_spec(rank), ctx, max_rank=group.channels))
+    )
 
 
 def reduce_channels(
@@ -185,14 +210,18 @@ def reduce_channels(
     """Reduce every group in ``widths`` (index -> width; default: the rank rule's width of every
     reducible group), one group after another from the input side."""
     if selection not in SELECTIONS:
-        raise UsageError(f"unknown channel selection '{selection}'", f"choose one of {', '.join(SELECTIONS)}")
+        raise UsageError(
+            f"unknown channel selection '{selection}'", f"choose one of {', '.join(SELECTIONS)}"
+        )
     progress = silent_if_none(progress)
     teacher = plan.gm.to(device).eval()
     student = copy.deepcopy(teacher)
     t_run, s_run = PrefixRunner(teacher), PrefixRunner(student)
     chosen = dict(widths) if widths is not None else {g.index: -1 for g in plan.reducible}
     reports = {g.index: _report(g, g.channels) for g in plan.groups}
-    for group in progress.track([g for g in plan.groups if g.index in chosen], len(chosen), "reducing channel groups"):
+    for group in progress.track(
+        [g for g in plan.groups if g.index in chosen], len(chosen), "reducing channel groups"
+    ):
         grams = _fit_grams(t_run, s_run, group, fit_x, settings.batch_size, device)
         tt = sum((g.tt for g in grams.values()), torch.zeros_like(grams[group.reads[0]].tt))
         width = chosen[group.index]
@@ -210,7 +239,13 @@ def reduce_channels(
     if recalibrate:
         recalibrate_batchnorm(student, fit_x, batch_size=settings.batch_size, device=device)
     student.eval()
-    return ChannelResult(student, [reports[g.index] for g in plan.groups], int(fit_x.shape[0]), settings.reconstruct, selection)
+    return ChannelResult(
+        student,
+        [reports[g.index] for g in plan.groups],
+        int(fit_x.shape[0]),
+        settings.reconstruct,
+        selection,
+    )
 
 
 def _report(group: ChannelGroup, width: int) -> ChannelGroupReport:
@@ -218,4 +253,3 @@ def _report(group: ChannelGroup, width: int) -> ChannelGroupReport:
         group.index, group.name, group.channels, width, group.reducible, group.blocked, list(group.producers),
         [c.module for c in group.consumers],
     )  # fmt: skip
-

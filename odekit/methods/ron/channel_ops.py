@@ -28,7 +28,9 @@ class PrefixRunner:
         self.mods = dict(gm.named_modules())
         self.nodes = list(gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use = {n: max((self.order[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)}
+        self.last_use = {
+            n: max((self.order[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)
+        }
 
     @torch.no_grad()
     def values(self, x: Tensor, wanted: list[str]) -> dict[str, Tensor]:
@@ -117,12 +119,15 @@ def keep_outputs(module: nn.Module, keep: Tensor) -> None:
 
 def fold_inputs(module: nn.Module, t: Tensor, block: int) -> None:
     """Replace a consumer's C input channels by P: W' = W T (T: C x P), per flattened ``block``."""
-    w = module.weight.detach()  # type: ignore[union-attr]
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    w = weight.detach()
     t = t.to(device=w.device, dtype=torch.float64)
     c, p = t.shape
     if isinstance(module, nn.Linear):
         out = w.shape[0]
-        folded = torch.einsum("ocb,cp->opb", w.double().reshape(out, c, block), t).reshape(out, p * block)
+        folded = torch.einsum("ocb,cp->opb", w.double().reshape(out, c, block), t).reshape(
+            out, p * block
+        )
         module.in_features = p * block
     else:
         assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
@@ -131,7 +136,9 @@ def fold_inputs(module: nn.Module, t: Tensor, block: int) -> None:
     _set(module, "weight", folded.to(w.dtype))
 
 
-def apply_selection(gm: fx.GraphModule, group: ChannelGroup, keep: Tensor, maps: dict[str, Tensor]) -> None:
+def apply_selection(
+    gm: fx.GraphModule, group: ChannelGroup, keep: Tensor, maps: dict[str, Tensor]
+) -> None:
     """Shrink ``group`` to the channels ``keep`` in ``gm``; ``maps[read]`` (C x P) is folded into
     every consumer reading ``read``."""
     mods = dict(gm.named_modules())

@@ -11,7 +11,6 @@ from odekit.linalg.sketch import SketchMerge
 from odekit.models.ron_student import RONStudent
 from odekit.streaming.throughput import StageThroughput
 
-
 MODES = ("auto", "channel", "region")
 RECONSTRUCTIONS = ("lsq", "interp")
 
