@@ -42,9 +42,16 @@ def channel_output(
     path = ctx.path("student.pt2")
     step = {"command": "reduce", "mode": "channel", "widths": result.widths, "reconstruct": result.reconstruct,
             "target_flops": params.get("target_flops"), "test_accuracy": compared.student.accuracy}  # fmt: skip
-    args = {"mode": "channel", "groups": [g.to_dict() for g in result.groups], "input_shape": list(shape)}
+    args = {
+        "mode": "channel",
+        "groups": [g.to_dict() for g in result.groups],
+        "input_shape": list(shape),
+    }
     meta = loaded.meta.derived("export", args, step, source=loaded.sha256)
-    meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
+    meta.extra = {
+        "test_accuracy": compared.student.accuracy,
+        "teacher_accuracy": compared.teacher.accuracy,
+    }
     student = run.student
     save_exported(path, student.cpu(), shape, meta.to_json(), force=ctx.force)
     student.to(ctx.device)
@@ -82,8 +89,12 @@ def channel_output(
     ]
     blocked = [g for g in result.groups if not g.reducible]
     if blocked:
-        headline.append(f"{len(blocked)} groups kept at full width (listed in the groups table with the reason)")
-    return CommandOutput(results=results, tables=[_groups_table(result), summary_table(run)], headline=headline)
+        headline.append(
+            f"{len(blocked)} groups kept at full width (listed in the groups table with the reason)"
+        )
+    return CommandOutput(
+        results=results, tables=[_groups_table(result), summary_table(run)], headline=headline
+    )
 
 
 def _param_text(compared: Any) -> str:
@@ -109,12 +120,23 @@ def summary_table(run: RonRun) -> ResultTable:
     from odekit.cli.common import accuracy_text
 
     compared = run.comparison
-    teacher_ms, student_ms = (statistics.median(t) for t in (run.latency.teacher_ms, run.latency.student_ms))
+    teacher_ms, student_ms = (
+        statistics.median(t) for t in (run.latency.teacher_ms, run.latency.student_ms)
+    )
     return ResultTable(
         "Teacher vs student (FLOPs = 2 x MACs per sample)",
         ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
         [
-            [name, accuracy_text(scored.accuracy, scored.n), scored.cost.flops, scored.cost.params, ms]
-            for name, scored, ms in (("teacher", compared.teacher, teacher_ms), ("student", compared.student, student_ms))
+            [
+                name,
+                accuracy_text(scored.accuracy, scored.n),
+                scored.cost.flops,
+                scored.cost.params,
+                ms,
+            ]
+            for name, scored, ms in (
+                ("teacher", compared.teacher, teacher_ms),
+                ("student", compared.student, student_ms),
+            )
         ],
     )

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from odekit.errors import UsageError
 from odekit.linalg.maxvol import rect_maxvol
-from odekit.linalg.rank import RankContext, parse_rank_spec, select_rank
+from odekit.linalg.rank import RankContext, parse_rank_spec, rule_rank
 from odekit.methods.batchnorm import recalibrate_batchnorm
 from odekit.methods.ron.channel_ops import (
     PrefixRunner,
@@ -186,14 +186,13 @@ def producer_l1(gm: fx.GraphModule, group: ChannelGroup) -> Tensor:
 
 
 def rank_width(group: ChannelGroup, tt: Tensor, rows: int, rank: str) -> int:
-    """The width a rank rule (vbmf, energy:F, factor:F, an integer) gives the group's spectrum."""
+    """The width a rank rule (vbmf, energy:F, factor:F, an integer) gives the group's spectrum,
+    within [1, C] (a channel group narrower than its numerical rank is still a valid student)."""
     evals, _ = pod_basis(tt)
     ctx = RankContext(
         evals.sqrt(), n_samples=max(rows, 1), dim=group.channels, total_energy=float(evals.sum())
     )
-    return max(
-        1, min(group.channels, select_rank(parse_rank_spec(rank), ctx, max_rank=group.channels))
-    )
+    return max(1, min(group.channels, rule_rank(parse_rank_spec(rank), ctx)))
 
 
 def reduce_channels(

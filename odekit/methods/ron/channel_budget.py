@@ -36,6 +36,7 @@ from odekit.models.layers import layer_flops
 PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
 STEPS_PER_GROUP = 32  # greedy step: ceil(C / 32) channels
 MIN_FRACTION = 1 / 64  # no group below ceil(C / 64) channels
+LANDING = 0.97  # a budget is met when the predicted FLOPs lie in [0.97 x target, target]
 
 
 @dataclass
@@ -87,11 +88,19 @@ def cost_model(plan: ChannelPlan) -> CostModel:
     terms: list[tuple[float, float, int | None, int | None]] = []
     fixed_params = 0.0
     for name, m in mods.items():
-        own = sum(p.numel() for p in m.parameters(recurse=False))
+        own = {k: p.numel() for k, p in m.named_parameters(recurse=False)}
         if name in gin or name in gout:
-            terms.append((flops.get(name, 0.0), float(own), gin.get(name), gout.get(name)))
+            # the weight scales with its input and output widths, a bias or BN scale with the output only
+            weight = (
+                float(own.pop("weight", 0))
+                if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                else 0.0
+            )
+            terms.append((flops.get(name, 0.0), weight, gin.get(name), gout.get(name)))
+            if own:
+                terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
         else:
-            fixed_params += own
+            fixed_params += sum(own.values())
     total = float(sum(flops.values()))
     counted = sum(t[0] for t in terms)
     channels = {g.index: g.channels for g in plan.groups}
@@ -238,11 +247,61 @@ def allocate(
                 f"ask for at least {smallest / teacher_flops:.3f}, or reduce more layers (--layers)",
             )
         _, gi, w_new = best
-        widths[gi] = _last_width(model, widths, gi, w_new, target)
+        trial = {**widths, gi: _last_width(model, widths, gi, w_new, target)}
+        if (
+            model.cost(trial)[0] < LANDING * target
+        ):  # the step overshoots: land inside the band instead
+            trial = _land(plan, model, sens, widths, target) or trial
+        widths.update(trial)
         flops = model.cost(widths)[0]
         path.append((flops, dict(widths)))
+    if target_fraction is not None:
+        _fill_back(plan, model, sens, widths, target)
+        path.append((model.cost(widths)[0], dict(widths)))
     flops, params = model.cost(widths)
     return Allocation(widths, flops, params, teacher_flops, target, path, model)
+
+
+def _land(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, widths: dict[int, int], target: float
+) -> dict[int, int] | None:
+    """The single narrowing (any group, any width) that lands in [LANDING x target, target] with
+    the least loss, or None: on a small model one greedy step can jump past the 3% band."""
+    best: tuple[float, int, int] | None = None
+    for g in plan.reducible:
+        for w in range(widths[g.index] - 1, 0, -1):
+            flops = model.cost({**widths, g.index: w})[0]
+            if flops < LANDING * target:
+                break
+            if flops <= target:
+                dloss = sens.loss(g.index, w) - sens.loss(g.index, widths[g.index])
+                if best is None or dloss < best[0]:
+                    best = (dloss, g.index, w)
+    return {**widths, best[1]: best[2]} if best is not None else None
+
+
+def _fill_back(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, widths: dict[int, int], target: float
+) -> None:
+    """Give channels back (the most loss saved per FLOP first) while the target still holds: the
+    greedy's last steps may undershoot by more than one channel's FLOPs on a small model."""
+    while True:
+        flops = model.cost(widths)[0]
+        best: tuple[float, int] | None = None
+        for g in plan.reducible:
+            w = widths[g.index]
+            if w >= g.channels:
+                continue
+            added = model.cost({**widths, g.index: w + 1})[0] - flops
+            if flops + added > target:
+                continue
+            gain = sens.loss(g.index, w) - sens.loss(g.index, w + 1)
+            score = (gain + 1e-12) / max(added, 1e-12)
+            if best is None or score > best[0]:
+                best = (score, g.index)
+        if best is None:
+            return
+        widths[best[1]] += 1
 
 
 def _last_width(
