@@ -139,15 +139,11 @@ def _build(
     channel = build_channel_student(
         teacher, input_shape, fit_split, val_split, settings, device, progress
     )
-    if region is not None and _flops(region.student, input_shape) < _flops(
-        channel.student, input_shape
-    ):
-        return region, "region"
+    if region is not None:
+        r, c, t = (model_cost(m, input_shape) for m in (region.student, channel.student, teacher))
+        if r.flops < c.flops and r.params <= t.params:
+            return region, "region"
     return channel, "channel"
-
-
-def _flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    return model_cost(model, input_shape).flops
 
 
 def refuse_bigger(
