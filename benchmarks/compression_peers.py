@@ -33,7 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from measure import emit_line, results_path  # benchmarks/measure.py (the script folder is on sys.path)
+from measure import (  # benchmarks/measure.py (the script folder is on sys.path)
+    emit_line,
+    results_path,
+)
 from torch import nn
 
 from odekit.io.checkpoints import load_model
@@ -76,17 +79,29 @@ def _build(name: str, quick: bool) -> nn.Module:
         return torchvision.models.mobilenet_v2(num_classes=10)
     if name == "vit":
         return torchvision.models.VisionTransformer(
-            image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256, num_classes=10
+            image_size=32,
+            patch_size=4,
+            num_layers=4,
+            num_heads=4,
+            hidden_dim=128,
+            mlp_dim=256,
+            num_classes=10,
         )
     raise SystemExit(f"unknown model {name}")
 
 
-def teacher(name: str, quick: bool, epochs: int) -> tuple[nn.Module, Dataset, tuple[int, ...], dict[str, Any]]:
+def teacher(
+    name: str, quick: bool, epochs: int
+) -> tuple[nn.Module, Dataset, tuple[int, ...], dict[str, Any]]:
     """The cached (or freshly trained) teacher, its data and input shape."""
     if name == "resnet20":
         loaded = load_model(ROOT / "checkpoints" / "resnet20_digits.safetensors")
         meta = loaded.meta
-        data = load_dataset("digits", input_shape=tuple(meta.input_shape or (1, 32, 32)), normalization=meta.normalization)
+        data = load_dataset(
+            "digits",
+            input_shape=tuple(meta.input_shape or (1, 32, 32)),
+            normalization=meta.normalization,
+        )
         return loaded.model.eval(), data, tuple(data.input_shape), {"train_seconds": None}
     shape = (3, 32, 32)
     data = _digits(shape)
@@ -112,7 +127,9 @@ def _classifier(model: nn.Module) -> nn.Module:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
-def torch_pruning(model: nn.Module, shape: tuple[int, ...], ratio: float, global_pruning: bool) -> nn.Module:
+def torch_pruning(
+    model: nn.Module, shape: tuple[int, ...], ratio: float, global_pruning: bool
+) -> nn.Module:
     import torch_pruning as tp
 
     student = copy.deepcopy(model).eval()
@@ -121,9 +138,10 @@ def torch_pruning(model: nn.Module, shape: tuple[int, ...], ratio: float, global
     for m in student.modules():
         if isinstance(m, nn.MultiheadAttention):
             heads[m] = m.num_heads
+    extra: dict[str, Any] = {"num_heads": heads} if heads else {}
     pruner = tp.pruner.MagnitudePruner(
         student, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
-        pruning_ratio=ratio, ignored_layers=ignored, global_pruning=global_pruning, num_heads=heads or None,
+        pruning_ratio=ratio, ignored_layers=ignored, global_pruning=global_pruning, **extra,
     )  # fmt: skip
     pruner.step()
     return student
@@ -166,13 +184,22 @@ def truncated_svd(model: nn.Module, shape: tuple[int, ...], keep: float) -> nn.M
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Conv2d) and child.groups == 1:
                 setattr(parent, name, _svd_conv(child, keep))
-            elif isinstance(child, nn.Linear) and child is not last and type(parent).__name__ != "MultiheadAttention":
+            elif (
+                isinstance(child, nn.Linear)
+                and child is not last
+                and type(parent).__name__ != "MultiheadAttention"
+            ):
                 setattr(parent, name, _svd_linear(child, keep))
     return student
 
 
 def bisect_ratio(
-    make: Callable[[float], nn.Module], shape: tuple[int, ...], target: float, lo: float, hi: float, more_is_smaller: bool
+    make: Callable[[float], nn.Module],
+    shape: tuple[int, ...],
+    target: float,
+    lo: float,
+    hi: float,
+    more_is_smaller: bool,
 ) -> tuple[nn.Module, float]:
     """The ratio in [lo, hi] whose student's FLOPs come closest to ``target`` from below-or-near."""
     best: tuple[float, nn.Module, float] | None = None
@@ -196,7 +223,9 @@ def bisect_ratio(
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure(teacher_m: nn.Module, student: nn.Module, data: Dataset, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
+def measure(
+    teacher_m: nn.Module, student: nn.Module, data: Dataset, shape: tuple[int, ...], repeats: int
+) -> dict[str, Any]:
     student.eval()
     cost, t_cost = model_cost(student, shape), model_cost(teacher_m, shape)
     agree = agreement(teacher_m, student, data.test)
@@ -208,22 +237,39 @@ def measure(teacher_m: nn.Module, student: nn.Module, data: Dataset, shape: tupl
     }  # fmt: skip
 
 
-def finetuned(teacher_m: nn.Module, student: nn.Module, data: Dataset, shape: tuple[int, ...], repeats: int) -> dict[str, Any]:
+def finetuned(
+    teacher_m: nn.Module, student: nn.Module, data: Dataset, shape: tuple[int, ...], repeats: int
+) -> dict[str, Any]:
     tuned = copy.deepcopy(student)
-    train_classifier(tuned, data, TrainSettings(epochs=1, lr=1e-4, batch_size=64, beta=0.1, seed=0), CPU, teacher=teacher_m)
+    train_classifier(
+        tuned,
+        data,
+        TrainSettings(epochs=1, lr=1e-4, batch_size=64, beta=0.1, seed=0),
+        CPU,
+        teacher=teacher_m,
+    )
     return measure(teacher_m, tuned.eval(), data, shape, repeats)
 
 
 def odekit_students(
-    teacher_m: nn.Module, data: Dataset, shape: tuple[int, ...], budget: float, plan_cache: dict[str, Any]
+    teacher_m: nn.Module,
+    data: Dataset,
+    shape: tuple[int, ...],
+    budget: float,
+    plan_cache: dict[str, Any],
+    samples: int,
 ) -> dict[str, tuple[nn.Module, float]]:
     """odekit (maxvol), odekit's widths with an L1 pick, and the uniform-width ThiNet-style peer."""
-    settings = RonSettings(mode="channel", target_flops=1.0 / budget)
+    settings = RonSettings(mode="channel", target_flops=1.0 / budget, samples=samples)
     fit, val = holdout(data.train, settings, 0)
     start = time.perf_counter()
     if "plan" not in plan_cache:  # the sensitivities do not depend on the budget: measured once
         plan = plan_channels(teacher_m, shape)
-        plan_cache.update(plan=plan, model=cost_model(plan), sens=measure_sensitivity(plan, fit.x, val.x, 256, CPU))
+        plan_cache.update(
+            plan=plan,
+            model=cost_model(plan),
+            sens=measure_sensitivity(plan, fit.x, val.x, 256, CPU),
+        )
         plan_cache["sens_seconds"] = time.perf_counter() - start
     plan, model = plan_cache["plan"], plan_cache["model"]
     start = time.perf_counter()
@@ -244,10 +290,16 @@ def odekit_students(
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if model.cost(uniform(mid))[0] < target else (lo, mid)
     thinet = reduce_channels(plan, fit.x, settings, CPU, uniform(hi), selection="l1").student
-    return {"odekit": (ours, ours_s), "odekit-l1pick": (l1, l1_s), "thinet": (thinet, time.perf_counter() - start)}
+    return {
+        "odekit": (ours, ours_s),
+        "odekit-l1pick": (l1, l1_s),
+        "thinet": (thinet, time.perf_counter() - start),
+    }
 
 
-def peer_students(teacher_m: nn.Module, data: Dataset, shape: tuple[int, ...], target: float, methods: set[str]) -> dict[str, tuple[nn.Module, float]]:
+def peer_students(
+    teacher_m: nn.Module, data: Dataset, shape: tuple[int, ...], target: float, methods: set[str]
+) -> dict[str, tuple[nn.Module, float]]:
     out: dict[str, tuple[nn.Module, float]] = {}
     recal_x = data.train.subset(512, seed=0).x
     for method in ("tp-l1-global", "tp-l1-uniform", "svd"):
@@ -256,11 +308,22 @@ def peer_students(teacher_m: nn.Module, data: Dataset, shape: tuple[int, ...], t
         start = time.perf_counter()
         try:
             if method == "svd":
-                student, _ = bisect_ratio(lambda k: truncated_svd(teacher_m, shape, k), shape, target, 0.0, 1.0, False)
+                student, _ = bisect_ratio(
+                    lambda k: truncated_svd(teacher_m, shape, k), shape, target, 0.0, 1.0, False
+                )
             else:
                 glob = method == "tp-l1-global"
-                student, _ = bisect_ratio(lambda r, g=glob: torch_pruning(teacher_m, shape, r, g), shape, target, 0.0, 0.99, True)
-        except Exception as exc:  # a peer that cannot handle the architecture is recorded, not fatal
+                student, _ = bisect_ratio(
+                    lambda r, g=glob: torch_pruning(teacher_m, shape, r, g),
+                    shape,
+                    target,
+                    0.0,
+                    0.99,
+                    True,
+                )
+        except (
+            Exception
+        ) as exc:  # a peer that cannot handle the architecture is recorded, not fatal
             print(f"  {method}: failed ({type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
             continue
         recalibrate_batchnorm(student, recal_x)
@@ -270,16 +333,31 @@ def peer_students(teacher_m: nn.Module, data: Dataset, shape: tuple[int, ...], t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="quarter-width VGG-19, 2 budgets, no fine-tuning")
+    parser.add_argument(
+        "--quick", action="store_true", help="quarter-width VGG-19, 2 budgets, no fine-tuning"
+    )
     parser.add_argument("--models", default="vgg19,resnet20")
-    parser.add_argument("--budgets", default=None, help="FLOPs reduction factors, e.g. 1.7,2.6,4,8,16")
+    parser.add_argument(
+        "--budgets", default=None, help="FLOPs reduction factors, e.g. 1.7,2.6,4,8,16"
+    )
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--finetune", action="store_true", help="also one epoch of the same fine-tuning for every method")
+    parser.add_argument(
+        "--finetune",
+        action="store_true",
+        help="also one epoch of the same fine-tuning for every method",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="teacher training epochs")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved latency repetitions")
+    parser.add_argument(
+        "--fit-samples", type=int, default=None, help="odekit's fitting images [512; quick 256]"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else ([2.6, 8.0] if args.quick else list(BUDGETS))
+    budgets = (
+        [float(b) for b in args.budgets.split(",")]
+        if args.budgets
+        else ([2.6, 8.0] if args.quick else list(BUDGETS))
+    )
     methods = set(args.methods.split(","))
     epochs = args.epochs or (3 if args.quick else 6)
     for name in args.models.split(","):
@@ -289,7 +367,14 @@ def main() -> None:
         t_flops = model_cost(teacher_m, shape).flops
         cache: dict[str, Any] = {}
         for budget in budgets:
-            students = odekit_students(teacher_m, data, shape, budget, cache)
+            students = odekit_students(
+                teacher_m,
+                data,
+                shape,
+                budget,
+                cache,
+                args.fit_samples or (256 if args.quick else 512),
+            )
             target = model_cost(students["odekit"][0], shape).flops
             students.update(peer_students(teacher_m, data, shape, target, methods))
             for method, (student, seconds) in students.items():
@@ -299,7 +384,9 @@ def main() -> None:
                           "teacher_flops": t_flops, "quick": args.quick, "compress_seconds": seconds,
                           "no_finetune": measure(teacher_m, student, data, shape, args.repeats)}  # fmt: skip
                 if args.finetune:
-                    record["finetune_1_epoch"] = finetuned(teacher_m, student, data, shape, args.repeats)
+                    record["finetune_1_epoch"] = finetuned(
+                        teacher_m, student, data, shape, args.repeats
+                    )
                 emit_line(RESULTS, json.dumps(record))
                 nf = record["no_finetune"]
                 print(f"  {budget:>5}x {method:<14} acc {100 * nf['accuracy']:.2f}% agree {100 * nf['agreement']:.2f}% "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from odekit.distributed import Distributed
-from odekit.errors import LayerSelectionError, OdekitError
+from odekit.errors import LayerSelectionError, OdekitError, UnsupportedModelError
 from odekit.io.datasets import Dataset
 from odekit.methods.comparison import LatencyProbe, StudentComparison, compare_student
 from odekit.methods.evaluation import LatencyComparison, accuracy, model_cost
@@ -129,16 +129,27 @@ def _build(
                 progress=progress,
                 dist=dist,
             )
-        except OdekitError:
+        except (
+            UnsupportedModelError,
+            LayerSelectionError,
+        ):  # the range is not a region: auto goes channel
             if settings.mode == "region":
                 raise
-    if settings.mode == "region":
+    per_state_ranks = (
+        len(str(settings.rank).split(",")) > 1
+    )  # a rank per reduced activation: region only
+    if settings.mode == "region" or (region is not None and per_state_ranks):
         assert region is not None
         return region, "region"
     fit_split, val_split = holdout(data.train, settings, seed)
-    channel = build_channel_student(
-        teacher, input_shape, fit_split, val_split, settings, device, progress
-    )
+    try:
+        channel = build_channel_student(
+            teacher, input_shape, fit_split, val_split, settings, device, progress
+        )
+    except OdekitError:
+        if region is None:
+            raise
+        return region, "region"
     if region is not None:
         r, c, t = (model_cost(m, input_shape) for m in (region.student, channel.student, teacher))
         if r.flops < c.flops and r.params <= t.params:
