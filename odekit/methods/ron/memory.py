@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -35,6 +36,20 @@ def check_memory(estimate: float, what: str, hint: str, device: torch.device) ->
             f"{what} needs about {estimate / GIB:.1f} GiB, only {free / GIB:.1f} GiB are available on {device}",
             hint,
         )
+
+
+def region_bytes(
+    dims: dict[int, int], ells: dict[int, int], in_dim: int, settings: Any, itemsize: int
+) -> float:
+    """Peak of the region mode: every state's frequent-directions buffer (2 ell x D) and basis,
+    the first stage's rows of the input map (P x input size, float64), one batch of the region's
+    activations (float32, teacher pass) and the dense maps between sampled states."""
+    sketches = sum(3 * ells[k] * d * itemsize for k, d in dims.items())
+    rows = max(ells.values(), default=0)
+    first_map = 2 * rows * in_dim * 8
+    batch = 4 * settings.batch_size * (sum(dims.values()) + in_dim)
+    dense = 8 * rows * rows * max(len(dims), 1)
+    return float(sketches + first_map + batch + dense)
 
 
 @contextlib.contextmanager
