@@ -65,14 +65,14 @@ def _digits(shape: tuple[int, ...]) -> Dataset:
     return load_dataset("digits", input_shape=shape, normalization={"mean": [0.0], "std": [1.0]})
 
 
-def _build(name: str, quick: bool) -> nn.Module:
+def _build(name: str, quick: bool, vgg_width_div: int) -> nn.Module:
     import torchvision
 
     if name == "vgg19":
         sys.path.insert(0, str(ROOT / "tests" / "foreign"))
         from zoo import KuangliuVGG  # the user's VGG-19 of benchmarks/vgg19_reduce.py
 
-        return KuangliuVGG("VGG19", num_classes=10, width_div=4 if quick else 1)
+        return KuangliuVGG("VGG19", num_classes=10, width_div=4 if quick else vgg_width_div)
     if name == "resnet18":
         return torchvision.models.resnet18(num_classes=10)
     if name == "mobilenet_v2":
@@ -91,7 +91,7 @@ def _build(name: str, quick: bool) -> nn.Module:
 
 
 def teacher(
-    name: str, quick: bool, epochs: int
+    name: str, quick: bool, epochs: int, vgg_width_div: int = 1
 ) -> tuple[nn.Module, Dataset, tuple[int, ...], dict[str, Any]]:
     """The cached (or freshly trained) teacher, its data and input shape."""
     if name == "resnet20":
@@ -105,8 +105,9 @@ def teacher(
         return loaded.model.eval(), data, tuple(data.input_shape), {"train_seconds": None}
     shape = (3, 32, 32)
     data = _digits(shape)
-    model = _build(name, quick)
-    path = CACHE / f"{name}{'-quick' if quick else ''}-e{epochs}.pt"
+    model = _build(name, quick, vgg_width_div)
+    width = f"-w{vgg_width_div}" if name == "vgg19" and vgg_width_div > 1 else ""
+    path = CACHE / f"{name}{width}{'-quick' if quick else ''}-e{epochs}.pt"
     info: dict[str, Any] = {"train_seconds": None, "cached": path.exists()}
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -361,7 +362,7 @@ def main() -> None:
     methods = set(args.methods.split(","))
     epochs = args.epochs or (3 if args.quick else 6)
     for name in args.models.split(","):
-        teacher_m, data, shape, info = teacher(name, args.quick, epochs)
+        teacher_m, data, shape, info = teacher(name, args.quick, epochs, args.vgg_width_div)
         t_acc = accuracy(teacher_m, data.test)
         print(f"{name}: teacher {100 * t_acc:.2f}% ({info})", file=sys.stderr)
         t_flops = model_cost(teacher_m, shape).flops
