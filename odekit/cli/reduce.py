@@ -48,7 +48,11 @@ if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch
 
 EPILOG = """Examples:
 
-  odekit reduce checkpoints/lenet300_digits.safetensors --layers 1-3 --rank 40,40,10 --finetune 6
+  odekit reduce checkpoints/resnet20_digits.safetensors --target-flops 2x
+
+  odekit reduce model.pt2 --mode channel --target-flops 0.25 --max-drop 1 --finetune 1
+
+  odekit reduce checkpoints/lenet300_digits.safetensors --mode region --layers 1-3 --rank 40,40,10 --finetune 6
 
   odekit reduce checkpoints/vgg11_digits.safetensors --layers 3-8 --rank vbmf -o runs/ron38
 
@@ -56,7 +60,13 @@ EPILOG = """Examples:
 
   odekit info runs/ron38/student.safetensors   (the student is an ordinary odekit checkpoint)
 
-The layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
+Channel mode (docs/reduce.md): the same graph with fewer channels. Channels tied by residual
+sums or SE gates share one selection; per group, P channels are picked by maxvol on the POD basis
+of the channel vectors and a least-squares reconstruction is folded into the consumers; widths
+from --target-flops (global greedy on a held-out validation split) or --rank. Writes student.pt2.
+No mode writes a student with more FLOPs or parameters than the teacher.
+
+Region mode: the layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
 V_k c_k with V_k from a streaming frequent-directions SVD over the training samples; rectangular
 maxvol picks P_k = ceil(oversample x R_k) rows and the student propagates only those (Algorithm 1,
 eq. 5.14; residual sums eq. 5.16). Rank rules: {rules}; or an integer R.
@@ -142,7 +152,7 @@ def reduce_command(
         int | None,
         typer.Option(
             "--fit-samples",
-            help="Training samples streamed for the SVDs (seeded subset) [default: all].",
+            help="Training samples streamed for the SVDs (seeded subset) [default: all; channel mode 512].",
             show_default=False,
             rich_help_panel=RON,
         ),
@@ -195,7 +205,7 @@ def reduce_command(
     debug: DebugOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
+    """Compress a network: fewer channels (channel mode) or a reduced-order network over layers A..B (RON, thesis ch. 5)."""
     import torch
 
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
