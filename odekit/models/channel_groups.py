@@ -289,8 +289,11 @@ def _visit(an: _Analysis, node: fx.Node) -> None:
             return
     if _visit_pair(an, node, inputs):
         return
+    sums = _SUM_FUNCTIONS | _PRODUCT_FUNCTIONS | {"add", "mul"}
+    joined = (node.target if node.op == "call_function" else str(node.target)) in sums
+    reason = "it meets a tensor of fixed channels at" if joined and len(_tensor_inputs(node)) > 1 else "it reaches"
     for i in inputs:
-        an.block(i, f"it reaches {_label(node, mods)}")
+        an.block(i, f"{reason} {_label(node, mods)}")
 
 
 def _is_pool(node: fx.Node, module: nn.Module | None) -> bool:

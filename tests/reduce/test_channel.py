@@ -247,3 +247,11 @@ def test_resnet20_region_range_refused_auto_goes_channel(tmp_path) -> None:
     r = json.loads(auto.stdout)["results"]
     assert r["mode"] == "channel" and r["student"]["params"] <= r["teacher"]["params"]
     assert r["student"]["flops"] <= r["teacher"]["flops"]
+
+
+def test_info_lists_channel_groups() -> None:
+    result = CliRunner().invoke(app, ["info", "checkpoints/resnet20_digits.safetensors", "--json"])
+    assert result.exit_code == 0, result.output
+    groups = json.loads(result.stdout)["channel_groups"]
+    assert sum(g["reducible"] for g in groups) == 9  # the nine inner block channels
+    assert all(g["blocked"] for g in groups if not g["reducible"])
