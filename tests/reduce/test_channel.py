@@ -225,11 +225,10 @@ def test_cli_channel_mode_target(tmp_path) -> None:
 def test_memory_estimate_and_allocation_failures_are_one_line() -> None:
     from odekit.methods.ron.memory import allocation_guard, check_memory
 
-    with pytest.raises(UsageError, match="GiB.*available"):
+    with pytest.raises(UsageError, match=r"GiB.*available"):
         check_memory(1e18, "the region reduction", "use --mode channel", CPU)
-    with pytest.raises(UsageError, match="ran out of memory") as info:
-        with allocation_guard("building the student", "lower --batch-size"):
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(UsageError, match="ran out of memory") as info, allocation_guard("build", "lower --batch-size"):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
     assert "lower --batch-size" in str(info.value)
     with pytest.raises(ValueError), allocation_guard("x", "y"):  # other errors pass unchanged
         raise ValueError("not memory")
