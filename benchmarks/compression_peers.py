@@ -349,6 +349,7 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="teacher training epochs")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved latency repetitions")
+    parser.add_argument("--vgg-width-div", type=int, default=1, help="VGG-19 channels divided by this")
     parser.add_argument(
         "--fit-samples", type=int, default=None, help="odekit's fitting images [512; quick 256]"
     )

@@ -227,8 +227,13 @@ def test_memory_estimate_and_allocation_failures_are_one_line() -> None:
 
     with pytest.raises(UsageError, match=r"GiB.*available"):
         check_memory(1e18, "the region reduction", "use --mode channel", CPU)
-    with pytest.raises(UsageError, match="ran out of memory") as info, allocation_guard("build", "lower --batch-size"):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory")
+    with (
+        pytest.raises(UsageError, match="ran out of memory") as info,
+        allocation_guard("build", "lower --batch-size"),
+    ):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"
+        )
     assert "lower --batch-size" in str(info.value)
     with pytest.raises(ValueError), allocation_guard("x", "y"):  # other errors pass unchanged
         raise ValueError("not memory")
@@ -238,8 +243,20 @@ def test_memory_estimate_and_allocation_failures_are_one_line() -> None:
 def test_resnet20_region_range_refused_auto_goes_channel(tmp_path) -> None:
     """issue 26: `--layers 8-13` on the shipped ResNet-20 built a 5 M-parameter region student."""
     ckpt = "checkpoints/resnet20_digits.safetensors"
-    common = ["--layers", "8-13", "--fit-samples", "200", "--latency-batch", "8", "--json", "--threads", "1"]
-    region = CliRunner().invoke(app, ["reduce", ckpt, *common, "--mode", "region", "-o", str(tmp_path / "r")])
+    common = [
+        "--layers",
+        "8-13",
+        "--fit-samples",
+        "200",
+        "--latency-batch",
+        "8",
+        "--json",
+        "--threads",
+        "1",
+    ]
+    region = CliRunner().invoke(
+        app, ["reduce", ckpt, *common, "--mode", "region", "-o", str(tmp_path / "r")]
+    )
     assert region.exit_code == 1 and "bigger than the teacher" in region.stderr
     auto = CliRunner().invoke(app, ["reduce", ckpt, *common, "-o", str(tmp_path / "a")])
     assert auto.exit_code == 0, auto.stderr
