@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -86,6 +86,7 @@ def info_command(
             )
             shape = _input_shape(input_shape, loaded.input_shape, data, data_dir)
             summary = layer_table(loaded.model, shape)
+            groups = _channel_groups(loaded.model, tuple(shape))
     except (Exception, KeyboardInterrupt) as exc:
         raise typer.Exit(report_exception(exc, debug)) from None
     payload = {
@@ -94,6 +95,7 @@ def info_command(
         "format": loaded.format,
         "num_classes": loaded.meta.num_classes,
         **summary.to_dict(),
+        "channel_groups": groups,
     }
     if json_output:
         print(json.dumps(to_jsonable(payload), indent=2))
@@ -116,6 +118,25 @@ def info_command(
     console.print(
         f"total: {summary.params:,} parameters, {summary.flops:,} FLOPs per sample (2 x multiply-adds)", highlight=False
     )
+    if groups is not None:
+        kept = [g for g in groups if not g["reducible"]]
+        console.print(
+            f"channel groups (reduce --mode channel): {len(groups) - len(kept)} reducible, {len(kept)} kept at full "
+            "width" + (": " + "; ".join(f"{g['name']} ({g['blocked']})" for g in kept) if kept else ""),
+            highlight=False,
+        )
+
+
+def _channel_groups(model: Any, shape: tuple[int, ...]) -> list[dict[str, Any]] | None:
+    """The channel groups `reduce --mode channel` would see, or None when the model does not trace."""
+    from odekit.errors import OdekitError
+    from odekit.models.channel_groups import channel_groups
+    from odekit.models.graph import trace_graph
+
+    try:
+        return [g.to_dict() for g in channel_groups(trace_graph(model, shape), shape)]
+    except (OdekitError, RuntimeError, TypeError, ValueError):
+        return None
 
 
 def _input_shape(

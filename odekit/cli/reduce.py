@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -43,6 +42,7 @@ from odekit.cli.options import (
     TrustOpt,
     ValFractionOpt,
 )
+from odekit.cli.reduce_channel import channel_output, speed_text, summary_table
 from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
 from odekit.io.preprocessing import Preprocessing
 
@@ -54,7 +54,11 @@ if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch
 
 EPILOG = """Examples:
 
-  odekit reduce checkpoints/lenet300_digits.safetensors --layers 1-3 --rank 40,40,10 --finetune 6
+  odekit reduce checkpoints/resnet20_digits.safetensors --target-flops 2x
+
+  odekit reduce model.pt2 --mode channel --target-flops 0.25 --max-drop 1 --finetune 1
+
+  odekit reduce checkpoints/lenet300_digits.safetensors --mode region --layers 1-3 --rank 40,40,10 --finetune 6
 
   odekit reduce checkpoints/vgg11_digits.safetensors --layers 3-8 --rank vbmf -o runs/ron38
 
@@ -62,7 +66,13 @@ EPILOG = """Examples:
 
   odekit info runs/ron38/student.safetensors   (the student is an ordinary odekit checkpoint)
 
-The layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
+Channel mode (docs/reduce.md): the same graph with fewer channels. Channels tied by residual
+sums or SE gates share one selection; per group, P channels are picked by maxvol on the POD basis
+of the channel vectors and a least-squares reconstruction is folded into the consumers; widths
+from --target-flops (global greedy on a held-out validation split) or --rank. Writes student.pt2.
+No mode writes a student with more FLOPs or parameters than the teacher.
+
+Region mode: the layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
 V_k c_k with V_k from a streaming frequent-directions SVD over the training samples; rectangular
 maxvol picks P_k = ceil(oversample x R_k) rows and the student propagates only those (Algorithm 1,
 eq. 5.14; residual sums eq. 5.16). Rank rules: {rules}; or an integer R.
@@ -82,14 +92,51 @@ RON = "RON options"
 def reduce_command(
     checkpoint: CheckpointArg,
     layers: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--layers",
-            help="Contiguous compute layers to reduce: 7-16, conv7-conv16 (see 'odekit info').",
+            help="Compute layers to reduce: 7-16, conv7-conv16 (see 'odekit info') [default: every reducible "
+            "channel group; required by --mode region].",
             show_default=False,
             rich_help_panel=RON,
         ),
-    ],
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            help="channel: the same network with fewer channels; region: a dense reduced-order network over "
+            "--layers (thesis ch. 5); auto: channel, or over --layers the one with fewer FLOPs.",
+            rich_help_panel=RON,
+        ),
+    ] = "auto",
+    target_flops: Annotated[
+        str | None,
+        typer.Option(
+            "--target-flops",
+            help="Channel widths allocated over all groups to keep this fraction of the teacher's FLOPs "
+            "(0.5) or to cut them by a factor (2x).",
+            show_default=False,
+            rich_help_panel=RON,
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop",
+            help="Accuracy points the student may lose on a validation split held out from the training data.",
+            show_default=False,
+            rich_help_panel=RON,
+        ),
+    ] = None,
+    reconstruct: Annotated[
+        str,
+        typer.Option(
+            "--reconstruct",
+            help="Channel mode: lsq (least squares to the teacher's channels) or interp (POD interpolation).",
+            rich_help_panel=RON,
+        ),
+    ] = "lsq",
     rank: Annotated[
         str,
         typer.Option(
@@ -111,7 +158,7 @@ def reduce_command(
         int | None,
         typer.Option(
             "--fit-samples",
-            help="Training samples streamed for the SVDs (seeded subset) [default: all].",
+            help="Training samples streamed for the SVDs (seeded subset) [default: all; channel mode 512].",
             show_default=False,
             rich_help_panel=RON,
         ),
@@ -169,11 +216,12 @@ def reduce_command(
     threads: ThreadsOpt = None,
     certify: CertifyFlag = False,
 ) -> None:
-    """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
+    """Compress a network: fewer channels (channel mode) or a reduced-order network over layers A..B (RON, thesis ch. 5)."""
     import torch
 
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
-    from odekit.methods.ron import RON_ARCH, RonSettings, reduce_teacher
+    from odekit.methods.ron import RON_ARCH, RonResult, RonSettings, reduce_teacher
+    from odekit.methods.ron.settings import parse_target_flops
     from odekit.methods.training import TrainSettings
     from odekit.models.registry import ARCHITECTURES
     from odekit.writers.plots import save_figure
@@ -183,7 +231,8 @@ def reduce_command(
     )
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
     params: dict[str, Any] = {
-        "layers": layers, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
+        "layers": layers, "mode": mode, "target_flops": target_flops, "max_drop": max_drop,
+        "reconstruct": reconstruct, "rank": rank, "oversample": oversample, "samples": samples, "sketch_size": sketch_size,
         "finetune": finetune, "lr": lr, "beta": beta, "val_fraction": val_fraction, "patience": patience,
         "recalibrate_bn": recalibrate_bn, "latency_batch": latency_batch, "batch_size": batch_size,
         "data": data,
@@ -194,7 +243,8 @@ def reduce_command(
     def body(ctx: CommandContext) -> CommandOutput:
         settings = RonSettings(
             layers=layers, rank=rank, oversample=oversample, samples=samples, sketch_size=sketch_size,
-            batch_size=batch_size,
+            batch_size=batch_size, mode=mode, target_flops=parse_target_flops(target_flops), max_drop=max_drop,
+            reconstruct=reconstruct,
         )  # fmt: skip
         train_settings = TrainSettings(
             epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed,
@@ -220,7 +270,10 @@ def reduce_command(
             loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, train_settings, ctx.device,
             example, distill=beta > 0, seed=seed, progress=ctx.progress, dist=ctx.dist,
         )  # fmt: skip
+        if run.mode == "channel":
+            return channel_output(ctx, run, loaded, shape, example, params)
         result, compared, student = run.build, run.comparison, run.student
+        assert isinstance(result, RonResult)
         span = f"{result.first_layer}-{result.last_layer}"
         step = {"command": "reduce", "layers": span, "rank": rank, "ranks": result.ranks, "oversample": oversample,
                 "finetune_epochs": finetune, "kept_epoch": run.history.best_epoch,
@@ -258,7 +311,7 @@ def reduce_command(
             f"RON layers {span}, ranks {result.ranks}: accuracy {100 * compared.student.accuracy:.2f}% (teacher "
             f"{100 * compared.teacher.accuracy:.2f}%, before fine-tuning {100 * (compared.student_before or 0.0):.2f}%), "
             f"agreement {100 * compared.agreement:.2f}%, {compared.flop_reduction:.2f}x fewer FLOPs, "
-            f"latency {run.latency.speedup:.2f}x faster"
+            f"{speed_text(run.latency.speedup)}"
         ]
         if certify:
             results["certify"] = certify_student(student, loaded.model, dataset, ctx)
@@ -269,7 +322,7 @@ def reduce_command(
             ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
                     "the sketch, not the data, bounded them (raise --sketch-size to let the rank rule decide)")
             headline.append(f"ranks clipped by --sketch-size: {', '.join(clipped)}")
-        return CommandOutput(results=results, tables=_tables(run), headline=headline)
+        return CommandOutput(results=results, tables=_tables(run, result), headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
@@ -289,30 +342,18 @@ def _write_student(
     return load_exported(path)[0].to(ctx.device)
 
 
-def _tables(run: RonRun) -> list[ResultTable]:
+def _tables(run: RonRun, result: RonResult) -> list[ResultTable]:
     """The reduced layers (eq. 5.18-5.20 diagnostics) and teacher vs student."""
-    from odekit.cli.common import accuracy_text
-
     layers = ResultTable(
         "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
         ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "1/s_min(S V) (eq. 5.18)", "residual energy"],
         [
             [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
              r.error_factor, r.amplification, r.residual_energy]
-            for r in run.build.layers
+            for r in result.layers
         ],
     )  # fmt: skip
-    compared = run.comparison
-    teacher_ms, student_ms = (statistics.median(times) for times in (run.latency.teacher_ms, run.latency.student_ms))
-    summary = ResultTable(
-        "Teacher vs student (FLOPs = 2 x MACs per sample)",
-        ["model", "accuracy [Wilson 95%] n", "FLOPs", "params", "latency ms"],
-        [
-            [name, accuracy_text(scored.accuracy, scored.n), scored.cost.flops, scored.cost.params, ms]
-            for name, scored, ms in (("teacher", compared.teacher, teacher_ms), ("student", compared.student, student_ms))
-        ],
-    )
-    return [layers, summary, history_table(run.history)]
+    return [layers, summary_table(run), history_table(run.history)]
 
 
 def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:

@@ -26,6 +26,8 @@ CASES = {
     "vgg19_reduce": ["--quick", "--width-div", "16", "--epochs", "1", "--formats", "export", "--samples", "200"],
     "universal_attack": ["--quick", "--seeds", "1", "--deltas", "2", "--fit-samples", "20",
                          "--max-passes", "1"],
+    "compression_peers": ["--models", "resnet20", "--budgets", "2", "--methods", "odekit,thinet,svd",
+                          "--fit-samples", "64", "--repeats", "2"],
     "varpro": ["--quick", "--units", "6", "--samples", "100", "--width", "4", "--depth", "2"],
 }
 

@@ -20,7 +20,7 @@ from odekit.io.checkpoints import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "checkpoints" / "lenet300_digits.safetensors"
-TINY = ["--layers", "1-2", "--fit-samples", "100", "--latency-batch", "4"]
+TINY = ["--layers", "1-2", "--mode", "region", "--fit-samples", "100", "--latency-batch", "4"]
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen[str]:

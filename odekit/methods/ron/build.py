@@ -21,6 +21,7 @@ from odekit.methods.ron.linear_maps import (
     _pre_rows,
     _vjp_rows,
 )
+from odekit.methods.ron.memory import check_memory, region_bytes
 from odekit.methods.ron.ops import (
     _modules,
     _run_node,
@@ -73,6 +74,8 @@ def build_student(
     progress = silent_if_none(progress)
     device = torch.device(device)
     teacher = runnable(teacher, input_shape).to(device).eval()
+    if settings.layers is None:
+        raise UsageError("the region mode needs --layers", "e.g. --layers 7-16, or use --mode channel")
     region = analyse_region(teacher, tuple(input_shape), settings.layers, device)
     gm = region.gm
     mods = _modules(gm)
@@ -124,14 +127,20 @@ def build_student(
     sketch_dtype = torch.float64 if settings.sketch_dtype == "float64" else torch.float32
     n_hint = n_total if n_total > 0 else 10**9
     sketches: dict[int, FrequentDirections] = {}
+    ells: dict[int, int] = {}
     for st in region.states:
         d = state_dims[st.index]
         spec = spec_of[st.index]
         r_hint = int(spec.value) if spec.name == "fixed" and spec.value else None
         if spec.name == "factor" and spec.value:
             r_hint = math.ceil(d / spec.value)
-        ell = _default_sketch(d, n_hint, r_hint, settings.sketch_size)
-        sketches[st.index] = FrequentDirections(d, ell, device=device, dtype=sketch_dtype)
+        ells[st.index] = _default_sketch(d, n_hint, r_hint, settings.sketch_size)
+    check_memory(
+        region_bytes(state_dims, ells, math.prod(region.shapes[region.x_in]), settings, sketch_dtype.itemsize),
+        "the region reduction", "use --mode channel, or lower --sketch-size, --batch-size or --fit-samples", device,
+    )  # fmt: skip
+    for st in region.states:
+        sketches[st.index] = FrequentDirections(state_dims[st.index], ells[st.index], device=device, dtype=sketch_dtype)
 
     # ---- stream the teacher's region activations (one batch at a time)
     targets = {st.out: st.index for st in region.states}

@@ -11,22 +11,68 @@ from odekit.linalg.sketch import SketchMerge
 from odekit.models.ron_student import RONStudent
 from odekit.streaming.throughput import StageThroughput
 
+MODES = ("auto", "channel", "region")
+RECONSTRUCTIONS = ("lsq", "interp")
+
+
+def parse_target_flops(text: str | float | None) -> float | None:
+    """--target-flops: a fraction of the teacher's FLOPs to keep (0.5) or a reduction factor (2x)."""
+    if text is None:
+        return None
+    raw = str(text).strip().lower()
+    try:
+        value = 1.0 / float(raw[:-1]) if raw.endswith("x") else float(raw)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(
+            f"cannot read --target-flops '{text}'", "give the fraction of FLOPs to keep (0.5) or a factor (2x)"
+        ) from None
+    return value
+
 
 @dataclass(frozen=True)
 class RonSettings:
-    """Settings of the student construction (validated on creation)."""
+    """Settings of the student construction (validated on creation).
 
-    layers: str
+    ``mode``: "region" (the thesis' dense reduced-order network over ``layers``), "channel" (the
+    same graph with fewer channels), "auto" (channel, or per range the cheaper of the two).
+    ``target_flops``: fraction of the teacher's FLOPs to keep (channel widths allocated
+    globally); ``max_drop``: validation accuracy points the student may lose; ``reconstruct``:
+    "lsq" (ridge least squares to the teacher) or "interp" (POD interpolation V (S V)^+)."""
+
+    layers: str | None = None
     rank: str = "vbmf"
     oversample: float = 1.5
     samples: int | None = None
     sketch_size: int | None = None
     batch_size: int = 256
     sketch_dtype: str = "float64"
+    mode: str = "auto"
+    target_flops: float | None = None
+    max_drop: float | None = None
+    reconstruct: str = "lsq"
 
     def __post_init__(self) -> None:
-        if not self.layers or not str(self.layers).strip():
-            raise UsageError("give the layers to reduce", "e.g. --layers 7-16")
+        if self.layers is not None and not str(self.layers).strip():
+            raise UsageError("give the layers to reduce", "e.g. --layers 7-16, or leave --layers out")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown --mode '{self.mode}'", f"choose one of {', '.join(MODES)}")
+        if self.mode == "region" and self.layers is None:
+            raise UsageError("--mode region needs --layers", "e.g. --layers 7-16, or use --mode channel")
+        if self.reconstruct not in RECONSTRUCTIONS:
+            raise UsageError(
+                f"unknown --reconstruct '{self.reconstruct}'", f"choose one of {', '.join(RECONSTRUCTIONS)}"
+            )
+        if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
+            raise UsageError(
+                f"--target-flops must keep a fraction in (0, 1] of the teacher's FLOPs, got {self.target_flops:g}",
+                "e.g. --target-flops 0.5 or --target-flops 2x",
+            )
+        if self.max_drop is not None and self.max_drop < 0:
+            raise UsageError(f"--max-drop must be >= 0 accuracy points, got {self.max_drop:g}")
+        if self.mode == "region" and (self.target_flops is not None or self.max_drop is not None):
+            raise UsageError(
+                "--target-flops and --max-drop allocate channel widths", "use --mode channel (or auto)"
+            )
         specs = str(self.rank).split(",")
         if any(not part.strip() for part in specs):
             raise UsageError(

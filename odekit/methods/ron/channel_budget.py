@@ -1,0 +1,314 @@
+"""A FLOPs budget for the channel mode, allocated globally over the channel groups.
+
+1. ``measure_sensitivity``: one teacher pass over the fitting images gives every group's channel
+   second moments; each group alone is then cut to a few probe widths (maxvol pick, least-squares
+   reconstruction from the teacher's own kept channels) and the mean KL(teacher || student) on a
+   validation split held out from the training data is measured.
+2. ``allocate``: starting at full width, greedily take the step (a few channels of one group)
+   with the smallest interpolated loss increase per FLOP saved, until the predicted FLOPs meet
+   the target. FLOPs and parameters are predicted exactly from the layer shapes (every conv and
+   linear scales with the kept fraction of its input and output groups).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from odekit.errors import UsageError
+from odekit.methods.ron.channel import ChannelPlan, reconstruction, select_channels
+from odekit.methods.ron.channel_ops import (
+    PrefixRunner,
+    ReadGrams,
+    apply_selection,
+    batches,
+    channel_rows,
+    read_dims,
+)
+from odekit.models.layers import layer_flops
+
+PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
+STEPS_PER_GROUP = 32  # greedy step: ceil(C / 32) channels
+MIN_FRACTION = 1 / 64  # no group below ceil(C / 64) channels
+LANDING = 0.97  # a budget is met when the predicted FLOPs lie in [0.97 x target, target]
+
+
+@dataclass
+class CostModel:
+    """FLOPs and parameters per sample as a function of the group widths."""
+
+    base_flops: float  # FLOPs no group width changes (attention products, fixed layers)
+    base_params: float
+    terms: list[
+        tuple[float, float, int | None, int | None]
+    ]  # (flops, params, input group, output group)
+    channels: dict[int, int]
+
+    def cost(self, widths: dict[int, int]) -> tuple[float, float]:
+        flops, params = self.base_flops, self.base_params
+        for f, p, gin, gout in self.terms:
+            scale = 1.0
+            if gin is not None:
+                scale *= widths.get(gin, self.channels[gin]) / self.channels[gin]
+            if gout is not None:
+                scale *= widths.get(gout, self.channels[gout]) / self.channels[gout]
+            flops += f * scale
+            params += p * scale
+        return flops, params
+
+
+def cost_model(plan: ChannelPlan) -> CostModel:
+    """The exact FLOPs/params of ``plan.gm`` for any widths (one probe pass with hooks)."""
+    gm = plan.gm
+    flops: dict[str, float] = {}
+    hooks = []
+    for name, m in gm.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+
+            def hook(mod: nn.Module, _: object, out: Tensor, name: str = name) -> None:
+                flops[name] = flops.get(name, 0.0) + layer_flops(mod, out)
+
+            hooks.append(m.register_forward_hook(hook))
+    param = next(gm.parameters())
+    try:
+        with torch.no_grad():
+            gm(torch.zeros(1, *plan.input_shape, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    gin = {c.module: g.index for g in plan.reducible for c in g.consumers}
+    gout = {name: g.index for g in plan.reducible for name in (*g.producers, *g.channelwise)}
+    mods = dict(gm.named_modules())
+    terms: list[tuple[float, float, int | None, int | None]] = []
+    fixed_params = 0.0
+    for name, m in mods.items():
+        own = {k: p.numel() for k, p in m.named_parameters(recurse=False)}
+        if name in gin or name in gout:
+            # the weight scales with its input and output widths, a bias or BN scale with the output only
+            weight = (
+                float(own.pop("weight", 0))
+                if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                else 0.0
+            )
+            terms.append((flops.get(name, 0.0), weight, gin.get(name), gout.get(name)))
+            if own:
+                terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
+        else:
+            fixed_params += sum(own.values())
+    total = float(sum(flops.values()))
+    counted = sum(t[0] for t in terms)
+    channels = {g.index: g.channels for g in plan.groups}
+    return CostModel(total - counted, fixed_params, terms, channels)
+
+
+@dataclass
+class Sensitivity:
+    """Validation loss (mean KL to the teacher) of each group cut alone to probe widths."""
+
+    curves: dict[int, list[tuple[int, float]]]  # group -> [(width, loss)], width descending
+    teacher_grams: dict[int, Tensor] = field(default_factory=dict)
+
+    def loss(self, group: int, width: int) -> float:
+        """Piecewise-linear loss at ``width`` (0 at full width, extrapolated below the last probe)."""
+        pts = self.curves[group]
+        for (w0, l0), (w1, l1) in itertools.pairwise(pts):
+            if w1 <= width <= w0:
+                return l0 + (l1 - l0) * (w0 - width) / max(w0 - w1, 1)
+        (w0, l0), (w1, l1) = pts[-2], pts[-1]
+        return l1 + (l1 - l0) * (w1 - width) / max(w0 - w1, 1)
+
+
+def teacher_grams(
+    plan: ChannelPlan, x: Tensor, batch_size: int, device: torch.device
+) -> dict[int, dict[str, Tensor]]:
+    """Every reducible group's read tensors' second moments Zt^T Zt in one teacher pass."""
+    runner = PrefixRunner(plan.gm.to(device).eval())
+    reads = {r: (g.index, d) for g in plan.reducible for r, d in read_dims(g).items()}
+    grams: dict[int, dict[str, Tensor]] = {g.index: {} for g in plan.reducible}
+    for xb in batches(x, batch_size, device):
+        vals = runner.values(xb, list(reads))
+        for r, (gi, d) in reads.items():
+            rows = channel_rows(vals[r], d).double()
+            acc = grams[gi].get(r)
+            grams[gi][r] = rows.T @ rows if acc is None else acc + rows.T @ rows
+    return grams
+
+
+@torch.no_grad()
+def _mean_kl(
+    model: nn.Module, x: Tensor, teacher_logp: Tensor, batch_size: int, device: torch.device
+) -> float:
+    out = torch.cat([model(xb).float().cpu() for xb in batches(x, batch_size, device)])
+    logp = F.log_softmax(out, dim=-1)
+    return float((teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean())
+
+
+def measure_sensitivity(
+    plan: ChannelPlan, fit_x: Tensor, val_x: Tensor, batch_size: int, device: torch.device
+) -> Sensitivity:
+    """Cut each group alone to ``PROBE_FRACTIONS`` of its width and measure the validation KL."""
+    grams = teacher_grams(plan, fit_x, batch_size, device)
+    gm = plan.gm
+    with torch.no_grad():
+        teacher_logp = F.log_softmax(
+            torch.cat([gm(xb).float().cpu() for xb in batches(val_x, batch_size, device)]), -1
+        )
+    curves: dict[int, list[tuple[int, float]]] = {}
+    for g in plan.reducible:
+        tt = sum(
+            grams[g.index].values(),
+            torch.zeros(g.channels, g.channels, dtype=torch.float64, device=device),
+        )
+        points = [(g.channels, 0.0)]
+        for frac in PROBE_FRACTIONS:
+            width = max(1, round(frac * g.channels))
+            if width >= points[-1][0]:
+                continue
+            keep = select_channels(tt, width, "maxvol")
+            maps = {
+                r: reconstruction(ReadGrams(m, m, m), keep, "lsq")
+                for r, m in grams[g.index].items()
+            }
+            names = {*g.producers, *g.channelwise, *(c.module for c in g.consumers)}
+            saved = {n: gm.get_submodule(n) for n in names}
+            for n, module in saved.items():  # cut copies, never the teacher's own layers
+                _install(gm, n, copy.deepcopy(module))
+            apply_selection(gm, g, keep, maps)
+            loss = _mean_kl(gm, val_x, teacher_logp, batch_size, device)
+            for n, module in saved.items():
+                _install(gm, n, module)
+            points.append((width, max(loss, points[-1][1])))  # a narrower group never costs less
+        if len(points) == 1:
+            points.append((0, 1.0))
+        curves[g.index] = points
+    return Sensitivity(curves, {g.index: sum(grams[g.index].values()) for g in plan.reducible})  # type: ignore[misc]
+
+
+def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    owner._modules[child] = module
+
+
+@dataclass
+class Allocation:
+    """Widths meeting a FLOPs target, the predicted cost and the greedy path (FLOPs, widths)."""
+
+    widths: dict[int, int]
+    flops: float
+    params: float
+    teacher_flops: float
+    target: float
+    path: list[tuple[float, dict[int, int]]]
+    model: CostModel
+
+
+def allocate(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, target_fraction: float | None
+) -> Allocation:
+    """Greedy: repeatedly narrow the group whose next step costs the least loss per FLOP saved.
+    Without a target the path runs down to the narrowest widths (for --max-drop)."""
+    widths = {g.index: g.channels for g in plan.reducible}
+    teacher_flops, _ = model.cost(widths)
+    target = (target_fraction or 0.0) * teacher_flops
+    path: list[tuple[float, dict[int, int]]] = [(teacher_flops, dict(widths))]
+    flops = teacher_flops
+    while flops > target:
+        best: tuple[float, int, int] | None = None
+        for g in plan.reducible:
+            w = widths[g.index]
+            step = max(1, -(-g.channels // STEPS_PER_GROUP))
+            floor = max(1, -(-g.channels // round(1 / MIN_FRACTION)))
+            if w - step < floor:
+                step = w - floor
+            if step <= 0:
+                continue
+            trial = {**widths, g.index: w - step}
+            saved = flops - model.cost(trial)[0]
+            if saved <= 0:
+                continue
+            dloss = sens.loss(g.index, w - step) - sens.loss(g.index, w)
+            score = (max(dloss, 0.0) + 1e-12) / saved
+            if best is None or score < best[0]:
+                best = (score, g.index, w - step)
+        if best is None and target_fraction is None:
+            break
+        if best is None:
+            smallest = model.cost(widths)[0]
+            raise UsageError(
+                f"--target-flops {target_fraction:g} is out of reach: the narrowest channel student still has "
+                f"{smallest / teacher_flops:.3f} of the teacher's FLOPs",
+                f"ask for at least {smallest / teacher_flops:.3f}, or reduce more layers (--layers)",
+            )
+        _, gi, w_new = best
+        trial = {**widths, gi: _last_width(model, widths, gi, w_new, target)}
+        if (
+            model.cost(trial)[0] < LANDING * target
+        ):  # the step overshoots: land inside the band instead
+            trial = _land(plan, model, sens, widths, target) or trial
+        widths.update(trial)
+        flops = model.cost(widths)[0]
+        path.append((flops, dict(widths)))
+    if target_fraction is not None:
+        _fill_back(plan, model, sens, widths, target)
+        path.append((model.cost(widths)[0], dict(widths)))
+    flops, params = model.cost(widths)
+    return Allocation(widths, flops, params, teacher_flops, target, path, model)
+
+
+def _land(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, widths: dict[int, int], target: float
+) -> dict[int, int] | None:
+    """The single narrowing (any group, any width) that lands in [LANDING x target, target] with
+    the least loss, or None: on a small model one greedy step can jump past the 3% band."""
+    best: tuple[float, int, int] | None = None
+    for g in plan.reducible:
+        for w in range(widths[g.index] - 1, 0, -1):
+            flops = model.cost({**widths, g.index: w})[0]
+            if flops < LANDING * target:
+                break
+            if flops <= target:
+                dloss = sens.loss(g.index, w) - sens.loss(g.index, widths[g.index])
+                if best is None or dloss < best[0]:
+                    best = (dloss, g.index, w)
+    return {**widths, best[1]: best[2]} if best is not None else None
+
+
+def _fill_back(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, widths: dict[int, int], target: float
+) -> None:
+    """Give channels back (the most loss saved per FLOP first) while the target still holds: the
+    greedy's last steps may undershoot by more than one channel's FLOPs on a small model."""
+    while True:
+        flops = model.cost(widths)[0]
+        best: tuple[float, int] | None = None
+        for g in plan.reducible:
+            w = widths[g.index]
+            if w >= g.channels:
+                continue
+            added = model.cost({**widths, g.index: w + 1})[0] - flops
+            if flops + added > target:
+                continue
+            gain = sens.loss(g.index, w) - sens.loss(g.index, w + 1)
+            score = (gain + 1e-12) / max(added, 1e-12)
+            if best is None or score > best[0]:
+                best = (score, g.index)
+        if best is None:
+            return
+        widths[best[1]] += 1
+
+
+def _last_width(
+    model: CostModel, widths: dict[int, int], gi: int, w_new: int, target: float
+) -> int:
+    """The widest width in [w_new, current) that meets ``target``, else ``w_new`` (no overshoot)."""
+    for w in range(widths[gi] - 1, w_new, -1):
+        if model.cost({**widths, gi: w})[0] <= target:
+            return w
+    return w_new

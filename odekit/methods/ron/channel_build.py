@@ -1,0 +1,159 @@
+"""The channel mode end to end: plan, memory check, budget, reduction, accuracy guard."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from odekit.io.datasets import Split
+from odekit.methods.evaluation import accuracy
+from odekit.methods.ron.channel import ChannelPlan, ChannelResult, plan_channels, reduce_channels
+from odekit.methods.ron.channel_budget import Allocation, allocate, cost_model, measure_sensitivity
+from odekit.methods.ron.memory import check_memory
+from odekit.methods.ron.settings import RonSettings
+from odekit.progress import Progress
+
+CHANNEL_FIT_SAMPLES = (
+    512  # default fitting images of the channel mode (the C x C moments converge fast)
+)
+VAL_FRACTION = 0.1
+VAL_LIMITS = (64, 512)
+MAX_DROP_BUILDS = 5  # students built while bisecting the greedy path for --max-drop
+
+
+def holdout(train: Split, settings: RonSettings, seed: int) -> tuple[Split, Split]:
+    """A validation split held out from the training data (seeded) and the fitting samples."""
+    n = len(train)
+    n_val = (
+        min(VAL_LIMITS[1], max(VAL_LIMITS[0], round(VAL_FRACTION * n)))
+        if n > 2 * VAL_LIMITS[0]
+        else n // 4
+    )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    val = Split(train.x[order[:n_val]], train.y[order[:n_val]])
+    rest = Split(train.x[order[n_val:]], train.y[order[n_val:]])
+    return rest.subset(settings.samples or CHANNEL_FIT_SAMPLES, seed=seed), val
+
+
+def estimate_bytes(plan: ChannelPlan, settings: RonSettings, samples: int) -> float:
+    """Peak of the channel mode: three C x C float64 moments per read tensor, the live
+    activations of one batch in teacher and student, and two copies of the weights."""
+    moments = sum(3 * 8 * g.channels**2 * len(g.reads) for g in plan.reducible)
+    param = next(plan.gm.parameters())
+    batch = min(settings.batch_size, samples)
+    live = 4 * batch * _largest_activation(plan) * param.element_size() * 2
+    weights = 3 * sum(p.numel() * p.element_size() for p in plan.gm.parameters())
+    return float(moments + live + weights)
+
+
+def _largest_activation(plan: ChannelPlan) -> int:
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
+             for m in plan.gm.modules() if not list(m.children())]  # fmt: skip
+    param = next(plan.gm.parameters())
+    try:
+        with torch.no_grad():
+            plan.gm(torch.zeros(1, *plan.input_shape, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return max(sizes, default=math.prod(plan.input_shape))
+
+
+def build_channel_student(
+    teacher: nn.Module,
+    input_shape: tuple[int, ...],
+    fit: Split,
+    val: Split,
+    settings: RonSettings,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> ChannelResult:
+    """The channel student: widths from ``--target-flops``/``--max-drop`` (global greedy on the
+    validation split) or from the rank rule per group."""
+    plan = plan_channels(teacher, tuple(input_shape), settings.layers)
+    check_memory(
+        estimate_bytes(plan, settings, len(fit)), "the channel reduction",
+        "lower --batch-size (activations) or reduce fewer groups (--layers)", device,
+    )  # fmt: skip
+    if settings.target_flops is None and settings.max_drop is None:
+        return reduce_channels(plan, fit.x, settings, device, progress=progress)
+    model = cost_model(plan)
+    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device)
+    alloc = allocate(plan, model, sens, settings.target_flops)
+    result = reduce_channels(plan, fit.x, settings, device, alloc.widths, progress=progress)
+    teacher_acc = accuracy(plan.gm, val, device=device)
+    drop = 100 * (teacher_acc - accuracy(result.student, val, device=device))
+    if settings.max_drop is not None and (
+        drop > settings.max_drop or settings.target_flops is None
+    ):
+        result, alloc, drop = _bisect_max_drop(
+            plan, fit, val, settings, device, alloc, teacher_acc, (result, drop)
+        )
+    result.budget = _budget_json(alloc, settings, teacher_acc, drop, len(val))
+    return result
+
+
+def _bisect_max_drop(
+    plan: ChannelPlan,
+    fit: Split,
+    val: Split,
+    settings: RonSettings,
+    device: torch.device,
+    alloc: Allocation,
+    teacher_acc: float,
+    last: tuple[ChannelResult, float],
+) -> tuple[ChannelResult, Allocation, float]:
+    """The cheapest point of the greedy path whose validation drop stays within --max-drop."""
+    assert settings.max_drop is not None
+    path = alloc.path
+    lo, hi = (
+        0,
+        len(path) - 1,
+    )  # path[lo] is known to pass (full width), path[hi] to fail or be unknown
+    best: tuple[ChannelResult, float, int] | None = None
+    if last[1] <= settings.max_drop:
+        best, lo = (last[0], last[1], hi), hi
+    for _ in range(MAX_DROP_BUILDS):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        built = reduce_channels(plan, fit.x, settings, device, path[mid][1])
+        drop = 100 * (teacher_acc - accuracy(built.student, val, device=device))
+        if drop <= settings.max_drop:
+            best, lo = (built, drop, mid), mid
+        else:
+            hi = mid
+    if best is None:  # even the first step lost too much: the teacher's widths
+        built = reduce_channels(plan, fit.x, settings, device, path[0][1])
+        best = (built, 0.0, 0)
+    flops, widths = path[best[2]]
+    chosen = Allocation(
+        widths,
+        flops,
+        alloc.model.cost(widths)[1],
+        alloc.teacher_flops,
+        alloc.target,
+        path,
+        alloc.model,
+    )
+    return best[0], chosen, best[1]
+
+
+def _budget_json(
+    alloc: Allocation, settings: RonSettings, teacher_acc: float, drop: float, n_val: int
+) -> dict[str, Any]:
+    return {
+        "target_flops": settings.target_flops,
+        "max_drop_points": settings.max_drop,
+        "predicted_flops": alloc.flops,
+        "predicted_params": alloc.params,
+        "teacher_flops": alloc.teacher_flops,
+        "greedy_steps": len(alloc.path) - 1,
+        "validation_samples": n_val,
+        "validation_teacher_accuracy": teacher_acc,
+        "validation_drop_points": drop,
+    }

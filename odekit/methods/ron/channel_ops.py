@@ -1,0 +1,154 @@
+"""Graph-level steps of channel reduction: run a graph up to some nodes, stream channel Gram
+matrices, keep channels in producers and channel-wise layers, fold a reconstruction into consumers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from odekit.models.channel_groups import ChannelGroup
+from odekit.models.graph import run_node
+
+
+def channel_rows(t: Tensor, cdim: int) -> Tensor:
+    """(rows, C): every channel vector of ``t`` (every sample, pixel and token)."""
+    return t.movedim(cdim, -1).reshape(-1, t.shape[cdim])
+
+
+class PrefixRunner:
+    """Runs a GraphModule node by node until the wanted nodes are computed, freeing every value
+    no later node reads (the peak holds the live activations of one batch, not all of them)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.mods = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {
+            n: max((self.order[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)
+        }
+
+    @torch.no_grad()
+    def values(self, x: Tensor, wanted: list[str]) -> dict[str, Tensor]:
+        todo = set(wanted)
+        found: dict[str, Tensor] = {}
+        env: dict[fx.Node, object] = {}
+        for i, node in enumerate(self.nodes):
+            if not todo:
+                break
+            if node.op == "placeholder":
+                env[node] = x
+            elif node.op == "output":
+                break
+            else:
+                env[node] = run_node(node, env, self.gm, self.mods)
+            if node.name in todo:
+                todo.discard(node.name)
+                found[node.name] = env[node]  # type: ignore[assignment]
+            for inp in node.all_input_nodes:
+                if self.last_use[inp] <= i and inp.name not in todo:
+                    env.pop(inp, None)
+        return found
+
+
+@dataclass
+class ReadGrams:
+    """Streamed second moments of one read tensor's channel vectors (float64, C x C):
+    ``ss`` = Zs^T Zs (student), ``st`` = Zs^T Zt (student x teacher), ``tt`` = Zt^T Zt."""
+
+    ss: Tensor
+    st: Tensor
+    tt: Tensor
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, c: int, device: torch.device) -> ReadGrams:
+        z = torch.zeros(c, c, dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def update(self, student: Tensor, teacher: Tensor) -> None:
+        s, t = student.double(), teacher.double()
+        self.ss += s.T @ s
+        self.st += s.T @ t
+        self.tt += t.T @ t
+        self.rows += int(s.shape[0])
+
+
+def batches(x: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size].to(device)
+
+
+def _set(module: nn.Module, name: str, value: Tensor | None) -> None:
+    if value is None:
+        return
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(name, value.detach().clone())
+
+
+def keep_outputs(module: nn.Module, keep: Tensor) -> None:
+    """Keep output channels ``keep`` of a producer or channel-wise layer (conv, linear, BatchNorm,
+    depthwise conv)."""
+    p = int(keep.numel())
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, name, None)
+            _set(module, name, t[keep.to(t.device)] if t is not None else None)
+        module.num_features = p
+        return
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    keep = keep.to(weight.device)
+    _set(module, "weight", weight[keep])
+    bias = getattr(module, "bias", None)
+    _set(module, "bias", bias[keep] if bias is not None else None)
+    if isinstance(module, nn.Linear):
+        module.out_features = p
+        return
+    assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    if module.groups > 1:  # depthwise: one filter per channel
+        module.in_channels = module.groups = p
+    module.out_channels = p
+
+
+def fold_inputs(module: nn.Module, t: Tensor, block: int) -> None:
+    """Replace a consumer's C input channels by P: W' = W T (T: C x P), per flattened ``block``."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    w = weight.detach()
+    t = t.to(device=w.device, dtype=torch.float64)
+    c, p = t.shape
+    if isinstance(module, nn.Linear):
+        out = w.shape[0]
+        folded = torch.einsum("ocb,cp->opb", w.double().reshape(out, c, block), t).reshape(
+            out, p * block
+        )
+        module.in_features = p * block
+    else:
+        assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1
+        folded = torch.einsum("oc...,cp->op...", w.double(), t)
+        module.in_channels = p
+    _set(module, "weight", folded.to(w.dtype))
+
+
+def apply_selection(
+    gm: fx.GraphModule, group: ChannelGroup, keep: Tensor, maps: dict[str, Tensor]
+) -> None:
+    """Shrink ``group`` to the channels ``keep`` in ``gm``; ``maps[read]`` (C x P) is folded into
+    every consumer reading ``read``."""
+    mods = dict(gm.named_modules())
+    keep = keep.to(torch.long)
+    for name in (*group.producers, *group.channelwise):
+        keep_outputs(mods[name], keep)
+    for consumer in group.consumers:
+        fold_inputs(mods[consumer.module], maps[consumer.read], consumer.block)
+
+
+def read_dims(group: ChannelGroup) -> dict[str, int]:
+    """The channel dimension of every tensor the group's consumers read."""
+    return {c.read: c.cdim for c in group.consumers}
