@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
+from odekit.api.defaults import DISTILLATION_BETA, FINETUNE_LR, STREAM_BATCH_SIZE
 from odekit.cli.names import DEVICE_CHOICES
+
+__all__ = ["DISTILLATION_BETA", "FINETUNE_LR", "STREAM_BATCH_SIZE"]
 
 COMMON = "Common options"
 MODEL = "Model options"
@@ -161,9 +164,6 @@ PixelMaxOpt = Annotated[
 
 
 # --- issue 12: one default per word (docs/cli.md glossary) ---
-STREAM_BATCH_SIZE = 256  # streaming/evaluation batch of reduce, asnet, attack, smoothness-check
-FINETUNE_LR = 1e-4  # thesis 6.5.1 (Adam, VGG); 5e-4 collapsed a full-width VGG-19 RON student
-DISTILLATION_BETA = 0.1  # thesis eq. 6.29
 FINETUNE = "Fine-tuning options"
 
 FinetuneLrOpt = Annotated[

@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,12 +35,13 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
+from odekit.api.progress import RichProgress, plain_progress
 from odekit.cli.errors import captured_warnings, exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
-from odekit.cli.progress import RichProgress, plain_progress
 from odekit.cli.vocabulary import DEPRECATED
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
+from odekit.writers.tables import ReportTable
 from odekit.writers.transaction import OutputTransaction, signals_raise
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help (issue 12)
@@ -57,21 +58,21 @@ def _current_dist() -> Distributed:
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
 
-@dataclass
-class ResultTable:
+class ResultTable(ReportTable):
     """A table printed on stdout for people and embedded in report.md."""
 
-    title: str
-    headers: list[str]
-    rows: list[list[Any]]
-
     def to_rich(self) -> Table:
-        table = Table(title=self.title, title_justify="left")
-        for header in self.headers:
-            table.add_column(header, overflow="fold")
-        for row in self.rows:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-        return table
+        return rich_table(self)
+
+
+def rich_table(table: ReportTable) -> Table:
+    """The terminal view of a result table (the API's tables are `ReportTable`s)."""
+    shown = Table(title=table.title, title_justify="left")
+    for header in table.headers:
+        shown.add_column(header, overflow="fold")
+    for row in table.rows:
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return shown
 
 
 @dataclass
@@ -79,7 +80,7 @@ class CommandOutput:
     """What a command body returns: JSON results plus the human view of them."""
 
     results: dict[str, Any]
-    tables: list[ResultTable] = field(default_factory=list)
+    tables: Sequence[ReportTable] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)
 
 
@@ -201,7 +202,7 @@ def run_command(
     from odekit.device import resolve_device, set_threads
     from odekit.distributed import init_distributed, read_launch_env
     from odekit.writers.guards import check_staged_tensors
-    from odekit.writers.report import ARRAYS_NAME, Report, markdown_table
+    from odekit.writers.report import ARRAYS_NAME, Report
 
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
@@ -269,7 +270,7 @@ def run_command(
                 device=str(device),
                 threads=threads,
                 seconds=time.perf_counter() - start,
-                markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+                markdown_sections=[(t.title, t.markdown()) for t in output.tables],
                 outputs=transaction.staged_names(),
                 world_size=dist.world_size,
                 backend=dist.describe()["backend"],
@@ -312,7 +313,7 @@ def run_command(
     for line in output.headline:
         out_console.print(_final_paths(line, staging, final), highlight=False)
     for table in output.tables:
-        out_console.print(table.to_rich())
+        out_console.print(rich_table(table))
     out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)
 
 
