@@ -13,6 +13,7 @@ from odekit.api.asnet_figures import baselines_figure, spectrum_figure
 from odekit.api.compression import inputs_of
 from odekit.api.defaults import DISTILLATION_BETA, FINETUNE_LR, STREAM_BATCH_SIZE
 from odekit.api.inputs import ModelLike, as_dataset, as_loaded, layer_spec
+from odekit.api.onnx_export import OnnxDeployment, check_export_format, deploy_onnx, onnx_headline
 from odekit.api.progress import shown
 from odekit.api.results import RELOAD_PROBE, Claim, RunResult, model_file, save_derived_model
 from odekit.device import resolve_device
@@ -34,6 +35,7 @@ from odekit.methods.asnet import (
 from odekit.methods.evaluation import ModelCost
 from odekit.progress import Progress
 from odekit.stats import accuracy_text
+from odekit.writers.atomic import atomic_write_bytes
 from odekit.writers.plots import save_figure
 from odekit.writers.tables import ReportTable
 
@@ -50,6 +52,7 @@ class ASNetRunResult(RunResult):
     probe: torch.Tensor | None = None
     eps: float = 0.05
     baselines: bool = True
+    onnx: OnnxDeployment | None = None  # export="onnx": the ASNet as ONNX, checked and timed
 
     def write_outputs(self, claim: Claim, force: bool) -> dict[str, Any]:
         """asnet.safetensors (asnet.pt2 for a teacher no registry entry rebuilds), spectrum.png
@@ -59,6 +62,10 @@ class ASNetRunResult(RunResult):
             path = claim(model_file("asnet", self.built.registered))
             diff = save_derived_model(path, self.model, self.meta, self.input_shape, self.probe, force=force)
             written = {"checkpoint": str(path), "reload_max_abs_diff": diff}
+        if self.onnx is not None:
+            onnx_path = claim("asnet.onnx")
+            atomic_write_bytes(onnx_path, self.onnx.model_bytes, force)
+            written["onnx_path"] = str(onnx_path)
         used = (self.built.cut.cut.index, self.built.cut.rank) if self.built is not None else None
         save_figure(spectrum_figure(self.analyses, self.eps, used), claim("spectrum.png"), force=force)
         if self.baselines:
@@ -90,6 +97,7 @@ def asnet(
     batch_size: int = STREAM_BATCH_SIZE,
     test: Any = None,
     normalization: tuple[list[float], list[float]] | None = None,
+    export: str | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: bool | Progress | None = None,
@@ -105,7 +113,7 @@ def asnet(
     cut_spec = layer_spec(cut, loaded.model, shape, "cut")
     layer_list = layer_spec(layers, loaded.model, shape)
     analyze = analyze or layer_list is not None
-    check_request(analyze, cut_spec, finetune, sparse, rank)
+    check_request(analyze, cut_spec, finetune, sparse, rank, export)
     parsed_rank = parse_rank(str(rank)) if rank is not None else None
     sub = SubspaceSettings(eps=energy_tol, sketch_size=sketch_size if sketch_size is not None else default_sketch_size(parsed_rank),
                            samples=fit_samples, batch_size=batch_size, seed=seed)  # fmt: skip
@@ -124,15 +132,17 @@ def asnet(
     torch.manual_seed(seed)
     with shown(progress) as bars:
         return run_asnet(loaded, dataset, settings, sub, resolve_device(device), analyze=analyze, layers=layer_list,
-                         baselines=baselines, params=params, progress=bars)  # fmt: skip
+                         baselines=baselines, params=params, progress=bars, export=check_export_format(export))  # fmt: skip
 
 
-def check_request(analyze: bool, cut: str | None, finetune: int, sparse: bool, rank: Any) -> None:
+def check_request(analyze: bool, cut: str | None, finetune: int, sparse: bool, rank: Any, export: str | None = None) -> None:
     """Something to do, and no build options without a build."""
     if not analyze and cut is None:
         raise UsageError("nothing to do", "give `cut` to build an ASNet and/or `analyze` to study layers")
     if cut is None and (finetune or sparse or rank is not None):
         raise UsageError("`rank`, `finetune` and `sparse` belong to an ASNet build", "add `cut`")
+    if cut is None and export is not None:
+        raise UsageError("`export` writes the ASNet that `cut` builds", "add `cut`")
 
 
 def run_asnet(
@@ -150,6 +160,7 @@ def run_asnet(
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
     dist: Distributed | None = None,
+    export: str | None = None,
 ) -> ASNetRunResult:
     """The layer analyses and/or the ASNet build of ``loaded`` (the CLI and `asnet` share this)."""
     shape = tuple(loaded.input_shape or dataset.input_shape)
@@ -157,7 +168,7 @@ def run_asnet(
     tables: list[ReportTable] = []
     headline: list[str] = []
     analyses: list[LayerAnalysis] = []
-    built, meta = None, None
+    built, meta, onnx = None, None, None
     if analyze:
         chain = cut_model(loaded.model, shape)
         analyses = analyze_layers(chain, layers, dataset, sub, device, logreg=baselines, progress=progress, dist=dist)
@@ -174,6 +185,12 @@ def run_asnet(
             analyses.append(built.cut_analysis)
         tables += _asnet_tables(built)
         headline.append(_asnet_headline(built))
+        if export == "onnx":
+            example = dataset.test.x[:sub.batch_size] if len(dataset.test) else dataset.train.x[:sub.batch_size]
+            onnx = deploy_onnx(built.model, shape, example, teacher=loaded.model)
+            results["onnx"] = onnx.to_dict()
+            tables.append(onnx.table("ASNet"))
+            headline.append(onnx_headline(onnx))
     results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(sub.eps) for a in analyses}
     results.setdefault("warnings", [])
     headline.append(
@@ -185,7 +202,7 @@ def run_asnet(
         command="asnet", results=results, inputs=inputs if inputs is not None else inputs_of(loaded, dataset),
         params=params, tables=tables, headline=headline, device=str(device), model=built.model if built else None,
         built=built, analyses=analyses, meta=meta, input_shape=shape, probe=probe.to(device), eps=sub.eps,
-        baselines=baselines,
+        baselines=baselines, onnx=onnx,
     )  # fmt: skip
 
 

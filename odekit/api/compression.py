@@ -11,6 +11,7 @@ from torch import nn
 
 from odekit.api.defaults import DISTILLATION_BETA, FINETUNE_LR, LATENCY_BATCH, STREAM_BATCH_SIZE
 from odekit.api.inputs import ModelLike, as_dataset, as_loaded, layer_spec
+from odekit.api.onnx_export import OnnxDeployment, check_export_format, deploy_onnx, onnx_headline
 from odekit.api.progress import shown
 from odekit.api.results import RELOAD_PROBE, Claim, RunResult, model_file, save_derived_model
 from odekit.device import resolve_device
@@ -30,6 +31,7 @@ from odekit.methods.training import TrainSettings
 from odekit.models.registry import ARCHITECTURES
 from odekit.progress import Progress
 from odekit.stats import accuracy_text
+from odekit.writers.atomic import atomic_write_bytes
 from odekit.writers.plots import save_figure
 from odekit.writers.tables import ReportTable
 
@@ -44,6 +46,7 @@ class ReduceResult(RunResult):
     input_shape: tuple[int, ...] = ()
     probe: torch.Tensor | None = None
     registered: bool = False  # `odekit.load` rebuilds the student from safetensors + metadata
+    onnx: OnnxDeployment | None = None  # export="onnx": the student as ONNX, checked and timed
 
     def write_outputs(self, claim: Claim, force: bool) -> dict[str, Any]:
         """student.safetensors (student.pt2 for a teacher no registry entry rebuilds) and
@@ -54,8 +57,13 @@ class ReduceResult(RunResult):
         reload_diff = save_derived_model(student_path, self.student, self.meta, self.input_shape, self.probe, force=force)
         build = self.run.build
         save_figure(singular_value_figure(build.layers, build.first_layer, build.last_layer), plot_path, force=force)
-        return {"reload_max_abs_diff": reload_diff, "student_checkpoint": str(student_path),
-                "singular_value_plot": str(plot_path)}  # fmt: skip
+        written = {"reload_max_abs_diff": reload_diff, "student_checkpoint": str(student_path),
+                   "singular_value_plot": str(plot_path)}  # fmt: skip
+        if self.onnx is not None:
+            onnx_path = claim("student.onnx")
+            atomic_write_bytes(onnx_path, self.onnx.model_bytes, force)
+            written["onnx_path"] = str(onnx_path)
+        return written
 
 
 def reduce(
@@ -76,6 +84,7 @@ def reduce(
     batch_size: int = STREAM_BATCH_SIZE,
     test: Any = None,
     normalization: tuple[list[float], list[float]] | None = None,
+    export: str | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: bool | Progress | None = None,
@@ -87,7 +96,8 @@ def reduce(
     ``(first, last)`` is a range. ``target_flops``/``mode`` and any other settings of
     `RonSettings` (``max_drop``, ``reconstruct``...) or of `TrainSettings` (``patience``,
     ``val_fraction``...) are passed on when given. Returns a `ReduceResult`: ``.student``,
-    ``.to_dict()`` (report.json's results), ``.save(folder)`` (what `odekit reduce` writes)."""
+    ``.to_dict()`` (report.json's results), ``.save(folder)`` (what `odekit reduce` writes).
+    ``export="onnx"`` also exports the student to ONNX, checked in onnxruntime and timed."""
     loaded = as_loaded(model)
     dataset = as_dataset(data, loaded, test=test, normalization=normalization)
     given = {"mode": mode, "target_flops": target_flops, **more}
@@ -103,7 +113,7 @@ def reduce(
     torch.manual_seed(seed)
     with shown(progress) as bars:
         return run_reduce(loaded, dataset, settings, train, resolve_device(device), latency_batch=latency_batch,
-                          seed=seed, params=params, progress=bars)  # fmt: skip
+                          seed=seed, params=params, progress=bars, export=check_export_format(export))  # fmt: skip
 
 
 def _route(extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -137,6 +147,7 @@ def run_reduce(
     inputs: dict[str, Any] | None = None,
     progress: Progress | None = None,
     dist: Distributed | None = None,
+    export: str | None = None,
 ) -> ReduceResult:
     """Build, fine-tune and measure the student of ``loaded`` (the CLI and `reduce` share this)."""
     dist = dist or current()
@@ -171,11 +182,17 @@ def run_reduce(
             "mean_kl": "nats, KL(teacher || student) averaged over the test split",
         },
     }
+    tables, headline = _tables(run), _headline(run, span)
+    onnx = deploy_onnx(run.student, shape, example, teacher=loaded.model) if export == "onnx" else None
+    if onnx is not None:
+        results["onnx"] = onnx.to_dict()
+        tables.append(onnx.table("student"))
+        headline.append(onnx_headline(onnx))
     return ReduceResult(
         command="reduce", results=results, inputs=inputs if inputs is not None else inputs_of(loaded, dataset),
-        params=params, tables=_tables(run), headline=_headline(run, span), device=str(device),
+        params=params, tables=tables, headline=headline, device=str(device),
         student=run.student, run=run, meta=meta, input_shape=shape, probe=example[:RELOAD_PROBE].to(device),
-        registered=loaded.meta.arch in ARCHITECTURES,
+        registered=loaded.meta.arch in ARCHITECTURES, onnx=onnx,
     )  # fmt: skip
 
 

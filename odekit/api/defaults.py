@@ -4,3 +4,4 @@ STREAM_BATCH_SIZE = 256  # streaming/evaluation batch of reduce, asnet, attack, 
 FINETUNE_LR = 1e-4  # thesis 6.5.1 (Adam, VGG); 5e-4 collapsed a full-width VGG-19 RON student
 DISTILLATION_BETA = 0.1  # thesis eq. 6.29
 LATENCY_BATCH = 256  # reduce: test inputs per timed forward pass
+EXPORT_FORMATS = ("onnx",)  # --export / export=: deployment formats besides safetensors and .pt2

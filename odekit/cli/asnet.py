@@ -21,6 +21,7 @@ from odekit.cli.options import (
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    ExportOpt,
     FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
@@ -159,6 +160,7 @@ def asnet_command(
         bool,
         typer.Option("--latency/--no-latency", help="Measure teacher and ASNet latency (median ms).", rich_help_panel=ASNET),
     ] = True,
+    export: ExportOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
@@ -180,6 +182,7 @@ def asnet_command(
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
     from odekit.api.asnets import check_request, run_asnet
+    from odekit.api.onnx_export import check_export_format
     from odekit.api.results import model_file
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
     from odekit.cli.errors import cli_text
@@ -199,9 +202,11 @@ def asnet_command(
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
         "lr": lr, "head_lr": head_lr, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
+    params["export"] = export
 
     def body(ctx: CommandContext) -> CommandOutput:
-        check_request(analyze, cut, finetune, sparse, rank)
+        check_request(analyze, cut, finetune, sparse, rank, export)
+        export_format = check_export_format(export)
         parsed_rank = parse_rank(rank)
         sub = SubspaceSettings(
             eps=eps,
@@ -217,7 +222,7 @@ def asnet_command(
                 sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub,
             )  # fmt: skip
         paths = {name: ctx.path(name) for name in ["asnet.safetensors"] * (cut is not None) + ["spectrum.png"]
-                 + ["baselines.png"] * baselines}  # fmt: skip
+                 + ["baselines.png"] * baselines + ["asnet.onnx"] * (export_format is not None)}  # fmt: skip
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "asnet")
         if cut is not None:  # no registry entry rebuilds the teacher: a self-contained torch.export program
@@ -225,7 +230,8 @@ def asnet_command(
             paths[name] = ctx.path(name)
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         result = run_asnet(loaded, dataset, settings, sub, ctx.device, analyze=analyze, layers=layers, baselines=baselines,
-                           params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, log=ctx.log, dist=ctx.dist)  # fmt: skip
+                           params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, log=ctx.log, dist=ctx.dist,
+                           export=export_format)  # fmt: skip
         for warning in result.built.warnings if result.built is not None else []:
             ctx.log(f"[yellow]Warning:[/yellow] {cli_text(warning)}")
         written = result.write_outputs(paths.__getitem__, ctx.force)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from odekit.api.defaults import DISTILLATION_BETA, FINETUNE_LR, STREAM_BATCH_SIZE
+from odekit.api.defaults import DISTILLATION_BETA, EXPORT_FORMATS, FINETUNE_LR, STREAM_BATCH_SIZE
 from odekit.cli.names import DEVICE_CHOICES
 
 __all__ = ["DISTILLATION_BETA", "FINETUNE_LR", "STREAM_BATCH_SIZE"]
@@ -180,5 +180,16 @@ BetaOpt = Annotated[
         "--beta",
         help="Distillation weight of the fine-tuning loss: beta KL(teacher||student) + (1-beta) CE (thesis eq. 6.29).",
         rich_help_panel=FINETUNE,
+    ),
+]
+
+# --- issue 22: deployment formats ---
+ExportOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--export",
+        help=f"Also write the compressed model as {' | '.join(EXPORT_FORMATS)} (dynamic batch), checked in onnxruntime "
+        "against PyTorch and timed in both runtimes beside the teacher. Needs odekit[onnx].",
+        show_default=False,
     ),
 ]

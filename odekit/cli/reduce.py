@@ -21,6 +21,7 @@ from odekit.cli.options import (
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    ExportOpt,
     FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
@@ -131,6 +132,7 @@ def reduce_command(
             rich_help_panel=RON,
         ),
     ] = 256,
+    export: ExportOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
@@ -152,6 +154,7 @@ def reduce_command(
 ) -> None:
     """Compress layers A..B into a reduced-order network (RON, thesis ch. 5)."""
     from odekit.api.compression import clipped_states, run_reduce
+    from odekit.api.onnx_export import check_export_format
     from odekit.api.results import model_file
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
     from odekit.cli.errors import cli_text
@@ -168,6 +171,7 @@ def reduce_command(
         "finetune": finetune, "lr": lr, "beta": beta, "latency_batch": latency_batch, "batch_size": batch_size,
         "data": data,
     }  # fmt: skip
+    params["export"] = export
 
     def body(ctx: CommandContext) -> CommandOutput:
         settings = RonSettings(
@@ -177,7 +181,10 @@ def reduce_command(
         train_settings = TrainSettings(
             epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed
         )
+        export_format = check_export_format(export)
         paths = {name: ctx.path(name) for name in ("student.safetensors", "singular_values.png")}
+        if export_format is not None:
+            paths["student.onnx"] = ctx.path("student.onnx")
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
         # a teacher no registry entry rebuilds gives a self-contained .pt2 program, not safetensors
@@ -185,7 +192,8 @@ def reduce_command(
         paths[student] = ctx.path(student)
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         result = run_reduce(loaded, dataset, settings, train_settings, ctx.device, latency_batch=latency_batch, seed=seed,
-                            params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, dist=ctx.dist)  # fmt: skip
+                            params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, dist=ctx.dist,
+                            export=export_format)  # fmt: skip
         written = result.write_outputs(paths.__getitem__, ctx.force)
         assert result.run is not None
         clipped = clipped_states(result.run)
