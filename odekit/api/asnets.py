@@ -16,7 +16,7 @@ from odekit.api.inputs import ModelLike, as_dataset, as_loaded, layer_spec
 from odekit.api.onnx_export import OnnxDeployment, check_export_format, deploy_onnx, onnx_headline
 from odekit.api.progress import shown
 from odekit.api.results import RELOAD_PROBE, Claim, RunResult, model_file, save_derived_model
-from odekit.device import resolve_device
+from odekit.device import resolve_device, seed_everything
 from odekit.distributed import Distributed
 from odekit.errors import UsageError
 from odekit.io.datasets import Dataset
@@ -129,7 +129,7 @@ def asnet(
               "finetune": finetune, "beta": beta, "lr": lr, "head_lr": head_lr, "sparse": sparse, "l1": l1,
               "baselines": baselines, "latency": latency, "batch_size": batch_size,
               "data": data if isinstance(data, str | type(None)) else None, **more}  # fmt: skip
-    torch.manual_seed(seed)
+    seed_everything(seed)
     with shown(progress) as bars:
         return run_asnet(loaded, dataset, settings, sub, resolve_device(device), analyze=analyze, layers=layer_list,
                          baselines=baselines, params=params, progress=bars, export=check_export_format(export))  # fmt: skip

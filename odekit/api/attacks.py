@@ -13,7 +13,7 @@ from odekit.api.defaults import STREAM_BATCH_SIZE
 from odekit.api.inputs import ModelLike, as_dataset, as_loaded
 from odekit.api.progress import shown
 from odekit.api.results import Claim, RunResult
-from odekit.device import resolve_device
+from odekit.device import resolve_device, seed_everything
 from odekit.errors import UsageError
 from odekit.methods.attacks import pipeline
 from odekit.methods.attacks.experiments import AttackRun, Scoring
@@ -92,7 +92,7 @@ def attack(
               "batch_size": batch_size, "seed": seed, **settings}  # fmt: skip
     pipeline.drop_unused_params(params, base_plan, options)
     dev = resolve_device(device)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     with shown(progress) as bars:
         score = Scoring(seed=seed, batch_size=batch_size, device=dev, progress=bars)
         return run_attack(method, options, base_plan, unit, [tgt] if src is None else [tgt, src], score=score,

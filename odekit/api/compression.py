@@ -14,7 +14,7 @@ from odekit.api.inputs import ModelLike, as_dataset, as_loaded, layer_spec
 from odekit.api.onnx_export import OnnxDeployment, check_export_format, deploy_onnx, onnx_headline
 from odekit.api.progress import shown
 from odekit.api.results import RELOAD_PROBE, Claim, RunResult, model_file, save_derived_model
-from odekit.device import resolve_device
+from odekit.device import resolve_device, seed_everything
 from odekit.distributed import Distributed, current
 from odekit.errors import UsageError
 from odekit.io.datasets import Dataset
@@ -110,7 +110,7 @@ def reduce(
               "sketch_size": sketch_size, "finetune": finetune, "lr": lr, "beta": beta,
               "latency_batch": latency_batch, "batch_size": batch_size,
               "data": data if isinstance(data, str | type(None)) else None, **ron_extra, **train_extra}  # fmt: skip
-    torch.manual_seed(seed)
+    seed_everything(seed)
     with shown(progress) as bars:
         return run_reduce(loaded, dataset, settings, train, resolve_device(device), latency_batch=latency_batch,
                           seed=seed, params=params, progress=bars, export=check_export_format(export))  # fmt: skip

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -125,15 +124,6 @@ def default_out_dir(command: str, name: str | None) -> Path:
     return candidate
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def check_option_values(params: dict[str, Any], command: str = "") -> None:
     """Every numeric option is finite and fits 64 bits, whatever command parsed it."""
     renamed = DEPRECATED.get(command, {})  # a report key may keep an option's old name
@@ -199,7 +189,7 @@ def run_command(
 
     ``distributed``: the body shards its work over the ranks of a torchrun launch (through
     ``ctx.dist``); other commands refuse to run on several ranks."""
-    from odekit.device import resolve_device, set_threads
+    from odekit.device import resolve_device, seed_everything, set_threads
     from odekit.distributed import init_distributed, read_launch_env
     from odekit.writers.guards import check_staged_tensors
     from odekit.writers.report import ARRAYS_NAME, Report

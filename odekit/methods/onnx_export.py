@@ -28,7 +28,13 @@ TOLERANCE = 1e-4  # largest |onnxruntime - PyTorch| logit difference, relative t
 _TRACE_BATCH = 2  # torch.export cannot keep a dimension of size 1 dynamic
 _MAX_BATCH = 1 << 20
 EXTRA = "pip install 'odekit[onnx]' (onnx, onnxruntime, onnxscript)"
-_OP = re.compile(r"\baten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?")
+# how the exporter names the op it could not translate, most specific first
+_OP_PATTERNS = (
+    re.compile(r"op='([\w.]+)', overload='(\w+)'"),
+    re.compile(r"target=torch\.ops\.([\w.]+)"),
+    re.compile(r"\b((?:aten|prims)[.:]{1,2}\w+(?:\.\w+)?)"),
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _require_runtime() -> Any:
@@ -73,12 +79,15 @@ def onnx_bytes(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
 
 
 def _failure(exc: BaseException) -> str:
-    """One line naming the op that failed, when the exporter's message names one."""
-    text = str(exc)
-    op = _OP.search(text)
-    if op:
-        return f"op {op.group(0)} has no ONNX translation"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    """One line naming the op that failed, when the exporter's message names one, else the
+    exception its summary ends with."""
+    text = _ANSI.sub("", f"{exc}\n{exc.__cause__ or ''}")
+    for pattern in _OP_PATTERNS:
+        found = pattern.search(text)
+        if found:
+            return f"op {'.'.join(found.groups())} has no ONNX translation"
+    summary = text.split("## Exception summary", 1)[-1]
+    first = next((line.strip() for line in summary.splitlines() if line.strip()), type(exc).__name__)
     return f"{type(exc).__name__}: {first[:200]}"
 
 
