@@ -36,9 +36,20 @@ class AttackResult(RunResult):
 
     @property
     def perturbation(self) -> torch.Tensor | None:
-        """The universal vector (pixel units) or the per-sample perturbations."""
+        """Universal attacks: the vector at the largest budget, in [0, 1] pixels (a sweep's
+        vector per budget: ``perturbations``). Per-sample attacks: the perturbations of the
+        test inputs at the largest budget."""
+        tensors = self.perturbations
+        return tensors[-1] if tensors else None
+
+    @property
+    def perturbations(self) -> list[torch.Tensor]:
+        """One tensor per budget, smallest budget first (pixel units)."""
         tensors = self.run.tensors if self.run is not None else {}
-        return next(iter(tensors.values()), None)
+        if "perturbation_pixel" in tensors:
+            sweep = [tensors[f"perturbation_pixel_{i}"] for i in range(len(tensors)) if f"perturbation_pixel_{i}" in tensors]
+            return sweep or [tensors["perturbation_pixel"]]
+        return [tensors[f"eps_{i}"] for i in range(len(tensors)) if f"eps_{i}" in tensors]
 
     @property
     def fooling_rate(self) -> float | list[float] | None:

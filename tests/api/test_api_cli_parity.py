@@ -73,6 +73,7 @@ def test_smoothness_check(tmp_path):
     same(cli, api)
 
 
+@pytest.mark.slow  # an ONNX export is ~5 s; docs/api.md's example (test_api_docs) covers one in the default suite
 @pytest.mark.filterwarnings("ignore")
 def test_export(tmp_path):
     pytest.importorskip("onnxruntime")
