@@ -25,7 +25,7 @@ def available(name: str) -> bool:
     from odekit.methods.training import TrainSettings
 
     known = {f.name for f in fields(RonSettings)} | {f.name for f in fields(TrainSettings)}
-    return name in known or name in inspect.signature(odekit.reduce).parameters and name not in ("target_flops", "mode")
+    return name in known or (name in inspect.signature(odekit.reduce).parameters and name not in ("target_flops", "mode"))
 
 
 def test_every_example_runs(tmp_path, monkeypatch):
