@@ -152,7 +152,17 @@ def run_reduce(
         "latency_speedup": r["latency_speedup"],
         "latency": r.get("latency"),
         "ranks": r["ranks"],
+        "onnx": _onnx_summary(r["onnx"]) if "onnx" in r else None,
     }
+
+
+def _onnx_summary(onnx: dict[str, Any]) -> dict[str, Any]:
+    """--export-onnx: the onnxruntime check and both runtimes' latency ratios (odekit's report)."""
+    latency = onnx["latency"]
+    return {"max_abs_diff": onnx["check"]["max_abs_diff"], "relative_diff": onnx["check"]["relative_diff"],
+            "matches": onnx["check"]["matches"], "median_ms_per_batch": latency["median_ms_per_batch"],
+            "batch": latency["batch"], "speedup_pytorch": latency.get("speedup_pytorch"),
+            "speedup_onnxruntime": latency.get("speedup_onnxruntime"), "teacher_onnx": onnx.get("teacher_onnx")}  # fmt: skip
 
 
 def goals(rec: dict[str, Any]) -> dict[str, bool]:
@@ -174,6 +184,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="reduce --fit-samples [odekit's default]")
     parser.add_argument("--formats", default="pickle,export", help="which saves to reduce: pickle,export")
     parser.add_argument("--finetune-lr", type=float, default=None, help="reduce --lr [odekit's default]")
+    parser.add_argument("--export-onnx", action="store_true", help="reduce --export onnx: student latency in onnxruntime too")
     parser.add_argument("--reuse", action="store_true", help="reuse vgg19.pt/.pt2 already in --out (no training)")
     parser.add_argument("--out", type=Path, default=None, help="run folder [odekit-runs/bench-vgg19-reduce]")
     args = parser.parse_args()
@@ -195,6 +206,7 @@ def main() -> None:
     failed = 0
     for fmt in args.formats.split(","):
         checkpoint, extra, finetune = runs[fmt.strip()]
+        extra = [*extra, "--export", "onnx"] if args.export_onnx else extra
         rec = run_reduce(args.out, checkpoint, extra, finetune, args.samples, args.finetune_lr)
         record = {
             "case": "vgg19_reduce",

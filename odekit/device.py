@@ -26,6 +26,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UsageError(f"unknown device '{name}'", f"choose one of {', '.join(DEVICE_CHOICES)}")
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every command and API call starts so)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so that wall-clock timings are honest."""
     if device.type == "cuda":

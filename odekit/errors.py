@@ -2,6 +2,11 @@
 
 Library code raises these for anything a user can fix (bad file, bad option, bad data): exit
 code 1. Typer's own parse errors exit with 2. Programming errors stay ordinary exceptions.
+
+Every `OdekitError` is a `ValueError` (a bad value given to a function), so Python callers can
+catch either. Messages name the Python API's parameters in backticks (`` `fit_samples` ``, or
+`` `rank=50` `` with a value); the CLI rewrites them to its flags (``--fit-samples``,
+``--rank 50``) in one place, `odekit.cli.errors.cli_text`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import errno
 import re
 
 
-class OdekitError(Exception):
+class OdekitError(ValueError):
     """Base class: a user-facing problem with a message and an optional hint."""
 
     exit_code = 1

@@ -60,6 +60,15 @@ def proportion_of_rate(rate: float, n: int) -> Proportion | None:
     return Proportion(round(rate * n), n) if n > 0 and math.isfinite(rate) else None
 
 
+def accuracy_text(rate: float, n: int) -> str:
+    """'97.22% [95.0, 98.5] n=360': the accuracy, its Wilson 95% interval and the sample count."""
+    share = proportion_of_rate(rate, n)
+    if share is None:
+        return f"{100 * rate:.2f}% n={n}"
+    low, high = share.ci95
+    return f"{100 * rate:.2f}% [{100 * low:.1f}, {100 * high:.1f}] n={n}"
+
+
 def accuracy_fields(rate: float, n: int) -> dict[str, object]:
     """The sample count and Wilson 95% interval that go with an accuracy measured on ``n`` samples."""
     share = proportion_of_rate(rate, n)

@@ -19,6 +19,8 @@ from odekit.cli.attack import EPILOG as ATTACK_EPILOG
 from odekit.cli.attack import attack_command
 from odekit.cli.certify import EPILOG as CERTIFY_EPILOG
 from odekit.cli.certify import certify_command
+from odekit.cli.export import EPILOG as EXPORT_EPILOG
+from odekit.cli.export import export_command
 from odekit.cli.info import EPILOG as INFO_EPILOG
 from odekit.cli.info import info_command
 from odekit.cli.reduce import EPILOG as REDUCE_EPILOG
@@ -101,6 +103,7 @@ COMMANDS = [
     ("asnet", asnet_command, ASNET_EPILOG),
     ("attack", attack_command, ATTACK_EPILOG),
     ("certify", certify_command, CERTIFY_EPILOG),
+    ("export", export_command, EXPORT_EPILOG),
 ]
 for _name, _function, _epilog in COMMANDS:
     app.command(_name, epilog=_epilog, cls=OdekitCommand)(_function)  # type: ignore[type-var]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-from odekit.cli.asnet_figures import baselines_figure, spectrum_figure
 from odekit.cli.certify import CertifyFlag, certify_student
-from odekit.cli.finetune_report import FINETUNE_PLOT, history_figure, history_table
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
@@ -25,6 +23,7 @@ from odekit.cli.options import (
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    ExportOpt,
     FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
@@ -41,18 +40,8 @@ from odekit.cli.options import (
     TrustOpt,
     ValFractionOpt,
 )
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.errors import UsageError
+from odekit.cli.runner import CommandContext, CommandOutput, run_command
 from odekit.io.preprocessing import Preprocessing
-
-if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
-    from pathlib import Path
-
-    from odekit.io.checkpoints import LoadedModel
-    from odekit.methods.asnet import ASNetResult, LayerAnalysis
-    from odekit.methods.evaluation import ModelCost
-
-_baselines_figure = baselines_figure  # the name tests and older callers import
 
 EPILOG = """Examples:
 
@@ -178,6 +167,7 @@ def asnet_command(
         bool,
         typer.Option("--latency/--no-latency", help="Measure teacher and ASNet latency (median ms).", rich_help_panel=ASNET),
     ] = True,
+    export: ExportOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
@@ -199,18 +189,18 @@ def asnet_command(
     certify: CertifyFlag = False,
 ) -> None:
     """Active-subspace analysis and ASNet compression (thesis ch. 6.2-6.3)."""
+    from odekit.api.asnets import check_request, run_asnet
+    from odekit.api.onnx_export import check_export_format
+    from odekit.api.results import model_file
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
+    from odekit.cli.errors import cli_text
     from odekit.methods.asnet import (
         ASNetSettings,
         SubspaceSettings,
-        analyze_layers,
-        build_asnet_from_teacher,
-        cut_model,
         default_sketch_size,
         is_registered_teacher,
         parse_rank,
     )
-    from odekit.writers.plots import save_figure
 
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     model_opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
@@ -220,14 +210,13 @@ def asnet_command(
         "sketch_size": sketch_size, "samples": samples, "ridge": ridge, "finetune": finetune, "beta": beta,
         "lr": lr, "head_lr": head_lr, "val_fraction": val_fraction, "patience": patience, "sparse": sparse, "l1": l1, "baselines": baselines, "latency": latency, "batch_size": batch_size, "data": data,
     }  # fmt: skip
+    params["export"] = export
 
     params["certify"] = certify
 
     def body(ctx: CommandContext) -> CommandOutput:
-        if not analyze and cut is None:
-            raise UsageError("nothing to do", "give --cut LAYER to build an ASNet and/or --analyze to study layers")
-        if cut is None and (finetune or sparse or rank is not None):
-            raise UsageError("--rank, --finetune and --sparse belong to an ASNet build", "add --cut LAYER")
+        check_request(analyze, cut, finetune, sparse, rank, export)
+        export_format = check_export_format(export)
         parsed_rank = parse_rank(rank)
         sub = SubspaceSettings(
             eps=eps,
@@ -243,158 +232,24 @@ def asnet_command(
                 sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub, val_fraction=val_fraction,
                 patience=patience,
             )  # fmt: skip
-        model_path = ctx.path("asnet.safetensors") if cut is not None else None
-        spectrum_path = ctx.path("spectrum.png")
-        baselines_path = ctx.path("baselines.png") if baselines else None
-
+        paths = {name: ctx.path(name) for name in ["asnet.safetensors"] * (cut is not None) + ["spectrum.png"]
+                 + ["baselines.png"] * baselines + ["asnet.onnx"] * (export_format is not None)}  # fmt: skip
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "asnet")
-        if model_path is not None and not is_registered_teacher(loaded.meta.arch):
-            # no registry entry rebuilds the teacher: a self-contained torch.export program
-            model_path = ctx.path("asnet.pt2")
+        if cut is not None:  # no registry entry rebuilds the teacher: a self-contained torch.export program
+            name = model_file("asnet", is_registered_teacher(loaded.meta.arch))
+            paths[name] = ctx.path(name)
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
-        shape = loaded.input_shape or dataset.input_shape
-        results: dict[str, Any] = {}
-        tables: list[ResultTable] = []
-        headline: list[str] = []
-        analyses: list[LayerAnalysis] = []
-        used: tuple[int, int] | None = None
-        if analyze:
-            chain = cut_model(loaded.model, shape)
-            analyses = analyze_layers(
-                chain, layers, dataset, sub, ctx.device, logreg=baselines, progress=ctx.progress, dist=ctx.dist
-            )
-            results["layers"] = [a.to_dict() for a in analyses]
-            tables.append(_layer_table(analyses))
-        if settings is not None and model_path is not None:
-            built = build_asnet_from_teacher(
-                loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, ctx.device,
-                progress=ctx.progress, log=ctx.log, dist=ctx.dist,
-            )  # fmt: skip
-            for warning in built.warnings:
-                ctx.log(f"[yellow]Warning:[/yellow] {warning}")
-            _save_asnet(built, loaded, model_path, shape, ctx)
-            results.update(built.to_dict())
-            results["checkpoint"] = str(model_path)
-            if certify:
-                results["certify"] = certify_student(built.model, loaded.model, dataset, ctx)
-            used = (built.cut.cut.index, built.cut.rank)
-            if not any(a.cut.index == built.cut_analysis.cut.index for a in analyses):
-                analyses.append(built.cut_analysis)
-            tables += _asnet_tables(built)
-            headline.append(_asnet_headline(built))
-            if built.history is not None:
-                headline.append(built.history.summary())
-                tables.append(history_table(built.history))
-                history_path = ctx.path(FINETUNE_PLOT)
-                save_figure(history_figure(built.history, f"ASNet cut {built.cut.cut.index}: fine-tuning"), history_path,
-                            force=ctx.force)  # fmt: skip
-                results["finetune"]["plot"] = str(history_path)
-        results["active_neurons"] = {str(a.cut.index): a.subspace.active_neurons(eps) for a in analyses}
-        results.setdefault("warnings", [])
-        save_figure(spectrum_figure(analyses, eps, used), spectrum_path, force=ctx.force)
-        if baselines_path is not None:
-            save_figure(baselines_figure(analyses, results), baselines_path, force=ctx.force)
-        headline.append(
-            "active neurons at eps = "
-            + f"{eps}: "
-            + ", ".join(f"layer {a.cut.index}: {a.subspace.active_neurons(eps)} of {a.cut.features}" for a in analyses)
-        )
-        return CommandOutput(results=results, tables=tables, headline=headline)
+        result = run_asnet(loaded, dataset, settings, sub, ctx.device, analyze=analyze, layers=layers, baselines=baselines,
+                           params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, log=ctx.log, dist=ctx.dist,
+                           export=export_format)  # fmt: skip
+        for warning in result.built.warnings if result.built is not None else []:
+            ctx.log(f"[yellow]Warning:[/yellow] {cli_text(warning)}")
+        written = result.write_outputs(lambda name: paths[name] if name in paths else ctx.path(name), ctx.force)
+        if certify and result.built is not None:
+            written["certify"] = certify_student(result.built.model, loaded.model, dataset, ctx)
+        return CommandOutput(results={**result.results, **written}, tables=result.tables,
+                             headline=[cli_text(line) for line in result.headline])  # fmt: skip
 
     run_command("asnet", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
-
-def _save_asnet(built: ASNetResult, loaded: LoadedModel, path: Path, shape: Any, ctx: CommandContext) -> None:
-    """The ASNet as an odekit checkpoint (or a .pt2 program), its history step recorded."""
-    from odekit.io.checkpoints import save_model
-    from odekit.io.exported import save_exported
-
-    compared = built.comparison
-    step = {
-        "command": "asnet",
-        "cut": built.cut.cut.index,
-        "rank": built.cut.rank,
-        "degree": built.cut.degree,
-        "finetune_epochs": built.finetune.epochs,
-        "sparse": built.finetune.sparse,
-        "test_accuracy": compared.student.accuracy,
-    }
-    meta = loaded.meta.derived("asnet", built.args, step, source=loaded.sha256)
-    meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
-    if built.registered:
-        save_model(path, built.model, meta, force=ctx.force)
-    else:
-        save_exported(path, built.model, tuple(shape), meta.to_json(), force=ctx.force)
-
-
-def _asnet_headline(built: ASNetResult) -> str:
-    compared = built.comparison
-    return (
-        f"ASNet({built.cut.cut.index}), r = {built.cut.rank}: accuracy {100 * compared.student.accuracy:.2f}% "
-        f"(teacher {100 * compared.teacher.accuracy:.2f}%, before fine-tuning "
-        f"{100 * (compared.student_before or 0.0):.2f}%), storage {compared.storage_reduction:.2f}x smaller, "
-        f"FLOPs {compared.flop_reduction:.2f}x fewer"
-    )
-
-
-def _layer_table(analyses: list[LayerAnalysis]) -> ResultTable:
-    rows = [
-        [a.cut.index, a.cut.alias, a.cut.features, a.subspace.active_neurons(a.eps), a.subspace.active_neurons_eq612(a.eps),
-         a.logreg_accuracy if a.logreg_accuracy is not None else "-", a.subspace.covariance_error_rel]
-        for a in analyses
-    ]  # fmt: skip
-    return ResultTable(
-        "Active neurons per layer",
-        ["layer", "alias", "n_l", "active (eq. 6.17)", "active (eq. 6.12)", "LR accuracy", "sketch cov. err (rel)"],
-        rows,
-    )
-
-
-BASELINE_LABELS = {
-    "as_pce": "AS + PCE (ASNet, no fine-tuning)",
-    "pca_pce": "PCA + PCE",
-    "as_logreg": "AS + logistic regression",
-    "pca_logreg": "PCA + logistic regression",
-    "logreg_features": "logistic regression on all n_l features",
-}
-
-
-def _asnet_tables(built: ASNetResult) -> list[ResultTable]:
-    from odekit.cli.common import accuracy_text
-
-    compared, split = built.comparison, built.split
-    teacher, asnet = compared.teacher, compared.student
-    teacher_accuracy = accuracy_text(teacher.accuracy, teacher.n)
-    asnet_accuracy = accuracy_text(asnet.accuracy, asnet.n)
-
-    def cost(part: ModelCost) -> list[Any]:  # storage MB (4 digits, as in report.json), FLOPs, params
-        d = part.to_dict()
-        return [d["storage_mb"], d["flops"], d["params"]]
-
-    split_dict = split.to_dict()
-    rows = [
-        ["teacher", teacher_accuracy, *cost(teacher.cost), "-", "-"],
-        ["teacher post-model", "-", *cost(split.teacher_post_model), "-", "-"],
-        ["ASNet pre-model", "-", *cost(split.pre_model), "-", "-"],
-        ["ASNet AS+PCE", "-", *cost(split.as_pce), split_dict["post_storage_reduction"], split_dict["post_flop_reduction"]],
-        ["ASNet overall", asnet_accuracy, *cost(asnet.cost), compared.storage_reduction, compared.flop_reduction],
-    ]
-    sparse = built.sparse_cost
-    if sparse is not None:
-        teacher_cost = teacher.cost.to_dict()
-        rows.append(["ASNet-s (non-zeros)", asnet_accuracy, sparse.storage_mb_nonzero, sparse.flops_nonzero,
-                     sparse.nonzero_params, teacher_cost["storage_mb"] / max(sparse.storage_mb_nonzero, 1e-12),
-                     teacher_cost["flops"] / max(sparse.flops_nonzero, 1)])  # fmt: skip
-    return [
-        ResultTable(
-            "Storage and FLOPs (thesis table 6.2 layout; FLOPs = 2 x MACs)",
-            ["part", "accuracy [Wilson 95%] n", "storage MB", "FLOPs", "params", "storage x", "FLOPs x"],
-            rows,
-        ),
-        ResultTable(
-            f"Baselines at r = {built.cut.rank} (test accuracy, no fine-tuning)",
-            ["method", "accuracy"],
-            [[BASELINE_LABELS[key], value] for key, value in built.baselines.accuracies().items()],
-        ),
-    ]

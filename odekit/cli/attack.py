@@ -1,7 +1,7 @@
 """`odekit attack`: universal perturbations, per-sample attacks, transfer and transfer matrices.
 
 Parses the options, loads the checkpoints and data, and hands them to
-`odekit.methods.attacks.pipeline`; `odekit.cli.attack_render` prints the result."""
+`odekit.api.attacks.run_attack` (which `odekit.attack` calls too); the CLI prints its tables."""
 
 from __future__ import annotations
 
@@ -190,7 +190,8 @@ def attack_command(
         return Player.from_loaded(path, loaded.sha256, loaded.model, dataset)
 
     def body(ctx: CommandContext) -> CommandOutput:
-        from odekit.cli.attack_render import render
+        from odekit.api.attacks import run_attack
+        from odekit.cli.errors import cli_text
         from odekit.methods.attacks import parse_solver_spec
         from odekit.methods.attacks import pipeline as run
         from odekit.methods.attacks.experiments import Scoring
@@ -223,24 +224,19 @@ def attack_command(
                 )
             players = [load(ctx, p, "checkpoint" if i == 0 else f"checkpoint_{i + 1}", prep)
                        for i, p in enumerate(checkpoints)]  # fmt: skip
-            plan = run.resolve_plan(method, options, base_plan, unit, players)
-            ctx.params["resolved"] = run.resolved_params(plan, unit)
-            result = run.run_matrix(plan, players, specs, score, fit_samples, eval_samples)
         else:
             if len(checkpoints) != 1:
                 raise UsageError(
                     f"got {len(checkpoints)} checkpoints", "attack one model, or pass --matrix for a transfer matrix"
                 )
-            tgt = load(ctx, checkpoints[0], "checkpoint", prep)
-            src = load(ctx, source, "source", prep) if source is not None else None
-            if src is not None:
-                run.same_inputs([tgt, src])
-            plan = run.resolve_plan(method, options, base_plan, unit, [tgt] if src is None else [tgt, src])
-            ctx.params["resolved"] = run.resolved_params(plan, unit)
-            result = run.run_single(plan, run.Roles(tgt, src, specs), seed_list, score, fit_samples, eval_samples)
-        run.save_run(result, paths, plan, ctx.force)
-        run.record_units(result, unit, base_plan)
-        return render(plan, result.report)
+            players = [load(ctx, checkpoints[0], "checkpoint", prep)]
+            if source is not None:
+                players.append(load(ctx, source, "source", prep))
+        result = run_attack(method, options, base_plan, unit, players, score=score, seeds=seed_list,
+                            fit_samples=fit_samples, eval_samples=eval_samples, params=ctx.params, inputs=ctx.inputs,
+                            matrix=matrix, specs=specs)  # fmt: skip
+        written = result.write_outputs(paths.__getitem__, ctx.force)
+        return CommandOutput({**result.results, **written}, result.tables, [cli_text(line) for line in result.headline])
 
     run_command("attack", common, inputs={}, params=params, body=body, run_name=method,
                 distributed=splits_over_ranks(method, matrix))  # fmt: skip

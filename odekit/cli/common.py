@@ -20,7 +20,9 @@ from odekit.io.preprocessing import (
 from odekit.io.user_arch import parse_arch_args
 from odekit.io.validation import check_classes_match
 from odekit.models.graph import TORCHSCRIPT_HINT
-from odekit.stats import proportion_of_rate
+from odekit.stats import accuracy_text
+
+__all__ = ["accuracy_text", "load_checkpoint", "load_data", "require_python_module"]
 
 DEFAULT_DATA = "digits"
 DEFAULT_DATA_SHAPES = ((1, 8, 8), (64,))
@@ -154,15 +156,6 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
         )
     if loaded.meta.num_classes is None:
         loaded.meta.num_classes = int(out.shape[1])
-
-
-def accuracy_text(rate: float, n: int) -> str:
-    """'97.22% [95.0, 98.5] n=360': the accuracy, its Wilson 95% interval and the sample count."""
-    share = proportion_of_rate(rate, n)
-    if share is None:
-        return f"{100 * rate:.2f}% n={n}"
-    low, high = share.ci95
-    return f"{100 * rate:.2f}% [{100 * low:.1f}, {100 * high:.1f}] n={n}"
 
 
 def _shape(shape: tuple[int, ...] | list[int]) -> str:

@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from collections.abc import Iterator
 
 from odekit.errors import OdekitError, os_error_hint
+
+# The library names the Python API's parameters in backticks (`fit_samples`, `rank=50`); the CLI
+# shows its flags instead. A parameter is its flag with underscores (fit_samples: --fit-samples)
+# unless this table says otherwise (settings fields whose flag reads differently).
+PARAMETER_FLAGS = {
+    "max_iter": "--max-iters",
+    "steps_per_iter": "--iters",
+}
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`\s]+))?`")
+
+
+def flag_of(parameter: str) -> str:
+    """The CLI flag of an API parameter: fit_samples -> --fit-samples."""
+    return PARAMETER_FLAGS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
+def cli_text(text: str) -> str:
+    """A library message as the CLI shows it: `fit_samples` -> --fit-samples, `rank=50` -> --rank 50."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        return flag_of(name) + (f" {value}" if value is not None else "")
+
+    return _PARAMETER.sub(flag, text)
 
 
 def os_error_line(exc: OSError) -> str:
@@ -25,7 +50,7 @@ def _is_torch_out_of_memory(exc: BaseException) -> bool:
 def exception_line(exc: BaseException) -> tuple[str, int] | None:
     """The one-line message and exit code of a known kind of error (None: unexpected)."""
     if isinstance(exc, OdekitError):
-        return exc.one_line(), exc.exit_code
+        return cli_text(exc.one_line()), exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         signum = getattr(exc, "signum", 2)
         line = "interrupted" if signum == 2 else f"interrupted by {exc} (signal {signum})"

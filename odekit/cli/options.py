@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
+from odekit.api.defaults import (
+    DISTILLATION_BETA,
+    EXPORT_FORMATS,
+    FINETUNE_LR,
+    STREAM_BATCH_SIZE,
+    VAL_FRACTION,
+)
 from odekit.cli.names import DEVICE_CHOICES
+
+__all__ = ["DISTILLATION_BETA", "FINETUNE_LR", "STREAM_BATCH_SIZE", "VAL_FRACTION"]
 
 COMMON = "Common options"
 MODEL = "Model options"
@@ -161,10 +170,6 @@ PixelMaxOpt = Annotated[
 
 
 # --- issue 12: one default per word (docs/cli.md glossary) ---
-STREAM_BATCH_SIZE = 256  # streaming/evaluation batch of reduce, asnet, attack, smoothness-check
-FINETUNE_LR = 1e-4  # thesis 6.5.1 (Adam, VGG); 5e-4 collapsed a full-width VGG-19 RON student
-DISTILLATION_BETA = 0.1  # thesis eq. 6.29
-VAL_FRACTION = 0.1  # training samples held out to choose the epoch kept (docs/finetuning.md)
 FINETUNE = "Fine-tuning options"
 
 FinetuneLrOpt = Annotated[
@@ -208,5 +213,16 @@ RecalibrateBnOpt = Annotated[
         help="Re-estimate the statistics of the BatchNorms whose inputs changed (a no-gradient pass over the "
         "training images) before evaluating or fine-tuning; undone if validation gets worse.",
         rich_help_panel=FINETUNE,
+    ),
+]
+
+# --- issue 22: deployment formats ---
+ExportOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--export",
+        help=f"Also write the compressed model as {' | '.join(EXPORT_FORMATS)} (dynamic batch), checked in onnxruntime "
+        "against PyTorch and timed in both runtimes beside the teacher. Needs odekit[onnx].",
+        show_default=False,
     ),
 ]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from odekit.cli.certify import CertifyFlag, certify_student
-from odekit.cli.finetune_report import FINETUNE_PLOT, history_figure, history_table
 from odekit.cli.names import RANK_RULE_HELP, help_line
 from odekit.cli.options import (
     DISTILLATION_BETA,
@@ -25,6 +23,7 @@ from odekit.cli.options import (
     DataOpt,
     DebugOpt,
     DeviceOpt,
+    ExportOpt,
     FinetuneLrOpt,
     ForceOpt,
     InputShapeOpt,
@@ -42,15 +41,8 @@ from odekit.cli.options import (
     TrustOpt,
     ValFractionOpt,
 )
-from odekit.cli.reduce_channel import channel_output, speed_text, summary_table
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.runner import CommandContext, CommandOutput, run_command
 from odekit.io.preprocessing import Preprocessing
-
-if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
-    import torch
-
-    from odekit.io.checkpoints import ModelMeta
-    from odekit.methods.ron import RonLayerReport, RonResult, RonRun
 
 EPILOG = """Examples:
 
@@ -196,6 +188,7 @@ def reduce_command(
             rich_help_panel=RON,
         ),
     ] = 256,
+    export: ExportOpt = None,
     data: DataOpt = None,
     data_dir: DataDirOpt = None,
     batch_size: BatchSizeOpt = STREAM_BATCH_SIZE,
@@ -217,14 +210,16 @@ def reduce_command(
     certify: CertifyFlag = False,
 ) -> None:
     """Compress a network: fewer channels (channel mode) or a reduced-order network over layers A..B (RON, thesis ch. 5)."""
-    import torch
-
+    from odekit.api.compression import clipped_states, run_reduce
+    from odekit.api.finetune_report import FINETUNE_PLOT
+    from odekit.api.onnx_export import check_export_format
+    from odekit.api.results import model_file
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
-    from odekit.methods.ron import RON_ARCH, RonResult, RonSettings, reduce_teacher
+    from odekit.cli.errors import cli_text
+    from odekit.methods.ron import RonSettings
     from odekit.methods.ron.settings import parse_target_flops
     from odekit.methods.training import TrainSettings
     from odekit.models.registry import ARCHITECTURES
-    from odekit.writers.plots import save_figure
 
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
@@ -237,6 +232,7 @@ def reduce_command(
         "recalibrate_bn": recalibrate_bn, "latency_batch": latency_batch, "batch_size": batch_size,
         "data": data,
     }  # fmt: skip
+    params["export"] = export
 
     params["certify"] = certify
 
@@ -250,153 +246,30 @@ def reduce_command(
             epochs=finetune, lr=lr, batch_size=min(batch_size, 128), beta=beta, seed=seed,
             val_fraction=val_fraction, patience=patience, recalibrate_bn=recalibrate_bn,
         )
-        student_path = ctx.path("student.safetensors")
-        plot_path = ctx.path("singular_values.png")
-        history_path = ctx.path(FINETUNE_PLOT)
-
+        export_format = check_export_format(export)
+        paths = {name: ctx.path(name) for name in ("student.safetensors", "singular_values.png", FINETUNE_PLOT)}
+        if export_format is not None:
+            paths["student.onnx"] = ctx.path("student.onnx")
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
-        # A student of an architecture no registry entry rebuilds is written as a self-contained
-        # torch.export program instead of weights + metadata.
-        registered = loaded.meta.arch in ARCHITECTURES
-        if not registered:
-            student_path = ctx.path("student.pt2")
+        # a teacher no registry entry rebuilds gives a self-contained .pt2 program, not safetensors
+        student = model_file("student", loaded.meta.arch in ARCHITECTURES)
+        paths[student] = ctx.path(student)
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
-        shape = tuple(loaded.input_shape or dataset.input_shape)
-        example = dataset.test.x[:latency_batch]
-        if example.shape[0] == 0:
-            example = dataset.train.x[:latency_batch]
-        run = reduce_teacher(
-            loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, train_settings, ctx.device,
-            example, distill=beta > 0, seed=seed, progress=ctx.progress, dist=ctx.dist,
-        )  # fmt: skip
-        if run.mode == "channel":
-            return channel_output(ctx, run, loaded, shape, example, params)
-        result, compared, student = run.build, run.comparison, run.student
-        assert isinstance(result, RonResult)
-        span = f"{result.first_layer}-{result.last_layer}"
-        step = {"command": "reduce", "layers": span, "rank": rank, "ranks": result.ranks, "oversample": oversample,
-                "finetune_epochs": finetune, "kept_epoch": run.history.best_epoch,
-                "test_accuracy": compared.student.accuracy}  # fmt: skip
-        meta = loaded.meta.derived(RON_ARCH, result.args, step, source=loaded.sha256)
-        meta.extra = {"test_accuracy": compared.student.accuracy, "teacher_accuracy": compared.teacher.accuracy}
-        reloaded = _write_student(student_path, student, meta, shape, registered, ctx)
-        with torch.no_grad():
-            probe = example[:16].to(ctx.device)
-            reload_diff = float((reloaded(probe) - student(probe)).abs().max())
-        save_figure(_singular_value_figure(result.layers, result.first_layer, result.last_layer), plot_path, force=ctx.force)
-        save_figure(history_figure(run.history, f"reduce layers {span}: fine-tuning"), history_path, force=ctx.force)
-
-        results: dict[str, Any] = {
-            **compared.to_dict("reduce"),
-            "ranks": result.ranks,
-            "rows": [layer.rows for layer in result.layers],
-            "layers": [_layer_json(layer) for layer in result.layers],
-            "modified_layers": span,
-            "samples": result.n_samples,
-            "distributed": _distributed_json(ctx, result),
-            "finetune_history": run.history.epochs,
-            "finetune": run.history.to_dict() | {"plot": str(history_path)},
-            "reload_max_abs_diff": reload_diff,
-            "student_checkpoint": str(student_path),
-            "singular_value_plot": str(plot_path),
-            "units": {
-                "accuracy": "fraction in [0, 1]",
-                "flops": "2 x multiply-adds per sample",
-                "latency_ms": f"median ms per batch of {int(example.shape[0])} on {ctx.device}, teacher and student interleaved",
-                "mean_kl": "nats, KL(teacher || student) averaged over the test split",
-            },
-        }
-        headline = [
-            f"RON layers {span}, ranks {result.ranks}: accuracy {100 * compared.student.accuracy:.2f}% (teacher "
-            f"{100 * compared.teacher.accuracy:.2f}%, before fine-tuning {100 * (compared.student_before or 0.0):.2f}%), "
-            f"agreement {100 * compared.agreement:.2f}%, {compared.flop_reduction:.2f}x fewer FLOPs, "
-            f"{speed_text(run.latency.speedup)}"
-        ]
-        if certify:
-            results["certify"] = certify_student(student, loaded.model, dataset, ctx)
-        if finetune > 0:
-            headline.append(run.history.summary())
-        clipped = [layer.state for layer in result.layers if _at_sketch_limit(layer)]
+        result = run_reduce(loaded, dataset, settings, train_settings, ctx.device, latency_batch=latency_batch, seed=seed,
+                            params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, dist=ctx.dist,
+                            export=export_format)  # fmt: skip
+        written = result.write_outputs(lambda name: paths[name] if name in paths else ctx.path(name), ctx.force)
+        assert result.run is not None
+        clipped = clipped_states(result.run)
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data
             ctx.log(f"[yellow]Warning:[/yellow] ranks of {', '.join(clipped)} sit at the sketch size limit: "
                     "the sketch, not the data, bounded them (raise --sketch-size to let the rank rule decide)")
-            headline.append(f"ranks clipped by --sketch-size: {', '.join(clipped)}")
-        return CommandOutput(results=results, tables=_tables(run, result), headline=headline)
+        headline = [cli_text(line) for line in result.headline]
+        extra: dict[str, Any] = {}
+        if certify and result.student is not None:
+            extra["certify"] = certify_student(result.student, loaded.model, dataset, ctx)
+        return CommandOutput(results={**result.results, **written, **extra}, tables=result.tables, headline=headline)
 
     run_command("reduce", common, inputs={}, params=params, body=body, run_name=checkpoint.stem, distributed=True)
 
-
-def _write_student(
-    path: Path, student: torch.nn.Module, meta: ModelMeta, shape: tuple[int, ...], registered: bool, ctx: CommandContext
-) -> torch.nn.Module:
-    """Write the student (safetensors + metadata, or a .pt2 program) and read it back."""
-    from odekit.io.checkpoints import load_model, save_model
-    from odekit.io.exported import load_exported, save_exported
-
-    if registered:
-        save_model(path, student, meta, force=ctx.force)
-        return load_model(path).model.to(ctx.device).eval()
-    save_exported(path, student.cpu(), shape, meta.to_json(), force=ctx.force)
-    student.to(ctx.device)
-    return load_exported(path)[0].to(ctx.device)
-
-
-def _tables(run: RonRun, result: RonResult) -> list[ResultTable]:
-    """The reduced layers (eq. 5.18-5.20 diagnostics) and teacher vs student."""
-    layers = ResultTable(
-        "Reduced layers (D: layer output size, R: rank, P: sampled rows; eq. 5.20 factor)",
-        ["state", "layers", "D_k", "R_k", "P_k", "pool", "s_R/s_1", "eq. 5.20 factor", "1/s_min(S V) (eq. 5.18)", "residual energy"],
-        [
-            [r.state, ",".join(r.layers) or "-", r.dim, r.rank, r.rows, "yes" if r.pooled else "-", r.decay,
-             r.error_factor, r.amplification, r.residual_energy]
-            for r in result.layers
-        ],
-    )  # fmt: skip
-    return [layers, summary_table(run), history_table(run.history)]
-
-
-def _distributed_json(ctx: CommandContext, result: RonResult) -> dict[str, Any]:
-    """World size, backend, this (main) rank's streaming rate and each layer's sketch merge."""
-    return {
-        **ctx.dist.describe(),
-        "stream_rank0": result.throughput.to_dict() if result.throughput else None,
-        "sketch_merges": [m.to_dict() for m in result.merges],
-    }
-
-
-def _layer_json(layer: RonLayerReport) -> dict[str, Any]:
-    d = layer.to_dict()
-    d["singular_values_normalized"] = d.pop("singular_values")
-    d["rank_at_sketch_limit"] = _at_sketch_limit(layer)
-    return d
-
-
-def _at_sketch_limit(layer: RonLayerReport) -> bool:
-    """The rank uses every direction a full sketch smaller than the layer holds: --sketch-size, not the
-    data, bounded it (a frequent-directions sketch of l rows keeps at most l - 1 nonzero directions)."""
-    rows = len(layer.singular_values)
-    nonzero = sum(v > 1e-12 for v in layer.singular_values)
-    return rows < layer.dim and nonzero >= rows - 1 and layer.rank >= nonzero
-
-
-def _singular_value_figure(layers: list[RonLayerReport], first: int, last: int) -> Any:
-    from odekit.writers.plots import new_figure
-
-    fig, axes = new_figure(1, 1, (6.5, 4.2))
-    ax = axes[0][0]
-    for layer in layers:
-        s = [v for v in layer.singular_values if v > 1e-12]  # drop numerical zeros (dead units)
-        if not s:
-            continue
-        label = f"{','.join(layer.layers) or layer.state} (D={layer.dim}, R={layer.rank})"
-        ax.semilogy(range(1, len(s) + 1), s, label=label)
-        if layer.rank <= len(s):
-            ax.plot([layer.rank], [s[layer.rank - 1]], "o", color=ax.lines[-1].get_color())
-    ax.set_xlabel("index i")
-    ax.set_ylabel("sigma_i / sigma_1 (layer outputs, sketch)")
-    ax.set_title(f"Singular values of layer outputs, layers {first}-{last} (dots: chosen rank)")
-    ax.grid(True, which="both", alpha=0.3)
-    if layers:
-        ax.legend(fontsize=8)
-    return fig

@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,12 +34,13 @@ from rich.console import Console
 from rich.table import Table
 
 from odekit import __version__
+from odekit.api.progress import RichProgress, plain_progress
 from odekit.cli.errors import captured_warnings, exception_line, report_exception, unexpected_line
 from odekit.cli.options import CommonOptions
-from odekit.cli.progress import RichProgress, plain_progress
 from odekit.cli.vocabulary import DEPRECATED
 from odekit.errors import OdekitError, UsageError
 from odekit.progress import Progress, SilentProgress
+from odekit.writers.tables import ReportTable
 from odekit.writers.transaction import OutputTransaction, signals_raise
 
 if TYPE_CHECKING:  # torch loads when a command runs, not for --help (issue 12)
@@ -57,21 +57,21 @@ def _current_dist() -> Distributed:
 DEFAULT_RUNS_DIR = Path("odekit-runs")
 
 
-@dataclass
-class ResultTable:
+class ResultTable(ReportTable):
     """A table printed on stdout for people and embedded in report.md."""
 
-    title: str
-    headers: list[str]
-    rows: list[list[Any]]
-
     def to_rich(self) -> Table:
-        table = Table(title=self.title, title_justify="left")
-        for header in self.headers:
-            table.add_column(header, overflow="fold")
-        for row in self.rows:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-        return table
+        return rich_table(self)
+
+
+def rich_table(table: ReportTable) -> Table:
+    """The terminal view of a result table (the API's tables are `ReportTable`s)."""
+    shown = Table(title=table.title, title_justify="left")
+    for header in table.headers:
+        shown.add_column(header, overflow="fold")
+    for row in table.rows:
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    return shown
 
 
 @dataclass
@@ -79,7 +79,7 @@ class CommandOutput:
     """What a command body returns: JSON results plus the human view of them."""
 
     results: dict[str, Any]
-    tables: list[ResultTable] = field(default_factory=list)
+    tables: Sequence[ReportTable] = field(default_factory=list)
     headline: list[str] = field(default_factory=list)
 
 
@@ -122,15 +122,6 @@ def default_out_dir(command: str, name: str | None) -> Path:
         n += 1
         candidate = DEFAULT_RUNS_DIR / f"{base}-{n}"
     return candidate
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def check_option_values(params: dict[str, Any], command: str = "") -> None:
@@ -198,10 +189,10 @@ def run_command(
 
     ``distributed``: the body shards its work over the ranks of a torchrun launch (through
     ``ctx.dist``); other commands refuse to run on several ranks."""
-    from odekit.device import resolve_device, set_threads
+    from odekit.device import resolve_device, seed_everything, set_threads
     from odekit.distributed import init_distributed, read_launch_env
     from odekit.writers.guards import check_staged_tensors
-    from odekit.writers.report import ARRAYS_NAME, Report, markdown_table
+    from odekit.writers.report import ARRAYS_NAME, Report
 
     start = time.perf_counter()
     out_console = Console(file=sys.stdout, width=max(Console(file=sys.stdout).width, 120))
@@ -269,7 +260,7 @@ def run_command(
                 device=str(device),
                 threads=threads,
                 seconds=time.perf_counter() - start,
-                markdown_sections=[(t.title, markdown_table(t.headers, t.rows)) for t in output.tables],
+                markdown_sections=[(t.title, t.markdown()) for t in output.tables],
                 outputs=transaction.staged_names(),
                 world_size=dist.world_size,
                 backend=dist.describe()["backend"],
@@ -312,7 +303,7 @@ def run_command(
     for line in output.headline:
         out_console.print(_final_paths(line, staging, final), highlight=False)
     for table in output.tables:
-        out_console.print(table.to_rich())
+        out_console.print(rich_table(table))
     out_console.print(f"Report: {out_dir / 'report.json'}", highlight=False)
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -32,12 +31,9 @@ from odekit.cli.options import (
     ThreadsOpt,
     TrustOpt,
 )
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
+from odekit.cli.runner import CommandContext, CommandOutput, run_command
 from odekit.errors import UsageError
 from odekit.io.preprocessing import Preprocessing
-
-if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
-    from odekit.methods.smoothness import SmoothnessResult
 
 CRITERION = "Criterion options"
 
@@ -70,39 +66,6 @@ def _steps(text: str) -> tuple[int, ...]:
         raise UsageError(f"cannot read --steps '{text}'", "give comma-separated positive integers, e.g. 2,4,8,16") from None
 
 
-def _plot(path: Path, result: SmoothnessResult, title: str, force: bool, tolerance: float, n: int) -> None:
-    """Accuracy against NFE per test solver, with Wilson 95% bars over the n test images and the
-    threshold (training accuracy - tolerance) that stronger configurations must stay above."""
-    from odekit.stats import wilson_interval
-    from odekit.writers.plots import new_figure, save_figure
-
-    fig, axes = new_figure(1, 1, (6.0, 4.2))
-    ax = axes[0][0]
-    styles = {"euler": "o-", "rk2": "s--", "rk4": "^:"}
-    for solver in dict.fromkeys(g.solver for g in result.grid):
-        rows = [g for g in result.grid if g.solver == solver]
-        accuracies = [g.accuracy for g in rows]
-        bounds = [wilson_interval(round(a * n), n) for a in accuracies]
-        bars = [[a - low for a, (low, _) in zip(accuracies, bounds, strict=True)],
-                [high - a for a, (_, high) in zip(accuracies, bounds, strict=True)]]  # fmt: skip
-        ax.errorbar([g.nfe for g in rows], accuracies, yerr=bars, fmt=styles.get(solver, "o-"), capsize=3,
-                    label=f"test: {solver}")  # fmt: skip
-    train = result.training_solver
-    label = f"training: {train['solver']}" + (f" n={train['steps']}" if train.get("steps") else "")
-    ax.axhline(result.training_accuracy, color="gray", lw=0.8)
-    ax.axhline(result.training_accuracy - tolerance, color="tab:red", lw=0.8, ls="--",
-               label=f"threshold: training - {tolerance:g}")  # fmt: skip
-    ax.plot([result.training_nfe], [result.training_accuracy], "k*", ms=12, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("f evaluations per forward pass (NFE)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{title}:\n{'smooth' if result.smooth else 'NOT smooth'} by the (S, n)-criterion, "
-                 f"n = {n} test images (bars: Wilson 95%)", fontsize=10)  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, path, force)
-
-
 def smoothness_command(
     checkpoint: CheckpointArg,
     solvers: Annotated[str, typer.Option("--solvers", help="Test solvers (fixed-step): euler, rk2, rk4.", rich_help_panel=CRITERION)] = "euler,rk2,rk4",
@@ -130,8 +93,9 @@ def smoothness_command(
     threads: ThreadsOpt = None,
 ) -> None:  # fmt: skip
     """Does accuracy hold when the test solver is stronger than the training one? (thesis 3.3.2)"""
+    from odekit.api.smoothness import run_smoothness
     from odekit.cli.common import load_checkpoint, load_data
-    from odekit.methods.smoothness import SmoothnessSettings, smoothness_check, training_config
+    from odekit.methods.smoothness import SmoothnessSettings, training_config
 
     common = CommonOptions(device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads)
     opts = ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args)
@@ -147,20 +111,9 @@ def smoothness_command(
         training_config(loaded.model)  # a non-ODE model fails here, before any data is read
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         split = dataset.test.subset(samples, seed)
-        result = smoothness_check(loaded.model, split, settings, ctx.device, progress=ctx.progress)
-        _plot(plot_path, result, checkpoint.name, ctx.force, tolerance, len(split))
-        results = {**result.to_dict(), "samples": len(split), "tolerance": tolerance, "plot": str(plot_path)}
-        train = result.training_solver
-        train_text = f"{train['solver']} n={train['steps']}" if train.get("steps") else f"{train['solver']} rtol={train['rtol']:g}"
-        verdict = "SMOOTH" if result.smooth else "NOT SMOOTH"
-        headline = [
-            f"{checkpoint.name}: {verdict} by the (S, n)-criterion on {len(split)} test images. Training solver {train_text}: accuracy "
-            f"{result.training_accuracy:.4f} at {result.training_nfe:g} NFE; worst stronger solver "
-            f"{result.worst.solver} n={result.worst.n}: {result.worst.accuracy:.4f}" if result.worst else "",
-            f"Rule: {result.rule}",
-        ]
-        rows = [[g.solver, g.n, g.nfe, g.accuracy, g.change, "yes" if g.stronger else "no"] for g in result.grid]
-        table = ResultTable("Accuracy by test solver", ["solver", "n", "NFE", "accuracy", "change vs training", "stronger"], rows)
-        return CommandOutput(results=results, tables=[table], headline=headline)
+        result = run_smoothness(loaded.model, split, settings, ctx.device, title=checkpoint.name, params=ctx.params,
+                                inputs=ctx.inputs, progress=ctx.progress)  # fmt: skip
+        written = result.write_outputs(lambda _name: plot_path, ctx.force)
+        return CommandOutput(results={**result.results, **written}, tables=result.tables, headline=result.headline)
 
     run_command("smoothness-check", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)

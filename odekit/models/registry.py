@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from odekit.errors import CheckpointError, UsageError
+from odekit.errors import CheckpointError, OdekitError, UsageError
 from odekit.registry import Registry
 
 
@@ -50,6 +50,8 @@ def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
     entry = ARCHITECTURES.get(arch)
     try:
         return entry.builder(**(args or {}))
+    except OdekitError:  # a ValueError too, but the builder's own message says it better
+        raise
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"cannot build architecture '{arch}' with arguments {args}: {exc}",

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from odekit.writers.atomic import atomic_write_text
+from odekit.writers.tables import ReportTable, markdown_table
+
+__all__ = ["ARRAYS_NAME", "Report", "ReportTable", "markdown_table", "to_jsonable"]
 
 ARRAYS_NAME = "arrays.csv"
 MARKDOWN_ARRAY_LIMIT = 32  # numeric lists longer than this go to arrays.csv, not into report.md
@@ -168,13 +171,3 @@ def arrays_csv(arrays: dict[str, list[Any]]) -> str:
 
 def _bullet(mapping: dict[str, Any]) -> list[str]:
     return [f"- {key}: `{json.dumps(value)}`" for key, value in mapping.items()] or ["- (none)"]
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(out)

@@ -169,7 +169,7 @@ def test_baselines_figure_states_n_and_starts_at_zero() -> None:
     """issue 12: the bars share a 0-100% axis and the title names the test images behind them."""
     import matplotlib.pyplot as plt
 
-    from odekit.cli.asnet import _baselines_figure
+    from odekit.api.asnet_figures import baselines_figure as _baselines_figure
 
     results = {"baselines": {"as_pce": 0.93, "pca_pce": 0.9}, "teacher": {"accuracy": 0.97, "accuracy_n": 360},
                "cut": {"index": 2, "rank": 10}}  # fmt: skip

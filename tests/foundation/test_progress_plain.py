@@ -7,8 +7,8 @@ import json
 
 from typer.testing import CliRunner
 
+from odekit.api.progress import PlainProgress, plain_progress
 from odekit.cli.app import app
-from odekit.cli.progress import PlainProgress, plain_progress
 
 
 def test_lines_at_start_end_and_every_interval():

@@ -36,15 +36,15 @@ def test_set_threads_rejects_out_of_range(restore_threads):
 
 def test_threads_reach_torch_and_report(tmp_path, restore_threads, monkeypatch):
     seen: list[int] = []
-    import odekit.cli.runner as runner
+    import odekit.device as device
 
-    original = runner.seed_everything
+    original = device.seed_everything
 
     def spy(seed: int) -> None:
         seen.append(torch.get_num_threads())
         original(seed)
 
-    monkeypatch.setattr(runner, "seed_everything", spy)
+    monkeypatch.setattr(device, "seed_everything", spy)
     torch.set_num_threads(2)
     result = CliRunner().invoke(
         app,

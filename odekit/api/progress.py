@@ -1,7 +1,9 @@
-"""Progress on stderr implementing `odekit.progress.Progress`: rich bars on a terminal, plain lines otherwise."""
+"""Progress implementing `odekit.progress.Progress`: rich bars on a terminal or in a notebook,
+plain lines in logs. The CLI's runner and the Python API (`shown`) choose between them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -18,6 +20,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from odekit.progress import Progress as ProgressLike
+from odekit.progress import SilentProgress
 
 T = TypeVar("T")
 
@@ -118,3 +123,29 @@ def plain_progress(stderr_is_terminal: bool) -> PlainProgress | None:
     if mode == "off" or (mode != "plain" and stderr_is_terminal):
         return None
     return PlainProgress()
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (IPython's ZMQ shell)."""
+    shell = sys.modules.get("IPython")
+    get = getattr(shell, "get_ipython", None)
+    return get is not None and type(get()).__name__ == "ZMQInteractiveShell"
+
+
+@contextlib.contextmanager
+def shown(progress: bool | ProgressLike | None) -> Iterator[ProgressLike]:
+    """The progress of one API call: ``None`` shows bars in a notebook or on a terminal (plain
+    lines with ``ODEKIT_PROGRESS=plain``), ``True`` always, ``False`` never; any `Progress` object
+    is used as it is."""
+    if progress is not None and not isinstance(progress, bool):
+        yield progress
+        return
+    console = Console(file=sys.stderr)
+    mode = os.environ.get(PROGRESS_ENV, "auto").strip().lower()
+    if progress is False or mode == "off":
+        yield SilentProgress()
+    elif progress or in_notebook() or console.is_terminal:
+        with RichProgress(console) as bars:
+            yield bars
+    else:
+        yield PlainProgress() if mode == "plain" else SilentProgress()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from odekit.cli.runner import ResultTable
+from odekit.writers.tables import ReportTable
 
 if TYPE_CHECKING:  # torch loads with the command body, not with `--help`
     from odekit.methods.training import TrainHistory
@@ -12,14 +12,14 @@ if TYPE_CHECKING:  # torch loads with the command body, not with `--help`
 FINETUNE_PLOT = "finetune_history.png"
 
 
-def history_table(history: TrainHistory) -> ResultTable:
+def history_table(history: TrainHistory) -> ReportTable:
     """One row per epoch (0: before fine-tuning); the kept epoch is marked."""
     rows = [
         [int(e["epoch"]), e.get("loss", "-"), e.get("val_accuracy", "-"), e.get("val_agreement", "-"),
          e.get("val_kl", "-"), e.get("test_accuracy", "-"), "kept" if e["epoch"] == history.best_epoch else ""]
         for e in history.epochs
     ]  # fmt: skip
-    return ResultTable(
+    return ReportTable(
         f"Fine-tuning per epoch ({history.validation_samples} validation samples held out of the training split; "
         f"epoch 0 = untuned): {history.summary()}",
         ["epoch", "train loss", "val accuracy", "val agreement", "val KL", "test accuracy", "model"],

@@ -1,11 +1,13 @@
-"""What `odekit attack` prints: one table and a headline per kind of run (universal, per-sample,
+"""What `odekit attack` shows: one table and a headline per kind of run (universal, per-sample,
 transfer matrix), read from the typed report the experiment assembled."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from odekit.cli.runner import CommandOutput, ResultTable
+from odekit.writers.tables import ReportTable
+
+Rendered = tuple[list[ReportTable], list[str]]  # tables and headline
 
 if TYPE_CHECKING:
     from odekit.methods.attacks.plan import AttackPlan
@@ -19,8 +21,8 @@ if TYPE_CHECKING:
     )
 
 
-def render(plan: AttackPlan, report: Report) -> CommandOutput:
-    """Tables and headline for a finished run (``report.to_dict()`` becomes the report's results)."""
+def render(plan: AttackPlan, report: Report) -> Rendered:
+    """Tables and headline for a finished run."""
     from odekit.methods.attacks.records import MatrixReport, UniversalReport
 
     if isinstance(report, MatrixReport):
@@ -55,7 +57,7 @@ def _seconds_header(fit_seconds: float) -> str:
     return "seconds (after the shared fit)" if fit_seconds else "seconds"
 
 
-def _universal(plan: AttackPlan, report: UniversalReport) -> CommandOutput:
+def _universal(plan: AttackPlan, report: UniversalReport) -> Rendered:
     curve = report.curve
     norm = plan.norm
     rows = [
@@ -74,10 +76,10 @@ def _universal(plan: AttackPlan, report: UniversalReport) -> CommandOutput:
         + (f", of which {report.fit_seconds:.2f} s shared fit" if report.fit_seconds else "")
     ]
     title = "Universal attack" + (" (sweep)" if len(curve) > 1 else "")
-    return CommandOutput(report.to_dict(), [ResultTable(title, headers, rows)], headline)
+    return [ReportTable(title, headers, rows)], headline
 
 
-def _per_sample(plan: AttackPlan, report: PerSampleReport) -> CommandOutput:
+def _per_sample(plan: AttackPlan, report: PerSampleReport) -> Rendered:
     curve = report.curve
     rows = [
         [_fmt(p.eps), _rate(p.robust), _rate(p.fooling), _fmt(p.mean_size), _fmt(p.seconds),
@@ -91,10 +93,10 @@ def _per_sample(plan: AttackPlan, report: PerSampleReport) -> CommandOutput:
         + ", ".join(f"{100 * p.robust.value:.1f}% @ {p.eps:.4g}" for p in curve)
         + f" (n={report.test_samples})"
     ]
-    return CommandOutput(report.to_dict(), [ResultTable("Robust accuracy", headers, rows)], headline)
+    return [ReportTable("Robust accuracy", headers, rows)], headline
 
 
-def _matrix(plan: AttackPlan, report: MatrixReport) -> CommandOutput:
+def _matrix(plan: AttackPlan, report: MatrixReport) -> Rendered:
     table = report.table
     rows = [
         [f"{n} (source)", *[f"{100 * v:.1f}%" for v in row]]
@@ -104,6 +106,4 @@ def _matrix(plan: AttackPlan, report: MatrixReport) -> CommandOutput:
         f"{plan.method}: transfer fooling-rate matrix over {report.test_samples} test samples "
         "(rows: source, columns: target)"
     ]
-    return CommandOutput(
-        report.to_dict(), [ResultTable("Fooling rate (source x target)", ["", *table.targets], rows)], headline
-    )
+    return [ReportTable("Fooling rate (source x target)", ["", *table.targets], rows)], headline
