@@ -13,7 +13,7 @@ from odekit.errors import LayerSelectionError, OdekitError, UsageError
 
 
 def test_reduce_in_memory_model_with_layers_as_modules(digits_mlp, digits_tensors, tmp_path):
-    result = odekit.reduce(digits_mlp, digits_tensors, layers=(digits_mlp[1], digits_mlp[3]), rank=16)
+    result = odekit.reduce(digits_mlp, digits_tensors, layers=(digits_mlp[1], digits_mlp[3]), rank=16, mode="region")
     report = result.to_dict()
     assert report["ranks"] == [16, 16] and report["modified_layers"] == "1-2"
     assert report["flop_reduction"] > 1.5  # 64 and 32 wide layers sampled at 24 rows each
@@ -32,8 +32,8 @@ def test_reduce_in_memory_model_with_layers_as_modules(digits_mlp, digits_tensor
 
 
 def test_layer_names_strings_and_indices_agree(digits_mlp, digits_tensors):
-    by_index = odekit.reduce(digits_mlp, digits_tensors, layers="1-2", rank=8)
-    by_names = odekit.reduce(digits_mlp, digits_tensors, layers=["1", "2"], rank=8)
+    by_index = odekit.reduce(digits_mlp, digits_tensors, layers="1-2", rank=8, mode="region")
+    by_names = odekit.reduce(digits_mlp, digits_tensors, layers=["1", "2"], rank=8, mode="region")
     assert by_index.to_dict()["ranks"] == by_names.to_dict()["ranks"] == [8, 8]
     assert by_index.to_dict()["student"]["accuracy"] == by_names.to_dict()["student"]["accuracy"]
 
@@ -52,7 +52,7 @@ def test_data_as_dataset_or_loader_gives_the_same_split(digits_mlp, digits_tenso
 
 def test_registered_checkpoint_keeps_its_metadata(tmp_path):
     model = odekit.load("checkpoints/lenet300_digits.safetensors")
-    result = odekit.reduce(model, layers="1-2", rank=20)  # its own data set (digits) from the metadata
+    result = odekit.reduce(model, layers="1-2", rank=20, mode="region")  # its own data set (digits) from the metadata
     assert result.registered and result.to_dict()["flop_reduction"] > 5
     saved = json.loads(result.save(tmp_path / "r").read_text())
     assert "student.safetensors" in saved["outputs"]
