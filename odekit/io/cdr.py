@@ -103,7 +103,7 @@ def generate_cdr(samples: int, grid: int = 32, seed: int = 0) -> tuple[np.ndarra
     from scipy.sparse.linalg import spsolve
 
     if samples < 2 or grid < 12:
-        raise UsageError(f"CDR needs --data-size >= 2 and a grid of 12+ cells, got {samples}, {grid}")
+        raise UsageError(f"CDR needs `data_size` >= 2 and a grid of 12+ cells, got {samples}, {grid}")
     mats, basis, sensors = _operators(grid)
     rng = np.random.default_rng(seed)
     amps = rng.uniform(0.0, 1.0, (samples, SOURCE_GRID**2))
@@ -214,4 +214,4 @@ def load_regression(name: str, cache_dir: Path | None = None, samples: int | Non
         return load_cdr_transient(samples or 800, seed=seed, cache_dir=cache_dir, normalization=normalization)
     if key.endswith(".npz"):
         return load_regression_npz(Path(name), normalization)
-    raise UsageError(f"unknown regression data set '{name}'", "use --data cdr, cdr-transient or a .npz file with x and float targets y")
+    raise UsageError(f"unknown regression data set '{name}'", "use `data` cdr, cdr-transient or a .npz file with x and float targets y")

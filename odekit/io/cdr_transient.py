@@ -80,7 +80,7 @@ def generate_cdr_transient(samples: int, grid: int = 16, seed: int = 0) -> tuple
     from scipy.sparse.linalg import splu
 
     if samples < 4 or grid < 8:
-        raise UsageError(f"cdr-transient needs --data-size >= 4 and a grid of 8+ cells, got {samples}, {grid}")
+        raise UsageError(f"cdr-transient needs `data_size` >= 4 and a grid of 8+ cells, got {samples}, {grid}")
     transport = _transport(grid)
     zones, source, sensors = _fields(grid)
     dt = 1.0 / STEPS

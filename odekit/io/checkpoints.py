@@ -110,7 +110,7 @@ def _meta_from_options(
     if arch is None:
         raise UsageError(
             f"'{path}' carries no odekit metadata, so its architecture is unknown",
-            "pass --arch NAME --num-classes K, --arch path/to/file.py:ClassName or --arch torchvision:NAME "
+            "pass `arch` NAME `num_classes` K, `arch` path/to/file.py:ClassName or `arch` torchvision:NAME "
             "(see docs/own-models.md)",
         )
     spec = parse_arch(arch)
@@ -129,13 +129,13 @@ def _meta_from_options(
 def _override(meta: ModelMeta, arch: str | None, num_classes: int | None) -> ModelMeta:
     if arch is not None and parse_arch(arch).meta_arch != meta.arch:
         raise UsageError(
-            f"--arch {arch} contradicts the checkpoint's own architecture '{meta.arch}'",
-            "drop --arch; odekit checkpoints describe themselves",
+            f"`arch` {arch} contradicts the checkpoint's own architecture '{meta.arch}'",
+            "drop `arch`; odekit checkpoints describe themselves",
         )
     if num_classes is not None and meta.num_classes not in (None, num_classes):
         raise UsageError(
-            f"--num-classes {num_classes} contradicts the checkpoint ({meta.num_classes} classes)",
-            "drop --num-classes",
+            f"`num_classes` {num_classes} contradicts the checkpoint ({meta.num_classes} classes)",
+            "drop `num_classes`",
         )
     return meta
 
@@ -184,7 +184,7 @@ def load_model(
     fmt = detect_format(path)
     sha = file_sha256(path)
     if arch_args and arch is None:
-        raise UsageError("--arch-args was given without --arch", "pass --arch too, or drop --arch-args")
+        raise UsageError("`arch_args` was given without `arch`", "pass `arch` too, or drop `arch_args`")
     loader = {
         "safetensors": _load_safetensors,
         "torchscript": _load_torchscript,
@@ -240,7 +240,7 @@ def _load_pickle(
             if not trust:
                 raise CheckpointError(
                     f"'{path}' contains pickled code (a whole model object), which odekit does not run by default",
-                    "save a state dict instead, or pass --trust-checkpoint if you trust its source",
+                    "save a state dict instead, or pass `trust_checkpoint` if you trust its source",
                 ) from exc
             return _load_trusted_module(path, arch, num_classes, arch_args)
         raise CheckpointError(
@@ -279,7 +279,7 @@ def _load_trusted_module(
     except Exception as exc:
         raise CheckpointError(
             f"'{path}' could not be unpickled ({type(exc).__name__}: {exc})",
-            "the class definitions it needs must be importable (PYTHONPATH or --arch path/to/file.py:ClassName)",
+            "the class definitions it needs must be importable (PYTHONPATH or `arch` path/to/file.py:ClassName)",
         ) from exc
     if isinstance(obj, torch.jit.ScriptModule):
         return obj, ModelMeta(arch="torchscript", num_classes=num_classes)

@@ -185,7 +185,7 @@ def _finish(
         if x_train.ndim == 4 and len(mean) != channels:
             raise DataError(
                 f"the normalisation has {len(mean)} channel values, the {name} images have {channels} channels",
-                "give one MEAN,STD or one value per channel (--normalize M1,M2,M3/S1,S2,S3)",
+                "give one MEAN,STD or one value per channel (`normalize` M1,M2,M3/S1,S2,S3)",
             )
     view = (1, -1, 1, 1) if x_train.ndim == 4 else ((1, -1) if len(mean) > 1 else (1,) * x_train.ndim)
     mean_t, std_t = torch.tensor(mean).view(view), torch.tensor(std).view(view)
@@ -219,7 +219,7 @@ def _digits(input_shape: tuple[int, ...] | None, normalization: dict[str, list[f
 
 def _require_dir(name: str, data_dir: str | Path | None) -> Path:
     if data_dir is None:
-        raise UsageError(f"data set '{name}' is read from local files", f"pass --data-dir; expected layout: {EXPECTED_LAYOUT[name]}")
+        raise UsageError(f"data set '{name}' is read from local files", f"pass `data_dir`; expected layout: {EXPECTED_LAYOUT[name]}")
     path = Path(data_dir)
     if not path.is_dir():
         raise DataError(f"data folder '{path}' does not exist", f"expected layout: {EXPECTED_LAYOUT[name]}")
@@ -338,7 +338,7 @@ def load_dataset(
         return _finish(folder.name, xtr, ytr, xte, yte, shape, normalization, {"source": f"ImageFolder {folder.name}", "classes": k}, k)
     if key in REGRESSION_DATASETS:  # issue 14: regression data live in odekit.io.cdr
         raise UsageError(f"'{name}' is a regression data set (float targets), not a classification one",
-                         "use odekit train-ode --task regress --data cdr")  # fmt: skip
+                         "use odekit train-ode `task` regress `data` cdr")  # fmt: skip
     raise UsageError(f"unknown data set '{name}'", f"choose one of {', '.join(DATASET_NAMES)} or give a path to a .npz file")
 
 

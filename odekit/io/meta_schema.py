@@ -20,7 +20,7 @@ MAX_INPUT_DIMS = 4
 MAX_INPUT_SIDE = 1 << 16
 MAX_INPUT_ELEMENTS = 1 << 24  # per sample: 3 x 2048 x 2048 fits
 MAX_ARCH_CHARS = 200
-HINT = "the metadata was edited or not written by odekit; fix it, or drop it and pass --arch/--num-classes"
+HINT = "the metadata was edited or not written by odekit; fix it, or drop it and pass `arch`/`num_classes`"
 
 
 def _fail(field: str, problem: str) -> CheckpointError:

@@ -45,7 +45,7 @@ class ModelMeta:
         except (json.JSONDecodeError, TypeError, RecursionError) as exc:
             raise CheckpointError(
                 f"checkpoint metadata is not valid odekit JSON: {exc}",
-                "the file was not written by odekit; pass --arch and --num-classes",
+                "the file was not written by odekit; pass `arch` and `num_classes`",
             ) from exc
 
     def derived(self, arch: str, args: dict[str, Any], step: dict[str, Any], source: str) -> ModelMeta:

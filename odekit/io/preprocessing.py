@@ -36,9 +36,9 @@ class Normalization:
             raise UsageError(f"unknown normalisation mode '{self.mode}'", f"use {NORMALIZE_HELP}")
         if self.mode == "given":
             if not self.mean or len(self.mean) != len(self.std):
-                raise UsageError("--normalize needs as many means as standard deviations", f"use {NORMALIZE_HELP}")
+                raise UsageError("`normalize` needs as many means as standard deviations", f"use {NORMALIZE_HELP}")
             if any(s <= 0 for s in self.std):
-                raise UsageError("--normalize standard deviations must be positive", "e.g. --normalize 0.5,0.25")
+                raise UsageError("`normalize` standard deviations must be positive", "e.g. `normalize` 0.5,0.25")
 
     def as_dict(self) -> dict[str, list[float]] | None:
         """The ``normalization`` argument of `odekit.io.datasets.load_dataset` (None: from the data)."""
@@ -64,7 +64,7 @@ def parse_normalize(text: str) -> Normalization:
                 raise ValueError(value)
             mean, std = (parts[0],), (parts[1],)
     except ValueError as exc:
-        raise UsageError(f"cannot read --normalize '{text}'", f"use {NORMALIZE_HELP}") from exc
+        raise UsageError(f"cannot read `normalize` '{text}'", f"use {NORMALIZE_HELP}") from exc
     return Normalization("given", mean, std)
 
 
@@ -90,9 +90,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
-            raise UsageError(f"unknown --layout '{self.layout}'", "choose NCHW, NHWC or auto")
+            raise UsageError(f"unknown `layout` '{self.layout}'", "choose NCHW, NHWC or auto")
         if self.pixel_max is not None and self.pixel_max <= 0:
-            raise UsageError("--pixel-max must be positive", "1 for floats in [0, 1], 255 for 8-bit images")
+            raise UsageError("`pixel_max` must be positive", "1 for floats in [0, 1], 255 for 8-bit images")
 
     @classmethod
     def from_options(

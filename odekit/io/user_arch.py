@@ -61,7 +61,7 @@ def parse_arch(value: str) -> ArchSpec:
     target, _, attribute = text.rpartition(":")
     if not target or not attribute.isidentifier():
         raise UsageError(
-            f"cannot read --arch '{value}'",
+            f"cannot read `arch` '{value}'",
             "write a zoo name, torchvision:NAME, module.path:Name or path/to/file.py:Name",
         )
     if target == "torchvision":
@@ -76,9 +76,9 @@ def parse_arch_args(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--arch-args is not valid JSON ({exc.msg} at column {exc.colno})", 'write a JSON object, e.g. \'{"num_classes": 10}\'') from exc
+        raise UsageError(f"`arch_args` is not valid JSON ({exc.msg} at column {exc.colno})", 'write a JSON object, e.g. \'{"num_classes": 10}\'') from exc
     if not isinstance(value, dict):
-        raise UsageError("--arch-args must be a JSON object of keyword arguments", 'e.g. \'{"num_classes": 10, "width": 2}\'')
+        raise UsageError("`arch_args` must be a JSON object of keyword arguments", 'e.g. \'{"num_classes": 10, "width": 2}\'')
     return value
 
 
@@ -98,7 +98,7 @@ def importable(*folders: Path) -> Iterator[None]:
 def load_user_file(path: Path) -> ModuleType:
     """Import ``path`` as a module named after its stem (so pickles naming that module resolve)."""
     if not path.is_file():
-        raise UsageError(f"--arch file '{path}' does not exist", "give the path of the .py file that defines the model")
+        raise UsageError(f"`arch` file '{path}' does not exist", "give the path of the .py file that defines the model")
     resolved = path.resolve()
     name = path.stem
     existing = sys.modules.get(name)
@@ -129,8 +129,8 @@ def _import_module(target: str) -> ModuleType:
             return importlib.import_module(target)
     except ModuleNotFoundError as exc:
         raise UsageError(
-            f"--arch module '{target}' cannot be imported ({exc})",
-            "add its folder to PYTHONPATH, or pass --arch path/to/file.py:Name",
+            f"`arch` module '{target}' cannot be imported ({exc})",
+            "add its folder to PYTHONPATH, or pass `arch` path/to/file.py:Name",
         ) from exc
     except Exception as exc:
         raise UsageError(f"importing '{target}' failed ({type(exc).__name__}: {_first_line(exc)})", "fix the module so it imports cleanly") from exc
@@ -140,7 +140,7 @@ def _torchvision_builder(name: str) -> Any:
     try:
         from torchvision import models
     except ImportError as exc:
-        raise UsageError("--arch torchvision:... needs torchvision", "pip install torchvision") from exc
+        raise UsageError("`arch` torchvision:... needs torchvision", "pip install torchvision") from exc
     try:
         return models.get_model_builder(name)
     except ValueError as exc:
@@ -150,7 +150,7 @@ def _torchvision_builder(name: str) -> Any:
         known = ", ".join(sorted(models.list_models(module=models))[:12])
         raise UsageError(
             f"torchvision has no model '{name}'",
-            f"choose e.g. {known}, ..., or a class such as VisionTransformer with --arch-args",
+            f"choose e.g. {known}, ..., or a class such as VisionTransformer with `arch_args`",
         ) from exc
 
 
@@ -172,10 +172,10 @@ def build_from_spec(spec: ArchSpec, args: dict[str, Any]) -> nn.Module:
     except Exception as exc:
         raise UsageError(
             f"building {spec.meta_arch} with arguments {args} failed ({type(exc).__name__}: {_first_line(exc)})",
-            "fix --arch-args (a JSON object of the constructor's keyword arguments)",
+            "fix `arch_args` (a JSON object of the constructor's keyword arguments)",
         ) from exc
     if not isinstance(model, nn.Module):
-        raise UsageError(f"{spec.meta_arch} returned {type(model).__name__}, not an nn.Module", "point --arch at the model class or a factory returning one")
+        raise UsageError(f"{spec.meta_arch} returned {type(model).__name__}, not an nn.Module", "point `arch` at the model class or a factory returning one")
     return model
 
 
@@ -211,7 +211,7 @@ def check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.T
     )
     raise StateDictMismatchError(
         f"'{path}' does not match architecture '{arch}' ({counts})",
-        "pass the --arch (and --arch-args/--num-classes) the weights were trained with; "
+        "pass the `arch` (and `arch_args`/`num_classes`) the weights were trained with; "
         "rename keys with a script if the class changed (see docs/own-models.md)",
         lines,
     )
@@ -222,7 +222,7 @@ def missing_module_hint(exc: BaseException) -> str:
     name = getattr(exc, "name", None) or str(exc)
     return (
         f"make module '{name}' importable: put its folder on PYTHONPATH (the checkpoint's folder and the "
-        f"working directory already are), or pass --arch path/to/{name.split('.')[-1]}.py:ClassName"
+        f"working directory already are), or pass `arch` path/to/{name.split('.')[-1]}.py:ClassName"
     )
 
 

@@ -28,7 +28,7 @@ def active_count(singular_values: Tensor, eps: float, form: str = "eq6.17") -> i
     if not 0.0 <= eps < 1.0:
         raise UsageError(
             f"energy tolerance eps must lie in [0, 1), got {eps}",
-            "the thesis default is 0.05 (asnet --energy-tol 0.05)",
+            "the thesis default is 0.05 (asnet `energy_tol` 0.05)",
         )
     if form not in ("eq6.17", "eq6.12"):
         raise UsageError(f"unknown active-count form '{form}'", "use eq6.17 or eq6.12")

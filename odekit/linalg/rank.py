@@ -89,16 +89,16 @@ class RankSpec:
                 f"a fixed rank must be an integer in [1, {MAX_FIXED_RANK}], got {self.value:g}"
                 if self.value is not None
                 else "a fixed rank needs a value",
-                "use e.g. --rank 32",
+                "use e.g. `rank` 32",
             )
         if self.name == "energy" and (self.value is None or not 0.0 < self.value <= 1.0):
             raise UsageError(
                 f"energy threshold must lie in (0, 1], got {self.value}",
-                "use e.g. --rank energy:0.99",
+                "use e.g. `rank` energy:0.99",
             )
         if self.name == "factor" and (self.value is None or self.value < 1.0):
             raise UsageError(
-                f"rank reduction factor must be >= 1, got {self.value}", "use e.g. --rank factor:4"
+                f"rank reduction factor must be >= 1, got {self.value}", "use e.g. `rank` factor:4"
             )
 
     def __str__(self) -> str:
@@ -154,7 +154,7 @@ def select_rank(spec: str | int | RankSpec, ctx: RankContext, max_rank: int | No
     if rank > limit_n:
         raise NumericalError(
             f"rank {rank} needs at least {rank} samples, only {limit_n} were used",
-            "pass more --fit-samples or choose a smaller rank",
+            "pass more `fit_samples` or choose a smaller rank",
         )
     if rank > ctx.dim:
         raise NumericalError(
@@ -163,13 +163,13 @@ def select_rank(spec: str | int | RankSpec, ctx: RankContext, max_rank: int | No
     if max_rank is not None and rank > max_rank:
         raise NumericalError(
             f"rank {rank} exceeds the largest rank the sketch supports ({max_rank})",
-            "lower the rank or raise --sketch-size",
+            "lower the rank or raise `sketch_size`",
         )
     numerical = _numerical_rank(ctx.singular_values)
     if rank > numerical:
         raise NumericalError(
             f"rank {rank} is larger than the data allows (numerical rank {numerical})",
-            f"choose a rank <= {numerical}, e.g. --rank energy:0.99",
+            f"choose a rank <= {numerical}, e.g. `rank` energy:0.99",
         )
     return rank
 
@@ -286,7 +286,7 @@ def rank_grammar(keywords: tuple[str, ...] = ()) -> str:
     return " | ".join([*rules, "INT", *keywords])
 
 
-def parse_rank_option(text: str | int, option: str = "--rank", keywords: tuple[str, ...] = ()) -> RankSpec | str:
+def parse_rank_option(text: str | int, option: str = "`rank`", keywords: tuple[str, ...] = ()) -> RankSpec | str:
     """A rank option's value: one of ``keywords`` (returned as the lower-case word) or a rank
     rule / integer (``parse_rank_spec``); errors name ``option`` and the whole grammar."""
     word = str(text).strip().lower()

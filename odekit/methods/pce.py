@@ -66,7 +66,7 @@ def fit_pce(
     before the solve, so every rank gets the fit of the whole data set.
     """
     if ridge < 0:
-        raise UsageError(f"--ridge must be >= 0, got {ridge}")
+        raise UsageError(f"`ridge` must be >= 0, got {ridge}")
     n = layer.n_basis
     device = layer.linear.weight.device
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
@@ -103,7 +103,7 @@ def fit_pce(
     if m < 2 * n:
         warnings.append(
             f"PCE fit uses {m} samples for {n} basis functions; the thesis asks for at least "
-            f"2 x {n} = {2 * n} (m_PCE >= 2 C(r+p, p)): expect overfitting; lower --rank/--degree or add --ridge"
+            f"2 x {n} = {2 * n} (m_PCE >= 2 C(r+p, p)): expect overfitting; lower `rank`/`degree` or add `ridge`"
         )
     kept = evals[keep]
     return PCEFit(

@@ -35,7 +35,7 @@ class SmoothnessSettings:
 
     def __post_init__(self) -> None:
         if not self.solvers:
-            raise UsageError("--solvers names no test solver", "pass e.g. --solvers euler,rk2,rk4")
+            raise UsageError("`solvers` names no test solver", "pass e.g. `solvers` euler,rk2,rk4")
         names = []
         for name in self.solvers:
             spec = SOLVERS.get(name)
@@ -48,14 +48,14 @@ class SmoothnessSettings:
                 names.append(spec.name)
         object.__setattr__(self, "solvers", tuple(names))
         if not self.steps or any(isinstance(n, bool) or int(n) != n or n < 1 for n in self.steps):
-            raise UsageError(f"--steps must be positive integers, got {list(self.steps)}", "pass e.g. --steps 2,4,8,16,32")
+            raise UsageError(f"`steps` must be positive integers, got {list(self.steps)}", "pass e.g. `steps` 2,4,8,16,32")
         object.__setattr__(self, "steps", tuple(sorted({int(n) for n in self.steps})))
         if not 0.0 < float(self.u) <= 1.0:
-            raise UsageError(f"--u (the rk2 parameter) must lie in (0, 1], got {self.u}", "0.5 is the midpoint rule, 1 Heun's")
+            raise UsageError(f"`u` (the rk2 parameter) must lie in (0, 1], got {self.u}", "0.5 is the midpoint rule, 1 Heun's")
         if not 0.0 <= self.tolerance < 1.0:
-            raise UsageError(f"--tolerance must lie in [0, 1), got {self.tolerance}", "it is an accuracy fraction, e.g. 0.01")
+            raise UsageError(f"`tolerance` must lie in [0, 1), got {self.tolerance}", "it is an accuracy fraction, e.g. 0.01")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def training_config(model: nn.Module) -> SolverConfig:
     if isinstance(model, CNF):
         raise UnsupportedModelError(
             "the model is a density model (CNF); the (S, n)-criterion compares classification accuracy",
-            "check an ODENet classifier trained with 'odekit train-ode --task classify'",
+            "check an ODENet classifier trained with 'odekit train-ode `task` classify'",
         )
     return blocks[0].config
 
@@ -150,7 +150,7 @@ def smoothness_check(
     if not stronger:
         raise UsageError(
             f"no tested (solver, n) spends more f-evaluations than the training solver ({nfe0:g} per forward pass)",
-            "add larger --steps so that stronger solvers are tested",
+            "add larger `steps` so that stronger solvers are tested",
         )
     worst = min(stronger, key=lambda g: (g.accuracy, g.nfe))
     tol = settings.tolerance

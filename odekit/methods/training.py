@@ -45,23 +45,23 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
-            raise UsageError(f"--finetune must be >= 0 epochs, got {self.epochs}", "use 0 to skip fine-tuning")
+            raise UsageError(f"`finetune` must be >= 0 epochs, got {self.epochs}", "use 0 to skip fine-tuning")
         if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3")
+            raise UsageError(f"`lr` must be positive, got {self.lr}", "try 1e-3")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}", "try 128")
+            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}", "try 128")
         if not 0.0 <= self.beta <= 1.0:
-            raise UsageError(f"--beta (the distillation weight) must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
+            raise UsageError(f"`beta` (the distillation weight) must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
         if self.optimizer not in ("adam", "sgd"):
             raise UsageError(f"unknown optimizer '{self.optimizer}'", "choose adam or sgd")
         if self.schedule not in ("cosine", "constant"):
             raise UsageError(f"unknown lr schedule '{self.schedule}'", "choose cosine or constant")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise UsageError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}", "the default is 0.1")
+            raise UsageError(f"`val_fraction` must lie in [0, 1), got {self.val_fraction}", "the default is 0.1")
         if not 0.0 <= self.warmup < 1.0:
             raise UsageError(f"the warm-up fraction must lie in [0, 1), got {self.warmup}", "try 0.1")
         if self.patience is not None and self.patience < 1:
-            raise UsageError(f"--patience must be >= 1 epoch, got {self.patience}", "omit it to run every epoch")
+            raise UsageError(f"`patience` must be >= 1 epoch, got {self.patience}", "omit it to run every epoch")
         if not self.temperature > 0:
             raise UsageError(f"the distillation temperature must be positive, got {self.temperature}", "try 1")
 
@@ -94,7 +94,7 @@ class TrainHistory:
         """One line: which epoch the model holds and why."""
         if self.best_epoch is None:
             return f"{self.trained_epochs} epochs, no validation split: the last epoch is kept"
-        stop = {"patience": ", stopped early (--patience)", "diverged": ", stopped: the loss diverged"}.get(self.stopped, "")
+        stop = {"patience": ", stopped early (`patience`)", "diverged": ", stopped: the loss diverged"}.get(self.stopped, "")
         if self.kept_untuned:
             return ("fine-tuning did not improve validation accuracy/agreement: the untuned model is kept"
                     f" ({self.trained_epochs} epochs tried{stop})")
@@ -125,7 +125,7 @@ def _optimizer(
     special: dict[int, float] = {}
     for module, lr in (lr_overrides or {}).items():
         if not lr > 0:
-            raise UsageError(f"--head-lr must be positive, got {lr}", "try 1e-5")
+            raise UsageError(f"`head_lr` must be positive, got {lr}", "try 1e-5")
         special.update({id(p): lr for p in module.parameters()})
     params = [p for p in model.parameters() if p.requires_grad]
     groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in special], "lr": settings.lr}]
@@ -310,7 +310,7 @@ class _Epochs:
         if self.per_epoch == 0:
             raise UsageError(
                 f"{fit.num_batches(settings.batch_size)} batches cannot feed {self.world} ranks",
-                "use fewer ranks or a smaller --batch-size",
+                "use fewer ranks or a smaller `batch_size`",
             )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(settings.schedule, max(1, settings.epochs * self.per_epoch), settings.warmup)

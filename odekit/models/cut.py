@@ -44,7 +44,7 @@ def _cut_layer(spec: str | int, summary: ModelSummary) -> LayerInfo:
     """The one compute layer a --cut names; the last layer leaves nothing to replace."""
     chosen = resolve_layers(str(spec), summary)
     if len(chosen) != 1:
-        raise LayerSelectionError(f"--cut must name one layer, '{spec}' gives {len(chosen)}", "e.g. --cut 5")
+        raise LayerSelectionError(f"`cut` must name one layer, '{spec}' gives {len(chosen)}", "e.g. `cut` 5")
     layer = chosen[0]
     if layer.index == len(summary.layers):
         raise LayerSelectionError(

@@ -79,7 +79,7 @@ __all__ = [
 
 # how to turn a TorchScript archive into something odekit can rewrite (one hint everywhere)
 TORCHSCRIPT_HINT = (
-    "pass the state dict with --arch path/to/file.py:ClassName, or export it once in Python: "
+    "pass the state dict with `arch` path/to/file.py:ClassName, or export it once in Python: "
     "torch.export.save(torch.export.export(model.eval(), (example_input,)), 'model.pt2') (docs/own-models.md)"
 )
 
@@ -205,7 +205,7 @@ def trace_graph(
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError(
             f"{what} needs the model's Python module or a torch.export archive, not TorchScript",
-            "export it with torch.export.save(torch.export.export(model, (x,)), 'model.pt2') or pass --arch",
+            "export it with torch.export.save(torch.export.export(model, (x,)), 'model.pt2') or pass `arch`",
         )
     if isinstance(model, fx.GraphModule):
         return normalize_graph(model, input_shape)

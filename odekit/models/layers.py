@@ -178,7 +178,7 @@ def _hook_pass(model: nn.Module, input_shape: tuple[int, ...] | list[int], batch
     except RuntimeError as exc:
         raise UnsupportedModelError(
             f"the model does not accept inputs of shape {tuple(input_shape)} ({str(exc).splitlines()[0][:200]})",
-            "check the input shape recorded for this checkpoint (or --data)",
+            "check the input shape recorded for this checkpoint (or `data`)",
         ) from exc
     finally:
         for handle in handles:
@@ -294,7 +294,7 @@ def resolve_layers(spec: str, summary: ModelSummary | list[LayerInfo]) -> list[L
     if not layers:
         raise LayerSelectionError("the model has no conv or linear layers", "odekit addresses conv/linear layers only")
     if not spec or not spec.strip():
-        raise LayerSelectionError("empty layer selection", "give e.g. --layers 7-16")
+        raise LayerSelectionError("empty layer selection", "give e.g. `layers` 7-16")
     chosen: list[int] = []
     for part in spec.split(","):
         match = _RANGE.match(part)

@@ -90,7 +90,7 @@ class PCELayer(nn.Module):
         if n_basis > MAX_BASIS:
             raise UsageError(
                 f"a degree-{degree} PCE in {dim} variables has {n_basis} basis functions (limit {MAX_BASIS})",
-                "lower --rank or --degree",
+                "lower `rank` or `degree`",
             )
         self.dim, self.degree, self.out_features = dim, degree, out_features
         variables, degrees = _factor_table(dim, degree)

@@ -55,7 +55,7 @@ def build_model(arch: str, args: dict[str, Any] | None = None) -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"cannot build architecture '{arch}' with arguments {args}: {exc}",
-            "check the checkpoint metadata or the --arch/--num-classes options",
+            "check the checkpoint metadata or the `arch`/`num_classes` options",
         ) from exc
 
 
@@ -96,6 +96,6 @@ def arch_names() -> list[str]:
 def require_num_classes(num_classes: int | None, arch: str) -> int:
     if num_classes is None or num_classes < 1:
         raise UsageError(
-            f"architecture '{arch}' needs the number of classes", "pass --num-classes K"
+            f"architecture '{arch}' needs the number of classes", "pass `num_classes` K"
         )
     return num_classes

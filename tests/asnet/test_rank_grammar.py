@@ -61,7 +61,7 @@ def test_asnet_rank_rules_match_the_rule_on_the_sketch(checkpoints_dir, tmp_path
     if spec == "auto":
         assert cut["rank"] == cut["active_neurons"]
     elif not spec.isdigit():
-        assert cut["rank_rule"].startswith(f"--rank {spec}")
+        assert cut["rank_rule"].startswith(f"`rank` {spec}")  # the library's spelling of the parameter
 
 
 def test_one_parser_for_both_commands() -> None:
@@ -72,7 +72,7 @@ def test_one_parser_for_both_commands() -> None:
     assert parse_rank("factor:4") == "factor:4" and parse_rank("8") == 8 and parse_rank("vbmf") == "vbmf"
     with pytest.raises(UsageError) as err:
         parse_rank_option("auto")  # reduce has no `auto`
-    assert "--rank 'auto'" in err.value.message and "vbmf | energy:F" in (err.value.hint or "")
+    assert "`rank` 'auto'" in err.value.message and "vbmf | energy:F" in (err.value.hint or "")
     with pytest.raises(UsageError, match="energy threshold"):
         parse_rank("energy:1.5")
 

@@ -368,7 +368,7 @@ def test_out_of_memory_under_a_solver_spec_blames_the_steps():
     from odekit.methods.attacks.pipeline import solver_memory_guard as _solver_memory_guard
 
     spec = parse_solver_spec("euler:5000")
-    with pytest.raises(UsageError, match="--attack-solver euler:5000") as info, _solver_memory_guard((spec, None)):
+    with pytest.raises(UsageError, match="`attack_solver` euler:5000") as info, _solver_memory_guard((spec, None)):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
     assert "step count" in str(info.value)
     # without a solver spec the runner's own message stays

@@ -152,9 +152,9 @@ def test_plan_builds_settings_by_field_name():
     adef = build_plan("adef", {"norm": "inf", "steps": 7, "sigma": 0.5})
     assert adef.norm == "T" and adef.budgets == [1.0] and adef.attack.settings.steps == 7
     assert build_plan("pgd", {"norm": "2"}).budgets == [0.5]
-    with pytest.raises(UsageError, match="--target is for universal"):
+    with pytest.raises(UsageError, match="`target` is for universal"):
         build_plan("fgsm", {"target": 1})
-    with pytest.raises(UsageError, match="--eps is for per-sample"):
+    with pytest.raises(UsageError, match="`eps` is for per-sample"):
         build_plan("uap", {"eps": [0.1]})
     assert parse_budgets("3, 1,2,2") == [1.0, 2.0, 3.0]
     assert parse_seeds("0,2,2,1") == [0, 2, 1]

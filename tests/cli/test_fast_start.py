@@ -77,7 +77,10 @@ def test_help_mirrors_match_their_registries() -> None:
 
     assert names.help_line(names.RANK_RULE_HELP) == RANK_RULES.help_text()
     assert names.help_line(names.ATTACK_HELP) == ATTACKS.help_text()
-    assert names.help_line(names.REGIME_HELP) == REGIMES.help_text()
+    from odekit.cli.errors import cli_text
+
+    # the library names parameters (`u_set`); the help text shows the flags (--u-set)
+    assert names.help_line(names.REGIME_HELP) == cli_text(REGIMES.help_text())
     assert names.help_line(names.NORM_CHOICES) == NORM_HELP
     assert names.names(names.NORM_CHOICES) == tuple(NORMS)
 

@@ -80,7 +80,7 @@ def test_wrong_arch_lists_keys_one_line_each_capped(foreign_vgg):
 def test_arch_args_must_be_a_json_object():
     assert parse_arch_args('{"width_div": 16}') == {"width_div": 16}
     for bad in ("{width: 1}", "[1, 2]"):
-        with pytest.raises(Exception, match="--arch-args"):
+        with pytest.raises(Exception, match="`arch_args`"):
             parse_arch_args(bad)
 
 

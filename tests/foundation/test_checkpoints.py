@@ -67,7 +67,7 @@ def test_round_trip_gives_equal_outputs(tmp_path: Path, arch: str, args: dict, s
 def test_plain_state_dict_needs_arch(tmp_path: Path) -> None:
     model = _randomised("lenet5", {"num_classes": 10})
     torch.save(model.state_dict(), tmp_path / "plain.pt")
-    with pytest.raises(UsageError, match="--arch"):
+    with pytest.raises(UsageError, match="`arch`"):
         load_model(tmp_path / "plain.pt")
     loaded = load_model(tmp_path / "plain.pt", arch="lenet5", num_classes=10)
     x = torch.randn(2, 1, 28, 28)
@@ -96,7 +96,7 @@ def test_wrong_architecture_names_the_tensor(tmp_path: Path) -> None:
 def test_pickled_module_needs_trust(tmp_path: Path) -> None:
     model = _randomised("lenet300", {"num_classes": 10})
     torch.save(model, tmp_path / "whole.pt")
-    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match="`trust_checkpoint`"):
         load_model(tmp_path / "whole.pt")
     loaded = load_model(tmp_path / "whole.pt", trust_checkpoint=True)
     x = torch.randn(2, 1, 28, 28)

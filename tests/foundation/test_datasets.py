@@ -60,7 +60,7 @@ def test_npz_without_arrays(tmp_path: Path) -> None:
 def test_missing_torchvision_folder_says_layout(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         load_dataset("cifar10", data_dir=tmp_path)
-    with pytest.raises(UsageError, match="--data-dir"):
+    with pytest.raises(UsageError, match="`data_dir`"):
         load_dataset("mnist")
     with pytest.raises(UsageError, match="unknown data set"):
         load_dataset("imagenet-21k")

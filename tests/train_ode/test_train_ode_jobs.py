@@ -28,20 +28,20 @@ def test_solver_defaults_follow_the_task() -> None:
     assert (classify.solver, classify.steps, classify.rtol) == ("rk2", 4, 1e-3)
     assert (density.solver, density.steps, density.rtol, density.atol) == ("dopri5", None, 1e-5, 1e-5)
     assert solver_config("classify", "dopri5").rtol == 1e-3
-    with pytest.raises(UsageError, match="--steps does not apply"):
+    with pytest.raises(UsageError, match="`steps` does not apply"):
         solver_config("density", steps=4)
-    with pytest.raises(UsageError, match="--rtol/--atol do not apply"):
+    with pytest.raises(UsageError, match="`rtol`/`atol` do not apply"):
         solver_config("classify", "euler", rtol=1e-4)
-    with pytest.raises(UsageError, match="--grad rdm/irdm"):
+    with pytest.raises(UsageError, match="`grad` rdm/irdm"):
         solver_config("classify", "dopri5", seminorm=True)
 
 
 def test_arch_options_validate_and_name_their_flags() -> None:
-    with pytest.raises(UsageError, match="--norm-ode"):
+    with pytest.raises(UsageError, match="`norm_ode`"):
         ODEArchOptions(norm_ode="group")
     with pytest.raises(UsageError, match="unknown trace mode"):
         ODEArchOptions(trace="magic")
-    with pytest.raises(UsageError, match="--hidden"):
+    with pytest.raises(UsageError, match="`hidden`"):
         ODEArchOptions(hidden="64,x").cnf_args()
     with pytest.raises(UsageError, match="ODENet options"):
         ODEArchOptions(width=8).cnf_args()

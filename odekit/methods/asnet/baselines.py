@@ -62,7 +62,7 @@ def _logreg_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(y_train)) < 2:
-        raise NumericalError("logistic regression needs at least two classes in the training samples", "use more --fit-samples")
+        raise NumericalError("logistic regression needs at least two classes in the training samples", "use more `fit_samples`")
     scaler = StandardScaler().fit(x_train)
     clf = LogisticRegression(max_iter=500, C=1.0, random_state=seed)
     with warnings.catch_warnings():

@@ -80,8 +80,8 @@ def build_asnet_from_teacher(
     requested = settings.rank
     if isinstance(requested, int) and requested > cut.features:
         raise UsageError(
-            f"--rank {requested} exceeds the {cut.features} neurons of layer {cut.index}",
-            f"use --rank <= {cut.features}",
+            f"`rank` {requested} exceeds the {cut.features} neurons of layer {cut.index}",
+            f"use `rank` <= {cut.features}",
         )
     say(f"cut at layer {cut.index} ({cut.name}): n_l = {cut.features}; streaming per-sample gradients")
     subspace = active_subspace(chain, cut, data.train, sub_settings, device, progress=progress, dist=dist)
@@ -206,5 +206,5 @@ def _baseline_warning(reached: float, baselines: Baselines, tuned: bool) -> list
         return []
     what = "the fine-tuned ASNet" if tuned else "the ASNet"
     return [f"{what} reaches {100 * reached:.1f}% on the test split, {100 * (best - reached):.1f} points below the "
-            f"'{best_name}' baseline ({100 * best:.1f}%) on the same cut: try a larger --rank, --degree 1, a lower --lr "
-            "(e.g. 1e-5) with more --finetune epochs, or that baseline as the head"]  # fmt: skip
+            f"'{best_name}' baseline ({100 * best:.1f}%) on the same cut: try a larger `rank`, `degree` 1, a lower `lr` "
+            "(e.g. 1e-5) with more `finetune` epochs, or that baseline as the head"]  # fmt: skip

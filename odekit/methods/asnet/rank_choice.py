@@ -37,16 +37,16 @@ def choose_rank(
         rank = min(subspace.active_neurons(eps), limit)
         rule = f"active neurons at eps = {eps} (eq. 6.17)"
     elif isinstance(requested, int):
-        rank, rule = requested, "--rank"
+        rank, rule = requested, "`rank`"
     else:
         spec = parse_rank_spec(requested)
         ctx = RankContext(subspace.singular_values, subspace.n_samples, features, subspace.total_energy)
         rank = rule_rank(spec, ctx)
-        rule = f"--rank {spec}" + (f" ({RANK_RULES.entry(spec.name).description})" if spec.name in RANK_RULES else "")
+        rule = f"`rank` {spec}" + (f" ({RANK_RULES.entry(spec.name).description})" if spec.name in RANK_RULES else "")
     if rank > limit:
         raise NumericalError(
             f"rank {rank} needs {rank} samples and sketch rows; {subspace.n_samples} samples were streamed "
             f"into a sketch of {sketch_size} rows for {features} neurons",
-            "use more --fit-samples, a larger --sketch-size or a lower --rank",
+            "use more `fit_samples`, a larger `sketch_size` or a lower `rank`",
         )
     return RankChoice(rank, rule)

@@ -28,13 +28,13 @@ class SubspaceSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
-            raise UsageError(f"--energy-tol must lie in (0, 1), got {self.eps}", "the thesis uses 0.05")
+            raise UsageError(f"`energy_tol` must lie in (0, 1), got {self.eps}", "the thesis uses 0.05")
         if self.sketch_size < 2:
-            raise UsageError(f"--sketch-size must be >= 2, got {self.sketch_size}", "try 100")
+            raise UsageError(f"`sketch_size` must be >= 2, got {self.sketch_size}", "try 100")
         if self.samples is not None and self.samples < 2:
-            raise UsageError(f"--fit-samples must be >= 2, got {self.samples}", "omit it to use the whole training split")
+            raise UsageError(f"`fit_samples` must be >= 2, got {self.samples}", "omit it to use the whole training split")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -61,29 +61,29 @@ class ASNetSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, str):
-            parse_rank_option(self.rank, "--rank", RANK_KEYWORDS)
+            parse_rank_option(self.rank, "`rank`", RANK_KEYWORDS)
         if isinstance(self.rank, int) and self.rank < 1:
-            raise UsageError(f"--rank must be >= 1, got {self.rank}", "e.g. --rank 50")
+            raise UsageError(f"`rank` must be >= 1, got {self.rank}", "e.g. `rank` 50")
         if not 1 <= self.degree <= 6:
-            raise UsageError(f"--degree must lie in 1..6, got {self.degree}", "the thesis uses p = 2")
+            raise UsageError(f"`degree` must lie in 1..6, got {self.degree}", "the thesis uses p = 2")
         if not self.ridge >= 0:  # also NaN
-            raise UsageError(f"--ridge must be >= 0, got {self.ridge}", "e.g. --ridge 1e-6")
+            raise UsageError(f"`ridge` must be >= 0, got {self.ridge}", "e.g. `ridge` 1e-6")
         if self.finetune_epochs < 0:
-            raise UsageError(f"--finetune must be >= 0 epochs, got {self.finetune_epochs}")
+            raise UsageError(f"`finetune` must be >= 0 epochs, got {self.finetune_epochs}")
         if not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3")
+            raise UsageError(f"`lr` must be positive, got {self.lr}", "try 1e-3")
         if self.head_lr is not None and not self.head_lr > 0:
-            raise UsageError(f"--head-lr must be positive, got {self.head_lr}", "the thesis uses 1e-5")
+            raise UsageError(f"`head_lr` must be positive, got {self.head_lr}", "the thesis uses 1e-5")
         if not 0.0 <= self.beta <= 1.0:
-            raise UsageError(f"--beta must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
+            raise UsageError(f"`beta` must lie in [0, 1], got {self.beta}", "the thesis uses 0.1")
         if self.l1 < 0:
-            raise UsageError(f"--l1 must be >= 0, got {self.l1}")
+            raise UsageError(f"`l1` must be >= 0, got {self.l1}")
         if self.sparse and self.finetune_epochs == 0:
-            raise UsageError("--sparse needs fine-tuning epochs for its proximal steps", "add --finetune EPOCHS")
+            raise UsageError("`sparse` needs fine-tuning epochs for its proximal steps", "add `finetune` EPOCHS")
         if isinstance(self.rank, int) and self.rank > self.subspace.sketch_size:
             raise UsageError(
-                f"--rank {self.rank} exceeds --sketch-size {self.subspace.sketch_size}",
-                f"use --sketch-size {2 * self.rank} or more",
+                f"`rank` {self.rank} exceeds `sketch_size` {self.subspace.sketch_size}",
+                f"use `sketch_size` {2 * self.rank} or more",
             )
 
 
@@ -92,7 +92,7 @@ def parse_rank(text: str | None) -> int | str | None:
     'factor:4'), read by the one rank parser of ``odekit.linalg.rank``."""
     if text is None:
         return None
-    parsed = parse_rank_option(text, "--rank", RANK_KEYWORDS)
+    parsed = parse_rank_option(text, "`rank`", RANK_KEYWORDS)
     if isinstance(parsed, str):
         return parsed
     return int(parsed.value or 0) if parsed.name == "fixed" else str(parsed)

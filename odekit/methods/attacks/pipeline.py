@@ -74,7 +74,7 @@ def same_inputs(players: list[Player]) -> None:
         if other.data.name != first.data.name:
             raise DataError(
                 f"'{other.path}' was trained on '{other.data.name}', '{first.path}' on '{first.data.name}'",
-                "transfer needs models of the same data set (or pass --data)",
+                "transfer needs models of the same data set (or pass `data`)",
             )
 
 
@@ -100,8 +100,8 @@ class Roles:
         return "white-box"
 
     def models(self) -> tuple[nn.Module, nn.Module]:
-        return (with_solver(self.generator.model, self.specs[0], "--attack-solver"),
-                with_solver(self.target.model, self.specs[1], "--eval-solver"))  # fmt: skip
+        return (with_solver(self.generator.model, self.specs[0], "`attack_solver`"),
+                with_solver(self.target.model, self.specs[1], "`eval_solver`"))  # fmt: skip
 
     def scoring(self, base: Scoring, seed: int) -> Scoring:
         transfer = self.source is not None or self.specs != (None, None)
@@ -114,7 +114,7 @@ def parse_units(text: str, budget_given: bool) -> str:
     if unit not in BUDGET_UNITS:
         raise UsageError(f"unknown budget units '{text}'", f"choose one of: {', '.join(BUDGET_UNITS)}")
     if unit == "model" and not budget_given:
-        raise UsageError("--units model needs an explicit budget", "give --delta (universal) or --eps (per-sample)")
+        raise UsageError("`units` model needs an explicit budget", "give `delta` (universal) or `eps` (per-sample)")
     return unit
 
 
@@ -154,12 +154,12 @@ def resolve_plan(
     """The plan with budgets in pixels, once the models' normalisation is known; every budget
     and --target checked against every model."""
     final = build_plan(method, options, budget_scale([p.data for p in players])) if unit == "model" else base
-    budget_option = f"--{base.attack.budget_name}"
+    budget_option = f"`{base.attack.budget_name}`"
     target = options.get("target")
     for p in players:
         final.attack.distance.check_budgets(final.budgets, p.data.input_shape, budget_option)
         if target is not None and target >= p.data.num_classes:
-            raise UsageError(f"--target {target} is not a class of '{p.path}' "
+            raise UsageError(f"`target` {target} is not a class of '{p.path}' "
                              f"({p.data.num_classes} classes)",
                              f"give a class in [0, {p.data.num_classes - 1}]")  # fmt: skip
     return final
@@ -208,7 +208,7 @@ def run_matrix(
 ) -> AttackRun:  # fmt: skip
     """Every player generates, every player is scored (rows: sources, columns: targets)."""
     if len(plan.budgets) != 1:
-        raise UsageError("--matrix takes one budget", f"give a single --{plan.attack.budget_name} value")
+        raise UsageError("`matrix` takes one budget", f"give a single `{plan.attack.budget_name}` value")
     same_inputs(players)
     attack = plan.attack
     assert isinstance(attack, UniversalAttack | PerSampleAttack)
@@ -216,8 +216,8 @@ def run_matrix(
         return matrix_experiment(
             attack,
             plan.budgets[0],
-            [(p.label, with_solver(p.model, specs[0], "--attack-solver")) for p in players],
-            [(p.label, with_solver(p.model, specs[1], "--eval-solver")) for p in players],
+            [(p.label, with_solver(p.model, specs[0], "`attack_solver`")) for p in players],
+            [(p.label, with_solver(p.model, specs[1], "`eval_solver`")) for p in players],
             players[0].data,
             base,
             fit_samples=fit_samples,
@@ -275,7 +275,7 @@ def solver_memory_guard(specs: Specs) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        given = [(role, spec) for role, spec in zip(("--attack-solver", "--eval-solver"), specs,
+        given = [(role, spec) for role, spec in zip(("`attack_solver`", "`eval_solver`"), specs,
                                                       strict=True) if spec is not None]  # fmt: skip
         if not given or not _is_out_of_memory(exc):
             raise
@@ -283,5 +283,5 @@ def solver_memory_guard(specs: Specs) -> Iterator[None]:
         raise UsageError(
             f"out of memory while running the ODE blocks with {named}",
             "every solver step keeps its states for the gradient: lower the step count "
-            "(or --batch-size, --fit-samples, --eval-samples)",
+            "(or `batch_size`, `fit_samples`, `eval_samples`)",
         ) from exc

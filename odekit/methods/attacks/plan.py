@@ -14,7 +14,7 @@ from odekit.methods.attacks.base import ATTACKS, Attack, UniversalAttack
 from odekit.methods.attacks.space import parse_norm
 
 
-def parse_budgets(text: str, what: str = "--eps") -> list[float]:
+def parse_budgets(text: str, what: str = "`eps`") -> list[float]:
     """'0.01,2/255,0.5' -> floats; every value must be positive and finite."""
     values = []
     for part in text.split(","):
@@ -47,12 +47,12 @@ def parse_seeds(text: str) -> list[int]:
         if not part:
             continue
         if not part.isdigit() or int(part) >= 2**63:
-            raise UsageError(f"cannot read --seeds value '{part}'",
+            raise UsageError(f"cannot read `seeds` value '{part}'",
                              "give integers in [0, 2^63), comma-separated, e.g. 0,1,2")
         if int(part) not in seeds:
             seeds.append(int(part))
     if not seeds:
-        raise UsageError("--seeds is empty", "give integers, comma-separated, e.g. 0,1,2")
+        raise UsageError("`seeds` is empty", "give integers, comma-separated, e.g. 0,1,2")
     return seeds
 
 
@@ -90,17 +90,17 @@ def build_plan(method: str, options: Mapping[str, Any], scale: float = 1.0) -> A
     universal = issubclass(cls, UniversalAttack)
     given, wrong = (delta, eps) if universal else (eps, delta)
     if wrong is not None:
-        right, other = ("--delta", "--eps") if universal else ("--eps", "--delta")
+        right, other = ("`delta`", "`eps`") if universal else ("`eps`", "`delta`")
         kind = "universal" if universal else "per-sample"
         raise UsageError(f"{other} is for {'per-sample' if universal else 'universal'} attacks; "
                          f"{name} is {kind}", f"give its budget(s) with {right}")  # fmt: skip
     if not universal and options.get("target") is not None:
-        raise UsageError(f"--target is for universal attacks; {name} is per-sample",
+        raise UsageError(f"`target` is for universal attacks; {name} is per-sample",
                          "targeted attacks: active-subspace, as+uap, as-k, uap, random")
     if cls.fixed_distance is not None and scale != 1.0:
         raise UsageError(
-            f"{name} budgets are {cls.fixed_distance.unit}; --units model does not apply to them",
-            "drop --units model",
+            f"{name} budgets are {cls.fixed_distance.unit}; `units` model does not apply to them",
+            "drop `units` model",
         )
     budgets = cls.default_budgets(norm) if given is None else sorted({b * scale for b in given})
     values = dict(options)

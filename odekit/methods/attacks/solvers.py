@@ -64,7 +64,7 @@ def ode_blocks(model: nn.Module) -> list[ODEBlock]:
 
 
 def with_solver(
-    model: nn.Module, spec: SolverSpec | None, role: str = "--attack-solver"
+    model: nn.Module, spec: SolverSpec | None, role: str = "`attack_solver`"
 ) -> nn.Module:
     """A copy of ``model`` whose ODE blocks integrate with ``spec`` (``model`` itself for None)."""
     if spec is None:

@@ -115,7 +115,7 @@ def budget_scale(data_sets: list[Dataset]) -> float:
         raise UsageError(
             f"budgets in model units need one normalisation std for all channels and models, "
             f"got {sorted(stds)}",
-            "give the budgets in [0, 1] pixel units (--units pixel)",
+            "give the budgets in [0, 1] pixel units (`units` pixel)",
         )
     return stds.pop()
 

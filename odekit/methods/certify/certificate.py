@@ -45,17 +45,17 @@ class CertifySettings:
 
     def __post_init__(self) -> None:
         if self.norm != "2":
-            raise UsageError(f"--norm {self.norm} is not supported by certify",
-                             "certify bounds the l2 norm (--norm 2); linf radii follow as r / sqrt(d)")  # fmt: skip
+            raise UsageError(f"`norm` {self.norm} is not supported by certify",
+                             "certify bounds the l2 norm (`norm` 2); linf radii follow as r / sqrt(d)")  # fmt: skip
         if not self.budgets or any(not (b > 0 and math.isfinite(b)) for b in self.budgets):
-            raise UsageError("budgets must be positive numbers", "e.g. --eps 0.1,0.25,0.5")
+            raise UsageError("budgets must be positive numbers", "e.g. `eps` 0.1,0.25,0.5")
         object.__setattr__(self, "budgets", tuple(sorted(set(self.budgets))))
         for name in ("iters", "power_iters", "pgd_steps", "deepfool_steps", "batch_size"):
             value = getattr(self, name)
             if not 1 <= value <= 100_000:
-                raise UsageError(f"--{name.replace('_', '-')} must lie in [1, 100000], got {value}")
+                raise UsageError(f"`{name}` must lie in [1, 100000], got {value}")
         if self.iters > 30:
-            raise UsageError(f"--iters {self.iters} is more than Gram iteration needs",
+            raise UsageError(f"`iters` {self.iters} is more than Gram iteration needs",
                              "6 to 10 Gram iterations reach the bound's limit (the default is 6)")  # fmt: skip
 
 

@@ -56,7 +56,7 @@ def evaluate_cnf(model: CNF, x: Tensor, device: torch.device, batch_size: int = 
         batches += 1
     nll = total / max(len(x), 1)
     if not math.isfinite(nll):
-        raise NumericalError("the test log-likelihood is not finite", "lower --lr or tighten --rtol/--atol")
+        raise NumericalError("the test log-likelihood is not finite", "lower `lr` or tighten `rtol`/`atol`")
     return {"test_nll": nll, "bits_per_dim": nll / (model.dim * math.log(2)), "nfe_per_forward": nfe / max(batches, 1)}
 
 

@@ -41,15 +41,15 @@ def solver_config(
     at 1e-5, classify: rk2 with 4 steps or dopri5 at 1e-3). Options that cannot apply are refused."""
     spec = SOLVERS.get(solver or ("dopri5" if task == "density" else "rk2"))
     if spec.adaptive and steps is not None:
-        raise UsageError(f"--steps does not apply to the adaptive solver '{spec.name}'", "set --rtol/--atol instead")
+        raise UsageError(f"`steps` does not apply to the adaptive solver '{spec.name}'", "set `rtol`/`atol` instead")
     if not spec.adaptive and (rtol is not None or atol is not None):
-        raise UsageError(f"--rtol/--atol do not apply to the fixed-step solver '{spec.name}'", "set --steps instead")
+        raise UsageError(f"`rtol`/`atol` do not apply to the fixed-step solver '{spec.name}'", "set `steps` instead")
     if adjoint_rtol is not None or adjoint_atol is not None or seminorm:
-        flags = "--adjoint-rtol/--adjoint-atol/--seminorm"
+        flags = "`adjoint_rtol`/`adjoint_atol`/`seminorm`"
         if not spec.adaptive:
-            raise UsageError(f"{flags} apply to the adaptive solver dopri5, not '{spec.name}'", "drop them or use --solver dopri5")
+            raise UsageError(f"{flags} apply to the adaptive solver dopri5, not '{spec.name}'", "drop them or use `solver` dopri5")
         if grad.strip().lower() not in ("rdm", "irdm"):
-            raise UsageError(f"{flags} apply to the backward solves of --grad rdm/irdm, not '{grad}'", "use --grad irdm or drop them")
+            raise UsageError(f"{flags} apply to the backward solves of `grad` rdm/irdm, not '{grad}'", "use `grad` irdm or drop them")
     default_tol = 1e-5 if task == "density" else 1e-3
     return SolverConfig(
         solver=spec.name,
@@ -99,7 +99,7 @@ class ODEArchOptions:
         for name in ("norm_first", "norm_ode"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lower() not in NORMS:
-                raise UsageError(f"unknown normalization '{value}' for --{name.replace('_', '-')}", f"choose one of {', '.join(NORMS)}")
+                raise UsageError(f"unknown normalization '{value}' for `{name}`", f"choose one of {', '.join(NORMS)}")
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise UsageError(f"unknown activation '{self.activation}'", f"choose one of {', '.join(ACTIVATIONS)}")
         if self.trace not in TRACE_MODES:
@@ -123,8 +123,8 @@ class ODEArchOptions:
 
     def cnf_args(self) -> dict[str, Any]:
         if self.width is not None or self.norm_first or self.norm_ode:
-            raise UsageError("--width/--norm-first/--norm-ode are ODENet options", "use --hidden for the CNF")
-        hidden = parse_widths(self.hidden, "--hidden")
+            raise UsageError("`width`/`norm_first`/`norm_ode` are ODENet options", "use `hidden` for the CNF")
+        hidden = parse_widths(self.hidden, "`hidden`")
         return {"dim": 2, "hidden": list(hidden), "activation": self.activation or "tanh", "trace": self.trace}
 
 
@@ -147,7 +147,7 @@ class ODEJobSettings:
     def __post_init__(self) -> None:
         if self.task not in JOB_TASKS:
             raise UsageError(f"train-ode's ODE jobs are {' and '.join(JOB_TASKS)}, not '{self.task}'",
-                             "--task regress trains with VarPro (methods.varpro)")  # fmt: skip
+                             "`task` regress trains with VarPro (methods.varpro)")  # fmt: skip
         self.regime.check_solver(self.solver)
 
 
@@ -196,15 +196,15 @@ def check_resume_compatible(loaded: LoadedModel, task: str, arch: ODEArchOptions
     expected = ("cnf",) if task == "density" else CLASSIFIER_ARCHS
     if found not in expected:
         raise UsageError(
-            f"--resume checkpoint has architecture '{found}', which --task {task} cannot continue",
+            f"`resume` checkpoint has architecture '{found}', which `task` {task} cannot continue",
             f"resume a {' or '.join(expected)} checkpoint written by train-ode",
         )
     if arch.model is not None and arch.model != found:
-        raise UsageError(f"--model {arch.model} contradicts the resumed checkpoint ({found})", "drop --model when resuming")
+        raise UsageError(f"`model` {arch.model} contradicts the resumed checkpoint ({found})", "drop `model` when resuming")
     for key, value in arch.given().items():
         if value is not None and key in loaded.meta.args and loaded.meta.args[key] != value:
             raise UsageError(
-                f"--{key.replace('_', '-')} {value} contradicts the resumed checkpoint ({loaded.meta.args[key]})",
+                f"`{key}` {value} contradicts the resumed checkpoint ({loaded.meta.args[key]})",
                 "architecture options come from the checkpoint when resuming; drop them",
             )
 
@@ -239,7 +239,7 @@ def _classify(s: ODEJobSettings, loaded: LoadedModel | None, device: torch.devic
     else:
         name = s.data or "digits"
         if name.strip().lower() in TOY_DATASETS:
-            raise UsageError(f"'{name}' is a 2-D toy density, not an image data set", "use --task density for toys")
+            raise UsageError(f"'{name}' is a 2-D toy density, not an image data set", "use `task` density for toys")
         dataset = load_dataset(name, data_dir=s.data_dir, input_shape=prep.input_shape, normalization=given_norm, **prep.npz_options())
         if len(dataset.input_shape) != 3:
             raise UsageError(f"ODENets need images (C,H,W); '{dataset.name}' has shape {list(dataset.input_shape)}",
@@ -273,7 +273,7 @@ def _density(s: ODEJobSettings, loaded: LoadedModel | None, device: torch.device
     else:
         name = s.data or "pinwheel"
         if (s.arch.model or "cnf").lower() != "cnf":
-            raise UsageError(f"--task density trains a cnf, not '{s.arch.model}'", "drop --model for density tasks")
+            raise UsageError(f"`task` density trains a cnf, not '{s.arch.model}'", "drop `model` for density tasks")
         arch = "cnf"
         args = s.arch.cnf_args()
         net = build_model(arch, {**args, "solver": s.solver.to_dict()})
@@ -281,8 +281,8 @@ def _density(s: ODEJobSettings, loaded: LoadedModel | None, device: torch.device
         raise UsageError(f"'{name}' is not a 2-D toy data set", f"choose one of {', '.join(TOY_DATASETS.names())}")
     if dist is not None and dist.world_size > 1:
         raise UsageError(
-            f"--task density trains on one process ({dist.world_size} ranks were launched)",
-            "run density tasks without torchrun; --task classify runs data-parallel",
+            f"`task` density trains on one process ({dist.world_size} ranks were launched)",
+            "run density tasks without torchrun; `task` classify runs data-parallel",
         )
     toy = load_toy(name, s.train_samples, s.test_samples, s.seed)
     assert isinstance(net, CNF)  # arch 'cnf' builds one

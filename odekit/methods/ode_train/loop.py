@@ -44,17 +44,17 @@ class ODETrainSettings:
         for name in ("epochs", "iters", "eval_every", "eval_samples"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value < 1):
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise UsageError(f"`{name}` must be a positive integer, got {value}")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be positive, got {self.lr}", "try 1e-3 with adam")
+            raise UsageError(f"`lr` must be positive, got {self.lr}", "try 1e-3 with adam")
         if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+            raise UsageError(f"`weight_decay` must be >= 0, got {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer '{self.optimizer}'", f"choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown --lr-schedule '{self.schedule}'", f"choose one of {', '.join(SCHEDULES)}")
+            raise UsageError(f"unknown `lr_schedule` '{self.schedule}'", f"choose one of {', '.join(SCHEDULES)}")
 
     def total_steps(self, batches_per_epoch: int, default_epochs: int) -> int:
         if self.iters is not None:
@@ -123,7 +123,7 @@ def _check_loss(loss: Tensor, step: int) -> None:
     if not bool(torch.isfinite(loss)):
         raise NumericalError(
             f"training diverged at iteration {step} (loss is {loss.item()})",
-            "lower --lr, or use more --steps / tighter --rtol",
+            "lower `lr`, or use more `steps` / tighter `rtol`",
         )
 
 

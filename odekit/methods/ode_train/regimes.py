@@ -18,10 +18,10 @@ from odekit.ode import SolverConfig
 from odekit.registry import Registry
 
 REGIMES: Registry[str] = Registry("solver regime")
-REGIMES.add("standalone", "standalone", "one fixed solver (the --solver/--u given)")
-REGIMES.add("switching", "switching", "RK2(u), u drawn uniformly from --u-set every iteration")
-REGIMES.add("smoothing", "smoothing", "RK2(u), u ~ Normal(--u-mean, --u-std) redrawn into (0, 1] every iteration")
-REGIMES.add("ensembling", "ensembling", "RK2: the block returns the weighted mean of the solves with every u in --u-set")
+REGIMES.add("standalone", "standalone", "one fixed solver (the `solver`/`u` given)")
+REGIMES.add("switching", "switching", "RK2(u), u drawn uniformly from `u_set` every iteration")
+REGIMES.add("smoothing", "smoothing", "RK2(u), u ~ Normal(`u_mean`, `u_std`) redrawn into (0, 1] every iteration")
+REGIMES.add("ensembling", "ensembling", "RK2: the block returns the weighted mean of the solves with every u in `u_set`")
 
 DEFAULT_U_SET = (0.5, 1.0)
 MAX_REDRAWS = 1000
@@ -47,29 +47,29 @@ class RegimeSettings:
     def __post_init__(self) -> None:
         kind = REGIMES.entry(self.kind).name
         object.__setattr__(self, "kind", kind)
-        check_u(self.u, "--u")
+        check_u(self.u, "`u`")
         u_set = tuple(float(v) for v in self.u_set) or (DEFAULT_U_SET if kind in ("switching", "ensembling") else ())
         for value in u_set:
-            check_u(value, "every value of --u-set")
+            check_u(value, "every value of `u_set`")
         object.__setattr__(self, "u_set", u_set)
         mean = self.u if self.u_mean is None else float(self.u_mean)
-        check_u(mean, "--u-mean")
+        check_u(mean, "`u_mean`")
         object.__setattr__(self, "u_mean", mean)
         if not (math.isfinite(self.u_std) and self.u_std >= 0):
-            raise UsageError(f"--u-std must be a finite number >= 0, got {self.u_std}", "the thesis uses 0.0125")
+            raise UsageError(f"`u_std` must be a finite number >= 0, got {self.u_std}", "the thesis uses 0.0125")
         weights = tuple(float(w) for w in self.weights)
         if kind == "ensembling":
             weights = weights or tuple(1.0 for _ in u_set)
             if len(weights) != len(u_set):
                 raise UsageError(
-                    f"--ensemble-weights has {len(weights)} values but --u-set has {len(u_set)}",
+                    f"`ensemble_weights` has {len(weights)} values but `u_set` has {len(u_set)}",
                     "give one weight per u",
                 )
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-                raise UsageError(f"--ensemble-weights must be >= 0 with a positive sum, got {list(weights)}")
+                raise UsageError(f"`ensemble_weights` must be >= 0 with a positive sum, got {list(weights)}")
             weights = tuple(w / sum(weights) for w in weights)
         elif weights:
-            raise UsageError("--ensemble-weights only applies to --solver-regime ensembling")
+            raise UsageError("`ensemble_weights` only applies to `solver_regime` ensembling")
         object.__setattr__(self, "weights", weights)
 
     def check_solver(self, config: SolverConfig) -> None:
@@ -77,7 +77,7 @@ class RegimeSettings:
         if self.kind != "standalone" and config.solver != "rk2":
             raise UsageError(
                 f"solver regime '{self.kind}' changes RK2's parameter u, but the solver is '{config.solver}'",
-                "use --solver rk2 with --steps N",
+                "use `solver` rk2 with `steps` N",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class USampler:
             if 0.0 < u <= 1.0:
                 return u
         raise UsageError(
-            f"Normal({s.u_mean}, {s.u_std}) almost never falls in (0, 1]", "lower --u-std or move --u-mean inside (0, 1]"
+            f"Normal({s.u_mean}, {s.u_std}) almost never falls in (0, 1]", "lower `u_std` or move `u_mean` inside (0, 1]"
         )
 
     def summary(self) -> dict[str, Any]:

@@ -48,8 +48,8 @@ def train_ode_classifier(
     """
     if dist is not None and settings.batch_size < dist.world_size:
         raise UsageError(
-            f"--batch-size {settings.batch_size} cannot be split over {dist.world_size} ranks",
-            f"use --batch-size >= {dist.world_size}",
+            f"`batch_size` {settings.batch_size} cannot be split over {dist.world_size} ranks",
+            f"use `batch_size` >= {dist.world_size}",
         )
     model.to(device)
     n = len(data.train)

@@ -75,7 +75,7 @@ def build_student(
     device = torch.device(device)
     teacher = runnable(teacher, input_shape).to(device).eval()
     if settings.layers is None:
-        raise UsageError("the region mode needs --layers", "e.g. --layers 7-16, or use --mode channel")
+        raise UsageError("the region mode needs `layers`", "e.g. `layers` 7-16, or use `mode` channel")
     region = analyse_region(teacher, tuple(input_shape), settings.layers, device)
     gm = region.gm
     mods = _modules(gm)
@@ -96,7 +96,7 @@ def build_student(
     if len(specs) not in (1, len(region.states)):
         names = ", ".join(f"{st.out.name} ({'+'.join(st.layers) or '-'})" for st in region.states)
         raise UsageError(
-            f"--rank lists {len(specs)} ranks but layers {region.first_layer}-{region.last_layer} have "
+            f"`rank` lists {len(specs)} ranks but layers {region.first_layer}-{region.last_layer} have "
             f"{len(region.states)} reduced activations: {names}",
             "give one rank for all, or exactly one per reduced activation",
         )
@@ -116,13 +116,13 @@ def build_student(
             if len(specs) == 1 and len(region.states) > 1:
                 dims = ", ".join(f"{s.out.name}: D={state_dims[s.index]}" for s in region.states)
                 hint += (
-                    f"; or give one rank per reduced layer output ({dims}), e.g. --rank 40,40,10"
+                    f"; or give one rank per reduced layer output ({dims}), e.g. `rank` 40,40,10"
                 )
             raise NumericalError(f"{where}: rank {r} exceeds the layer dimension {d}", hint)
         if n_total > 0 and r > n_total:
             raise NumericalError(
                 f"{where}: rank {r} needs at least {r} samples, only {n_total} are used",
-                "pass more --fit-samples or choose a smaller rank",
+                "pass more `fit_samples` or choose a smaller rank",
             )
     sketch_dtype = torch.float64 if settings.sketch_dtype == "float64" else torch.float32
     n_hint = n_total if n_total > 0 else 10**9
@@ -137,7 +137,7 @@ def build_student(
         ells[st.index] = _default_sketch(d, n_hint, r_hint, settings.sketch_size)
     check_memory(
         region_bytes(state_dims, ells, math.prod(region.shapes[region.x_in]), settings, sketch_dtype.itemsize),
-        "the region reduction", "use --mode channel, or lower --sketch-size, --batch-size or --fit-samples", device,
+        "the region reduction", "use `mode` channel, or lower `sketch_size`, `batch_size` or `fit_samples`", device,
     )  # fmt: skip
     for st in region.states:
         sketches[st.index] = FrequentDirections(state_dims[st.index], ells[st.index], device=device, dtype=sketch_dtype)
@@ -200,7 +200,7 @@ def build_student(
                 hint += (
                     "; or give one rank per reduced layer output ("
                     + ", ".join(f"{s.out.name}: D={state_dims[s.index]}" for s in region.states)
-                    + "), e.g. --rank 40,40,10"
+                    + "), e.g. `rank` 40,40,10"
                 )
             raise NumericalError(
                 f"layer output '{_state_name(st)}' (layers {', '.join(st.layers) or '-'}, D={d}): {exc.message}",

@@ -108,12 +108,12 @@ def plan_channels(
         chosen = {layer.name for layer in resolve_layers(layers, layer_table(gm, input_shape))}
         for g in groups:
             if g.reducible and not chosen.intersection(g.producers):
-                g.blocked = f"outside --layers {layers}"
+                g.blocked = f"outside `layers` {layers}"
     if not any(g.reducible for g in groups):
         reasons = "; ".join(f"{g.name}: {g.blocked}" for g in groups[:4])
         raise UsageError(
             f"no channel group of this model can be reduced ({reasons})",
-            "try --mode region with --layers, or another --layers range",
+            "try `mode` region with `layers`, or another `layers` range",
         )
     return ChannelPlan(gm, groups, tuple(input_shape))
 

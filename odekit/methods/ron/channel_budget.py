@@ -242,9 +242,9 @@ def allocate(
         if best is None:
             smallest = model.cost(widths)[0]
             raise UsageError(
-                f"--target-flops {target_fraction:g} is out of reach: the narrowest channel student still has "
+                f"`target_flops` {target_fraction:g} is out of reach: the narrowest channel student still has "
                 f"{smallest / teacher_flops:.3f} of the teacher's FLOPs",
-                f"ask for at least {smallest / teacher_flops:.3f}, or reduce more layers (--layers)",
+                f"ask for at least {smallest / teacher_flops:.3f}, or reduce more layers (`layers`)",
             )
         _, gi, w_new = best
         trial = {**widths, gi: _last_width(model, widths, gi, w_new, target)}

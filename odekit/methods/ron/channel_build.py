@@ -77,7 +77,7 @@ def build_channel_student(
     plan = plan_channels(teacher, tuple(input_shape), settings.layers)
     check_memory(
         estimate_bytes(plan, settings, len(fit)), "the channel reduction",
-        "lower --batch-size (activations) or reduce fewer groups (--layers)", device,
+        "lower `batch_size` (activations) or reduce fewer groups (`layers`)", device,
     )  # fmt: skip
     if settings.target_flops is None and settings.max_drop is None:
         return reduce_channels(plan, fit.x, settings, device, progress=progress)

@@ -69,7 +69,7 @@ def reduce_teacher(
     test split with latency timed on ``latency_example``. ``distill`` is kept for callers:
     distillation follows ``train.beta``."""
     teacher = teacher.to(device).eval()
-    hint = "use --mode channel, lower --fit-samples, --sketch-size or --batch-size"
+    hint = "use `mode` channel, lower `fit_samples`, `sketch_size` or `batch_size`"
     with allocation_guard("building the student", hint):
         built, mode = _build(
             teacher,
@@ -167,5 +167,5 @@ def refuse_bigger(
     raise LayerSelectionError(
         f"the {mode} student would be bigger than the teacher: {s.flops / 1e6:.2f} MFLOPs and "
         f"{s.params / 1e6:.3f} M parameters against {t.flops / 1e6:.2f} MFLOPs and {t.params / 1e6:.3f} M",
-        "try --mode channel, a range of later, spatially smaller layers, or --target-flops 0.5",
+        "try `mode` channel, a range of later, spatially smaller layers, or `target_flops` 0.5",
     )

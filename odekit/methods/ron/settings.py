@@ -24,7 +24,7 @@ def parse_target_flops(text: str | float | None) -> float | None:
         value = 1.0 / float(raw[:-1]) if raw.endswith("x") else float(raw)
     except (ValueError, ZeroDivisionError):
         raise UsageError(
-            f"cannot read --target-flops '{text}'", "give the fraction of FLOPs to keep (0.5) or a factor (2x)"
+            f"cannot read `target_flops` '{text}'", "give the fraction of FLOPs to keep (0.5) or a factor (2x)"
         ) from None
     return value
 
@@ -53,46 +53,46 @@ class RonSettings:
 
     def __post_init__(self) -> None:
         if self.layers is not None and not str(self.layers).strip():
-            raise UsageError("give the layers to reduce", "e.g. --layers 7-16, or leave --layers out")
+            raise UsageError("give the layers to reduce", "e.g. `layers` 7-16, or leave `layers` out")
         if self.mode not in MODES:
-            raise UsageError(f"unknown --mode '{self.mode}'", f"choose one of {', '.join(MODES)}")
+            raise UsageError(f"unknown `mode` '{self.mode}'", f"choose one of {', '.join(MODES)}")
         if self.mode == "region" and self.layers is None:
-            raise UsageError("--mode region needs --layers", "e.g. --layers 7-16, or use --mode channel")
+            raise UsageError("`mode` region needs `layers`", "e.g. `layers` 7-16, or use `mode` channel")
         if self.reconstruct not in RECONSTRUCTIONS:
             raise UsageError(
-                f"unknown --reconstruct '{self.reconstruct}'", f"choose one of {', '.join(RECONSTRUCTIONS)}"
+                f"unknown `reconstruct` '{self.reconstruct}'", f"choose one of {', '.join(RECONSTRUCTIONS)}"
             )
         if self.target_flops is not None and not 0.0 < self.target_flops <= 1.0:
             raise UsageError(
-                f"--target-flops must keep a fraction in (0, 1] of the teacher's FLOPs, got {self.target_flops:g}",
-                "e.g. --target-flops 0.5 or --target-flops 2x",
+                f"`target_flops` must keep a fraction in (0, 1] of the teacher's FLOPs, got {self.target_flops:g}",
+                "e.g. `target_flops` 0.5 or `target_flops` 2x",
             )
         if self.max_drop is not None and self.max_drop < 0:
-            raise UsageError(f"--max-drop must be >= 0 accuracy points, got {self.max_drop:g}")
+            raise UsageError(f"`max_drop` must be >= 0 accuracy points, got {self.max_drop:g}")
         if self.mode == "region" and (self.target_flops is not None or self.max_drop is not None):
             raise UsageError(
-                "--target-flops and --max-drop allocate channel widths", "use --mode channel (or auto)"
+                "`target_flops` and `max_drop` allocate channel widths", "use `mode` channel (or auto)"
             )
         specs = str(self.rank).split(",")
         if any(not part.strip() for part in specs):
             raise UsageError(
-                f"cannot read --rank '{self.rank}'",
+                f"cannot read `rank` '{self.rank}'",
                 "use e.g. vbmf, energy:0.99, factor:4, 32 or 60,40,10",
             )
         for part in specs:
-            parse_rank_option(part, "--rank")
+            parse_rank_option(part, "`rank`")
 
         if not self.oversample >= 1.0:
             raise UsageError(
-                f"--oversample must be >= 1 (P_k >= R_k rows), got {self.oversample}",
+                f"`oversample` must be >= 1 (P_k >= R_k rows), got {self.oversample}",
                 "the thesis uses 1 to 2",
             )
         if self.samples is not None and self.samples < 1:
-            raise UsageError(f"--fit-samples must be positive, got {self.samples}")
+            raise UsageError(f"`fit_samples` must be positive, got {self.samples}")
         if self.sketch_size is not None and self.sketch_size < 2:
-            raise UsageError(f"--sketch-size must be >= 2, got {self.sketch_size}")
+            raise UsageError(f"`sketch_size` must be >= 2, got {self.sketch_size}")
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be positive, got {self.batch_size}")
+            raise UsageError(f"`batch_size` must be positive, got {self.batch_size}")
         if self.sketch_dtype not in ("float32", "float64"):
             raise UsageError("sketch dtype must be float32 or float64")
 

@@ -146,5 +146,5 @@ def solve_inner(problem: InnerProblem, tol: float = 1e-10, max_iter: int = 200, 
             break
     g_norm = float(problem.grad(W).norm())
     if not math.isfinite(g_norm):
-        raise NumericalError("the inner cross-entropy solve for W diverged", "raise the W regularization (--regularization)")
+        raise NumericalError("the inner cross-entropy solve for W diverged", "raise the W regularization (`regularization`)")
     return InnerResult(W, g_norm, max_iter, krylov)

@@ -88,9 +88,9 @@ class SeparableJobSettings:
 
     def __post_init__(self) -> None:
         if self.task not in SEPARABLE_TASKS:
-            raise UsageError(f"--task {self.task} has no VarPro training", "use --task regress or --task classify")
+            raise UsageError(f"`task` {self.task} has no VarPro training", "use `task` regress or `task` classify")
         if not self.optimizers:
-            raise UsageError("no VarPro optimizer given", "use --optimizer gnvpro or slimtrain")
+            raise UsageError("no VarPro optimizer given", "use `optimizer` gnvpro or slimtrain")
         object.__setattr__(self, "optimizers", tuple(VARPRO_OPTIMIZERS.entry(n).name for n in self.optimizers))
 
     @property
@@ -152,7 +152,7 @@ def _build(s: SeparableJobSettings, input_shape: tuple[int, ...], num_outputs: i
     arch = (s.model or "odenet_antisym").strip().lower()
     if arch != "odenet_antisym":
         raise UsageError(f"the VarPro path builds odenet_antisym, not '{s.model}'",
-                         "use --model odenet_antisym, or --resume any odekit checkpoint whose last layer is nn.Linear")  # fmt: skip
+                         "use `model` odenet_antisym, or `resume` any odekit checkpoint whose last layer is nn.Linear")  # fmt: skip
     solver = SolverConfig(solver=s.solver or "rk4", steps=s.steps if s.steps is not None else s.depth, t1=s.t1)
     args = {"in_features": int(math.prod(input_shape)), "out_features": num_outputs, "width": s.width or 16,
             "depth": s.depth, "t1": s.t1, "activation": s.activation or "tanh", "solver": solver.to_dict()}  # fmt: skip

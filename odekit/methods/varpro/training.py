@@ -72,21 +72,21 @@ class VarProSettings:
         for name in ("iters", "epochs", "batch_size", "krylov_rank", "levels", "memory"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
-                what = "slimtrain's memory" if name == "memory" else f"--{name.replace('_', '-')}"  # memory has no flag
+                what = "slimtrain's memory" if name == "memory" else f"`{name}`"  # memory has no flag
                 raise UsageError(f"{what} must be a positive integer, got {value}")
         radius = 0.1 if self.radius is None else self.radius
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(radius) and radius > 0):
-            raise UsageError(f"--lr and --radius must be positive, got {self.lr}, {self.radius}")
+            raise UsageError(f"`lr` and `radius` must be positive, got {self.lr}, {self.radius}")
         if self.tr_solver not in TR_SOLVERS:
-            raise UsageError(f"unknown --tr-solver '{self.tr_solver}'", f"choose one of {', '.join(TR_SOLVERS)}")
+            raise UsageError(f"unknown `tr_solver` '{self.tr_solver}'", f"choose one of {', '.join(TR_SOLVERS)}")
         if not (self.alpha_theta >= 0 and self.alpha_w >= 0):
-            raise UsageError(f"--regularization values must be >= 0, got {self.alpha_theta}, {self.alpha_w}")
+            raise UsageError(f"`regularization` values must be >= 0, got {self.alpha_theta}, {self.alpha_w}")
         if self.loss == "ce" and self.alpha_w == 0 and self.optimizer in ("gnvpro", "lbfgs"):
-            raise UsageError("cross-entropy needs alpha_W > 0 for a unique W(theta)", "e.g. --regularization 1e-4,1e-4")
+            raise UsageError("cross-entropy needs alpha_W > 0 for a unique W(theta)", "e.g. `regularization` 1e-4,1e-4")
         if self.optimizer == "slimtrain" and self.loss != "ls":
-            raise UsageError("slimtrain's sampled Tikhonov W update is least squares", "use gnvpro or adam for --task classify")
+            raise UsageError("slimtrain's sampled Tikhonov W update is least squares", "use gnvpro or adam for `task` classify")
         if self.max_work_units is not None and not self.max_work_units > 0:
-            raise UsageError(f"--work-units must be positive, got {self.max_work_units}")
+            raise UsageError(f"`work_units` must be positive, got {self.max_work_units}")
         if self.level_units is not None and not self.level_units > 0:
             raise UsageError(f"the work units per level must be positive, got {self.level_units}")
 
@@ -127,7 +127,7 @@ class _Run:
         rec = {"level": level, "iteration": iteration, "work_units": round(self.meter.units, 6),
                "seconds": round(self.meter.seconds(), 4), **metrics, **extra}  # fmt: skip
         if not math.isfinite(metrics["train_loss"]):
-            raise NumericalError(f"{self.s.optimizer} diverged (train loss {metrics['train_loss']})", "lower --lr or --radius")
+            raise NumericalError(f"{self.s.optimizer} diverged (train loss {metrics['train_loss']})", "lower `lr` or `radius`")
         self.result.history.append(rec)
         return rec
 
@@ -264,7 +264,7 @@ def train_separable(
     task = task.to(device, dtype)
     Separable(model, task.x_train[:4])  # fails early for a non-separable model
     if settings.levels > 1 and not isinstance(model, ODENetAntisym):
-        raise UnsupportedModelError("--levels > 1 prolongates an odenet_antisym in t", "use --model odenet_antisym or --levels 1")
+        raise UnsupportedModelError("`levels` > 1 prolongates an odenet_antisym in t", "use `model` odenet_antisym or `levels` 1")
     result = VarProResult(settings.optimizer)
     final_steps = None
     if isinstance(model, ODENetAntisym) and _follows_depth(model):
