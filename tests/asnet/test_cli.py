@@ -185,6 +185,6 @@ def test_asnet_warns_when_far_below_its_own_baselines() -> None:
 
     baselines = Baselines(as_pce=0.73, pca_pce=0.6, as_logreg=0.8, pca_logreg=0.7, logreg_features=0.95)
     (line,) = _baseline_warning(0.367, baselines, tuned=True)
-    assert "fine-tuned ASNet reaches 36.7%" in line and "'logreg_features' baseline (95.0%)" in line and "--rank" in line
+    assert "fine-tuned ASNet reaches 36.7%" in line and "'logreg_features' baseline (95.0%)" in line and "`rank`" in line  # the CLI shows it as --rank
     assert _baseline_warning(0.92, baselines, tuned=True) == []  # within 5 points
     assert _baseline_warning(0.5, Baselines(as_pce=0.5), tuned=False) == []  # baselines skipped

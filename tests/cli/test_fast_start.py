@@ -14,7 +14,7 @@ from odekit.cli import names
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "numpy", "matplotlib", "sklearn", "foolbox", "scipy")
-COMMANDS = ("info", "train-ode", "smoothness-check", "reduce", "asnet", "attack")
+COMMANDS = ("info", "train-ode", "smoothness-check", "reduce", "asnet", "attack", "certify", "export")
 
 PROBE = f"""
 import json, sys

@@ -201,7 +201,7 @@ def test_settings_read_budgets() -> None:
             parse_target_flops(bad)
     with pytest.raises(UsageError, match="fraction"):
         RonSettings(target_flops=1.5)
-    with pytest.raises(UsageError, match="needs --layers"):
+    with pytest.raises(UsageError, match="needs `layers`"):
         RonSettings(mode="region")
 
 
