@@ -1,7 +1,7 @@
 """odekit: neural ODEs, reduced-order networks and universal adversarial perturbations.
 
 The functions (`odekit.load`, `odekit.reduce`, `odekit.asnet`, `odekit.attack`,
-`odekit.smoothness_check`, `odekit.export_onnx`; docs/api.md) load on first use, so
+`odekit.certify`, `odekit.smoothness_check`, `odekit.export_onnx`; docs/api.md) load on first use, so
 `import odekit` and `odekit --help` never import torch.
 """
 
@@ -21,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 if TYPE_CHECKING:  # the names `__getattr__` loads, for type checkers and IDEs
     from odekit.api.asnets import ASNetRunResult, asnet
     from odekit.api.attacks import AttackResult, attack
+    from odekit.api.certify import CertifyResult, certify
     from odekit.api.compression import ReduceResult, reduce
     from odekit.api.inputs import load
     from odekit.api.onnx_export import OnnxExport, export_onnx
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the names `__getattr__` loads, for type checkers and IDEs
 __all__ = [
     "ASNetRunResult",
     "AttackResult",
+    "CertifyResult",
     "OdekitError",
     "OnnxExport",
     "ReduceResult",
@@ -36,6 +38,7 @@ __all__ = [
     "__version__",
     "asnet",
     "attack",
+    "certify",
     "export_onnx",
     "load",
     "reduce",

@@ -1,6 +1,6 @@
 """The Python API: a model object (or a path) and data in, a frozen typed result out.
 
-`odekit.load`, `odekit.reduce`, `odekit.asnet`, `odekit.attack`, `odekit.smoothness_check` and
+`odekit.load`, `odekit.reduce`, `odekit.asnet`, `odekit.attack`, `odekit.certify`, `odekit.smoothness_check` and
 `odekit.export_onnx` live here; the CLI commands call them and render what they return. Names
 load on first use, so importing `odekit` (and `odekit --help`) stays free of torch.
 """
@@ -20,6 +20,8 @@ EXPORTS = {
     "ASNetRunResult": "asnets",
     "attack": "attacks",
     "AttackResult": "attacks",
+    "certify": "certify",
+    "CertifyResult": "certify",
     "smoothness_check": "smoothness",
     "SmoothnessRunResult": "smoothness",
     "export_onnx": "onnx_export",

@@ -32,15 +32,13 @@ from odekit.cli.options import (
     ThreadsOpt,
     TrustOpt,
 )
-from odekit.cli.runner import CommandContext, CommandOutput, ResultTable, run_command
-from odekit.errors import UsageError
+from odekit.cli.runner import CommandContext, CommandOutput, run_command
 from odekit.io.preprocessing import Preprocessing
 
 if TYPE_CHECKING:  # loaded by the command body, so `--help` never imports torch (issue 12)
     from torch import nn
 
     from odekit.io.datasets import Dataset
-    from odekit.methods.certify.run import ModelCertificate
 
 CERTIFY = "Certificate options"
 
@@ -99,80 +97,6 @@ def _budgets(text: str) -> tuple[float, ...]:
     return tuple(parse_budgets(text, "--eps"))
 
 
-def _plot(path: Path, runs: dict[str, ModelCertificate], force: bool) -> None:
-    """Certified (solid) and robust-under-attack (dashed) accuracy against the l2 budget."""
-    from odekit.writers.plots import new_figure, save_figure
-
-    fig, axes = new_figure(1, 1, (6.0, 4.2))
-    ax = axes[0][0]
-    for (label, run), color in zip(runs.items(), ("tab:blue", "tab:orange"), strict=False):
-        rows = run.certificate.rows
-        eps = [0.0, *[r.eps for r in rows]]
-        clean = run.certificate.clean.rate
-        ax.plot(eps, [clean, *[r.certified.rate for r in rows]], "o-", color=color, label=f"{label}: certified")
-        if all(r.robust is not None for r in rows):
-            ax.plot(eps, [clean, *[r.robust.rate for r in rows if r.robust is not None]], "s--", color=color,
-                    label=f"{label}: under attack (DeepFool + PGD)")  # fmt: skip
-    ax.set_xlabel("l2 budget ([0, 1] pixels)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"certified vs empirical robust accuracy, n = {len(next(iter(runs.values())).certificate.radii.correct)}",
-                 fontsize=10)  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, force)
-
-
-def _layers_plot(path: Path, runs: dict[str, ModelCertificate], force: bool) -> None:
-    """Per compute layer: [lower, upper] of its spectral norm (log scale)."""
-    from odekit.writers.plots import new_figure, save_figure
-
-    fig, axes = new_figure(1, 1, (7.0, 4.0))
-    ax = axes[0][0]
-    for (label, run), (color, shift) in zip(runs.items(), (("tab:blue", -0.15), ("tab:orange", 0.15)), strict=False):
-        layers = [layer for layer in run.network.layers if layer.index is not None]
-        xs = [layer.index + shift for layer in layers if layer.index is not None]
-        ax.vlines(xs, [layer.bound.lower for layer in layers], [layer.bound.upper for layer in layers], color=color, lw=3)
-        ax.plot(xs, [layer.bound.upper for layer in layers], "v", color=color, label=f"{label}: upper (Gram / SVD)")
-        ax.plot(xs, [layer.bound.lower for layer in layers], "^", color=color, mfc="none", label=f"{label}: lower (power it.)")
-    ax.set_yscale("log")
-    ax.set_xlabel("compute layer (conv/linear, BatchNorm folded)")
-    ax.set_ylabel("spectral norm")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, force)
-
-
-def _tables(run: ModelCertificate, name: str) -> list[ResultTable]:
-    rows: list[list[Any]] = []
-    for layer in run.network.layers:
-        if layer.kind in ("conv", "linear") or layer.bound.upper != 1.0:
-            rows.append([layer.index if layer.index is not None else "", layer.name, layer.kind, layer.bound.lower,
-                         layer.bound.upper, layer.note or layer.bound.method])  # fmt: skip
-    layer_table = ResultTable(f"{name}: layer bounds (l2 spectral norm)", ["#", "layer", "kind", "lower", "upper", "how"], rows)
-    budget_rows = [[r.eps, r.certified.describe(), r.robust.describe() if r.robust else "-", r.clean.describe(),
-                    r.violations] for r in run.certificate.rows]  # fmt: skip
-    budgets = ResultTable(f"{name}: accuracy per l2 budget (pixel units)",
-                          ["eps", "certified", "under attack", "clean", "violations"], budget_rows)  # fmt: skip
-    return [layer_table, budgets]
-
-
-def _compare_table(comparison: dict[str, Any]) -> ResultTable:
-    rows = [[r["metric"], r["teacher"], r["student"], r["change"], r.get("ratio", "")] for r in comparison["rows"]]
-    return ResultTable("student vs teacher", ["metric", "teacher", "student", "change", "ratio"], rows)
-
-
-def _headline(name: str, run: ModelCertificate) -> str:
-    cert = run.certificate
-    d = cert.to_dict()
-    ratio = d["radius_ratio_empirical_over_certified"]
-    loose = f"; empirical / certified radius: median {ratio['median']:.3g}" if ratio else ""
-    dropped = f" (margins read before the final {run.network.dropped_output_op})" if run.network.dropped_output_op else ""
-    return (f"{name}: L <= {cert.lipschitz_upper:.4g} (model inputs), {cert.lipschitz_pixel:.4g} (pixels); local lower "
-            f"bound {cert.radii.local_lower:.4g}{dropped}; clean {cert.clean.describe()}; median certified radius "
-            f"{d['median_certified_radius']:.3g}{loose}")  # fmt: skip
-
-
 def certify_command(
     checkpoint: CheckpointArg,
     compare: Annotated[Path | None, typer.Option("--compare", help="Teacher checkpoint: certify both on the same samples, side by side.", show_default=False, rich_help_panel=CERTIFY)] = None,
@@ -209,39 +133,28 @@ def certify_command(
               "pgd_steps": pgd_steps, "samples": samples, "data": data, "batch_size": batch_size, "seed": seed}  # fmt: skip
 
     def body(ctx: CommandContext) -> CommandOutput:
+        from odekit.api.certify import check_teacher_shape, run_certify
         from odekit.cli.common import load_checkpoint, load_data, require_python_module
+        from odekit.cli.errors import cli_text
         from odekit.methods.certify.certificate import CertifySettings
-        from odekit.methods.certify.run import certify_model, comparison
 
         settings = CertifySettings(_budgets(eps), norm.strip(), iters, power_iters, pgd_steps, attack=attack,
                                    batch_size=batch_size, layers=layers)  # fmt: skip
-        paths = {"plot": ctx.path("certify.png"), "layers": ctx.path("layers.png")}
+        paths = {name: ctx.path(name) for name in ("certify.png", "layers.png")}
         prep = Preprocessing.from_options(normalize, input_shape, layout, pixel_max)
         loaded = load_checkpoint(ctx, ModelOptions(checkpoint, arch, num_classes, trust_checkpoint, arch_args))
         require_python_module(loaded, "certify")  # bounds need the traced graph
         dataset = load_data(ctx, loaded, data, data_dir, prep=prep)
-        test = dataset.test.subset(samples, seed)
-        x, y = test.x.to(ctx.device), test.y.to(ctx.device)
-        runs = {"student" if compare else "model": certify_model(loaded.model, dataset, x, y, settings, seed=seed,
-                                                                  progress=ctx.progress)}  # fmt: skip
+        teacher = None
         if compare is not None:
             teacher = load_checkpoint(ctx, ModelOptions(compare, None, None, trust_checkpoint, None), key="teacher")
             require_python_module(teacher, "certify")
-            if teacher.meta.input_shape and list(teacher.meta.input_shape) != list(dataset.input_shape):
-                raise UsageError(f"the teacher takes inputs of shape {teacher.meta.input_shape}, the student "
-                                 f"{list(dataset.input_shape)}", "compare a student with its own teacher")  # fmt: skip
-            runs["teacher"] = certify_model(teacher.model, dataset, x, y, settings, seed=seed, progress=ctx.progress)
-        _plot(paths["plot"], runs, ctx.force)
-        _layers_plot(paths["layers"], runs, ctx.force)
-        main = runs["student" if compare else "model"]
-        results: dict[str, Any] = {**main.to_dict(), "plot": str(paths["plot"]), "layers_plot": str(paths["layers"])}
-        tables = _tables(main, checkpoint.name)
-        headline = [_headline(checkpoint.name, main)]
-        if compare is not None:
-            results["teacher"] = runs["teacher"].to_dict()
-            results["comparison"] = comparison(runs["student"], runs["teacher"])
-            tables = [_compare_table(results["comparison"]), *tables, *_tables(runs["teacher"], compare.name)]
-            headline.append(_headline(compare.name, runs["teacher"]))
-        return CommandOutput(results=results, tables=tables, headline=headline)
+            check_teacher_shape(teacher.meta.input_shape, dataset.input_shape)
+        result = run_certify(loaded.model, dataset, settings, ctx.device, teacher=teacher.model if teacher else None,
+                             names=(checkpoint.name, compare.name if compare else "teacher"), samples=samples,
+                             seed=seed, params=ctx.params, inputs=ctx.inputs, progress=ctx.progress)  # fmt: skip
+        written = result.write_outputs(paths.__getitem__, ctx.force)
+        return CommandOutput(results={**result.results, **written}, tables=result.tables,
+                             headline=[cli_text(line) for line in result.headline])  # fmt: skip
 
     run_command("certify", common, inputs={}, params=params, body=body, run_name=checkpoint.stem)

@@ -81,3 +81,10 @@ def test_export(tmp_path):
     api = api_report(tmp_path, odekit.export_onnx(CKPT, batch=32))
     assert stable(cli["results"])["onnx"]["check"] == stable(api["results"])["onnx"]["check"]
     assert set(api["outputs"]) == set(cli["outputs"]) == {"model.onnx", "report.json", "report.md"}
+
+
+def test_certify(tmp_path):
+    cli = cli_report(tmp_path, "certify", CKPT, "--eval-samples", "60", "--no-attack", "--eps", "0.05,0.1")
+    api = api_report(tmp_path, odekit.certify(CKPT, eval_samples=60, attack=False, eps=[0.05, 0.1], device="cpu",
+                                              progress=False))  # fmt: skip
+    same(cli, api)
