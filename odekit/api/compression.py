@@ -183,8 +183,8 @@ def run_reduce(
         "latency_ms": f"median ms per batch of {int(example.shape[0])} on {device}, teacher and student interleaved",
         "mean_kl": "nats, KL(teacher || student) averaged over the test split",
     }
-    tables.append(history_table(run.history))
     if train.epochs > 0:
+        tables.append(history_table(run.history))
         headline.append(run.history.summary())
     onnx = deploy_onnx(run.student, shape, example, teacher=loaded.model) if export == "onnx" else None
     if onnx is not None:
