@@ -314,6 +314,7 @@ def _reshape(an: _Analysis, node: fx.Node, first: fx.Node, where: _Where) -> boo
         (node.op == "call_method" and str(node.target) in _RESHAPES)
         or (node.op == "call_function" and node.target in (torch.flatten, torch.reshape))
         or (node.op == "call_module" and isinstance(an.mods[str(node.target)], nn.Flatten))
+        or _aten_flatten(node)
     )
     if not is_reshape or node not in an.shapes:
         return False
@@ -334,6 +335,12 @@ def _reshape(an: _Analysis, node: fx.Node, first: fx.Node, where: _Where) -> boo
         an.at[node] = _Where(where.space, 1, 2, math.prod(before[2:]), first.name)
         return True
     return False
+
+
+def _aten_flatten(node: fx.Node) -> bool:
+    """``aten.flatten.using_ints`` of an exported (.pt2) graph."""
+    packet = getattr(node.target, "overloadpacket", None)
+    return node.op == "call_function" and packet is not None and packet.__name__ == "flatten"
 
 
 def _visit_pair(an: _Analysis, node: fx.Node, inputs: list[fx.Node]) -> bool:

@@ -271,3 +271,20 @@ def test_info_lists_channel_groups() -> None:
     groups = json.loads(result.stdout)["channel_groups"]
     assert sum(g["reducible"] for g in groups) == 9  # the nine inner block channels
     assert all(g["blocked"] for g in groups if not g["reducible"])
+
+
+def test_exported_flatten_feeds_linear_columns(tmp_path) -> None:
+    """A .pt2 graph flattens with aten.flatten.using_ints: the conv before it stays reducible."""
+    from odekit.io.exported import load_exported
+    from odekit.models.channel_groups import channel_groups
+    from odekit.models.graph import trace_graph
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 10))
+    program = torch.export.export(model.eval(), (torch.randn(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))  # fmt: skip
+    torch.export.save(program, tmp_path / "m.pt2")
+    loaded = load_exported(tmp_path / "m.pt2")[0]
+    groups = channel_groups(trace_graph(loaded, (1, 8, 8)), (1, 8, 8))
+    conv = [g for g in groups if g.channels == 8]
+    assert len(conv) == 1 and conv[0].reducible, [g.to_dict() for g in groups]
