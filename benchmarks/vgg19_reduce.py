@@ -9,8 +9,8 @@ never imports by name) is trained on digits upsampled to 3x32x32 (seeded, CPU, r
 saved as a trusted pickle ``vgg19.pt`` and as ``vgg19.pt2`` (torch.export), and then reduced by
 the CLI as a user would run it, in a subprocess:
 
-    odekit reduce vgg19.pt  --trust-checkpoint --layers 7-16 --data digits32.npz --normalize none --finetune 0
-    odekit reduce vgg19.pt2                    --layers 7-16 --data digits32.npz --normalize none --finetune 1
+    odekit reduce vgg19.pt  --trust-checkpoint --mode region --layers 7-16 --data digits32.npz --normalize none --finetune 0
+    odekit reduce vgg19.pt2                    --mode region --layers 7-16 --data digits32.npz --normalize none --finetune 1
 
 Each run is one JSON line (stdout and benchmarks/results/vgg19_reduce.jsonl): FLOP and parameter
 reduction, top-1 agreement, accuracy drop before/after 1 fine-tuning epoch, latency speed-up
@@ -114,7 +114,7 @@ def run_reduce(
     """`odekit reduce` in a subprocess, as a user runs it; wall time and that process's peak RSS."""
     out = folder / f"reduce-{checkpoint.replace('.', '_')}-ft{finetune}"
     cmd = [sys.executable, "-c", "from odekit.cli.app import main; main()", "reduce", checkpoint, *extra,
-           "--layers", "7-16", "--data", "digits32.npz", "--normalize", "none", "--finetune", str(finetune),
+           "--mode", "region", "--layers", "7-16", "--data", "digits32.npz", "--normalize", "none", "--finetune", str(finetune),
            "--device", "cpu", "-o", str(out), "--force", "--json"]  # fmt: skip
     if samples is not None:
         cmd += ["--fit-samples", str(samples)]

@@ -23,7 +23,7 @@ CASES = {
     "reduce": ["--quick", "--only", "scale", "--rows", "300", "--exact-rows", "200"],
     "asnet": ["--quick", "--only", "sketch"],
     "distributed": ["--quick", "--samples", "64", "--width", "0.125", "--rank", "4", "--sketch-size", "16"],
-    "vgg19_reduce": ["--quick", "--width-div", "16", "--epochs", "1", "--formats", "export", "--samples", "200"],
+    "vgg19_reduce": ["--quick", "--width-div", "8", "--epochs", "1", "--formats", "export", "--samples", "200"],
     "universal_attack": ["--quick", "--seeds", "1", "--deltas", "2", "--fit-samples", "20",
                          "--max-passes", "1"],
     "compression_peers": ["--models", "resnet20", "--budgets", "2", "--methods", "odekit,thinet,svd",

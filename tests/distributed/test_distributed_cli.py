@@ -101,7 +101,7 @@ def test_two_ranks_asnet_with_finetune(tmp_path: Path) -> None:
     assert r2["results"]["cut"]["gradient_samples"] == r1["results"]["cut"]["gradient_samples"] == 400
     assert r2["results"]["pce"]["n_samples"] == 400
     assert any("baselines skipped" in w for w in r2["results"]["warnings"])
-    assert len(r2["results"]["finetune"]["history"]) == 1
+    assert len(r2["results"]["finetune"]["history"]) == 2  # epoch 0 (untuned, scored for keep-best) and epoch 1
     assert abs(r2["results"]["asnet"]["accuracy"] - r1["results"]["asnet"]["accuracy"]) < 0.03
 
 

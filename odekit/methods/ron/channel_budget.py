@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UsageError
+from odekit.methods.evaluation import model_cost
 from odekit.methods.ron.channel import ChannelPlan, reconstruction, select_channels
 from odekit.methods.ron.channel_ops import (
     PrefixRunner,
@@ -101,7 +102,8 @@ def cost_model(plan: ChannelPlan) -> CostModel:
                 terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
         else:
             fixed_params += sum(own.values())
-    total = float(sum(flops.values()))
+    # every FLOP the layer table counts (attention products too), so budgets mean what `info` says
+    total = float(model_cost(gm, plan.input_shape).flops)
     counted = sum(t[0] for t in terms)
     channels = {g.index: g.channels for g in plan.groups}
     return CostModel(total - counted, fixed_params, terms, channels)
