@@ -61,7 +61,7 @@ class ASNetRunResult(RunResult):
         written: dict[str, Any] = {}
         if self.built is not None and self.model is not None and self.meta is not None and self.probe is not None:
             path = claim(model_file("asnet", self.built.registered))
-            diff = save_derived_model(path, self.model, self.meta, self.input_shape, self.probe, force=force)
+            diff, _ = save_derived_model(path, self.model, self.meta, self.input_shape, self.probe, force=force)
             written = {"checkpoint": str(path), "reload_max_abs_diff": diff}
         if self.onnx is not None:
             onnx_path = claim("asnet.onnx")

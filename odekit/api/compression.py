@@ -55,7 +55,7 @@ class ReduceResult(RunResult):
         difference goes to the report."""
         assert self.student is not None and self.meta is not None and self.run is not None and self.probe is not None
         student_path = claim(model_file("student", self.registered))
-        reload_diff = save_derived_model(student_path, self.student, self.meta, self.input_shape, self.probe, force=force)
+        reload_diff, reloaded = save_derived_model(student_path, self.student, self.meta, self.input_shape, self.probe, force=force)
         written: dict[str, Any] = {"reload_max_abs_diff": reload_diff, "student_checkpoint": str(student_path)}
         build = self.run.build
         if isinstance(build, RonResult):
@@ -63,7 +63,7 @@ class ReduceResult(RunResult):
             save_figure(singular_value_figure(build.layers, build.first_layer, build.last_layer), plot_path, force=force)
             written["singular_value_plot"] = str(plot_path)
         else:
-            written.update(archive_cost(student_path, self.input_shape))
+            written.update(archive_cost(reloaded, self.input_shape))
         history_path = claim(FINETUNE_PLOT)
         span = f" layers {build.first_layer}-{build.last_layer}" if isinstance(build, RonResult) else " (channel mode)"
         title = f"reduce{span}: fine-tuning"

@@ -87,11 +87,9 @@ def summary_table(run: RonRun) -> ReportTable:
     )  # fmt: skip
 
 
-def archive_cost(path: Any, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """FLOPs and parameters of the written ``.pt2`` archive (they must equal the student's)."""
-    from odekit.io.exported import load_exported
+def archive_cost(archive: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """FLOPs and parameters of the written ``.pt2`` archive, as read back (they must equal the student's)."""
     from odekit.methods.evaluation import model_cost
 
-    with torch.no_grad():
-        cost = model_cost(load_exported(path)[0], input_shape)
+    cost = model_cost(archive, input_shape)
     return {"archive_flops": cost.flops, "archive_params": cost.params}

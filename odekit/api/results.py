@@ -106,9 +106,10 @@ def model_file(stem: str, registered: bool) -> str:
 
 def save_derived_model(
     path: Path, model: nn.Module, meta: ModelMeta, input_shape: tuple[int, ...], probe: torch.Tensor, *, force: bool
-) -> float:
+) -> tuple[float, nn.Module]:
     """Write ``model`` (safetensors + ``meta``, or a ``.pt2`` program carrying it, by the file's
-    suffix), read it back and return the largest absolute logit difference on ``probe``."""
+    suffix), read it back; return the largest absolute logit difference on ``probe`` and the
+    model read back."""
     device = probe.device
     if path.suffix == ".safetensors":
         save_model(path, model, meta, force=force)
@@ -119,4 +120,4 @@ def save_derived_model(
         model.to(model_device)
         reloaded = load_exported(path)[0].to(device)
     with torch.no_grad():
-        return float((reloaded(probe) - model(probe)).abs().max())
+        return float((reloaded(probe) - model(probe)).abs().max()), reloaded

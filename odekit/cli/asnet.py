@@ -232,20 +232,21 @@ def asnet_command(
                 sparse=sparse, l1=l1, baselines=baselines, latency=latency, subspace=sub, val_fraction=val_fraction,
                 patience=patience,
             )  # fmt: skip
-        paths = {name: ctx.path(name) for name in ["asnet.safetensors"] * (cut is not None) + ["spectrum.png"]
-                 + ["baselines.png"] * baselines + ["asnet.onnx"] * (export_format is not None)}  # fmt: skip
+        # claimed before any work, so a taken --out fails at once (claims are idempotent)
+        early = ["asnet.safetensors"] * (cut is not None) + ["spectrum.png"] + ["baselines.png"] * baselines
+        for name in early + ["asnet.onnx"] * (export_format is not None):
+            ctx.path(name)
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "asnet")
         if cut is not None:  # no registry entry rebuilds the teacher: a self-contained torch.export program
-            name = model_file("asnet", is_registered_teacher(loaded.meta.arch))
-            paths[name] = ctx.path(name)
+            ctx.path(model_file("asnet", is_registered_teacher(loaded.meta.arch)))
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         result = run_asnet(loaded, dataset, settings, sub, ctx.device, analyze=analyze, layers=layers, baselines=baselines,
                            params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, log=ctx.log, dist=ctx.dist,
                            export=export_format)  # fmt: skip
         for warning in result.built.warnings if result.built is not None else []:
             ctx.log(f"[yellow]Warning:[/yellow] {cli_text(warning)}")
-        written = result.write_outputs(lambda name: paths[name] if name in paths else ctx.path(name), ctx.force)
+        written = result.write_outputs(ctx.path, ctx.force)
         if certify and result.built is not None:
             written["certify"] = certify_student(result.built.model, loaded.model, dataset, ctx)
         return CommandOutput(results={**result.results, **written}, tables=result.tables,

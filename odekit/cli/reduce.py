@@ -247,19 +247,18 @@ def reduce_command(
             val_fraction=val_fraction, patience=patience, recalibrate_bn=recalibrate_bn,
         )
         export_format = check_export_format(export)
-        paths = {name: ctx.path(name) for name in ("student.safetensors", "singular_values.png", FINETUNE_PLOT)}
-        if export_format is not None:
-            paths["student.onnx"] = ctx.path("student.onnx")
+        # claimed before any work, so a taken --out fails at once (claims are idempotent)
+        for name in ("student.safetensors", "singular_values.png", FINETUNE_PLOT, *["student.onnx"] * (export_format is not None)):
+            ctx.path(name)
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
         # a teacher no registry entry rebuilds gives a self-contained .pt2 program, not safetensors
-        student = model_file("student", loaded.meta.arch in ARCHITECTURES)
-        paths[student] = ctx.path(student)
+        ctx.path(model_file("student", loaded.meta.arch in ARCHITECTURES))
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         result = run_reduce(loaded, dataset, settings, train_settings, ctx.device, latency_batch=latency_batch, seed=seed,
                             params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, dist=ctx.dist,
                             export=export_format)  # fmt: skip
-        written = result.write_outputs(lambda name: paths[name] if name in paths else ctx.path(name), ctx.force)
+        written = result.write_outputs(ctx.path, ctx.force)
         assert result.run is not None
         clipped = clipped_states(result.run)
         if clipped:  # issue 12: a rank rule stopped by the sketch, not by the data

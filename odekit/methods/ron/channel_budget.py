@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UsageError
-from odekit.methods.evaluation import model_cost
 from odekit.methods.ron.channel import ChannelPlan, reconstruction, select_channels
 from odekit.methods.ron.channel_ops import (
     PrefixRunner,
@@ -32,7 +31,7 @@ from odekit.methods.ron.channel_ops import (
     channel_rows,
     read_dims,
 )
-from odekit.models.layers import layer_flops
+from odekit.models.layers import layer_flops, total_flops
 
 PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
 STEPS_PER_GROUP = 32  # greedy step: ceil(C / 32) channels
@@ -65,7 +64,8 @@ class CostModel:
 
 
 def cost_model(plan: ChannelPlan) -> CostModel:
-    """The exact FLOPs/params of ``plan.gm`` for any widths (one probe pass with hooks)."""
+    """The exact FLOPs/params of ``plan.gm`` for any widths (one probe pass: hooks read each
+    layer's FLOPs while `total_flops` counts every FLOP the layer table counts)."""
     gm = plan.gm
     flops: dict[str, float] = {}
     hooks = []
@@ -76,10 +76,8 @@ def cost_model(plan: ChannelPlan) -> CostModel:
                 flops[name] = flops.get(name, 0.0) + layer_flops(mod, out)
 
             hooks.append(m.register_forward_hook(hook))
-    param = next(gm.parameters())
-    try:
-        with torch.no_grad():
-            gm(torch.zeros(1, *plan.input_shape, dtype=param.dtype, device=param.device))
+    try:  # attention products too, so budgets mean what `info` says
+        total = float(total_flops(gm, plan.input_shape))
     finally:
         for h in hooks:
             h.remove()
@@ -102,8 +100,6 @@ def cost_model(plan: ChannelPlan) -> CostModel:
                 terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
         else:
             fixed_params += sum(own.values())
-    # every FLOP the layer table counts (attention products too), so budgets mean what `info` says
-    total = float(model_cost(gm, plan.input_shape).flops)
     counted = sum(t[0] for t in terms)
     channels = {g.index: g.channels for g in plan.groups}
     return CostModel(total - counted, fixed_params, terms, channels)
