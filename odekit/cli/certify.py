@@ -73,22 +73,23 @@ CertifyFlag = Annotated[bool, typer.Option(
 
 def certify_student(student: nn.Module, teacher: nn.Module, dataset: Dataset, ctx: CommandContext) -> dict[str, Any]:
     """report.json's ``certify`` entry of reduce/asnet: bounds and certified accuracy of both."""
+    from odekit.api.certify import run_certify
     from odekit.methods.certify.certificate import CertifySettings
     from odekit.methods.certify.ops import NotCertifiable
-    from odekit.methods.certify.run import certify_model, comparison
 
-    settings = CertifySettings(attack=False)
-    test = dataset.test.subset(CERTIFY_SAMPLES, ctx.seed)
-    x, y = test.x.to(ctx.device), test.y.to(ctx.device)
     try:
-        runs = [certify_model(m, dataset, x, y, settings, seed=ctx.seed) for m in (student, teacher)]
+        result = run_certify(student, dataset, CertifySettings(attack=False), ctx.device, teacher=teacher,
+                             names=("student", "teacher"), samples=CERTIFY_SAMPLES, seed=ctx.seed, params={},
+                             inputs={})  # fmt: skip
     except NotCertifiable as exc:  # the compression itself succeeded: say why there is no certificate
         ctx.log(f"[yellow]Warning:[/yellow] --certify: {exc.message}")
         return {"not_certifiable": exc.message}
-    return {"student_lipschitz_upper": runs[0].network.upper, "teacher_lipschitz_upper": runs[1].network.upper,
-            "student_certified_accuracy": runs[0].certificate.to_dict()["certified_accuracy"],
-            "teacher_certified_accuracy": runs[1].certificate.to_dict()["certified_accuracy"],
-            "comparison": comparison(runs[0], runs[1])}  # fmt: skip
+    runs = result.certificates
+    return {"student_lipschitz_upper": runs["student"].network.upper,
+            "teacher_lipschitz_upper": runs["teacher"].network.upper,
+            "student_certified_accuracy": runs["student"].certificate.to_dict()["certified_accuracy"],
+            "teacher_certified_accuracy": runs["teacher"].certificate.to_dict()["certified_accuracy"],
+            "comparison": result.results["comparison"]}  # fmt: skip
 
 
 def _budgets(text: str) -> tuple[float, ...]:
