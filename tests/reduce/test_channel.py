@@ -131,6 +131,47 @@ def test_full_width_reproduces_teacher(tiny: nn.Module) -> None:
         assert float((built.student(x) - tiny(x)).abs().max()) < 1e-4
 
 
+class InPlace(nn.Module):
+    """In-place ReLUs and an in-place residual add (``out += x``) between channel groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.c = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6 * 64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        out = self.b(x)
+        out += x
+        out = nn.functional.relu(out, inplace=True)
+        return self.head(torch.relu(self.c(out)).flatten(1))
+
+
+@pytest.mark.parametrize("model", ["tiny", "inplace"])
+def test_resumed_runs_equal_runs_from_the_input(tiny: nn.Module, model: str) -> None:
+    """Resuming each group's pass at the cut before its first changed layer changes nothing:
+    the same sensitivities and the same student as running teacher and student from the input."""
+    torch.manual_seed(0)
+    teacher = tiny if model == "tiny" else _trained_bn(InPlace())
+    results = []
+    for resume in (False, True):
+        plan = plan_channels(teacher, SHAPE)
+        sens = measure_sensitivity(plan, _x(64), _x(40, seed=7), 16, CPU, resume)
+        widths = {g.index: max(1, g.channels // 2) for g in plan.reducible}
+        settings = RonSettings(mode="channel", batch_size=32)
+        built = reduce_channels(plan, _x(64), settings, CPU, widths, resume=resume)
+        with torch.no_grad():
+            results.append((sens.curves, built.student(_x(8, seed=3))))
+    flat = [[(k, w, loss) for k, pts in r[0].items() for w, loss in pts] for r in results]
+    assert [p[:2] for p in flat[0]] == [p[:2] for p in flat[1]]
+    assert [p[2] for p in flat[0]] == pytest.approx([p[2] for p in flat[1]], rel=1e-4, abs=1e-9)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+    with torch.no_grad():  # the teacher is untouched by either
+        assert torch.equal(teacher(_x(4)), teacher(_x(4)))
+
+
 def test_transformer_mlp_hidden_is_reducible_stream_is_not() -> None:
     torch.manual_seed(0)
     vit = TinyViT().eval()

@@ -29,6 +29,7 @@ from odekit.linalg.maxvol import rect_maxvol
 from odekit.linalg.rank import RankContext, parse_rank_spec, rule_rank
 from odekit.methods.batchnorm import recalibrate_batchnorm
 from odekit.methods.ron.channel_ops import (
+    Cut,
     PrefixRunner,
     ReadGrams,
     apply_selection,
@@ -122,19 +123,28 @@ def _fit_grams(
     teacher: PrefixRunner,
     student: PrefixRunner,
     group: ChannelGroup,
-    x: Tensor,
-    batch_size: int,
+    cuts: list[tuple[Cut, Cut]],
     device: torch.device,
-) -> dict[str, ReadGrams]:
-    """Stream the group's read tensors of teacher and student (one pass over ``x``)."""
+    stop_at: int | None,
+) -> tuple[dict[str, ReadGrams], list[tuple[Cut, Cut]]]:
+    """Stream the group's read tensors of teacher and student (one pass over the batches, each
+    resumed from its cut); with ``stop_at`` also every batch's cuts before that node."""
     dims = read_dims(group)
     grams = {r: ReadGrams.zeros(group.channels, device) for r in group.reads}
-    for xb in batches(x, batch_size, device):
+    after: list[tuple[Cut, Cut]] = []
+    for t_cut, s_cut in cuts:
         want = list(group.reads)
-        t_vals, s_vals = teacher.values(xb, want), student.values(xb, want)
+        t_vals, t_next = teacher.resume(t_cut, want, stop_at)
+        s_vals, s_next = student.resume(s_cut, want, stop_at)
         for r, g in grams.items():
             g.update(channel_rows(s_vals[r], dims[r]), channel_rows(t_vals[r], dims[r]))
-    return grams
+        after.append((t_next or t_cut, s_next or s_cut))
+    return grams, after
+
+
+def changed_modules(group: ChannelGroup) -> list[str]:
+    """The modules a selection in ``group`` rewrites."""
+    return [*group.producers, *group.channelwise, *(c.module for c in group.consumers)]
 
 
 def pod_basis(tt: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,17 +154,22 @@ def pod_basis(tt: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def select_channels(
-    tt: Tensor, width: int, selection: str, producer_weights: Tensor | None = None
+    tt: Tensor,
+    width: int,
+    selection: str,
+    producer_weights: Tensor | None = None,
+    basis: Tensor | None = None,
 ) -> Tensor:
-    """``width`` channels: maxvol rows of the top-``width`` POD basis, or the largest L1 norms of
-    the producers' weights (``l1``, the pruning peers' pick). Sorted indices."""
+    """``width`` channels: maxvol rows of the top-``width`` POD basis (``basis``: the eigenvectors
+    of ``tt`` when already computed), or the largest L1 norms of the producers' weights (``l1``,
+    the pruning peers' pick). Sorted indices."""
     c = tt.shape[0]
     if width >= c:
         return torch.arange(c)
     if selection == "l1":
         assert producer_weights is not None
         return torch.topk(producer_weights, width).indices.sort().values.cpu()
-    _, v = pod_basis(tt)
+    v = pod_basis(tt)[1] if basis is None else basis
     idx = rect_maxvol(v[:, :width].contiguous(), min_rows=width, max_rows=width)
     assert isinstance(idx, Tensor)
     return idx.sort().values.cpu()
@@ -204,10 +219,13 @@ def reduce_channels(
     *,
     selection: str = "maxvol",
     recalibrate: bool = True,
+    resume: bool = True,
     progress: Progress | None = None,
 ) -> ChannelResult:
     """Reduce every group in ``widths`` (index -> width; default: the rank rule's width of every
-    reducible group), one group after another from the input side."""
+    reducible group), one group after another from the input side. ``resume``: keep every batch's
+    live values before the next group's first changed layer (memory: see `cut_bytes`) instead of
+    running teacher and student from the input for every group."""
     if selection not in SELECTIONS:
         raise UsageError(
             f"unknown channel selection '{selection}'", f"choose one of {', '.join(SELECTIONS)}"
@@ -218,10 +236,18 @@ def reduce_channels(
     t_run, s_run = PrefixRunner(teacher), PrefixRunner(student)
     chosen = dict(widths) if widths is not None else {g.index: -1 for g in plan.reducible}
     reports = {g.index: _report(g, g.channels) for g in plan.groups}
+    entries = [
+        (Cut(0, {}, xb), Cut(0, {}, xb)) for xb in batches(fit_x, settings.batch_size, device)
+    ]
+    cuts = entries
     for group in progress.track(
         [g for g in plan.groups if g.index in chosen], len(chosen), "reducing channel groups"
     ):
-        grams = _fit_grams(t_run, s_run, group, fit_x, settings.batch_size, device)
+        # the layers before the group's first changed module stay as they are: resume there
+        start = t_run.start_of(changed_modules(group)) if resume else None
+        if start is None or start < cuts[0][0].at:
+            cuts = entries
+        grams, cuts = _fit_grams(t_run, s_run, group, cuts, device, start)
         tt = sum((g.tt for g in grams.values()), torch.zeros_like(grams[group.reads[0]].tt))
         width = chosen[group.index]
         if width < 0:
@@ -232,7 +258,7 @@ def reduce_channels(
         if width >= group.channels and widths is None:
             continue
         l1 = producer_l1(student, group) if selection == "l1" else None
-        keep = select_channels(tt, width, selection, l1)
+        keep = select_channels(tt, width, selection, l1, basis)
         maps = {r: reconstruction(g, keep, settings.reconstruct, basis) for r, g in grams.items()}
         apply_selection(student, group, keep, maps)
     if recalibrate:

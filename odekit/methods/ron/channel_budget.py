@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odekit.errors import UsageError
-from odekit.methods.ron.channel import ChannelPlan, reconstruction, select_channels
+from odekit.methods.ron.channel import (
+    ChannelPlan,
+    changed_modules,
+    pod_basis,
+    reconstruction,
+    select_channels,
+)
 from odekit.methods.ron.channel_ops import (
+    Cut,
     PrefixRunner,
     ReadGrams,
     apply_selection,
@@ -31,6 +39,7 @@ from odekit.methods.ron.channel_ops import (
     channel_rows,
     read_dims,
 )
+from odekit.models.channel_groups import ChannelGroup
 from odekit.models.layers import layer_flops, total_flops
 
 PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
@@ -138,54 +147,75 @@ def teacher_grams(
     return grams
 
 
-@torch.no_grad()
-def _mean_kl(
-    model: nn.Module, x: Tensor, teacher_logp: Tensor, batch_size: int, device: torch.device
-) -> float:
-    out = torch.cat([model(xb).float().cpu() for xb in batches(x, batch_size, device)])
+def _mean_kl(runner: PrefixRunner, cuts: list[Cut], teacher_logp: Tensor) -> float:
+    out = torch.cat([torch.as_tensor(runner.finish(cut)).float().cpu() for cut in cuts])
     logp = F.log_softmax(out, dim=-1)
     return float((teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean())
 
 
 def measure_sensitivity(
-    plan: ChannelPlan, fit_x: Tensor, val_x: Tensor, batch_size: int, device: torch.device
+    plan: ChannelPlan,
+    fit_x: Tensor,
+    val_x: Tensor,
+    batch_size: int,
+    device: torch.device,
+    resume: bool = True,
 ) -> Sensitivity:
-    """Cut each group alone to ``PROBE_FRACTIONS`` of its width and measure the validation KL."""
+    """Cut each group alone to ``PROBE_FRACTIONS`` of its width and measure the validation KL.
+    ``resume``: each probe runs from the teacher's live values before the group's first changed
+    layer (kept for every validation batch, groups in graph order), not from the input."""
     grams = teacher_grams(plan, fit_x, batch_size, device)
     gm = plan.gm
-    with torch.no_grad():
-        teacher_logp = F.log_softmax(
-            torch.cat([gm(xb).float().cpu() for xb in batches(val_x, batch_size, device)]), -1
-        )
+    runner = PrefixRunner(gm)
+    entries = [Cut(0, {}, xb) for xb in batches(val_x, batch_size, device)]
+    teacher_logp = F.log_softmax(
+        torch.cat([torch.as_tensor(runner.finish(c)).float().cpu() for c in entries]), -1
+    )
+    starts = {g.index: runner.start_of(changed_modules(g)) if resume else 0 for g in plan.reducible}
+    cuts = entries
     curves: dict[int, list[tuple[int, float]]] = {}
-    for g in plan.reducible:
-        tt = sum(
-            grams[g.index].values(),
-            torch.zeros(g.channels, g.channels, dtype=torch.float64, device=device),
-        )
-        points = [(g.channels, 0.0)]
-        for frac in PROBE_FRACTIONS:
-            width = max(1, round(frac * g.channels))
-            if width >= points[-1][0]:
-                continue
-            keep = select_channels(tt, width, "maxvol")
-            maps = {
-                r: reconstruction(ReadGrams(m, m, m), keep, "lsq")
-                for r, m in grams[g.index].items()
-            }
-            names = {*g.producers, *g.channelwise, *(c.module for c in g.consumers)}
-            saved = {n: gm.get_submodule(n) for n in names}
-            for n, module in saved.items():  # cut copies, never the teacher's own layers
-                _install(gm, n, copy.deepcopy(module))
-            apply_selection(gm, g, keep, maps)
-            loss = _mean_kl(gm, val_x, teacher_logp, batch_size, device)
-            for n, module in saved.items():
-                _install(gm, n, module)
-            points.append((width, max(loss, points[-1][1])))  # a narrower group never costs less
-        if len(points) == 1:
-            points.append((0, 1.0))
-        curves[g.index] = points
+    for g in sorted(plan.reducible, key=lambda g: starts[g.index]):
+        cuts = [runner.resume(c, [], starts[g.index])[1] or c for c in cuts]
+        curves[g.index] = _probe_curve(plan, runner, g, grams[g.index], cuts, teacher_logp, device)
     return Sensitivity(curves, {g.index: sum(grams[g.index].values()) for g in plan.reducible})  # type: ignore[misc]
+
+
+def _probe_curve(
+    plan: ChannelPlan,
+    runner: PrefixRunner,
+    g: ChannelGroup,
+    grams: dict[str, Tensor],
+    cuts: list[Cut],
+    teacher_logp: Tensor,
+    device: torch.device,
+) -> list[tuple[int, float]]:
+    """[(width, validation KL)] of group ``g`` alone cut to each probe width (copies of its layers
+    are cut, never the teacher's own)."""
+    gm = plan.gm
+    tt = sum(
+        grams.values(), torch.zeros(g.channels, g.channels, dtype=torch.float64, device=device)
+    )
+    points = [(g.channels, 0.0)]
+    basis = pod_basis(tt)[1]
+    for frac in PROBE_FRACTIONS:
+        width = max(1, round(frac * g.channels))
+        if width >= points[-1][0]:
+            continue
+        keep = select_channels(tt, width, "maxvol", basis=basis)
+        maps = {r: reconstruction(ReadGrams(m, m, m), keep, "lsq") for r, m in grams.items()}
+        saved = {n: gm.get_submodule(n) for n in set(changed_modules(g))}
+        for n, module in saved.items():
+            _install(gm, n, copy.deepcopy(module))
+        runner.mods = dict(gm.named_modules())
+        apply_selection(gm, g, keep, maps)
+        loss = _mean_kl(runner, cuts, teacher_logp)
+        for n, module in saved.items():
+            _install(gm, n, module)
+        runner.mods = dict(gm.named_modules())
+        points.append((width, max(loss, points[-1][1])))  # a narrower group never costs less
+    if len(points) == 1:
+        points.append((0, 1.0))
+    return points
 
 
 def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
@@ -258,6 +288,33 @@ def allocate(
         path.append((model.cost(widths)[0], dict(widths)))
     flops, params = model.cost(widths)
     return Allocation(widths, flops, params, teacher_flops, target, path, model)
+
+
+def uniform_allocation(
+    plan: ChannelPlan, model: CostModel, sens: Sensitivity, target_fraction: float
+) -> Allocation:
+    """One kept fraction for every group (the pruning peers' uniform widths), bisected on the exact
+    predicted FLOPs to just under the target, then channels given back to land in the 3% band."""
+    channels = {g.index: g.channels for g in plan.reducible}
+    teacher_flops, _ = model.cost(channels)
+    target = target_fraction * teacher_flops
+
+    def widths_at(frac: float) -> dict[int, int]:
+        return {i: max(1, math.floor(frac * c)) for i, c in channels.items()}
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if model.cost(widths_at(mid))[0] <= target else (lo, mid)
+    widths = widths_at(lo)
+    if model.cost(widths)[0] > target:
+        raise UsageError(
+            f"`target_flops` {target_fraction:g} is out of reach with uniform widths",
+            "ask for a larger `target_flops`",
+        )
+    _fill_back(plan, model, sens, widths, target)
+    flops, params = model.cost(widths)
+    return Allocation(widths, flops, params, teacher_flops, target, [(flops, dict(widths))], model)
 
 
 def _land(

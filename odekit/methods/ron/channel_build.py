@@ -11,8 +11,16 @@ from torch import nn
 from odekit.io.datasets import Split
 from odekit.methods.evaluation import accuracy
 from odekit.methods.ron.channel import ChannelPlan, ChannelResult, plan_channels, reduce_channels
-from odekit.methods.ron.channel_budget import Allocation, allocate, cost_model, measure_sensitivity
-from odekit.methods.ron.memory import check_memory
+from odekit.methods.ron.channel_budget import (
+    Allocation,
+    CostModel,
+    Sensitivity,
+    allocate,
+    cost_model,
+    measure_sensitivity,
+    uniform_allocation,
+)
+from odekit.methods.ron.memory import available_bytes, check_memory
 from odekit.methods.ron.settings import RonSettings
 from odekit.progress import Progress
 
@@ -21,6 +29,7 @@ CHANNEL_FIT_SAMPLES = (
 )
 VAL_FRACTION = 0.1
 VAL_LIMITS = (64, 512)
+RESUME_SHARE = 0.5  # resume at cuts while their values take under half the free memory
 MAX_DROP_BUILDS = 5  # students built while bisecting the greedy path for --max-drop
 
 
@@ -47,6 +56,13 @@ def estimate_bytes(plan: ChannelPlan, settings: RonSettings, samples: int) -> fl
     live = 4 * batch * _largest_activation(plan) * param.element_size() * 2
     weights = 3 * sum(p.numel() * p.element_size() for p in plan.gm.parameters())
     return float(moments + live + weights)
+
+
+def cut_bytes(plan: ChannelPlan, samples: int) -> float:
+    """Memory of resuming runs at cuts: teacher and student keep every fitting image's live
+    values before the next group (at most about two activations each)."""
+    itemsize = next(plan.gm.parameters()).element_size()
+    return float(2 * 2 * samples * _largest_activation(plan) * itemsize)
 
 
 def _largest_activation(plan: ChannelPlan) -> int:
@@ -79,22 +95,98 @@ def build_channel_student(
         estimate_bytes(plan, settings, len(fit)), "the channel reduction",
         "lower `batch_size` (activations) or reduce fewer groups (`layers`)", device,
     )  # fmt: skip
+    free = available_bytes(device)
+    resume = free is None or cut_bytes(plan, len(fit)) < RESUME_SHARE * free
     if settings.target_flops is None and settings.max_drop is None:
-        return reduce_channels(plan, fit.x, settings, device, progress=progress)
+        return reduce_channels(plan, fit.x, settings, device, resume=resume, progress=progress)
     model = cost_model(plan)
-    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device)
-    alloc = allocate(plan, model, sens, settings.target_flops)
-    result = reduce_channels(plan, fit.x, settings, device, alloc.widths, progress=progress)
+    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume)
+    result, alloc = build_within_budget(
+        plan, model, sens, fit, val, settings, device, resume, progress
+    )
     teacher_acc = accuracy(plan.gm, val, device=device)
     drop = 100 * (teacher_acc - accuracy(result.student, val, device=device))
     if settings.max_drop is not None and (
         drop > settings.max_drop or settings.target_flops is None
     ):
+        if len(alloc.path) < 2:  # the uniform widths won: bisect the greedy path instead
+            alloc = allocate(plan, model, sens, settings.target_flops)
         result, alloc, drop = _bisect_max_drop(
-            plan, fit, val, settings, device, alloc, teacher_acc, (result, drop)
+            plan, fit, val, settings, device, alloc, teacher_acc, (result, drop), resume
         )
-    result.budget = _budget_json(alloc, settings, teacher_acc, drop, len(val))
+    result.budget = {**_budget_json(alloc, settings, teacher_acc, drop, len(val)),
+                     "candidates": result.budget.get("candidates", [])}  # fmt: skip
     return result
+
+
+def build_within_budget(
+    plan: ChannelPlan,
+    model: CostModel,
+    sens: Sensitivity,
+    fit: Split,
+    val: Split,
+    settings: RonSettings,
+    device: torch.device,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> tuple[ChannelResult, Allocation]:
+    """The better of two width allocations at the same FLOPs, by mean KL to the teacher on the
+    validation split: the global greedy (sensitivities of each group cut alone) and uniform
+    widths. The greedy adds up single-group losses; at large cuts their interactions can make
+    the uniform widths better (ResNet-18 on digits at 16x: greedy 72.5%, the uniform-width
+    ThiNet-style peer 84.7%)."""
+    if settings.target_flops is None:  # --max-drop alone: the greedy path is bisected later
+        alloc = allocate(plan, model, sens, None)
+        built = reduce_channels(
+            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress
+        )
+        return built, alloc
+    candidates = {"greedy": allocate(plan, model, sens, settings.target_flops),
+                  "uniform": uniform_allocation(plan, model, sens, settings.target_flops)}  # fmt: skip
+    teacher_logits = _logits(plan.gm, val.x, settings.batch_size, device)
+    best: tuple[float, str, ChannelResult] | None = None
+    scores = []
+    for name, alloc in candidates.items():
+        built = reduce_channels(
+            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress
+        )
+        kl = validation_kl(built.student, val.x, teacher_logits, settings.batch_size, device)
+        scores.append(
+            {"allocation": name, "validation_mean_kl": kl, "predicted_flops": alloc.flops}
+        )
+        if best is None or kl < best[0]:
+            best = (kl, name, built)
+    assert best is not None
+    for entry in scores:
+        entry["chosen"] = entry["allocation"] == best[1]
+    best[2].budget = {"candidates": scores}
+    return best[2], candidates[best[1]]
+
+
+@torch.no_grad()
+def _logits(
+    model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    model.to(device).eval()
+    return torch.cat(
+        [
+            model(x[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
+    )
+
+
+def validation_kl(
+    student: nn.Module,
+    x: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Mean KL(teacher || student) of the class probabilities on ``x``."""
+    out = _logits(student, x, batch_size, device)
+    t_logp = torch.log_softmax(teacher_logits, -1)
+    return float((t_logp.exp() * (t_logp - torch.log_softmax(out, -1))).sum(-1).mean())
 
 
 def _bisect_max_drop(
@@ -106,6 +198,7 @@ def _bisect_max_drop(
     alloc: Allocation,
     teacher_acc: float,
     last: tuple[ChannelResult, float],
+    resume: bool,
 ) -> tuple[ChannelResult, Allocation, float]:
     """The cheapest point of the greedy path whose validation drop stays within --max-drop."""
     assert settings.max_drop is not None
@@ -121,14 +214,14 @@ def _bisect_max_drop(
         if hi - lo <= 1:
             break
         mid = (lo + hi) // 2
-        built = reduce_channels(plan, fit.x, settings, device, path[mid][1])
+        built = reduce_channels(plan, fit.x, settings, device, path[mid][1], resume=resume)
         drop = 100 * (teacher_acc - accuracy(built.student, val, device=device))
         if drop <= settings.max_drop:
             best, lo = (built, drop, mid), mid
         else:
             hi = mid
     if best is None:  # even the first step lost too much: the teacher's widths
-        built = reduce_channels(plan, fit.x, settings, device, path[0][1])
+        built = reduce_channels(plan, fit.x, settings, device, path[0][1], resume=resume)
         best = (built, 0.0, 0)
     flops, widths = path[best[2]]
     chosen = Allocation(

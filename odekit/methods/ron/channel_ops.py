@@ -3,8 +3,10 @@ matrices, keep channels in producers and channel-wise layers, fold a reconstruct
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import operator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,9 +21,33 @@ def channel_rows(t: Tensor, cdim: int) -> Tensor:
     return t.movedim(cdim, -1).reshape(-1, t.shape[cdim])
 
 
+@dataclass
+class Cut:
+    """The live values of one batch just before node ``at`` (every value computed earlier that a
+    node at or after ``at`` reads): a run can resume there instead of starting from the input."""
+
+    at: int
+    env: dict[fx.Node, object]
+    x: Tensor
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.imul, operator.isub, operator.itruediv}
+
+
+def _mutates_first_argument(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCTIONS or getattr(node.target, "__name__", "").endswith(
+            "_"
+        )
+    return False
+
+
 class PrefixRunner:
     """Runs a GraphModule node by node until the wanted nodes are computed, freeing every value
-    no later node reads (the peak holds the live activations of one batch, not all of them)."""
+    no later node reads (the peak holds the live activations of one batch, not all of them).
+    A run can stop at a `Cut` and a later run resume from it (the layers before the cut unchanged)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
@@ -31,28 +57,86 @@ class PrefixRunner:
         self.last_use = {
             n: max((self.order[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)
         }
+        # values a later in-place op changes: copied when kept past the op (a cut, a wanted value)
+        self.mutated = {
+            n.args[0]
+            for n in self.nodes
+            if _mutates_first_argument(n) and isinstance(n.args[0], fx.Node)
+        }
+        for m in gm.modules():  # in-place activations would change kept values under us
+            if getattr(m, "inplace", False):
+                m.inplace = False  # type: ignore[assignment]
+
+    def start_of(self, modules: Iterable[str]) -> int:
+        """The first node that runs (or reads a parameter of) any of ``modules``: changing those
+        modules leaves every value before it as it was. 0 when one of them is never called."""
+        names = set(modules)
+        first: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            target = str(node.target)
+            if node.op == "call_module" and target in names:
+                first.setdefault(target, i)
+            elif node.op == "get_attr":
+                for name in names:
+                    if target.startswith(name + "."):
+                        first.setdefault(name, i)
+        return min(first.values()) if len(first) == len(names) else 0
+
+    @staticmethod
+    def entry(x: Tensor) -> Cut:
+        return Cut(0, {}, x)
 
     @torch.no_grad()
     def values(self, x: Tensor, wanted: list[str]) -> dict[str, Tensor]:
+        return self.resume(self.entry(x), wanted)[0]
+
+    @torch.no_grad()
+    def resume(
+        self, cut: Cut, wanted: list[str], stop_at: int | None = None
+    ) -> tuple[dict[str, Tensor], Cut | None]:
+        """The ``wanted`` nodes' values, running from ``cut``; with ``stop_at`` (>= cut.at) also
+        the cut before node ``stop_at``."""
         todo = set(wanted)
         found: dict[str, Tensor] = {}
-        env: dict[fx.Node, object] = {}
-        for i, node in enumerate(self.nodes):
-            if not todo:
+        env = dict(cut.env)
+        kept: Cut | None = None
+        for i in range(cut.at, len(self.nodes)):
+            if i == stop_at:
+                kept = Cut(i, {n: self._keep(n, v) for n, v in env.items()}, cut.x)
+            if not todo and (stop_at is None or kept is not None):
                 break
-            if node.op == "placeholder":
-                env[node] = x
-            elif node.op == "output":
+            node = self.nodes[i]
+            if node.op == "output":
                 break
-            else:
-                env[node] = run_node(node, env, self.gm, self.mods)
+            env[node] = (
+                cut.x if node.op == "placeholder" else run_node(node, env, self.gm, self.mods)
+            )
             if node.name in todo:
                 todo.discard(node.name)
-                found[node.name] = env[node]  # type: ignore[assignment]
+                found[node.name] = self._keep(node, env[node])  # type: ignore[assignment]
             for inp in node.all_input_nodes:
                 if self.last_use[inp] <= i and inp.name not in todo:
                     env.pop(inp, None)
-        return found
+        return found, kept
+
+    @torch.no_grad()
+    def finish(self, cut: Cut) -> Any:
+        """The graph's output, running from ``cut``."""
+        env: dict[fx.Node, Any] = dict(cut.env)
+        for i in range(cut.at, len(self.nodes)):
+            node = self.nodes[i]
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], lambda n: env[n])
+            env[node] = (
+                cut.x if node.op == "placeholder" else run_node(node, env, self.gm, self.mods)
+            )
+            for inp in node.all_input_nodes:
+                if self.last_use[inp] <= i:
+                    env.pop(inp, None)
+        raise RuntimeError("the graph has no output node")
+
+    def _keep(self, node: fx.Node, value: object) -> object:
+        return value.clone() if node in self.mutated and isinstance(value, Tensor) else value
 
 
 @dataclass
