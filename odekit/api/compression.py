@@ -13,7 +13,13 @@ from odekit.api.finetune_report import FINETUNE_PLOT, history_figure, history_ta
 from odekit.api.inputs import ModelLike, as_dataset, as_loaded, layer_spec
 from odekit.api.onnx_export import OnnxDeployment, check_export_format, deploy_onnx, onnx_headline
 from odekit.api.progress import shown
-from odekit.api.reduce_channel import archive_cost, channel_report, speed_text, summary_table
+from odekit.api.reduce_channel import (
+    archive_cost,
+    channel_report,
+    registered_meta,
+    speed_text,
+    summary_table,
+)
 from odekit.api.results import RELOAD_PROBE, Claim, RunResult, model_file, save_derived_model
 from odekit.device import resolve_device, seed_everything
 from odekit.distributed import Distributed, current
@@ -50,9 +56,9 @@ class ReduceResult(RunResult):
     onnx: OnnxDeployment | None = None  # export="onnx": the student as ONNX, checked and timed
 
     def write_outputs(self, claim: Claim, force: bool) -> dict[str, Any]:
-        """student.safetensors (student.pt2 for a channel student or a teacher no registry entry
-        rebuilds), singular_values.png (region mode) and finetune_history.png; the reload check's
-        difference goes to the report."""
+        """student.safetensors (student.pt2 for a teacher no registry entry rebuilds; a channel
+        student of a registered teacher gets both), singular_values.png (region mode) and
+        finetune_history.png; the reload checks' differences go to the report."""
         assert self.student is not None and self.meta is not None and self.run is not None and self.probe is not None
         student_path = claim(model_file("student", self.registered))
         reload_diff, reloaded = save_derived_model(student_path, self.student, self.meta, self.input_shape, self.probe, force=force)
@@ -64,6 +70,10 @@ class ReduceResult(RunResult):
             written["singular_value_plot"] = str(plot_path)
         else:
             written.update(archive_cost(reloaded, self.input_shape))
+            if self.registered:  # the same student as a self-contained program (torch.export.load alone)
+                program_path = claim("student.pt2")
+                program_diff, _ = save_derived_model(program_path, self.student, self.meta, self.input_shape, self.probe, force=force)
+                written.update(student_program=str(program_path), program_reload_max_abs_diff=program_diff)
         history_path = claim(FINETUNE_PLOT)
         span = f" layers {build.first_layer}-{build.last_layer}" if isinstance(build, RonResult) else " (channel mode)"
         title = f"reduce{span}: fine-tuning"
@@ -169,9 +179,11 @@ def run_reduce(
         loaded.model, loaded.meta.arch, loaded.meta.args, shape, dataset, settings, train, device,
         example, distill=train.beta > 0, seed=seed, progress=progress, dist=dist,
     )  # fmt: skip
+    probe = example[:RELOAD_PROBE].to(device)
     if run.mode == "channel":
         results, tables, headline, meta = channel_report(run, loaded, shape, params.get("target_flops"))
-        registered = False
+        rebuilt = registered_meta(run.student, loaded, meta, probe)
+        registered, meta = rebuilt is not None, rebuilt or meta
     else:
         results, tables, headline, meta = _region_report(run, loaded, settings, train, dist)
         registered = loaded.meta.arch in ARCHITECTURES
@@ -194,7 +206,7 @@ def run_reduce(
     return ReduceResult(
         command="reduce", results=results, inputs=inputs if inputs is not None else inputs_of(loaded, dataset),
         params=params, tables=tables, headline=headline, device=str(device),
-        student=run.student, run=run, meta=meta, input_shape=shape, probe=example[:RELOAD_PROBE].to(device),
+        student=run.student, run=run, meta=meta, input_shape=shape, probe=probe,
         registered=registered, onnx=onnx,
     )  # fmt: skip
 

@@ -1,18 +1,25 @@
 """The channel-mode part of `odekit.reduce`: report entries, tables and headline of a student that
-is the teacher's graph with fewer channels (written as a ``.pt2`` program)."""
+is the teacher's graph with fewer channels (written as a ``.pt2`` program, and as safetensors +
+metadata when the teacher's architecture is registered: `registered_meta`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any
 
 import torch
+from torch import nn
 
 from odekit.io.model_meta import LoadedModel, ModelMeta
 from odekit.methods.ron import RonRun
 from odekit.methods.ron.channel import ChannelResult
+from odekit.models.narrow import CHANNEL_ARCH, narrowed_shapes
+from odekit.models.registry import arch_names, build_model
 from odekit.stats import accuracy_text
 from odekit.writers.tables import ReportTable
+
+REBUILD_TOLERANCE = 1e-4  # largest logit difference, relative to the logits' size, of a rebuilt student
 
 
 def speed_text(speedup: float) -> str:
@@ -54,6 +61,36 @@ def channel_report(
     if blocked:
         headline.append(f"{len(blocked)} groups kept at full width (listed in the groups table with the reason)")
     return results, [groups_table(result), summary_table(run)], headline, meta
+
+
+def registered_meta(student: nn.Module, loaded: LoadedModel, meta: ModelMeta, probe: torch.Tensor) -> ModelMeta | None:
+    """The student's metadata as the teacher's registered architecture narrowed to the student's
+    shapes (`CHANNEL_ARCH`: `odekit.load` rebuilds it from safetensors), or None when the teacher's
+    architecture is not registered or that rebuild does not compute the student on ``probe`` (a
+    trace that renamed or dropped modules, a forward with hard-coded widths)."""
+    arch, args = loaded.meta.arch, loaded.meta.args
+    if arch not in arch_names():
+        return None
+    if arch == CHANNEL_ARCH:  # a channel student of a channel student: narrow the first teacher
+        arch, args = str(args.get("arch")), dict(args.get("args") or {})
+    state = student.state_dict()
+    try:
+        shapes = narrowed_shapes(build_model(arch, args), state)
+        derived_args = {"arch": arch, "args": args, "shapes": shapes}
+        rebuilt = build_model(CHANNEL_ARCH, derived_args)
+        rebuilt.load_state_dict(state, strict=True)
+        rebuilt.to(probe.device).eval()
+        with torch.no_grad():
+            expected = student(probe)
+            diff = float((rebuilt(probe) - expected).abs().max())
+    except Exception:  # any failure to rebuild means: write the .pt2 program only
+        return None
+    if not diff <= REBUILD_TOLERANCE * max(1.0, float(expected.abs().max())):
+        return None
+    return dataclasses.replace(
+        meta, arch=CHANNEL_ARCH, args=derived_args, input_shape=meta.input_shape or meta.args.get("input_shape"),
+        extra={**meta.extra, "groups": meta.args.get("groups", [])},
+    )  # fmt: skip
 
 
 def _param_text(compared: Any) -> str:

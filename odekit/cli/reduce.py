@@ -61,7 +61,8 @@ EPILOG = """Examples:
 Channel mode (docs/reduce.md): the same graph with fewer channels. Channels tied by residual
 sums or SE gates share one selection; per group, P channels are picked by maxvol on the POD basis
 of the channel vectors and a least-squares reconstruction is folded into the consumers; widths
-from --target-flops (global greedy on a held-out validation split) or --rank. Writes student.pt2.
+from --target-flops (global greedy on a held-out validation split) or --rank. Writes student.pt2
+(a torch.export program), and student.safetensors too when the teacher's architecture is registered.
 No mode writes a student with more FLOPs or parameters than the teacher.
 
 Region mode: the layer outputs z_k of layers A..B (after BN, activation and max-pool) are approximated as
@@ -213,13 +214,11 @@ def reduce_command(
     from odekit.api.compression import clipped_states, run_reduce
     from odekit.api.finetune_report import FINETUNE_PLOT
     from odekit.api.onnx_export import check_export_format
-    from odekit.api.results import model_file
     from odekit.cli.common import load_checkpoint, load_data, require_python_module
     from odekit.cli.errors import cli_text
     from odekit.methods.ron import RonSettings
     from odekit.methods.ron.settings import parse_target_flops
     from odekit.methods.training import TrainSettings
-    from odekit.models.registry import ARCHITECTURES
 
     common = CommonOptions(
         device=device, seed=seed, out=out, force=force, json=json_output, debug=debug, threads=threads
@@ -248,12 +247,12 @@ def reduce_command(
         )
         export_format = check_export_format(export)
         # claimed before any work, so a taken --out fails at once (claims are idempotent)
-        for name in ("student.safetensors", "singular_values.png", FINETUNE_PLOT, *["student.onnx"] * (export_format is not None)):
+        # (student.pt2: a teacher no registry entry rebuilds, and every channel student)
+        for name in ("student.safetensors", "student.pt2", "singular_values.png", FINETUNE_PLOT,
+                     *["student.onnx"] * (export_format is not None)):  # fmt: skip
             ctx.path(name)
         loaded = load_checkpoint(ctx, model_opts)
         require_python_module(loaded, "reduce")
-        # a teacher no registry entry rebuilds gives a self-contained .pt2 program, not safetensors
-        ctx.path(model_file("student", loaded.meta.arch in ARCHITECTURES))
         dataset = load_data(ctx, loaded, data, data_dir, prep=Preprocessing.from_options(normalize, input_shape, layout, pixel_max))
         result = run_reduce(loaded, dataset, settings, train_settings, ctx.device, latency_batch=latency_batch, seed=seed,
                             params=ctx.params, inputs=ctx.inputs, progress=ctx.progress, dist=ctx.dist,

@@ -64,7 +64,7 @@ def architecture(arch: str) -> Architecture:
     return ARCHITECTURES.get(arch)
 
 
-# Every rebuildable model type (zoo nets, ODE nets, RON students, ASNets) is registered by a
+# Every rebuildable model type (zoo nets, ODE nets, RON and channel students, ASNets) is registered by a
 # module of this package; importing them lazily keeps `odekit info` fast, and `load_model`
 # never imports `odekit.methods` (the layering contract in pyproject.toml checks it).
 _ARCH_MODULES = (
@@ -73,6 +73,7 @@ _ARCH_MODULES = (
     "odekit.models.antisym",
     "odekit.models.ron_student",
     "odekit.models.asnet",
+    "odekit.models.narrow",
 )
 _plugins_loaded = False
 

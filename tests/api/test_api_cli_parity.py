@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import odekit
 from odekit.cli.app import app
 
-VOLATILE = re.compile(r"latency|seconds|_ms|speedup|throughput|stream_rank0|path|checkpoint$|plot$|rank_device")
+VOLATILE = re.compile(r"latency|seconds|_ms|speedup|throughput|stream_rank0|path|checkpoint$|program$|plot$|rank_device")
 CKPT = "checkpoints/lenet300_digits.safetensors"
 
 

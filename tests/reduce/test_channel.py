@@ -261,6 +261,9 @@ def test_cli_channel_mode_target(tmp_path) -> None:
     )
     assert 0.97 * 0.5 <= r["student"]["flops"] / r["teacher"]["flops"] <= 0.5
     assert r["student"]["params"] < r["teacher"]["params"]
+    # a registered teacher: safetensors + metadata (odekit.load), and the self-contained program
+    assert r["student_checkpoint"] == str(out / "student.safetensors") and r["student_program"] == str(out / "student.pt2")
+    assert r["program_reload_max_abs_diff"] < 1e-5
 
 
 def test_memory_estimate_and_allocation_failures_are_one_line() -> None:
