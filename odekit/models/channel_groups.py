@@ -8,17 +8,24 @@ C channels in the producers and channel-wise ops, and folding a C x P reconstruc
 consumer's input weights, gives the same graph with a smaller width.
 
 Channels tied by residual sums or squeeze-excitation products (``x * gate``) share one
-selection: their spaces are merged into one group. A group is *blocked* (kept at full width,
-with the reason) when a channel reaches anything else: a LayerNorm, a concatenation, a reshape
-with fixed sizes, a parameter added or multiplied in, the model output.
+selection: their spaces are merged into one group. A concatenation along the channel dimension
+makes one group of its C = C1 + C2 + ... output channels; each input is a *part* (a contiguous
+channel range) whose producers and channel-wise ops keep the part of the selection in their
+range, provided the input's channels reach nothing but that one concatenation (else the
+concatenation and its inputs stay at full width: a DenseNet layer's output joins several).
+A group is *blocked* (kept at full width, with the reason) when a channel reaches anything else:
+a LayerNorm, a concatenation along another dimension, a reshape with fixed sizes, a parameter
+added or multiplied in, the model output.
 
 ``channel_groups(gm, input_shape)`` analyses a normalised GraphModule (``trace_graph``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +76,7 @@ _SUM_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _PRODUCT_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _RESHAPES = {"view", "reshape", "flatten"}
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
 @dataclass
@@ -84,6 +92,34 @@ class Consumer:
 
 
 @dataclass
+class Part:
+    """Channels [offset, offset + channels) of a concatenation's group: made by ``producers``
+    and passed through ``channelwise`` before the concatenation (they keep only their range)."""
+
+    offset: int
+    channels: int
+    producers: list[str] = field(default_factory=list)
+    channelwise: list[str] = field(default_factory=list)
+
+
+def split_width(lengths: list[int], width: int) -> list[int]:
+    """Channels kept per segment of ``lengths`` at group width ``width``: proportional (largest
+    remainder), at least one per segment and at most its length (the sum is ``width`` clamped
+    to [len(lengths), sum(lengths)])."""
+    total = sum(lengths)
+    width = min(max(width, len(lengths)), total)
+    ideal = [width * n / total for n in lengths]
+    kept = [max(1, min(n, math.floor(q))) for n, q in zip(lengths, ideal, strict=True)]
+    while sum(kept) < width:
+        i = max((i for i, n in enumerate(lengths) if kept[i] < n), key=lambda i: ideal[i] - kept[i])
+        kept[i] += 1
+    while sum(kept) > width:
+        i = min((i for i in range(len(lengths)) if kept[i] > 1), key=lambda i: ideal[i] - kept[i])
+        kept[i] -= 1
+    return kept
+
+
+@dataclass
 class ChannelGroup:
     """One set of channels sharing a selection (producers, channel-wise ops, consumers)."""
 
@@ -96,6 +132,9 @@ class ChannelGroup:
     consumers: list[Consumer] = field(default_factory=list)  # input weights folded with T
     reads: list[str] = field(default_factory=list)  # distinct tensors the consumers read
     blocked: str | None = None  # why the group stays at full width
+    # a concatenation's inputs: modules listed here (also in producers/channelwise) own a range
+    parts: list[Part] = field(default_factory=list)
+    origin: str = ""  # the node that made a group without producers (a concatenation)
 
     @property
     def reducible(self) -> bool:
@@ -103,14 +142,40 @@ class ChannelGroup:
 
     @property
     def name(self) -> str:
-        return self.producers[0] if self.producers else f"group{self.index}"
+        return self.producers[0] if self.producers else (self.origin or f"group{self.index}")
+
+    def span(self, module: str) -> tuple[int, int]:
+        """(offset, channels) of the range ``module`` makes or passes: its part's, else all C."""
+        for part in self.parts:
+            if module in part.producers or module in part.channelwise:
+                return part.offset, part.channels
+        return 0, self.channels
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """[start, stop) ranges between every part boundary (one segment without parts)."""
+        cuts = {0, self.channels}
+        for part in self.parts:
+            cuts |= {part.offset, part.offset + part.channels}
+        edges = sorted(cuts)
+        return list(itertools.pairwise(edges))
+
+    def segment_widths(self, width: int) -> list[int]:
+        """Channels a selection of ``width`` keeps in each segment (`split_width`): every part
+        keeps at least one channel, so a concatenation's group keeps at least one per segment."""
+        return split_width([b - a for a, b in self.segments], width)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "index": self.index, "name": self.name, "channels": self.channels, "producers": self.producers,
             "channelwise": self.channelwise, "consumers": [c.module for c in self.consumers],
             "reducible": self.reducible, "blocked": self.blocked,
         }  # fmt: skip
+        if self.parts:
+            out["parts"] = [
+                {"offset": p.offset, "channels": p.channels, "producers": p.producers} for p in self.parts
+            ]
+        return out
 
 
 @dataclass
@@ -121,6 +186,8 @@ class _Space:
     channelwise: list[str] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     blocked: str | None = None
+    parts: list[tuple[int, int, str]] = field(default_factory=list)  # (space, offset, concat label)
+    origin: str = ""
 
 
 @dataclass
@@ -172,6 +239,7 @@ class _Analysis:
         sa.producers += sb.producers
         sa.channelwise += sb.channelwise
         sa.consumers += sb.consumers
+        sa.parts += sb.parts
         sa.blocked = sa.blocked or sb.blocked
         if sa.channels != sb.channels:
             sa.blocked = sa.blocked or "tied channel counts differ"
@@ -270,6 +338,8 @@ def _visit(an: _Analysis, node: fx.Node) -> None:
         _visit_compute(an, node, module, inputs)
         return
     if not inputs:
+        return
+    if _is_cat(node) and _visit_cat(an, node, inputs):
         return
     first = inputs[0]
     where = an.at[first]
@@ -411,30 +481,120 @@ def _visit_compute(an: _Analysis, node: fx.Node, module: nn.Module, inputs: list
     an.at[node] = _Where(an.new(module.out_features, name), len(out_shape) - 1, len(out_shape))
 
 
+def _is_cat(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.overloadpacket.__name__ in ("cat", "concat")
+    return node.target in _CAT_FUNCTIONS
+
+
+def _visit_cat(an: _Analysis, node: fx.Node, inputs: list[fx.Node]) -> bool:
+    """A concatenation along the channel dimension: a new space of C1 + C2 + ... channels whose
+    parts are the inputs' spaces (resolved in `_link_parts`). False for another dimension."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, list | tuple) or not isinstance(dim, int) or node not in an.shapes:
+        return False
+    ndim = len(an.shapes[node])
+    dim %= ndim
+    label = _label(node, an.mods)
+    if not all(isinstance(t, fx.Node) and t in an.at for t in tensors):
+        for t in inputs:
+            an.block(t, f"it is concatenated with channels of fixed width at {label}")
+        return True
+    wheres = [an.at[t] for t in tensors]
+    if any(w.cdim != dim or w.block != 1 or w.ndim != ndim for w in wheres):
+        return False
+    space = len(an.spaces)
+    an.spaces.append(_Space(an.shapes[node][dim], space, origin=node.name))
+    offset = 0
+    for t, w in zip(tensors, wheres, strict=True):
+        an.spaces[space].parts.append((w.space, offset, label))
+        offset += an.shapes[t][dim]
+    an.at[node] = _Where(space, dim, ndim)
+    return True
+
+
+def _space_name(sp: _Space) -> str:
+    return sp.producers[0] if sp.producers else sp.origin
+
+
+def _link_parts(an: _Analysis, roots: list[int]) -> list[tuple[int, int, int, str]]:
+    """Every (concatenation, input, offset, label) between root spaces. An input that anything
+    else reads (a layer, another concatenation: DenseNet) blocks both; blocking then spreads
+    along the links (a part at full width fixes its concatenation's channels and vice versa)."""
+    links = [(r, an.root(q), off, label) for r in roots for q, off, label in an.spaces[r].parts]
+    uses = Counter(q for _, q, _, _ in links)
+    for r, q, _, label in links:
+        sr, sq = an.spaces[r], an.spaces[q]
+        if q == r:
+            sr.blocked = sr.blocked or f"{label} joins channels tied to its own output"
+        elif uses[q] > 1:
+            sq.blocked = sq.blocked or f"it reaches {label} and other concatenations"
+            sr.blocked = sr.blocked or (
+                f"{label} joins '{_space_name(sq)}', which other concatenations join too "
+                "(each would need its own selection)"
+            )
+        elif sq.consumers:
+            reader = sq.consumers[0].module
+            sq.blocked = sq.blocked or f"it reaches {label} and '{reader}' reads it too"
+            sr.blocked = sr.blocked or f"{label} joins '{_space_name(sq)}', which '{reader}' reads too"
+    changed = True
+    while changed:
+        changed = False
+        for r, q, _, label in links:
+            sr, sq = an.spaces[r], an.spaces[q]
+            if sq.blocked and not sr.blocked:
+                sr.blocked = f"its part '{_space_name(sq)}' ({label}) stays at full width: {sq.blocked}"
+                changed = True
+            if sr.blocked and not sq.blocked:
+                sq.blocked = f"it reaches {label}, which stays at full width"
+                changed = True
+    return links
+
+
+def _parts(an: _Analysis, links: list[tuple[int, int, int, str]], r: int, base: int) -> list[Part]:
+    """The parts of concatenation space ``r`` (nested concatenations flattened), offsets from ``base``."""
+    out: list[Part] = []
+    for rr, q, off, _ in links:
+        if rr != r:
+            continue
+        sq = an.spaces[q]
+        if sq.producers or sq.channelwise:
+            out.append(Part(base + off, sq.channels, list(dict.fromkeys(sq.producers)),
+                            list(dict.fromkeys(sq.channelwise))))  # fmt: skip
+        out += _parts(an, links, q, base + off)
+    return out
+
+
 def _collect(an: _Analysis) -> list[ChannelGroup]:
     order = {n.name: i for i, n in enumerate(an.gm.graph.nodes)}
-    groups: list[ChannelGroup] = []
-    for i, sp in enumerate(an.spaces):
-        if an.root(i) != i:
+    module_order: dict[str, int] = {}
+    for n in an.gm.graph.nodes:
+        if n.op == "call_module":
+            module_order.setdefault(str(n.target), order[n.name])
+    roots = [i for i in range(len(an.spaces)) if an.root(i) == i]
+    links = _link_parts(an, roots)
+    absorbed = {q for _, q, _, _ in links if an.spaces[q].blocked is None}
+    keyed: list[tuple[int, ChannelGroup]] = []
+    for i in roots:
+        if i in absorbed:
             continue
+        sp = an.spaces[i]
+        parts = _parts(an, links, i, 0) if sp.blocked is None else []
         reads = sorted({c.read for c in sp.consumers}, key=order.__getitem__)
         blocked = sp.blocked
         if blocked is None and not sp.consumers:
             blocked = "no layer reads it"
-        groups.append(
-            ChannelGroup(
-                0,
-                sp.channels,
-                list(dict.fromkeys(sp.producers)),
-                list(dict.fromkeys(sp.channelwise)),
-                sp.consumers,
-                reads,
-                blocked,
-            )
-        )
-    first = {g.name: min(order[n.name] for n in an.gm.graph.nodes if n.op == "call_module" and str(n.target) in g.producers)
-             for g in groups}  # fmt: skip
-    groups.sort(key=lambda g: first[g.name])
+        producers = list(dict.fromkeys([*sp.producers, *(p for part in parts for p in part.producers)]))
+        channelwise = list(dict.fromkeys([*sp.channelwise, *(m for part in parts for m in part.channelwise)]))
+        group = ChannelGroup(0, sp.channels, producers, channelwise, sp.consumers, reads, blocked,
+                             parts, sp.origin)  # fmt: skip
+        key = min((module_order[p] for p in producers), default=order.get(sp.origin, len(order)))
+        keyed.append((key, group))
+    keyed.sort(key=lambda kg: kg[0])
+    groups = [g for _, g in keyed]
     for i, g in enumerate(groups):
         g.index = i
     return groups

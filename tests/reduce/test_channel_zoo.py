@@ -22,10 +22,14 @@ def _model(name: str) -> torch.nn.Module:
         return torchvision.models.VisionTransformer(
             image_size=32, patch_size=4, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=256, num_classes=10
         )
+    if name == "googlenet":  # Inception concatenations: one group each, a part per branch
+        return torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=True)
     return getattr(torchvision.models, name)(num_classes=10)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "vit", "convnext_atto"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", "efficientnet_b0", "vit", "convnext_atto", "googlenet"]
+)
 def test_half_the_flops_gives_a_plain_smaller_module(name: str) -> None:
     torch.manual_seed(0)
     model = _model(name).eval()
@@ -40,3 +44,15 @@ def test_half_the_flops_gives_a_plain_smaller_module(name: str) -> None:
     program = torch.export.export(built.student, (torch.zeros(2, *SHAPE),))
     with torch.no_grad():
         assert torch.allclose(program.module()(x[:2]), built.student(x[:2]), atol=1e-4)
+
+
+def test_densenet_concatenations_stay_blocked_bottlenecks_reduce() -> None:
+    """DenseNet: a layer's output joins every later concatenation (one selection each would be
+    needed), so the concatenations stay at full width; the 1x1 -> 3x3 bottlenecks reduce."""
+    from odekit.methods.ron.channel import plan_channels
+
+    torch.manual_seed(0)
+    plan = plan_channels(_model("densenet121").eval(), SHAPE)
+    assert len(plan.reducible) == 58 and not any(g.parts for g in plan.reducible)
+    cats = [g for g in plan.groups if not g.producers]
+    assert len(cats) == 62 and all("other concatenations join too" in (g.blocked or "") for g in cats)

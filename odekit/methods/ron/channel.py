@@ -35,7 +35,9 @@ from odekit.methods.ron.channel_ops import (
     apply_selection,
     batches,
     channel_rows,
+    pick_by_segment,
     read_dims,
+    top_by_segment,
 )
 from odekit.methods.ron.settings import RonSettings
 from odekit.models.channel_groups import ChannelGroup, channel_groups
@@ -159,13 +161,23 @@ def select_channels(
     selection: str,
     producer_weights: Tensor | None = None,
     basis: Tensor | None = None,
+    group: ChannelGroup | None = None,
 ) -> Tensor:
     """``width`` channels: maxvol rows of the top-``width`` POD basis (``basis``: the eigenvectors
     of ``tt`` when already computed), or the largest L1 norms of the producers' weights (``l1``,
-    the pruning peers' pick). Sorted indices."""
+    the pruning peers' pick). Sorted indices. A concatenation's ``group`` keeps
+    `ChannelGroup.segment_widths` channels in each of its segments (at least one per part), so
+    the cost model predicts the student's FLOPs from ``width`` alone."""
     c = tt.shape[0]
     if width >= c:
         return torch.arange(c)
+    if group is not None and group.parts:
+        segments, quotas = group.segments, group.segment_widths(width)
+        if selection == "l1":
+            assert producer_weights is not None
+            return top_by_segment(producer_weights, segments, quotas)
+        v = pod_basis(tt)[1] if basis is None else basis
+        return pick_by_segment(v[:, : sum(quotas)], segments, quotas).cpu()
     if selection == "l1":
         assert producer_weights is not None
         return torch.topk(producer_weights, width).indices.sort().values.cpu()
@@ -196,7 +208,8 @@ def producer_l1(gm: fx.GraphModule, group: ChannelGroup) -> Tensor:
     total = torch.zeros(group.channels, dtype=torch.float64)
     for name in group.producers:
         w = mods[name].weight.detach()  # type: ignore[union-attr]
-        total += w.reshape(w.shape[0], -1).abs().sum(1).double().cpu()
+        lo, n = group.span(name)  # a concatenation's part makes channels [lo, lo + n)
+        total[lo : lo + n] += w.reshape(w.shape[0], -1).abs().sum(1).double().cpu()
     return total
 
 
@@ -258,7 +271,7 @@ def reduce_channels(
         if width >= group.channels and widths is None:
             continue
         l1 = producer_l1(student, group) if selection == "l1" else None
-        keep = select_channels(tt, width, selection, l1, basis)
+        keep = select_channels(tt, width, selection, l1, basis, group)
         maps = {r: reconstruction(g, keep, settings.reconstruct, basis) for r, g in grams.items()}
         apply_selection(student, group, keep, maps)
     if recalibrate:

@@ -39,7 +39,7 @@ from odekit.methods.ron.channel_ops import (
     channel_rows,
     read_dims,
 )
-from odekit.models.channel_groups import ChannelGroup
+from odekit.models.channel_groups import ChannelGroup, split_width
 from odekit.models.layers import layer_flops, total_flops
 
 PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
@@ -56,25 +56,70 @@ class CostModel:
     base_params: float
     terms: list[
         tuple[float, float, int | None, int | None]
-    ]  # (flops, params, input group, output group)
+    ]  # (flops, params, input slot, output slot)
     channels: dict[int, int]
+    # slot -> (group, first segment, end segment, channels): a whole group or a concatenation's part
+    slots: list[tuple[int, int, int, int]] = field(default_factory=list)
+    segments: dict[int, list[int]] = field(default_factory=dict)  # group -> segment lengths
 
     def cost(self, widths: dict[int, int]) -> tuple[float, float]:
+        kept = self._kept(widths)
         flops, params = self.base_flops, self.base_params
-        for f, p, gin, gout in self.terms:
+        for f, p, sin, sout in self.terms:
             scale = 1.0
-            if gin is not None:
-                scale *= widths.get(gin, self.channels[gin]) / self.channels[gin]
-            if gout is not None:
-                scale *= widths.get(gout, self.channels[gout]) / self.channels[gout]
+            if sin is not None:
+                scale *= kept[sin]
+            if sout is not None:
+                scale *= kept[sout]
             flops += f * scale
             params += p * scale
         return flops, params
 
+    def _kept(self, widths: dict[int, int]) -> list[float]:
+        """The kept fraction of every slot (a part keeps `split_width`'s share of its segments)."""
+        split: dict[int, list[int]] = {}
+        out: list[float] = []
+        for g, first, end, n in self.slots:
+            w = widths.get(g, self.channels[g])
+            lengths = self.segments.get(g)
+            if lengths is None or w >= self.channels[g]:
+                out.append(min(w, n) / n)
+                continue
+            if g not in split:
+                split[g] = split_width(lengths, w)
+            out.append(sum(split[g][first:end]) / n)
+        return out
+
+
+def _slots(plan: ChannelPlan) -> tuple[dict[str, int], dict[str, int], CostModel]:
+    """Input and output slots of every module a reducible group resizes, and an empty model."""
+    model = CostModel(0.0, 0.0, [], {g.index: g.channels for g in plan.groups})
+    index: dict[tuple[int, int, int], int] = {}
+
+    def slot(g: ChannelGroup, lo: int, n: int) -> int:
+        starts = [a for a, _ in g.segments]
+        key = (g.index, starts.index(lo), starts.index(lo) + sum(1 for a in starts if lo <= a < lo + n))
+        if key not in index:
+            index[key] = len(model.slots)
+            model.slots.append((*key, n))
+        return index[key]
+
+    gin, gout = {}, {}
+    for g in plan.reducible:
+        if g.parts:
+            model.segments[g.index] = [b - a for a, b in g.segments]
+        for c in g.consumers:
+            gin[c.module] = slot(g, 0, g.channels)
+        for name in (*g.producers, *g.channelwise):
+            gout[name] = slot(g, *g.span(name))
+    return gin, gout, model
+
 
 def cost_model(plan: ChannelPlan) -> CostModel:
     """The exact FLOPs/params of ``plan.gm`` for any widths (one probe pass: hooks read each
-    layer's FLOPs while `total_flops` counts every FLOP the layer table counts)."""
+    layer's FLOPs while `total_flops` counts every FLOP the layer table counts). A conv or linear
+    scales with the kept fraction of its input and output channels (a concatenation's part with
+    its own share, `ChannelGroup.segment_widths`)."""
     gm = plan.gm
     flops: dict[str, float] = {}
     hooks = []
@@ -90,12 +135,8 @@ def cost_model(plan: ChannelPlan) -> CostModel:
     finally:
         for h in hooks:
             h.remove()
-    gin = {c.module: g.index for g in plan.reducible for c in g.consumers}
-    gout = {name: g.index for g in plan.reducible for name in (*g.producers, *g.channelwise)}
-    mods = dict(gm.named_modules())
-    terms: list[tuple[float, float, int | None, int | None]] = []
-    fixed_params = 0.0
-    for name, m in mods.items():
+    gin, gout, model = _slots(plan)
+    for name, m in gm.named_modules():
         own = {k: p.numel() for k, p in m.named_parameters(recurse=False)}
         if name in gin or name in gout:
             # the weight scales with its input and output widths, a bias or BN scale with the output only
@@ -104,14 +145,13 @@ def cost_model(plan: ChannelPlan) -> CostModel:
                 if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
                 else 0.0
             )
-            terms.append((flops.get(name, 0.0), weight, gin.get(name), gout.get(name)))
+            model.terms.append((flops.get(name, 0.0), weight, gin.get(name), gout.get(name)))
             if own:
-                terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
+                model.terms.append((0.0, float(sum(own.values())), None, gout.get(name)))
         else:
-            fixed_params += sum(own.values())
-    counted = sum(t[0] for t in terms)
-    channels = {g.index: g.channels for g in plan.groups}
-    return CostModel(total - counted, fixed_params, terms, channels)
+            model.base_params += sum(own.values())
+    model.base_flops = total - sum(t[0] for t in model.terms)
+    return model
 
 
 @dataclass
@@ -201,7 +241,7 @@ def _probe_curve(
         width = max(1, round(frac * g.channels))
         if width >= points[-1][0]:
             continue
-        keep = select_channels(tt, width, "maxvol", basis=basis)
+        keep = select_channels(tt, width, "maxvol", basis=basis, group=g)
         maps = {r: reconstruction(ReadGrams(m, m, m), keep, "lsq") for r, m in grams.items()}
         saved = {n: gm.get_submodule(n) for n in set(changed_modules(g))}
         for n, module in saved.items():

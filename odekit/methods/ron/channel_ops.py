@@ -224,13 +224,48 @@ def apply_selection(
     gm: fx.GraphModule, group: ChannelGroup, keep: Tensor, maps: dict[str, Tensor]
 ) -> None:
     """Shrink ``group`` to the channels ``keep`` in ``gm``; ``maps[read]`` (C x P) is folded into
-    every consumer reading ``read``."""
+    every consumer reading ``read``. A concatenation's part keeps the channels of ``keep`` in
+    its range (shifted to it), and must keep at least one."""
     mods = dict(gm.named_modules())
     keep = keep.to(torch.long)
     for name in (*group.producers, *group.channelwise):
-        keep_outputs(mods[name], keep)
+        lo, n = group.span(name)
+        own = keep[(keep >= lo) & (keep < lo + n)] - lo
+        if own.numel() == 0:
+            raise ValueError(
+                f"`keep` drops every channel of '{name}' (channels {lo}-{lo + n - 1} of group "
+                f"'{group.name}'): keep at least one channel of every concatenated part"
+            )
+        keep_outputs(mods[name], own)
     for consumer in group.consumers:
         fold_inputs(mods[consumer.module], maps[consumer.read], consumer.block)
+
+
+def pick_by_segment(basis: Tensor, segments: list[tuple[int, int]], quotas: list[int]) -> Tensor:
+    """``sum(quotas)`` rows of ``basis`` (C x P), ``quotas[i]`` of them in ``segments[i]``:
+    greedy pivoted Gram-Schmidt (each step takes the row with the largest residual norm among
+    the segments with quota left and projects it out, the DEIM pick). Sorted indices."""
+    r = basis.detach().clone().double()
+    seg = torch.empty(r.shape[0], dtype=torch.long)
+    for i, (a, b) in enumerate(segments):
+        seg[a:b] = i
+    left = torch.tensor(quotas, dtype=torch.long)
+    taken = torch.zeros(r.shape[0], dtype=torch.bool)
+    for _ in range(sum(quotas)):
+        norms = r.pow(2).sum(1).cpu()
+        norms[taken | (left[seg] <= 0)] = -1.0
+        i = int(norms.argmax())
+        taken[i] = True
+        left[seg[i]] -= 1
+        q = r[i] / r[i].norm().clamp_min(1e-300)
+        r -= torch.outer(r @ q, q)
+    return torch.nonzero(taken).flatten()
+
+
+def top_by_segment(scores: Tensor, segments: list[tuple[int, int]], quotas: list[int]) -> Tensor:
+    """The ``quotas[i]`` largest ``scores`` in each segment. Sorted indices."""
+    picks = [a + torch.topk(scores[a:b], k).indices for (a, b), k in zip(segments, quotas, strict=True)]
+    return torch.cat(picks).sort().values.cpu()
 
 
 def read_dims(group: ChannelGroup) -> dict[str, int]:
