@@ -7,8 +7,9 @@ Teachers are trained briefly on digits at 3x32x32 (ResNet-20: the shipped 1x32x3
 and cached under odekit-runs/compression_peers/. At every FLOPs budget, in one process, on the
 same images:
 
-* ``odekit``: ``reduce --mode channel --target-flops 1/B`` (global greedy widths, maxvol pick,
-  least-squares reconstruction to the teacher, BatchNorm recalibrated);
+* ``odekit``: ``reduce --mode channel --target-flops 1/B`` (the global greedy and the uniform
+  widths, the one with the lower validation KL kept; maxvol pick, least-squares reconstruction
+  to the teacher, BatchNorm recalibrated);
 * ``odekit-l1pick``: odekit's widths, channels picked by L1 norm instead of maxvol;
 * ``thinet``: uniform widths, L1 pick, the same layer-wise least-squares reconstruction;
 * ``tp-l1-global`` / ``tp-l1-uniform``: Torch-Pruning magnitude (L1) pruning + recalibration;
@@ -44,8 +45,8 @@ from odekit.io.datasets import Dataset, load_dataset
 from odekit.methods.batchnorm import recalibrate_batchnorm
 from odekit.methods.evaluation import accuracy, agreement, compare_latency, model_cost
 from odekit.methods.ron.channel import plan_channels, reduce_channels
-from odekit.methods.ron.channel_budget import allocate, cost_model, measure_sensitivity
-from odekit.methods.ron.channel_build import holdout
+from odekit.methods.ron.channel_budget import cost_model, measure_sensitivity
+from odekit.methods.ron.channel_build import build_within_budget, holdout
 from odekit.methods.ron.settings import RonSettings
 from odekit.methods.training import TrainSettings, train_classifier
 
@@ -275,8 +276,11 @@ def odekit_students(
     budget: float,
     plan_cache: dict[str, Any],
     samples: int,
+    methods: set[str],
 ) -> dict[str, tuple[nn.Module, float]]:
-    """odekit (maxvol), odekit's widths with an L1 pick, and the uniform-width ThiNet-style peer."""
+    """odekit (what `reduce --mode channel --target-flops` runs: the better of the greedy and the
+    uniform widths on the validation split), odekit's widths with an L1 pick, and the
+    uniform-width ThiNet-style peer (L1 pick, the same least-squares reconstruction)."""
     settings = RonSettings(mode="channel", target_flops=1.0 / budget, samples=samples)
     fit, val = holdout(data.train, settings, 0)
     start = time.perf_counter()
@@ -290,28 +294,27 @@ def odekit_students(
         plan_cache["sens_seconds"] = time.perf_counter() - start
     plan, model = plan_cache["plan"], plan_cache["model"]
     start = time.perf_counter()
-    alloc = allocate(plan, model, plan_cache["sens"], 1.0 / budget)
-    ours = reduce_channels(plan, fit.x, settings, CPU, alloc.widths).student
-    ours_s = time.perf_counter() - start + plan_cache["sens_seconds"]
-    start = time.perf_counter()
-    l1 = reduce_channels(plan, fit.x, settings, CPU, alloc.widths, selection="l1").student
-    l1_s = time.perf_counter() - start + plan_cache["sens_seconds"]
-    start = time.perf_counter()
-    target = model.cost({g.index: g.channels for g in plan.reducible})[0] / budget
+    built, alloc = build_within_budget(plan, model, plan_cache["sens"], fit, val, settings, CPU)
+    out = {"odekit": (built.student, time.perf_counter() - start + plan_cache["sens_seconds"])}
+    plan_cache["candidates"] = built.budget.get("candidates")
+    if "odekit-l1pick" in methods:
+        start = time.perf_counter()
+        l1 = reduce_channels(plan, fit.x, settings, CPU, alloc.widths, selection="l1").student
+        out["odekit-l1pick"] = (l1, time.perf_counter() - start + plan_cache["sens_seconds"])
+    if "thinet" in methods:
+        start = time.perf_counter()
+        target = model.cost({g.index: g.channels for g in plan.reducible})[0] / budget
 
-    def uniform(frac: float) -> dict[int, int]:
-        return {g.index: max(1, round(frac * g.channels)) for g in plan.reducible}
+        def uniform(frac: float) -> dict[int, int]:
+            return {g.index: max(1, round(frac * g.channels)) for g in plan.reducible}
 
-    lo, hi = 0.0, 1.0
-    for _ in range(30):  # the predicted FLOPs are exact: bisect them, build once
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if model.cost(uniform(mid))[0] < target else (lo, mid)
-    thinet = reduce_channels(plan, fit.x, settings, CPU, uniform(hi), selection="l1").student
-    return {
-        "odekit": (ours, ours_s),
-        "odekit-l1pick": (l1, l1_s),
-        "thinet": (thinet, time.perf_counter() - start),
-    }
+        lo, hi = 0.0, 1.0
+        for _ in range(30):  # the predicted FLOPs are exact: bisect them, build once
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if model.cost(uniform(mid))[0] < target else (lo, mid)
+        thinet = reduce_channels(plan, fit.x, settings, CPU, uniform(hi), selection="l1").student
+        out["thinet"] = (thinet, time.perf_counter() - start)
+    return out
 
 
 def peer_students(
@@ -392,6 +395,7 @@ def main() -> None:
                 budget,
                 cache,
                 args.fit_samples or (256 if args.quick else 512),
+                methods,
             )
             target = model_cost(students["odekit"][0], shape).flops
             students.update(peer_students(teacher_m, data, shape, target, methods))
@@ -399,6 +403,8 @@ def main() -> None:
                 if method not in methods:
                     continue
                 record = {"model": name, "budget": budget, "method": method, "teacher_accuracy": t_acc,
+                          "threads": torch.get_num_threads(),
+                          "candidates": cache.get("candidates") if method == "odekit" else None,
                           "teacher_flops": t_flops, "quick": args.quick, "compress_seconds": seconds,
                           "no_finetune": measure(teacher_m, student, data, shape, args.repeats)}  # fmt: skip
                 if args.finetune:
