@@ -128,6 +128,11 @@ def _warn_assumed(ctx: CommandContext, loaded: LoadedModel, dataset: Dataset, *,
     )
 
 
+def _fixed_batch(message: str) -> bool:
+    """torch.export's guard on a program exported for one batch size (e.g. 'x.size()[0] == 1')."""
+    return "Guard failed" in message and ".size()[0] ==" in message
+
+
 def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torch.device) -> None:
     """Run two test samples through a model without metadata: a clear error beats a failure deep in a method."""
     sample = dataset.test.x[:2].to(device)
@@ -141,6 +146,9 @@ def _probe(loaded: LoadedModel, dataset: Dataset, data: str | None, device: torc
             if data
             else "pass --data with the data it was trained on (PATH.npz, or cifar10 --data-dir DIR, ...)"
         )
+        if _fixed_batch(first):
+            hint = ("the .pt2 program was exported for one batch size: export it again with a dynamic batch "
+                    "dimension (torch.export.export(..., dynamic_shapes=({0: torch.export.Dim('batch')},)))")  # fmt: skip
         what = (
             f"the model does not accept {dataset.name} inputs of shape {_shape(dataset.input_shape)}"
             if data

@@ -34,6 +34,7 @@ from odekit.methods.ron.channel_ops import (
     Cut,
     PrefixRunner,
     ReadGrams,
+    add_gram,
     apply_selection,
     batches,
     channel_rows,
@@ -178,13 +179,22 @@ def teacher_grams(
     runner = PrefixRunner(plan.gm.to(device).eval())
     reads = {r: (g.index, d) for g in plan.reducible for r, d in read_dims(g).items()}
     grams: dict[int, dict[str, Tensor]] = {g.index: {} for g in plan.reducible}
+    for r, (gi, _) in reads.items():
+        c = _group(plan, gi).channels
+        grams[gi][r] = torch.zeros(c, c, dtype=torch.float64, device=device)
+
+    def visit(name: str, value: Tensor) -> None:  # one read at a time, as the pass reaches it
+        gi, d = reads[name]
+        rows = channel_rows(value, d)
+        add_gram(grams[gi][name], rows, rows)
+
     for xb in batches(x, batch_size, device):
-        vals = runner.values(xb, list(reads))
-        for r, (gi, d) in reads.items():
-            rows = channel_rows(vals[r], d).double()
-            acc = grams[gi].get(r)
-            grams[gi][r] = rows.T @ rows if acc is None else acc + rows.T @ rows
+        runner.resume(Cut(0, {}, xb), list(reads), visit=visit)
     return grams
+
+
+def _group(plan: ChannelPlan, index: int) -> ChannelGroup:
+    return next(g for g in plan.groups if g.index == index)
 
 
 def _mean_kl(runner: PrefixRunner, cuts: list[Cut], teacher_logp: Tensor) -> float:

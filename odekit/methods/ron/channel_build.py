@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,7 +11,13 @@ from torch import nn
 
 from odekit.io.datasets import Split
 from odekit.methods.evaluation import accuracy
-from odekit.methods.ron.channel import ChannelPlan, ChannelResult, plan_channels, reduce_channels
+from odekit.methods.ron.channel import (
+    ChannelPlan,
+    ChannelResult,
+    changed_modules,
+    plan_channels,
+    reduce_channels,
+)
 from odekit.methods.ron.channel_budget import (
     Allocation,
     CostModel,
@@ -20,6 +27,7 @@ from odekit.methods.ron.channel_budget import (
     measure_sensitivity,
     uniform_allocation,
 )
+from odekit.methods.ron.channel_ops import PrefixRunner
 from odekit.methods.ron.memory import available_bytes, check_memory
 from odekit.methods.ron.settings import RonSettings
 from odekit.progress import Progress
@@ -29,6 +37,7 @@ CHANNEL_FIT_SAMPLES = (
 )
 VAL_FRACTION = 0.1
 VAL_LIMITS = (64, 512)
+LIVE_BATCH_BYTES = 2**30  # activations of one streamed batch (224 x 224 ResNet-50: 41 images)
 RESUME_SHARE = 0.5  # resume at cuts while their values take under half the free memory
 MAX_DROP_BUILDS = 5  # students built while bisecting the greedy path for --max-drop
 
@@ -60,9 +69,21 @@ def estimate_bytes(plan: ChannelPlan, settings: RonSettings, samples: int) -> fl
 
 def cut_bytes(plan: ChannelPlan, samples: int) -> float:
     """Memory of resuming runs at cuts: teacher and student keep every fitting image's live
-    values before the next group (at most about two activations each)."""
+    values before the next group (measured on one image at every group's start; the student's
+    are no larger than the teacher's)."""
+    runner = PrefixRunner(plan.gm)
+    param = next(plan.gm.parameters())
+    one = torch.zeros(1, *plan.input_shape, dtype=param.dtype, device=param.device)
+    starts = [runner.start_of(changed_modules(g)) for g in plan.reducible]
+    return float(2 * samples * runner.cut_bytes(one, starts))
+
+
+def stream_batch_size(plan: ChannelPlan, settings: RonSettings) -> int:
+    """``settings.batch_size``, lowered so that one batch's live activations (about eight of the
+    largest, float32 and float64 copies included) stay within `LIVE_BATCH_BYTES`."""
     itemsize = next(plan.gm.parameters()).element_size()
-    return float(2 * 2 * samples * _largest_activation(plan) * itemsize)
+    per_sample = 8 * _largest_activation(plan) * itemsize
+    return max(1, min(settings.batch_size, LIVE_BATCH_BYTES // per_sample))
 
 
 def _largest_activation(plan: ChannelPlan) -> int:
@@ -91,6 +112,7 @@ def build_channel_student(
     """The channel student: widths from ``--target-flops``/``--max-drop`` (global greedy on the
     validation split) or from the rank rule per group."""
     plan = plan_channels(teacher, tuple(input_shape), settings.layers)
+    settings = dataclasses.replace(settings, batch_size=stream_batch_size(plan, settings))
     check_memory(
         estimate_bytes(plan, settings, len(fit)), "the channel reduction",
         "lower `batch_size` (activations) or reduce fewer groups (`layers`)", device,

@@ -4,7 +4,7 @@ matrices, keep channels in producers and channel-wise layers, fold a reconstruct
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,20 @@ class PrefixRunner:
                         first.setdefault(name, i)
         return min(first.values()) if len(first) == len(names) else 0
 
+    @torch.no_grad()
+    def cut_bytes(self, x: Tensor, positions: Iterable[int]) -> int:
+        """The largest memory of the live values at any of ``positions`` for the batch ``x``."""
+        at = set(positions)
+        largest = 0
+        cut = Cut(0, {}, x)
+        for i in sorted(at):
+            kept = self.resume(cut, [], i)[1]
+            assert kept is not None
+            largest = max(largest, sum(v.numel() * v.element_size() for v in kept.env.values()
+                                       if isinstance(v, Tensor)))  # fmt: skip
+            cut = kept
+        return largest
+
     @staticmethod
     def entry(x: Tensor) -> Cut:
         return Cut(0, {}, x)
@@ -92,10 +106,15 @@ class PrefixRunner:
 
     @torch.no_grad()
     def resume(
-        self, cut: Cut, wanted: list[str], stop_at: int | None = None
+        self,
+        cut: Cut,
+        wanted: list[str],
+        stop_at: int | None = None,
+        visit: Callable[[str, Tensor], None] | None = None,
     ) -> tuple[dict[str, Tensor], Cut | None]:
         """The ``wanted`` nodes' values, running from ``cut``; with ``stop_at`` (>= cut.at) also
-        the cut before node ``stop_at``."""
+        the cut before node ``stop_at``. With ``visit``, each wanted value is handed to it when
+        computed instead of being kept (the peak then holds one of them, not all)."""
         todo = set(wanted)
         found: dict[str, Tensor] = {}
         env = dict(cut.env)
@@ -113,7 +132,10 @@ class PrefixRunner:
             )
             if node.name in todo:
                 todo.discard(node.name)
-                found[node.name] = self._keep(node, env[node])  # type: ignore[assignment]
+                if visit is not None:
+                    visit(node.name, env[node])  # type: ignore[arg-type]
+                else:
+                    found[node.name] = self._keep(node, env[node])  # type: ignore[assignment]
             for inp in node.all_input_nodes:
                 if self.last_use[inp] <= i and inp.name not in todo:
                     env.pop(inp, None)
@@ -155,11 +177,22 @@ class ReadGrams:
         return cls(z.clone(), z.clone(), z.clone())
 
     def update(self, student: Tensor, teacher: Tensor) -> None:
-        s, t = student.double(), teacher.double()
-        self.ss += s.T @ s
-        self.st += s.T @ t
-        self.tt += t.T @ t
-        self.rows += int(s.shape[0])
+        add_gram(self.ss, student, student)
+        add_gram(self.st, student, teacher)
+        add_gram(self.tt, teacher, teacher)
+        self.rows += int(student.shape[0])
+
+
+GRAM_CHUNK_ROWS = 1 << 15  # float64 copies of at most this many channel vectors at a time
+
+
+def add_gram(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a^T b`` in float64, a block of rows at a time (a 224 x 224 batch's rows in float64
+    would be gigabytes)."""
+    for start in range(0, a.shape[0], GRAM_CHUNK_ROWS):
+        stop = start + GRAM_CHUNK_ROWS
+        ab = a[start:stop].double()
+        acc += ab.T @ (ab if b is a else b[start:stop].double())
 
 
 def batches(x: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
