@@ -49,6 +49,7 @@ def channel_report(
         "groups": [g.to_dict() for g in result.groups],
         "budget": result.budget,
         "samples": result.n_samples,
+        "distributed": result.distributed,
     }
     reduced = sum(g.width < g.channels for g in result.groups)
     headline = [

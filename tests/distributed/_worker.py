@@ -3,7 +3,8 @@
 ``python _worker.py <scenario> <out_dir>``; rank 0 writes ``<out_dir>/result.pt``.
 Scenarios: ``merge`` (sketch merge, least squares, PCE fit, broadcasts), ``fault`` (rank 1
 fails while rank 0 waits in a collective), ``crash`` (rank 1 dies without a word), ``attack``
-(active-subspace and random universal attacks on lenet300_digits).
+(active-subspace and random universal attacks on lenet300_digits), ``channel`` (``reduce --mode
+channel`` on a small conv net with BatchNorms; every rank writes ``result-<rank>.pt``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,59 @@ def ron(dist, out: Path) -> None:
         )
 
 
+CHANNEL_SHAPE, CHANNEL_FIT, CHANNEL_VAL, CHANNEL_BATCH = (3, 8, 8), 96, 40, 24
+
+
+def channel_net() -> torch.nn.Module:
+    """Conv/BN/ReLU x 2, max-pool, flatten, linear: seeded, BatchNorm statistics from a few batches."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 16, 5),
+    )  # fmt: skip
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(32, *CHANNEL_SHAPE, generator=gen))
+    return net.eval()
+
+
+def channel_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Fitting and validation images (the same on every rank) and a test probe."""
+    x = torch.randn(CHANNEL_FIT + CHANNEL_VAL + 16, *CHANNEL_SHAPE, generator=torch.Generator().manual_seed(2))
+    return x[: CHANNEL_FIT + CHANNEL_VAL], x[CHANNEL_FIT + CHANNEL_VAL :]
+
+
+def channel_students(dist) -> dict:
+    """The channel student at half the FLOPs (sensitivities, greedy vs uniform by validation KL,
+    BatchNorm recalibration) and with the rank rule's widths, and their outputs on a probe."""
+    from odekit.io.datasets import Split
+    from odekit.methods.ron.channel_build import build_channel_student
+    from odekit.methods.ron.settings import RonSettings
+
+    x, probe = channel_inputs()
+    y = torch.zeros(len(x), dtype=torch.long)
+    fit, val = Split(x[:CHANNEL_FIT], y[:CHANNEL_FIT]), Split(x[CHANNEL_FIT:], y[CHANNEL_FIT:])
+    result = {}
+    for name, settings in (
+        ("budget", RonSettings(mode="channel", target_flops=0.5, batch_size=CHANNEL_BATCH)),
+        ("rank", RonSettings(mode="channel", rank="energy:0.9", batch_size=CHANNEL_BATCH)),
+    ):
+        built = build_channel_student(channel_net(), CHANNEL_SHAPE, fit, val, settings, torch.device("cpu"), dist=dist)
+        with torch.no_grad():
+            out = built.student.eval()(probe)
+        result[name] = {"widths": built.widths, "out": out, "distributed": built.distributed,
+                        "candidates": built.budget.get("candidates", [])}  # fmt: skip
+    return result
+
+
+def channel(dist, out: Path) -> None:
+    torch.save(channel_students(dist), out / f"result-{dist.rank}.pt")
+
+
 def attack(dist, out: Path) -> None:
     """Active-subspace and random universal attacks fitted on a sharded fit set, FGSM on a
     sharded test split, every score from a sharded test split (issue 15)."""
@@ -183,7 +237,7 @@ def main() -> int:
     dist = init_distributed(device, stale_s=float(os.environ.get("STALE_S", "20")))
     dist.add_cleanup(lambda: (out / f"cleanup-{dist.rank}").write_text("forced"))
     try:
-        {"merge": merge, "ron": ron, "attack": attack, "fault": fault, "crash": crash}[scenario](dist, out)
+        {"merge": merge, "ron": ron, "attack": attack, "channel": channel, "fault": fault, "crash": crash}[scenario](dist, out)
         dist.close()
     except PeerFailedError:
         dist.exit_after_failure(1)

@@ -126,3 +126,26 @@ def test_two_rank_ron_student_agrees_with_one_process(tmp_path: Path) -> None:
     agreement = float((two["predictions"] == predictions).double().mean())
     assert agreement >= 0.99
     assert all(b >= 0 for b in two["merge_bounds"])
+
+
+def test_two_rank_channel_student_equals_one_process(tmp_path: Path) -> None:
+    """`reduce --mode channel` on two ranks: each streams half the fitting images and scores half
+    the validation images, the summed moments give both ranks the one-process student."""
+    run = spawn_ranks([WORKER, "channel", str(tmp_path)], world=2)
+    assert run.returncodes == [0, 0], run.stderr
+    ranks = [torch.load(tmp_path / f"result-{r}.pt", weights_only=True) for r in range(2)]
+    single = _worker.channel_students(None)
+    for name in ("budget", "rank"):
+        zero, one, alone = ranks[0][name], ranks[1][name], single[name]
+        assert zero["widths"] == one["widths"] == alone["widths"]
+        assert sum(zero["widths"]) < 12 + 16  # something was cut
+        assert torch.equal(zero["out"], one["out"])  # the ranks' students are the same
+        scale = float(alone["out"].abs().max())
+        assert float((zero["out"] - alone["out"]).abs().max()) <= 1e-5 * max(scale, 1.0)
+        half = _worker.CHANNEL_FIT // 2
+        assert zero["distributed"]["world_size"] == 2
+        assert zero["distributed"]["fit_images_per_rank"] == [half, half]
+        assert alone["distributed"]["fit_images_per_rank"] == [_worker.CHANNEL_FIT]
+    chosen = [[c["chosen"] for c in r["budget"]["candidates"]] for r in (*ranks, single)]
+    assert chosen[0] == chosen[1] == chosen[2]
+    assert ranks[0]["budget"]["distributed"]["validation_images_per_rank"] == [20, 20]

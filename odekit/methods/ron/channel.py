@@ -12,6 +12,10 @@ For every reducible channel group (``odekit.models.channel_groups``), from the i
 4. keep S in the producers and channel-wise layers, fold T into every consumer's input weights.
 
 BatchNorm statistics are re-estimated on the fitting images at the end.
+
+Under ``torchrun`` (a ``dist`` handle) every rank streams its contiguous block of the fitting
+images and the moments are summed over the ranks: every rank selects the same channels and
+builds the same student, with the moments one process gets from all the images.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import UsageError
 from odekit.linalg.maxvol import rect_maxvol
 from odekit.linalg.rank import RankContext, parse_rank_spec, rule_rank
-from odekit.methods.batchnorm import recalibrate_batchnorm
+from odekit.methods.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from odekit.methods.ron.channel_ops import (
     Cut,
     PrefixRunner,
@@ -36,7 +41,9 @@ from odekit.methods.ron.channel_ops import (
     batches,
     channel_rows,
     pick_by_segment,
+    rank_block,
     read_dims,
+    sum_grams,
     top_by_segment,
 )
 from odekit.methods.ron.settings import RonSettings
@@ -79,6 +86,8 @@ class ChannelResult:
     reconstruct: str
     selection: str
     budget: dict[str, Any] = field(default_factory=dict)  # target, predicted FLOPs, greedy steps
+    # world size, backend and the fitting images each rank streamed (report.json's `distributed`)
+    distributed: dict[str, Any] = field(default_factory=dict)
 
     @property
     def widths(self) -> list[int]:
@@ -128,9 +137,11 @@ def _fit_grams(
     cuts: list[tuple[Cut, Cut]],
     device: torch.device,
     stop_at: int | None,
+    dist: Distributed | None = None,
 ) -> tuple[dict[str, ReadGrams], list[tuple[Cut, Cut]]]:
     """Stream the group's read tensors of teacher and student (one pass over the batches, each
-    resumed from its cut); with ``stop_at`` also every batch's cuts before that node."""
+    resumed from its cut); with ``stop_at`` also every batch's cuts before that node. ``cuts``
+    hold this rank's block of the images; the moments are summed over the ranks (``dist``)."""
     dims = read_dims(group)
     grams = {r: ReadGrams.zeros(group.channels, device) for r in group.reads}
     after: list[tuple[Cut, Cut]] = []
@@ -141,6 +152,7 @@ def _fit_grams(
         for r, g in grams.items():
             g.update(channel_rows(s_vals[r], dims[r]), channel_rows(t_vals[r], dims[r]))
         after.append((t_next or t_cut, s_next or s_cut))
+    sum_grams(grams, dist)
     return grams, after
 
 
@@ -234,11 +246,14 @@ def reduce_channels(
     recalibrate: bool = True,
     resume: bool = True,
     progress: Progress | None = None,
+    dist: Distributed | None = None,
 ) -> ChannelResult:
     """Reduce every group in ``widths`` (index -> width; default: the rank rule's width of every
     reducible group), one group after another from the input side. ``resume``: keep every batch's
     live values before the next group's first changed layer (memory: see `cut_bytes`) instead of
-    running teacher and student from the input for every group."""
+    running teacher and student from the input for every group. ``dist``: this rank streams its
+    block of ``fit_x`` (every rank passes all of it) and the moments and BatchNorm statistics
+    are summed over the ranks, so every rank returns the same student."""
     if selection not in SELECTIONS:
         raise UsageError(
             f"unknown channel selection '{selection}'", f"choose one of {', '.join(SELECTIONS)}"
@@ -249,8 +264,9 @@ def reduce_channels(
     t_run, s_run = PrefixRunner(teacher), PrefixRunner(student)
     chosen = dict(widths) if widths is not None else {g.index: -1 for g in plan.reducible}
     reports = {g.index: _report(g, g.channels) for g in plan.groups}
+    block = rank_block(fit_x, dist)
     entries = [
-        (Cut(0, {}, xb), Cut(0, {}, xb)) for xb in batches(fit_x, settings.batch_size, device)
+        (Cut(0, {}, xb), Cut(0, {}, xb)) for xb in batches(block, settings.batch_size, device)
     ]
     cuts = entries
     for group in progress.track(
@@ -258,9 +274,9 @@ def reduce_channels(
     ):
         # the layers before the group's first changed module stay as they are: resume there
         start = t_run.start_of(changed_modules(group)) if resume else None
-        if start is None or start < cuts[0][0].at:
+        if start is None or not cuts or start < cuts[0][0].at:
             cuts = entries
-        grams, cuts = _fit_grams(t_run, s_run, group, cuts, device, start)
+        grams, cuts = _fit_grams(t_run, s_run, group, cuts, device, start, dist)
         tt = sum((g.tt for g in grams.values()), torch.zeros_like(grams[group.reads[0]].tt))
         width = chosen[group.index]
         if width < 0:
@@ -275,7 +291,8 @@ def reduce_channels(
         maps = {r: reconstruction(g, keep, settings.reconstruct, basis) for r, g in grams.items()}
         apply_selection(student, group, keep, maps)
     if recalibrate:
-        recalibrate_batchnorm(student, fit_x, batch_size=settings.batch_size, device=device)
+        recalibrate_batchnorm(student, block, batch_size=settings.batch_size, device=device)
+        merge_batchnorm(student, len(block), dist)
     student.eval()
     return ChannelResult(
         student,
@@ -283,7 +300,47 @@ def reduce_channels(
         int(fit_x.shape[0]),
         settings.reconstruct,
         selection,
+        distributed=distributed_json(len(block), dist),
     )
+
+
+def merge_batchnorm(model: nn.Module, n_local: int, dist: Distributed | None) -> None:
+    """Turn every BatchNorm's statistics, recalibrated on this rank's ``n_local`` images, into
+    the image-weighted means over all the ranks (one all-reduce): the running mean is then the
+    exact mean over all the images, the running variance the size-weighted mean of the batch
+    variances, as `recalibrate_batchnorm` gives one process whose batches start at the same
+    images."""
+    layers = batchnorm_layers(model)
+    if dist is None or dist.world_size == 1 or not layers:
+        return
+    if n_local == 0:  # nothing was recalibrated here: weigh in as zeros
+        for bn in layers:
+            bn.reset_running_stats()
+    stats = [
+        t.double().reshape(-1) * w
+        for bn in layers
+        for t, w in ((bn.running_mean, n_local), (bn.running_var, n_local), (bn.num_batches_tracked, 1))
+        if t is not None
+    ]
+    count = torch.tensor([float(n_local)], dtype=torch.float64, device=stats[0].device)
+    flat = dist.all_reduce_sum(torch.cat([*stats, count]))
+    total = max(float(flat[-1]), 1.0)
+    offset = 0
+    for bn in layers:
+        for name, scale in (("running_mean", total), ("running_var", total), ("num_batches_tracked", 1.0)):
+            t = getattr(bn, name)
+            if t is None:
+                continue
+            t.copy_((flat[offset : offset + t.numel()] / scale).reshape(t.shape).to(t.dtype))
+            offset += t.numel()
+
+
+def distributed_json(n_local: int, dist: Distributed | None) -> dict[str, Any]:
+    """World size, backend and the fitting images every rank streamed (gathered, rank order)."""
+    if dist is None:
+        return {"world_size": 1, "backend": None, "fit_images_per_rank": [n_local]}
+    counts = dist.all_gather(torch.tensor([n_local], dtype=torch.int64))
+    return {**dist.describe(), "fit_images_per_rank": [int(c) for c in counts]}
 
 
 def _report(group: ChannelGroup, width: int) -> ChannelGroupReport:

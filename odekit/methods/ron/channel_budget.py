@@ -8,6 +8,10 @@
    with the smallest interpolated loss increase per FLOP saved, until the predicted FLOPs meet
    the target. FLOPs and parameters are predicted exactly from the layer shapes (every conv and
    linear scales with the kept fraction of its input and output groups).
+
+Under ``torchrun`` each rank streams its block of the fitting images and scores its block of the
+validation images; moments and KL sums are summed over the ranks, so every rank measures the
+same sensitivities and allocates the same widths.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed
 from odekit.errors import UsageError
 from odekit.methods.ron.channel import (
     ChannelPlan,
@@ -38,6 +43,7 @@ from odekit.methods.ron.channel_ops import (
     apply_selection,
     batches,
     channel_rows,
+    rank_block,
     read_dims,
 )
 from odekit.models.channel_groups import ChannelGroup, split_width
@@ -173,34 +179,58 @@ class Sensitivity:
 
 
 def teacher_grams(
-    plan: ChannelPlan, x: Tensor, batch_size: int, device: torch.device
+    plan: ChannelPlan,
+    x: Tensor,
+    batch_size: int,
+    device: torch.device,
+    dist: Distributed | None = None,
 ) -> dict[int, dict[str, Tensor]]:
-    """Every reducible group's read tensors' second moments Zt^T Zt in one teacher pass."""
+    """Every reducible group's read tensors' second moments Zt^T Zt in one teacher pass
+    (``dist``: over this rank's block of ``x``, summed over the ranks in one all-reduce)."""
     runner = PrefixRunner(plan.gm.to(device).eval())
     reads = {r: (g.index, d) for g in plan.reducible for r, d in read_dims(g).items()}
+    channels = {g.index: g.channels for g in plan.reducible}
     grams: dict[int, dict[str, Tensor]] = {g.index: {} for g in plan.reducible}
-    for r, (gi, _) in reads.items():
-        c = _group(plan, gi).channels
-        grams[gi][r] = torch.zeros(c, c, dtype=torch.float64, device=device)
+    for r, (gi, _) in reads.items():  # zeros first: a rank without images still takes part
+        grams[gi][r] = torch.zeros(channels[gi], channels[gi], dtype=torch.float64, device=device)
 
     def visit(name: str, value: Tensor) -> None:  # one read at a time, as the pass reaches it
         gi, d = reads[name]
         rows = channel_rows(value, d)
         add_gram(grams[gi][name], rows, rows)
 
-    for xb in batches(x, batch_size, device):
+    for xb in batches(rank_block(x, dist), batch_size, device):
         runner.resume(Cut(0, {}, xb), list(reads), visit=visit)
+    if dist is not None and dist.world_size > 1:
+        flat = dist.all_reduce_sum(torch.cat([m.reshape(-1) for g in grams.values() for m in g.values()]))
+        offset = 0
+        for g in grams.values():
+            for r, m in g.items():
+                g[r] = flat[offset : offset + m.numel()].reshape(m.shape)
+                offset += m.numel()
     return grams
 
 
-def _group(plan: ChannelPlan, index: int) -> ChannelGroup:
-    return next(g for g in plan.groups if g.index == index)
+def _logits(runner: PrefixRunner, cuts: list[Cut]) -> Tensor:
+    """The graph's outputs (float32, on the CPU) from ``cuts``; (0, 0) for no cuts."""
+    if not cuts:
+        return torch.zeros(0, 0)
+    return torch.cat([torch.as_tensor(runner.finish(cut)).float().cpu() for cut in cuts])
 
 
-def _mean_kl(runner: PrefixRunner, cuts: list[Cut], teacher_logp: Tensor) -> float:
-    out = torch.cat([torch.as_tensor(runner.finish(cut)).float().cpu() for cut in cuts])
-    logp = F.log_softmax(out, dim=-1)
-    return float((teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean())
+def _mean_kl(
+    runner: PrefixRunner, cuts: list[Cut], teacher_logp: Tensor, dist: Distributed | None
+) -> float:
+    """Mean KL(teacher || student) over the images of ``cuts`` (this rank's block: the sum and
+    the count are summed over the ranks)."""
+    total, count = 0.0, 0.0
+    if cuts:
+        logp = F.log_softmax(_logits(runner, cuts), dim=-1)
+        kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).double()
+        total, count = float(kl.sum()), float(kl.numel())
+    if dist is not None:
+        return dist.mean(total, count)
+    return total / count if count else float("nan")
 
 
 def measure_sensitivity(
@@ -210,23 +240,26 @@ def measure_sensitivity(
     batch_size: int,
     device: torch.device,
     resume: bool = True,
+    dist: Distributed | None = None,
 ) -> Sensitivity:
     """Cut each group alone to ``PROBE_FRACTIONS`` of its width and measure the validation KL.
     ``resume``: each probe runs from the teacher's live values before the group's first changed
-    layer (kept for every validation batch, groups in graph order), not from the input."""
-    grams = teacher_grams(plan, fit_x, batch_size, device)
+    layer (kept for every validation batch, groups in graph order), not from the input.
+    ``dist``: every rank passes all the images, streams its block of ``fit_x`` and scores its
+    block of ``val_x``; moments and KL sums are summed over the ranks."""
+    grams = teacher_grams(plan, fit_x, batch_size, device, dist)
     gm = plan.gm
     runner = PrefixRunner(gm)
-    entries = [Cut(0, {}, xb) for xb in batches(val_x, batch_size, device)]
-    teacher_logp = F.log_softmax(
-        torch.cat([torch.as_tensor(runner.finish(c)).float().cpu() for c in entries]), -1
-    )
+    entries = [Cut(0, {}, xb) for xb in batches(rank_block(val_x, dist), batch_size, device)]
+    teacher_logp = F.log_softmax(_logits(runner, entries), -1)
     starts = {g.index: runner.start_of(changed_modules(g)) if resume else 0 for g in plan.reducible}
     cuts = entries
     curves: dict[int, list[tuple[int, float]]] = {}
     for g in sorted(plan.reducible, key=lambda g: starts[g.index]):
         cuts = [runner.resume(c, [], starts[g.index])[1] or c for c in cuts]
-        curves[g.index] = _probe_curve(plan, runner, g, grams[g.index], cuts, teacher_logp, device)
+        curves[g.index] = _probe_curve(
+            plan, runner, g, grams[g.index], (cuts, teacher_logp), device, dist
+        )
     return Sensitivity(curves, {g.index: sum(grams[g.index].values()) for g in plan.reducible})  # type: ignore[misc]
 
 
@@ -235,12 +268,13 @@ def _probe_curve(
     runner: PrefixRunner,
     g: ChannelGroup,
     grams: dict[str, Tensor],
-    cuts: list[Cut],
-    teacher_logp: Tensor,
+    val: tuple[list[Cut], Tensor],
     device: torch.device,
+    dist: Distributed | None = None,
 ) -> list[tuple[int, float]]:
     """[(width, validation KL)] of group ``g`` alone cut to each probe width (copies of its layers
-    are cut, never the teacher's own)."""
+    are cut, never the teacher's own); ``val``: this rank's validation cuts and the teacher's
+    log-probabilities on them."""
     gm = plan.gm
     tt = sum(
         grams.values(), torch.zeros(g.channels, g.channels, dtype=torch.float64, device=device)
@@ -258,7 +292,7 @@ def _probe_curve(
             _install(gm, n, copy.deepcopy(module))
         runner.mods = dict(gm.named_modules())
         apply_selection(gm, g, keep, maps)
-        loss = _mean_kl(runner, cuts, teacher_logp)
+        loss = _mean_kl(runner, *val, dist)
         for n, module in saved.items():
             _install(gm, n, module)
         runner.mods = dict(gm.named_modules())

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from odekit.distributed import Distributed, shard_indices
 from odekit.io.datasets import Split
 from odekit.methods.evaluation import accuracy
 from odekit.methods.ron.channel import (
@@ -27,7 +28,7 @@ from odekit.methods.ron.channel_budget import (
     measure_sensitivity,
     uniform_allocation,
 )
-from odekit.methods.ron.channel_ops import PrefixRunner
+from odekit.methods.ron.channel_ops import PrefixRunner, rank_block
 from odekit.methods.ron.memory import available_bytes, check_memory
 from odekit.methods.ron.settings import RonSettings
 from odekit.progress import Progress
@@ -108,9 +109,12 @@ def build_channel_student(
     settings: RonSettings,
     device: torch.device,
     progress: Progress | None = None,
+    dist: Distributed | None = None,
 ) -> ChannelResult:
     """The channel student: widths from ``--target-flops``/``--max-drop`` (global greedy on the
-    validation split) or from the rank rule per group."""
+    validation split) or from the rank rule per group. ``dist`` (every rank passes the same
+    splits): each rank streams its block of ``fit`` and scores its block of ``val``, moments,
+    BatchNorm statistics and scores are summed over the ranks; every rank builds the same student."""
     plan = plan_channels(teacher, tuple(input_shape), settings.layers)
     settings = dataclasses.replace(settings, batch_size=stream_batch_size(plan, settings))
     check_memory(
@@ -118,26 +122,32 @@ def build_channel_student(
         "lower `batch_size` (activations) or reduce fewer groups (`layers`)", device,
     )  # fmt: skip
     free = available_bytes(device)
-    resume = free is None or cut_bytes(plan, len(fit)) < RESUME_SHARE * free
+    resume = free is None or cut_bytes(plan, len(rank_block(fit.x, dist))) < RESUME_SHARE * free
     if settings.target_flops is None and settings.max_drop is None:
-        return reduce_channels(plan, fit.x, settings, device, resume=resume, progress=progress)
+        return reduce_channels(
+            plan, fit.x, settings, device, resume=resume, progress=progress, dist=dist
+        )
     model = cost_model(plan)
-    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume)
+    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume, dist)
     result, alloc = build_within_budget(
-        plan, model, sens, fit, val, settings, device, resume, progress
+        plan, model, sens, fit, val, settings, device, resume, progress, dist
     )
-    teacher_acc = accuracy(plan.gm, val, device=device)
-    drop = 100 * (teacher_acc - accuracy(result.student, val, device=device))
+    teacher_acc = accuracy(plan.gm, val, device=device, dist=dist)
+    drop = 100 * (teacher_acc - accuracy(result.student, val, device=device, dist=dist))
     if settings.max_drop is not None and (
         drop > settings.max_drop or settings.target_flops is None
     ):
         if len(alloc.path) < 2:  # the uniform widths won: bisect the greedy path instead
             alloc = allocate(plan, model, sens, settings.target_flops)
         result, alloc, drop = _bisect_max_drop(
-            plan, fit, val, settings, device, alloc, teacher_acc, (result, drop), resume
+            plan, fit, val, settings, device, alloc, teacher_acc, (result, drop), resume, dist
         )
     result.budget = {**_budget_json(alloc, settings, teacher_acc, drop, len(val)),
                      "candidates": result.budget.get("candidates", [])}  # fmt: skip
+    if dist is not None:
+        result.distributed["validation_images_per_rank"] = [
+            len(shard_indices(len(val), r, dist.world_size)) for r in range(dist.world_size)
+        ]
     return result
 
 
@@ -151,28 +161,31 @@ def build_within_budget(
     device: torch.device,
     resume: bool = True,
     progress: Progress | None = None,
+    dist: Distributed | None = None,
 ) -> tuple[ChannelResult, Allocation]:
     """The better of two width allocations at the same FLOPs, by mean KL to the teacher on the
     validation split: the global greedy (sensitivities of each group cut alone) and uniform
     widths. The greedy adds up single-group losses; at large cuts their interactions can make
     the uniform widths better (ResNet-18 on digits at 16x: greedy 72.5%, the uniform-width
-    ThiNet-style peer 84.7%)."""
+    ThiNet-style peer 84.7%). ``dist``: every rank builds both and scores its block of the
+    validation images (KL sums summed over the ranks): all ranks choose the same candidate."""
     if settings.target_flops is None:  # --max-drop alone: the greedy path is bisected later
         alloc = allocate(plan, model, sens, None)
         built = reduce_channels(
-            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress
+            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress, dist=dist
         )
         return built, alloc
     candidates = {"greedy": allocate(plan, model, sens, settings.target_flops),
                   "uniform": uniform_allocation(plan, model, sens, settings.target_flops)}  # fmt: skip
-    teacher_logits = _logits(plan.gm, val.x, settings.batch_size, device)
+    val_x = rank_block(val.x, dist)
+    teacher_logits = _logits(plan.gm, val_x, settings.batch_size, device)
     best: tuple[float, str, ChannelResult] | None = None
     scores = []
     for name, alloc in candidates.items():
         built = reduce_channels(
-            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress
+            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress, dist=dist
         )
-        kl = validation_kl(built.student, val.x, teacher_logits, settings.batch_size, device)
+        kl = validation_kl(built.student, val_x, teacher_logits, settings.batch_size, device, dist)
         scores.append(
             {"allocation": name, "validation_mean_kl": kl, "predicted_flops": alloc.flops}
         )
@@ -190,6 +203,8 @@ def _logits(
     model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     model.to(device).eval()
+    if len(x) == 0:
+        return torch.zeros(0, 0)
     return torch.cat(
         [
             model(x[i : i + batch_size].to(device)).float().cpu()
@@ -204,11 +219,19 @@ def validation_kl(
     teacher_logits: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    dist: Distributed | None = None,
 ) -> float:
-    """Mean KL(teacher || student) of the class probabilities on ``x``."""
-    out = _logits(student, x, batch_size, device)
-    t_logp = torch.log_softmax(teacher_logits, -1)
-    return float((t_logp.exp() * (t_logp - torch.log_softmax(out, -1))).sum(-1).mean())
+    """Mean KL(teacher || student) of the class probabilities on ``x``. ``dist``: ``x`` and
+    ``teacher_logits`` are this rank's block; the KL sum and the count are summed over the ranks."""
+    total, count = 0.0, 0.0
+    if len(x):
+        out = _logits(student, x, batch_size, device)
+        t_logp = torch.log_softmax(teacher_logits, -1)
+        kl = (t_logp.exp() * (t_logp - torch.log_softmax(out, -1))).sum(-1).double()
+        total, count = float(kl.sum()), float(kl.numel())
+    if dist is not None:
+        return dist.mean(total, count)
+    return total / count if count else float("nan")
 
 
 def _bisect_max_drop(
@@ -221,6 +244,7 @@ def _bisect_max_drop(
     teacher_acc: float,
     last: tuple[ChannelResult, float],
     resume: bool,
+    dist: Distributed | None = None,
 ) -> tuple[ChannelResult, Allocation, float]:
     """The cheapest point of the greedy path whose validation drop stays within --max-drop."""
     assert settings.max_drop is not None
@@ -236,14 +260,18 @@ def _bisect_max_drop(
         if hi - lo <= 1:
             break
         mid = (lo + hi) // 2
-        built = reduce_channels(plan, fit.x, settings, device, path[mid][1], resume=resume)
-        drop = 100 * (teacher_acc - accuracy(built.student, val, device=device))
+        built = reduce_channels(
+            plan, fit.x, settings, device, path[mid][1], resume=resume, dist=dist
+        )
+        drop = 100 * (teacher_acc - accuracy(built.student, val, device=device, dist=dist))
         if drop <= settings.max_drop:
             best, lo = (built, drop, mid), mid
         else:
             hi = mid
     if best is None:  # even the first step lost too much: the teacher's widths
-        built = reduce_channels(plan, fit.x, settings, device, path[0][1], resume=resume)
+        built = reduce_channels(
+            plan, fit.x, settings, device, path[0][1], resume=resume, dist=dist
+        )
         best = (built, 0.0, 0)
     flops, widths = path[best[2]]
     chosen = Allocation(

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from odekit.distributed import Distributed, shard_indices
 from odekit.models.channel_groups import ChannelGroup
 from odekit.models.graph import run_node
 
@@ -193,6 +194,33 @@ def add_gram(acc: Tensor, a: Tensor, b: Tensor) -> None:
         stop = start + GRAM_CHUNK_ROWS
         ab = a[start:stop].double()
         acc += ab.T @ (ab if b is a else b[start:stop].double())
+
+
+def sum_grams(grams: dict[str, ReadGrams], dist: Distributed | None) -> None:
+    """Sum every read's moments and row count over the ranks, in place (one all-reduce): every
+    rank then holds the moments of all the ranks' images."""
+    if dist is None or dist.world_size == 1:
+        return
+    parts = [t.reshape(-1) for g in grams.values() for t in (g.ss, g.st, g.tt)]
+    rows = torch.tensor([float(g.rows) for g in grams.values()], dtype=torch.float64)
+    flat = dist.all_reduce_sum(torch.cat([*parts, rows.to(parts[0].device)]))
+    offset = 0
+    for g in grams.values():
+        for name in ("ss", "st", "tt"):
+            t = getattr(g, name)
+            setattr(g, name, flat[offset : offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
+    for g, n in zip(grams.values(), flat[offset:].tolist(), strict=True):
+        g.rows = round(n)
+
+
+def rank_block(x: Tensor, dist: Distributed | None) -> Tensor:
+    """This rank's contiguous block of ``x`` along the first dimension (`shard_indices`; all of
+    ``x`` without ``dist``)."""
+    if dist is None or dist.world_size == 1:
+        return x
+    part = shard_indices(int(x.shape[0]), dist.rank, dist.world_size)
+    return x[part.start : part.stop]
 
 
 def batches(x: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:

@@ -144,7 +144,7 @@ def _build(
     fit_split, val_split = holdout(data.train, settings, seed)
     try:
         channel = build_channel_student(
-            teacher, input_shape, fit_split, val_split, settings, device, progress
+            teacher, input_shape, fit_split, val_split, settings, device, progress, dist
         )
     except OdekitError:
         if region is None:
