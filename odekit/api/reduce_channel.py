@@ -61,7 +61,17 @@ def channel_report(
     blocked = [g for g in result.groups if not g.reducible]
     if blocked:
         headline.append(f"{len(blocked)} groups kept at full width (listed in the groups table with the reason)")
+    candidates = result.budget.get("candidates") or []
+    if len(candidates) > 1:
+        headline.append(allocation_text(candidates))
     return results, [groups_table(result), summary_table(run)], headline, meta
+
+
+def allocation_text(candidates: list[dict[str, Any]]) -> str:
+    """'widths: uniform (validation mean KL 0.0538; greedy 0.0712)'."""
+    chosen = next(c for c in candidates if c["chosen"])
+    others = "; ".join(f"{c['allocation']} {c['validation_mean_kl']:.4f}" for c in candidates if not c["chosen"])
+    return f"widths: {chosen['allocation']} (validation mean KL {chosen['validation_mean_kl']:.4f}; {others})"
 
 
 def registered_meta(student: nn.Module, loaded: LoadedModel, meta: ModelMeta, probe: torch.Tensor) -> ModelMeta | None:

@@ -264,6 +264,14 @@ def test_cli_channel_mode_target(tmp_path) -> None:
     # a registered teacher: safetensors + metadata (odekit.load), and the self-contained program
     assert r["student_checkpoint"] == str(out / "student.safetensors") and r["student_program"] == str(out / "student.pt2")
     assert r["program_reload_max_abs_diff"] < 1e-5
+    # both allocations were built and scored on the validation split; the lower KL was kept
+    candidates = r["budget"]["candidates"]
+    assert {c["allocation"] for c in candidates} == {"greedy", "uniform"}
+    kept = next(c for c in candidates if c["chosen"])
+    assert kept["validation_mean_kl"] == min(c["validation_mean_kl"] for c in candidates)
+    from odekit.api.reduce_channel import allocation_text
+
+    assert allocation_text(candidates).startswith("widths: " + kept["allocation"])
 
 
 def test_memory_estimate_and_allocation_failures_are_one_line() -> None:
