@@ -246,6 +246,7 @@ def reduce_channels(
     recalibrate: bool = True,
     resume: bool = True,
     progress: Progress | None = None,
+    label: str = "",
     dist: Distributed | None = None,
 ) -> ChannelResult:
     """Reduce every group in ``widths`` (index -> width; default: the rank rule's width of every
@@ -270,7 +271,7 @@ def reduce_channels(
     ]
     cuts = entries
     for group in progress.track(
-        [g for g in plan.groups if g.index in chosen], len(chosen), "reducing channel groups"
+        [g for g in plan.groups if g.index in chosen], len(chosen), f"reducing channel groups{label}"
     ):
         # the layers before the group's first changed module stay as they are: resume there
         start = t_run.start_of(changed_modules(group)) if resume else None

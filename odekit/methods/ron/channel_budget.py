@@ -48,6 +48,7 @@ from odekit.methods.ron.channel_ops import (
 )
 from odekit.models.channel_groups import ChannelGroup, split_width
 from odekit.models.layers import layer_flops, total_flops
+from odekit.progress import Progress, silent_if_none
 
 PROBE_FRACTIONS = (0.5, 0.25, 0.125, 0.0625)
 STEPS_PER_GROUP = 32  # greedy step: ceil(C / 32) channels
@@ -241,6 +242,7 @@ def measure_sensitivity(
     device: torch.device,
     resume: bool = True,
     dist: Distributed | None = None,
+    progress: Progress | None = None,
 ) -> Sensitivity:
     """Cut each group alone to ``PROBE_FRACTIONS`` of its width and measure the validation KL.
     ``resume``: each probe runs from the teacher's live values before the group's first changed
@@ -255,7 +257,8 @@ def measure_sensitivity(
     starts = {g.index: runner.start_of(changed_modules(g)) if resume else 0 for g in plan.reducible}
     cuts = entries
     curves: dict[int, list[tuple[int, float]]] = {}
-    for g in sorted(plan.reducible, key=lambda g: starts[g.index]):
+    ordered = sorted(plan.reducible, key=lambda g: starts[g.index])
+    for g in silent_if_none(progress).track(ordered, len(ordered), "probing group sensitivities"):
         cuts = [runner.resume(c, [], starts[g.index])[1] or c for c in cuts]
         curves[g.index] = _probe_curve(
             plan, runner, g, grams[g.index], (cuts, teacher_logp), device, dist

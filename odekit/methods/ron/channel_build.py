@@ -128,7 +128,7 @@ def build_channel_student(
             plan, fit.x, settings, device, resume=resume, progress=progress, dist=dist
         )
     model = cost_model(plan)
-    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume, dist)
+    sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume, dist, progress)
     result, alloc = build_within_budget(
         plan, model, sens, fit, val, settings, device, resume, progress, dist
     )
@@ -182,9 +182,8 @@ def build_within_budget(
     best: tuple[float, str, ChannelResult] | None = None
     scores = []
     for name, alloc in candidates.items():
-        built = reduce_channels(
-            plan, fit.x, settings, device, alloc.widths, resume=resume, progress=progress, dist=dist
-        )
+        built = reduce_channels(plan, fit.x, settings, device, alloc.widths, resume=resume,
+                                progress=progress, label=f" ({name} widths)", dist=dist)  # fmt: skip
         kl = validation_kl(built.student, val_x, teacher_logits, settings.batch_size, device, dist)
         scores.append(
             {"allocation": name, "validation_mean_kl": kl, "predicted_flops": alloc.flops}
