@@ -40,6 +40,7 @@ from measure import (  # benchmarks/measure.py (the script folder is on sys.path
 )
 from torch import nn
 
+from odekit.errors import UsageError
 from odekit.io.checkpoints import load_model
 from odekit.io.datasets import Dataset, load_dataset
 from odekit.methods.batchnorm import recalibrate_batchnorm
@@ -388,15 +389,20 @@ def main() -> None:
         t_flops = model_cost(teacher_m, shape).flops
         cache: dict[str, Any] = {}
         for budget in budgets:
-            students = odekit_students(
-                teacher_m,
-                data,
-                shape,
-                budget,
-                cache,
-                args.fit_samples or (256 if args.quick else 512),
-                methods,
-            )
+            try:
+                students = odekit_students(
+                    teacher_m,
+                    data,
+                    shape,
+                    budget,
+                    cache,
+                    args.fit_samples or (256 if args.quick else 512),
+                    methods,
+                )
+            except UsageError as exc:  # e.g. a budget beyond the reducible groups (the ViT past 1.76x)
+                print(f"  {budget:>5}x skipped: {exc}", file=sys.stderr)
+                emit_line(RESULTS, json.dumps({"model": name, "budget": budget, "skipped": str(exc)}))
+                continue
             target = model_cost(students["odekit"][0], shape).flops
             students.update(peer_students(teacher_m, data, shape, target, methods))
             for method, (student, seconds) in students.items():

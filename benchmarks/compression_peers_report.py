@@ -21,6 +21,7 @@ TP = ("tp-l1-global", "tp-l1-uniform")
 RECALIBRATED = (*TP, "svd", "thinet")  # ThiNet-style: BatchNorm recalibrated as well
 NAMES = {"vgg19": "VGG-19", "resnet20": "ResNet-20", "resnet18": "ResNet-18",
          "mobilenet_v2": "MobileNetV2", "vit": "ViT (4 layers, 128 wide)"}  # fmt: skip
+SKIPPED: dict[str, list[tuple[float, str]]] = {}
 GOAL_MODELS = ("vgg19", "resnet18", "resnet20")  # the no-fine-tuning goals name these three
 
 
@@ -30,6 +31,9 @@ def load(path: Path) -> dict[str, dict[float, dict[str, dict[str, Any]]]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
+            if "skipped" in record:  # a budget odekit refused (out of reach): listed under the table
+                SKIPPED.setdefault(record["model"], []).append((float(record["budget"]), record["skipped"]))
+                continue
             table[record["model"]][float(record["budget"])][record["method"]] = record
     return table
 
@@ -67,6 +71,8 @@ def model_table(model: str, budgets: dict[float, dict[str, dict[str, Any]]]) -> 
                 f"{_pct(nf['accuracy'])} | {_pct(nf['agreement'])} | {nf['mean_kl']:.4f} | "
                 f"{nf['latency_speedup']:.2f}x | {r['compress_seconds']:.1f} | {tuned} |"
             )
+    for budget, why in SKIPPED.get(model, []):
+        lines.append(f"\n{budget:g}x: not built ({why.splitlines()[0]})")
     return [*lines, ""]
 
 

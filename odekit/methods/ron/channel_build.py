@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import torch
@@ -128,10 +129,13 @@ def build_channel_student(
             plan, fit.x, settings, device, resume=resume, progress=progress, dist=dist
         )
     model = cost_model(plan)
+    start = time.perf_counter()
     sens = measure_sensitivity(plan, fit.x, val.x, settings.batch_size, device, resume, dist, progress)
+    seconds = {"sensitivity": time.perf_counter() - start}
     result, alloc = build_within_budget(
         plan, model, sens, fit, val, settings, device, resume, progress, dist
     )
+    seconds["builds"] = time.perf_counter() - start - seconds["sensitivity"]
     teacher_acc = accuracy(plan.gm, val, device=device, dist=dist)
     drop = 100 * (teacher_acc - accuracy(result.student, val, device=device, dist=dist))
     if settings.max_drop is not None and (
@@ -143,7 +147,8 @@ def build_channel_student(
             plan, fit, val, settings, device, alloc, teacher_acc, (result, drop), resume, dist
         )
     result.budget = {**_budget_json(alloc, settings, teacher_acc, drop, len(val)),
-                     "candidates": result.budget.get("candidates", [])}  # fmt: skip
+                     "candidates": result.budget.get("candidates", []), "seconds": seconds,
+                     "streaming_batch_size": settings.batch_size, "resumed_runs": resume}  # fmt: skip
     if dist is not None:
         result.distributed["validation_images_per_rank"] = [
             len(shard_indices(len(val), r, dist.world_size)) for r in range(dist.world_size)

@@ -294,7 +294,7 @@ def apply_selection(
         own = keep[(keep >= lo) & (keep < lo + n)] - lo
         if own.numel() == 0:
             raise ValueError(
-                f"`keep` drops every channel of '{name}' (channels {lo}-{lo + n - 1} of group "
+                f"the channel selection drops every channel of '{name}' (channels {lo}-{lo + n - 1} of group "
                 f"'{group.name}'): keep at least one channel of every concatenated part"
             )
         keep_outputs(mods[name], own)
