@@ -107,6 +107,7 @@ def teacher(
         return loaded.model.eval(), data, tuple(data.input_shape), {"train_seconds": None}
     shape = (3, 32, 32)
     data = _digits(shape)
+    torch.manual_seed(0)  # the same teacher in every process (the cache is per process's disk)
     model = _build(name, quick, vgg_width_div)
     width = f"-w{vgg_width_div}" if name == "vgg19" and vgg_width_div > 1 else ""
     path = CACHE / f"{name}{width}{'-quick' if quick else ''}-e{epochs}.pt"

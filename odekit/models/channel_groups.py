@@ -72,6 +72,10 @@ _POOL_FUNCTIONS = {
     F.max_pool1d,
     F.avg_pool1d,
 }
+_POOL_ATEN = {  # max pools of an exported graph are lifted to modules (graph_ops)
+    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+}  # fmt: skip
 _SUM_FUNCTIONS = {operator.add, torch.add, operator.iadd}
 _PRODUCT_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
 _RESHAPES = {"view", "reshape", "flatten"}
@@ -371,6 +375,8 @@ def _is_pool(node: fx.Node, module: nn.Module | None) -> bool:
         return isinstance(module, _POOL_MODULES)
     if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
         return True
+    if isinstance(node.target, torch._ops.OpOverload):  # an exported (.pt2) graph's pools
+        return node.target.overloadpacket.__name__ in _POOL_ATEN
     if node.op == "call_method" and str(node.target) in ("mean", "amax", "sum"):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = dims if isinstance(dims, list | tuple) else [dims]

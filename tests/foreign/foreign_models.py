@@ -159,7 +159,7 @@ SPECS: dict[str, dict[str, Any]] = {
     "mbconv": {"factory": "MBNet", "kwargs": {"channels": 8, "depth": 2}, "shape": (3, 16, 16),
                "normalize": "none", "epochs": 3},
 }
-# The modern-block models every command must handle in every format (reduce: add its test over this list).
+# The modern-block models every command must handle in every format (channel reduce: test_foreign_channel.py).
 MODERN = ("vit", "convnext", "mbconv")
 
 

@@ -4,8 +4,7 @@ network and an inverted-residual network with SiLU and squeeze-excitation (tests
 Replayed from the issue: one layer table whatever the format (attention projections are rows,
 attention matmuls count in the total as FlopCounterMode counts them), ASNet cuts the traced graph
 at block boundaries (a dynamic .pt2 batch never crosses a cut), attacks run in every format.
-``reduce`` on these models belongs with the structure-preserving reduce: add its test over
-``foreign_models.MODERN``."""
+``reduce --mode channel`` on every zoo model: tests/foreign/test_foreign_channel.py."""
 
 from __future__ import annotations
 

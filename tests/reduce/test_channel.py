@@ -340,3 +340,29 @@ def test_exported_flatten_feeds_linear_columns(tmp_path) -> None:
     groups = channel_groups(trace_graph(loaded, (1, 8, 8)), (1, 8, 8))
     conv = [g for g in groups if g.channels == 8]
     assert len(conv) == 1 and conv[0].reducible, [g.to_dict() for g in groups]
+
+
+def test_exported_average_pools_pass_channels(tmp_path) -> None:
+    """A .pt2 graph keeps average pools as aten ops (ResNet's head: adaptive_avg_pool2d ->
+    flatten -> fc): the stream before them stays reducible, and at full width the student is the
+    teacher."""
+    from odekit.io.exported import load_exported
+
+    torch.manual_seed(0)
+    model = _trained_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    ))  # fmt: skip
+    program = torch.export.export(model, (torch.randn(2, *SHAPE),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))  # fmt: skip
+    torch.export.save(program, tmp_path / "m.pt2")
+    loaded = load_exported(tmp_path / "m.pt2")[0]
+    plan = plan_channels(loaded, SHAPE)
+    assert sorted(g.channels for g in plan.reducible) == [8, 12], [g.to_dict() for g in plan.groups]
+    widths = {g.index: g.channels for g in plan.reducible}
+    built = reduce_channels(plan, _x(), RonSettings(mode="channel"), CPU, widths, recalibrate=False)
+    with torch.no_grad():
+        assert float((built.student(_x(16, seed=5)) - model(_x(16, seed=5))).abs().max()) < 1e-4
+    half = {g.index: g.channels // 2 for g in plan.reducible}
+    small = reduce_channels(plan, _x(), RonSettings(mode="channel"), CPU, half, recalibrate=False)
+    assert small.student(_x(4)).shape == (4, 5)
