@@ -141,6 +141,15 @@ class Distributed:
         """Elementwise sum over ranks (a new tensor; the input is left unchanged)."""
         return self._all_reduce(tensor, "SUM")
 
+    def all_reduce_sum_many(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Elementwise sums over ranks of several tensors (one dtype and device) in one
+        all-reduce: new tensors of the same shapes, in order."""
+        if not tensors:
+            return []
+        flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+        sizes = [t.numel() for t in tensors]
+        return [part.reshape(t.shape) for part, t in zip(flat.split(sizes), tensors, strict=True)]
+
     def all_reduce_max(self, tensor: Tensor) -> Tensor:
         """Elementwise maximum over ranks (a new tensor)."""
         return self._all_reduce(tensor, "MAX")

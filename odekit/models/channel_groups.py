@@ -262,6 +262,14 @@ def _label(node: fx.Node, mods: dict[str, nn.Module]) -> str:
     return f"{name} ('{node.name}')"
 
 
+def _aten_name(node: fx.Node) -> str | None:
+    """The op's name (``relu``, ``cat``...) when ``node`` calls an aten overload (an exported
+    graph), else None."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target.overloadpacket.__name__)
+    return None
+
+
 def _is_elementwise(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         m = mods[str(node.target)]
@@ -271,8 +279,8 @@ def _is_elementwise(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         if node.target in _ELEMENTWISE_FUNCTIONS:
             return True
-        if isinstance(node.target, torch._ops.OpOverload):
-            return node.target.overloadpacket.__name__.rstrip("_") in _ELEMENTWISE_ATEN
+        if (aten := _aten_name(node)) is not None:
+            return aten.rstrip("_") in _ELEMENTWISE_ATEN
     return False
 
 
@@ -375,8 +383,8 @@ def _is_pool(node: fx.Node, module: nn.Module | None) -> bool:
         return isinstance(module, _POOL_MODULES)
     if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
         return True
-    if isinstance(node.target, torch._ops.OpOverload):  # an exported (.pt2) graph's pools
-        return node.target.overloadpacket.__name__ in _POOL_ATEN
+    if (aten := _aten_name(node)) is not None:  # an exported (.pt2) graph's pools
+        return aten in _POOL_ATEN
     if node.op == "call_method" and str(node.target) in ("mean", "amax", "sum"):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = dims if isinstance(dims, list | tuple) else [dims]
@@ -415,8 +423,7 @@ def _reshape(an: _Analysis, node: fx.Node, first: fx.Node, where: _Where) -> boo
 
 def _aten_flatten(node: fx.Node) -> bool:
     """``aten.flatten.using_ints`` of an exported (.pt2) graph."""
-    packet = getattr(node.target, "overloadpacket", None)
-    return node.op == "call_function" and packet is not None and packet.__name__ == "flatten"
+    return node.op == "call_function" and _aten_name(node) == "flatten"
 
 
 def _visit_pair(an: _Analysis, node: fx.Node, inputs: list[fx.Node]) -> bool:
@@ -427,8 +434,7 @@ def _visit_pair(an: _Analysis, node: fx.Node, inputs: list[fx.Node]) -> bool:
     product = (node.op == "call_function" and node.target in _PRODUCT_FUNCTIONS) or (
         node.op == "call_method" and str(node.target) == "mul"
     )
-    if isinstance(node.target, torch._ops.OpOverload):
-        name = node.target.overloadpacket.__name__
+    if (name := _aten_name(node)) is not None:
         summed, product = name in ("add", "add_"), name in ("mul", "mul_")
     if not (summed or product):
         return False
@@ -490,8 +496,8 @@ def _visit_compute(an: _Analysis, node: fx.Node, module: nn.Module, inputs: list
 def _is_cat(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target.overloadpacket.__name__ in ("cat", "concat")
+    if (aten := _aten_name(node)) is not None:
+        return aten in ("cat", "concat")
     return node.target in _CAT_FUNCTIONS
 
 

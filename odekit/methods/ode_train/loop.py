@@ -164,11 +164,8 @@ class TrainLoop:
         loss.backward()
         if self.dist is not None:  # one all-reduce of every gradient, flattened
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            summed = self.dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]) * share)
-            offset = 0
-            for g in grads:
-                g.copy_(summed[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for g, summed in zip(grads, self.dist.all_reduce_sum_many([g * share for g in grads]), strict=True):
+                g.copy_(summed)
         self.optimizer.step()
         self.scheduler.step()
         self.seconds += time.perf_counter() - start

@@ -317,23 +317,15 @@ def merge_batchnorm(model: nn.Module, n_local: int, dist: Distributed | None) ->
     if n_local == 0:  # nothing was recalibrated here: weigh in as zeros
         for bn in layers:
             bn.reset_running_stats()
-    stats = [
-        t.double().reshape(-1) * w
-        for bn in layers
-        for t, w in ((bn.running_mean, n_local), (bn.running_var, n_local), (bn.num_batches_tracked, 1))
-        if t is not None
-    ]
-    count = torch.tensor([float(n_local)], dtype=torch.float64, device=stats[0].device)
-    flat = dist.all_reduce_sum(torch.cat([*stats, count]))
-    total = max(float(flat[-1]), 1.0)
-    offset = 0
-    for bn in layers:
-        for name, scale in (("running_mean", total), ("running_var", total), ("num_batches_tracked", 1.0)):
-            t = getattr(bn, name)
-            if t is None:
-                continue
-            t.copy_((flat[offset : offset + t.numel()] / scale).reshape(t.shape).to(t.dtype))
-            offset += t.numel()
+    weighted = {"running_mean": True, "running_var": True, "num_batches_tracked": False}
+    stats = [(bn, name) for bn in layers for name in weighted if getattr(bn, name) is not None]
+    parts = [getattr(bn, name).double() * (n_local if weighted[name] else 1) for bn, name in stats]
+    count = torch.tensor([float(n_local)], dtype=torch.float64, device=parts[0].device)
+    *summed, total = dist.all_reduce_sum_many([*parts, count])
+    images = max(float(total), 1.0)
+    for (bn, name), s in zip(stats, summed, strict=True):
+        t = getattr(bn, name)
+        t.copy_((s / images if weighted[name] else s).to(t.dtype))
 
 
 def distributed_json(n_local: int, dist: Distributed | None) -> dict[str, Any]:

@@ -203,12 +203,10 @@ def teacher_grams(
     for xb in batches(rank_block(x, dist), batch_size, device):
         runner.resume(Cut(0, {}, xb), list(reads), visit=visit)
     if dist is not None and dist.world_size > 1:
-        flat = dist.all_reduce_sum(torch.cat([m.reshape(-1) for g in grams.values() for m in g.values()]))
-        offset = 0
-        for g in grams.values():
-            for r, m in g.items():
-                g[r] = flat[offset : offset + m.numel()].reshape(m.shape)
-                offset += m.numel()
+        keys = [(gi, r) for gi, g in grams.items() for r in g]
+        summed = dist.all_reduce_sum_many([grams[gi][r] for gi, r in keys])
+        for (gi, r), m in zip(keys, summed, strict=True):
+            grams[gi][r] = m
     return grams
 
 
@@ -219,14 +217,12 @@ def _logits(runner: PrefixRunner, cuts: list[Cut]) -> Tensor:
     return torch.cat([torch.as_tensor(runner.finish(cut)).float().cpu() for cut in cuts])
 
 
-def _mean_kl(
-    runner: PrefixRunner, cuts: list[Cut], teacher_logp: Tensor, dist: Distributed | None
-) -> float:
-    """Mean KL(teacher || student) over the images of ``cuts`` (this rank's block: the sum and
-    the count are summed over the ranks)."""
+def mean_kl(teacher_logp: Tensor, student_logits: Tensor, dist: Distributed | None = None) -> float:
+    """Mean KL(teacher || student) of the class probabilities over this rank's rows (``dist``:
+    the sum and the count are summed over the ranks; a rank may have no rows)."""
     total, count = 0.0, 0.0
-    if cuts:
-        logp = F.log_softmax(_logits(runner, cuts), dim=-1)
+    if len(student_logits):
+        logp = F.log_softmax(student_logits, dim=-1)
         kl = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).double()
         total, count = float(kl.sum()), float(kl.numel())
     if dist is not None:
@@ -295,7 +291,7 @@ def _probe_curve(
             _install(gm, n, copy.deepcopy(module))
         runner.mods = dict(gm.named_modules())
         apply_selection(gm, g, keep, maps)
-        loss = _mean_kl(runner, *val, dist)
+        loss = mean_kl(val[1], _logits(runner, val[0]), dist)
         for n, module in saved.items():
             _install(gm, n, module)
         runner.mods = dict(gm.named_modules())

@@ -26,6 +26,7 @@ from odekit.methods.ron.channel_budget import (
     Sensitivity,
     allocate,
     cost_model,
+    mean_kl,
     measure_sensitivity,
     uniform_allocation,
 )
@@ -183,13 +184,13 @@ def build_within_budget(
     candidates = {"greedy": allocate(plan, model, sens, settings.target_flops),
                   "uniform": uniform_allocation(plan, model, sens, settings.target_flops)}  # fmt: skip
     val_x = rank_block(val.x, dist)
-    teacher_logits = _logits(plan.gm, val_x, settings.batch_size, device)
+    teacher_logp = torch.log_softmax(_logits(plan.gm, val_x, settings.batch_size, device), -1)
     best: tuple[float, str, ChannelResult] | None = None
     scores = []
     for name, alloc in candidates.items():
         built = reduce_channels(plan, fit.x, settings, device, alloc.widths, resume=resume,
                                 progress=progress, label=f" ({name} widths)", dist=dist)  # fmt: skip
-        kl = validation_kl(built.student, val_x, teacher_logits, settings.batch_size, device, dist)
+        kl = mean_kl(teacher_logp, _logits(built.student, val_x, settings.batch_size, device), dist)
         scores.append(
             {"allocation": name, "validation_mean_kl": kl, "predicted_flops": alloc.flops}
         )
@@ -215,27 +216,6 @@ def _logits(
             for i in range(0, len(x), batch_size)
         ]
     )
-
-
-def validation_kl(
-    student: nn.Module,
-    x: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    dist: Distributed | None = None,
-) -> float:
-    """Mean KL(teacher || student) of the class probabilities on ``x``. ``dist``: ``x`` and
-    ``teacher_logits`` are this rank's block; the KL sum and the count are summed over the ranks."""
-    total, count = 0.0, 0.0
-    if len(x):
-        out = _logits(student, x, batch_size, device)
-        t_logp = torch.log_softmax(teacher_logits, -1)
-        kl = (t_logp.exp() * (t_logp - torch.log_softmax(out, -1))).sum(-1).double()
-        total, count = float(kl.sum()), float(kl.numel())
-    if dist is not None:
-        return dist.mean(total, count)
-    return total / count if count else float("nan")
 
 
 def _bisect_max_drop(

@@ -97,13 +97,9 @@ class PrefixRunner:
             cut = kept
         return largest
 
-    @staticmethod
-    def entry(x: Tensor) -> Cut:
-        return Cut(0, {}, x)
-
     @torch.no_grad()
     def values(self, x: Tensor, wanted: list[str]) -> dict[str, Tensor]:
-        return self.resume(self.entry(x), wanted)[0]
+        return self.resume(Cut(0, {}, x), wanted)[0]
 
     @torch.no_grad()
     def resume(
@@ -201,16 +197,13 @@ def sum_grams(grams: dict[str, ReadGrams], dist: Distributed | None) -> None:
     rank then holds the moments of all the ranks' images."""
     if dist is None or dist.world_size == 1:
         return
-    parts = [t.reshape(-1) for g in grams.values() for t in (g.ss, g.st, g.tt)]
-    rows = torch.tensor([float(g.rows) for g in grams.values()], dtype=torch.float64)
-    flat = dist.all_reduce_sum(torch.cat([*parts, rows.to(parts[0].device)]))
-    offset = 0
-    for g in grams.values():
-        for name in ("ss", "st", "tt"):
-            t = getattr(g, name)
-            setattr(g, name, flat[offset : offset + t.numel()].reshape(t.shape))
-            offset += t.numel()
-    for g, n in zip(grams.values(), flat[offset:].tolist(), strict=True):
+    reads = list(grams.values())
+    moments = [t for g in reads for t in (g.ss, g.st, g.tt)]
+    rows = torch.tensor([float(g.rows) for g in reads], dtype=torch.float64, device=moments[0].device)
+    *summed, summed_rows = dist.all_reduce_sum_many([*moments, rows])
+    for i, g in enumerate(reads):
+        g.ss, g.st, g.tt = summed[3 * i : 3 * i + 3]
+    for g, n in zip(reads, summed_rows.tolist(), strict=True):
         g.rows = round(n)
 
 
